@@ -41,3 +41,11 @@ func exitCode(err error) int {
 	}
 	return exitError
 }
+
+// hostCmd is the `grow host` noun; the host agent and the control plane both add verbs to it.
+var hostCmd = &cobra.Command{
+	Use:   "host",
+	Short: "Hypervisor hosts and the VMs on them",
+}
+
+func init() { rootCmd.AddCommand(hostCmd) }

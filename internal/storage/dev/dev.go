@@ -64,3 +64,18 @@ func (d *File) Fd() uintptr { return d.f.Fd() }
 
 // Close closes the file.
 func (d *File) Close() error { return d.f.Close() }
+
+// Discarder is implemented by Devices that can give the space of a range back
+// (punch a hole); the range then reads as zeroes.
+type Discarder interface {
+	Discard(off, length int64) error
+}
+
+// Discard punches a hole in the file so the range costs no space and reads as zeroes.
+func (d *File) Discard(off, length int64) error {
+	err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil {
+		return fmt.Errorf("Failed to discard %d bytes at %d: %w", length, off, err)
+	}
+	return nil
+}
