@@ -1,0 +1,136 @@
+package adminclient
+
+import "time"
+
+// Volume describes one volume, image or snapshot on a storage controller.
+type Volume struct {
+	Name string `json:"name"`
+	// Kind is "volume" (writable), "image" (read-only gold master) or "snapshot" (read-only, "vol@snap").
+	Kind string `json:"kind"`
+	// Size is the virtual size in bytes.
+	Size int64 `json:"size"`
+	// Allocated is the space the volume's own layer holds on the pool, in bytes.
+	Allocated int64 `json:"allocated"`
+	// Parent is the image or snapshot this volume was cloned from ("" if none).
+	Parent string `json:"parent,omitempty"`
+	// ReadOnly is true for images and snapshots.
+	ReadOnly bool `json:"read_only"`
+	// Children counts the clones and snapshots that depend on this volume.
+	Children int `json:"children"`
+	// Created is when the volume was created.
+	Created time.Time `json:"created,omitzero"`
+}
+
+// CreateVolumeRequest is the body of POST /v1/volumes.
+type CreateVolumeRequest struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// ResizeVolumeRequest is the body of POST /v1/volumes/{name}/resize.
+type ResizeVolumeRequest struct {
+	Size int64 `json:"size"`
+}
+
+// CloneVolumeRequest is the body of POST /v1/volumes/{name}/clone.
+type CloneVolumeRequest struct {
+	// Name is the new volume.
+	Name string `json:"name"`
+}
+
+// SnapshotRequest is the body of POST /v1/volumes/{name}/snapshots.
+type SnapshotRequest struct {
+	// Name is the snapshot name; the snapshot is then addressed as "volume@name".
+	Name string `json:"name"`
+}
+
+// CloneResult is the answer to a clone or snapshot: the new volume and how long the controller took.
+type CloneResult struct {
+	Volume   Volume `json:"volume"`
+	Duration string `json:"duration"`
+	// Nanoseconds is Duration in nanoseconds, for programs.
+	Nanoseconds int64 `json:"nanoseconds"`
+}
+
+// CheckReport is the result of a consistency check of the controller's on-disk state.
+type CheckReport struct {
+	OK       bool     `json:"ok"`
+	Volumes  int      `json:"volumes"`
+	Clusters int64    `json:"clusters"`
+	Problems []string `json:"problems"`
+	Duration string   `json:"duration"`
+}
+
+// Disk is the state of one pool disk.
+type Disk struct {
+	Index int    `json:"index"`
+	Path  string `json:"path"`
+	// Pair is the mirror pair the disk belongs to.
+	Pair int `json:"pair"`
+	// State is "ok", "failed" or "rebuilding".
+	State string `json:"state"`
+	Error string `json:"error,omitempty"`
+	// RebuildDone and RebuildTotal are bytes copied so far and to copy, while rebuilding.
+	RebuildDone  int64 `json:"rebuild_done"`
+	RebuildTotal int64 `json:"rebuild_total"`
+}
+
+// PoolStatus is the state of the controller's disk pool.
+type PoolStatus struct {
+	// State is "ok", "degraded", "rebuilding" or "failed".
+	State string `json:"state"`
+	// Size is the usable size in bytes.
+	Size  int64  `json:"size"`
+	Disks []Disk `json:"disks"`
+}
+
+// ReplaceDiskRequest is the body of POST /v1/pool/replace.
+type ReplaceDiskRequest struct {
+	Old string `json:"old"`
+	New string `json:"new"`
+}
+
+// Stats are the controller's space, cache and I/O counters.
+type Stats struct {
+	Pool PoolStatus `json:"pool"`
+	// Space on the pool, in bytes.
+	Capacity  int64 `json:"capacity"`
+	Used      int64 `json:"used"`
+	Free      int64 `json:"free"`
+	Volumes   int   `json:"volumes"`
+	CacheSize int64 `json:"cache_size"`
+	// CacheHits and CacheMisses count reads served from and past the RAM cache.
+	CacheHits   int64 `json:"cache_hits"`
+	CacheMisses int64 `json:"cache_misses"`
+	// NBD counters since the controller started.
+	Connections int64  `json:"connections"`
+	ReadBytes   int64  `json:"read_bytes"`
+	WriteBytes  int64  `json:"write_bytes"`
+	ReadOps     int64  `json:"read_ops"`
+	WriteOps    int64  `json:"write_ops"`
+	FlushOps    int64  `json:"flush_ops"`
+	TrimOps     int64  `json:"trim_ops"`
+	ZeroOps     int64  `json:"zero_ops"`
+	Uptime      string `json:"uptime"`
+	NBDAddress  string `json:"nbd_address"`
+	NBDSocket   string `json:"nbd_socket,omitempty"`
+}
+
+// Error is the JSON body of every error answer: a stable code and a human message.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Error codes the controller answers with.
+const (
+	CodeInvalid      = "invalid"
+	CodeNotFound     = "not_found"
+	CodeExists       = "exists"
+	CodeInUse        = "in_use"
+	CodeReadOnly     = "read_only"
+	CodeNoSpace      = "no_space"
+	CodeUnauthorized = "unauthorized"
+	CodeConflict     = "conflict"
+	CodeInternal     = "internal"
+)
