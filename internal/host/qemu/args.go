@@ -1,0 +1,133 @@
+package qemu
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/growserver/grow/internal/host/hostapi"
+)
+
+// Config is everything needed to build a QEMU command line for one VM.
+type Config struct {
+	Spec     hostapi.VMSpec
+	Dir      string   // the VM's runtime directory (sockets, logs, seed)
+	Accel    string   // "kvm" or "tcg"
+	Taps     []string // one tap name per NIC, in spec order
+	SeedISO  string   // path of the NoCloud ISO ("" = none)
+	Incoming bool     // start with -incoming defer, waiting for a migration
+	Binary   string   // default qemu-system-x86_64
+}
+
+// QMPPath is the VM's QMP socket.
+func (c Config) QMPPath() string { return filepath.Join(c.Dir, "qmp.sock") }
+
+// ConsolePath is the VM's serial console socket.
+func (c Config) ConsolePath() string { return filepath.Join(c.Dir, "console.sock") }
+
+// ConsoleLog is the file QEMU copies all serial output to.
+func (c Config) ConsoleLog() string { return filepath.Join(c.Dir, "console.log") }
+
+// LogPath receives QEMU's own stdout and stderr.
+func (c Config) LogPath() string { return filepath.Join(c.Dir, "qemu.log") }
+
+func (c Config) binary() string {
+	if c.Binary != "" {
+		return c.Binary
+	}
+	return "qemu-system-x86_64"
+}
+
+// optValue escapes a value for QEMU's comma-separated option syntax.
+func optValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// Args returns the full QEMU command line (argv[0] included) for c. The same spec
+// always yields the same device layout, which live migration requires.
+func (c Config) Args() ([]string, error) {
+	s := c.Spec
+	if len(c.Taps) != len(s.NICs) {
+		return nil, fmt.Errorf("Got %d tap names for %d NICs", len(c.Taps), len(s.NICs))
+	}
+	if c.Accel != "kvm" && c.Accel != "tcg" {
+		return nil, fmt.Errorf("Unknown accelerator %q", c.Accel)
+	}
+	cpu := s.CPUModel
+	if cpu == "" {
+		cpu = hostapi.DefaultCPUModel
+	}
+	maxv := s.MaxVCPUs
+	if maxv < s.VCPUs {
+		maxv = s.VCPUs
+	}
+	a := []string{c.binary(),
+		"-name", "guest=" + optValue(s.Name) + ",debug-threads=on",
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-machine", "pc", "-accel", c.Accel,
+		"-cpu", cpu,
+		"-smp", fmt.Sprintf("%d,maxcpus=%d", s.VCPUs, maxv),
+	}
+	if s.MaxMemMiB > s.MemoryMiB {
+		a = append(a, "-m", fmt.Sprintf("%dM,slots=8,maxmem=%dM", s.MemoryMiB, s.MaxMemMiB))
+	} else {
+		a = append(a, "-m", fmt.Sprintf("%dM", s.MemoryMiB))
+	}
+	a = append(a,
+		"-chardev", "socket,id=qmp,path="+optValue(c.QMPPath())+",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
+		"-chardev", "socket,id=console,path="+optValue(c.ConsolePath())+",server=on,wait=off,logfile="+optValue(c.ConsoleLog())+",logappend=on",
+		"-serial", "chardev:console",
+	)
+	for _, d := range s.Disks {
+		file := map[string]any{"driver": "nbd", "export": d.Export}
+		if d.Socket != "" {
+			file["server"] = map[string]any{"type": "unix", "path": d.Socket}
+		} else {
+			file["server"] = map[string]any{"type": "inet", "host": d.Host, "port": strconv.Itoa(d.Port)}
+		}
+		if d.ReconnectDelay > 0 {
+			file["reconnect-delay"] = d.ReconnectDelay
+		}
+		if d.TLSCredsDir != "" {
+			a = append(a, "-object", "tls-creds-x509,id=tls-"+d.ID+",dir="+optValue(d.TLSCredsDir)+",endpoint=client")
+			file["tls-creds"] = "tls-" + d.ID
+			if d.TLSHostname != "" {
+				file["tls-hostname"] = d.TLSHostname
+			}
+		}
+		node := map[string]any{"driver": "raw", "node-name": "disk-" + d.ID, "read-only": d.ReadOnly, "file": file,
+			"discard": "unmap", "cache": map[string]any{"direct": false, "no-flush": false}}
+		b, err := json.Marshal(node)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to encode disk %q: %w", d.ID, err)
+		}
+		a = append(a, "-blockdev", string(b),
+			"-device", "virtio-blk-pci,drive=disk-"+d.ID+",id=vd-"+d.ID+",serial="+d.ID)
+	}
+	if c.SeedISO != "" {
+		node := map[string]any{"driver": "raw", "node-name": "seed", "read-only": true,
+			"file": map[string]any{"driver": "file", "filename": c.SeedISO, "read-only": true}}
+		b, _ := json.Marshal(node)
+		a = append(a, "-blockdev", string(b), "-device", "virtio-blk-pci,drive=seed,id=vd-seed,serial=cidata")
+	}
+	for i, n := range s.NICs {
+		a = append(a,
+			"-netdev", fmt.Sprintf("tap,id=net%d,ifname=%s,script=no,downscript=no", i, c.Taps[i]),
+			"-device", fmt.Sprintf("virtio-net-pci,netdev=net%d,mac=%s,id=nic%d", i, n.MAC, i))
+	}
+	if b := s.Boot; b != nil {
+		a = append(a, "-kernel", b.Kernel)
+		if b.Initrd != "" {
+			a = append(a, "-initrd", b.Initrd)
+		}
+		if b.Append != "" {
+			a = append(a, "-append", b.Append)
+		}
+	}
+	if c.Incoming {
+		a = append(a, "-incoming", "defer")
+	}
+	a = append(a, "-msg", "timestamp=on")
+	return a, nil
+}

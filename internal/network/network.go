@@ -1,0 +1,144 @@
+// Package network gives each VM NIC its host side: a tap on a bridge, anti-spoofing
+// rules (nftables, bridge family) so a guest can only send from its own MAC and IP
+// addresses, traffic shaping (tbf towards the guest, ifb + htb from it) and byte
+// counters. It must never touch interfaces it did not create, other than the bridge it
+// is told to use, and it holds no state: the agent persists what must survive restarts.
+package network
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+// TapName returns the tap name of NIC idx of a VM: short, stable and unique per VM name.
+func TapName(vm string, idx int) string {
+	return fmt.Sprintf("gt%08x-%d", hash32(vm), idx)
+}
+
+// IfbName returns the ifb device that shapes traffic coming from tap.
+func IfbName(tap string) string {
+	return "gi" + strings.TrimPrefix(tap, "gt")
+}
+
+func hash32(s string) uint32 {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(s))
+	return h.Sum32()
+}
+
+// EnsureBridge creates the bridge if it does not exist and brings it up.
+func EnsureBridge(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if !errors.As(err, &nf) {
+			return fmt.Errorf("Failed to look up bridge %q: %w", name, err)
+		}
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}
+		if err := netlink.LinkAdd(br); err != nil {
+			return fmt.Errorf("Failed to create bridge %q: %w", name, err)
+		}
+		if l, err = netlink.LinkByName(name); err != nil {
+			return fmt.Errorf("Failed to look up new bridge %q: %w", name, err)
+		}
+	}
+	if l.Type() != "bridge" {
+		return fmt.Errorf("Interface %q exists and is a %s, not a bridge", name, l.Type())
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("Failed to bring bridge %q up: %w", name, err)
+	}
+	return nil
+}
+
+// CreateTap (re)creates a persistent tap for QEMU, enslaves it to bridge and brings it up.
+func CreateTap(name, bridge string) error {
+	br, err := netlink.LinkByName(bridge)
+	if err != nil {
+		return fmt.Errorf("Failed to find bridge %q for tap %q: %w", bridge, name, err)
+	}
+	_ = DeleteTap(name)
+	tap := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: br.Attrs().MTU},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+	}
+	if err := netlink.LinkAdd(tap); err != nil {
+		return fmt.Errorf("Failed to create tap %q: %w", name, err)
+	}
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("Failed to look up tap %q: %w", name, err)
+	}
+	if err := netlink.LinkSetMaster(l, br); err != nil {
+		_ = netlink.LinkDel(l)
+		return fmt.Errorf("Failed to add tap %q to bridge %q: %w", name, bridge, err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		_ = netlink.LinkDel(l)
+		return fmt.Errorf("Failed to bring tap %q up: %w", name, err)
+	}
+	return nil
+}
+
+// DeleteTap removes a tap and its ifb (missing devices are not an error).
+func DeleteTap(name string) error {
+	var errs []error
+	for _, n := range []string{IfbName(name), name} {
+		l, err := netlink.LinkByName(n)
+		if err != nil {
+			continue
+		}
+		if err := netlink.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("Failed to delete %q: %w", n, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// TapExists reports whether a network device of that name exists.
+func TapExists(name string) bool {
+	_, err := os.Stat(filepath.Join("/sys/class/net", name))
+	return err == nil
+}
+
+// ReadCounters returns the bytes the guest received (tap tx) and sent (tap rx).
+func ReadCounters(tap string) (rx, tx uint64, err error) {
+	read := func(f string) (uint64, error) {
+		b, err := os.ReadFile(filepath.Join("/sys/class/net", tap, "statistics", f))
+		if err != nil {
+			return 0, fmt.Errorf("Failed to read counter %s of %q: %w", f, tap, err)
+		}
+		return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	}
+	if rx, err = read("tx_bytes"); err != nil {
+		return 0, 0, err
+	}
+	if tx, err = read("rx_bytes"); err != nil {
+		return 0, 0, err
+	}
+	return rx, tx, nil
+}
+
+// run executes a command and returns its error with its stderr.
+func run(stdin string, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+	}
+	return nil
+}
