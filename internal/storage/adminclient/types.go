@@ -94,16 +94,22 @@ type ReplaceDiskRequest struct {
 type Stats struct {
 	Pool PoolStatus `json:"pool"`
 	// Space on the pool, in bytes.
-	Capacity  int64 `json:"capacity"`
-	Used      int64 `json:"used"`
-	Free      int64 `json:"free"`
-	Volumes   int   `json:"volumes"`
-	CacheSize int64 `json:"cache_size"`
+	Capacity int64 `json:"capacity"`
+	Used     int64 `json:"used"`
+	Free     int64 `json:"free"`
+	// PendingFree is space freed but not yet reusable (its freeing record is not yet durable).
+	PendingFree  int64 `json:"pending_free"`
+	JournalBytes int64 `json:"journal_bytes"`
+	Volumes      int   `json:"volumes"`
+	// CacheSize is the RAM cache's capacity and CacheBytes what it holds now.
+	CacheSize  int64 `json:"cache_size"`
+	CacheBytes int64 `json:"cache_bytes"`
 	// CacheHits and CacheMisses count reads served from and past the RAM cache.
 	CacheHits   int64 `json:"cache_hits"`
 	CacheMisses int64 `json:"cache_misses"`
 	// NBD counters since the controller started.
 	Connections int64  `json:"connections"`
+	OpenExports int64  `json:"open_exports"`
 	ReadBytes   int64  `json:"read_bytes"`
 	WriteBytes  int64  `json:"write_bytes"`
 	ReadOps     int64  `json:"read_ops"`
