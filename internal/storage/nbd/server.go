@@ -4,9 +4,22 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
+	"sync"
+	"time"
 )
+
+// Defaults for Server fields left zero.
+const (
+	defaultHandshakeTimeout = 30 * time.Second
+	defaultMaxInFlight      = 128
+	defaultMaxBufferBytes   = 64 << 20
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("nbd: server closed")
 
 // Server serves Exports over NBD on any number of listeners.
 type Server struct {
@@ -18,15 +31,168 @@ type Server struct {
 	RequireTLS bool
 	// Logger receives connection-level events; nil means slog.Default().
 	Logger *slog.Logger
+	// HandshakeTimeout bounds option negotiation (and the TLS handshake); zero means 30 s.
+	HandshakeTimeout time.Duration
+	// MaxInFlight bounds concurrent requests per connection; zero means 128.
+	MaxInFlight int
+	// MaxBufferBytes bounds payload memory held per connection; zero means 64 MiB.
+	MaxBufferBytes int64
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closed    bool
+	connWG    sync.WaitGroup
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+func (s *Server) handshakeTimeout() time.Duration {
+	if s.HandshakeTimeout > 0 {
+		return s.HandshakeTimeout
+	}
+	return defaultHandshakeTimeout
 }
 
 // Serve accepts connections on l until l is closed or Shutdown/Close is called.
 func (s *Server) Serve(l net.Listener) error {
-	return errors.New("nbd server not implemented yet")
+	if s.Exports == nil {
+		return errors.New("nbd: Server.Exports is nil")
+	}
+	if s.RequireTLS && s.TLSConfig == nil {
+		return errors.New("nbd: RequireTLS set without a TLSConfig")
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	if s.listeners == nil {
+		s.listeners = make(map[net.Listener]struct{})
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+
+	var delay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.logger().Warn("NBD accept failed, retrying", "err", err, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("Failed to accept NBD connection: %w", err)
+		}
+		delay = 0
+		c := newConn(s, nc)
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			nc.Close()
+			return ErrServerClosed
+		}
+		if s.conns == nil {
+			s.conns = make(map[*conn]struct{})
+		}
+		s.conns[c] = struct{}{}
+		s.connWG.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.connWG.Done()
+			c.serve()
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+		}()
+	}
 }
 
-// Shutdown stops accepting, lets in-flight requests finish, then closes connections.
-func (s *Server) Shutdown(ctx context.Context) error { return nil }
+// ServeConn serves one already-accepted connection and returns when it ends.
+func (s *Server) ServeConn(nc net.Conn) {
+	c := newConn(s, nc)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if s.conns == nil {
+		s.conns = make(map[*conn]struct{})
+	}
+	s.conns[c] = struct{}{}
+	s.connWG.Add(1)
+	s.mu.Unlock()
+	defer s.connWG.Done()
+	c.serve()
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
 
-// Close stops accepting and closes every connection at once.
-func (s *Server) Close() error { return nil }
+// closeListeners marks the server closed and closes every listener; it returns the live connections.
+func (s *Server) closeListeners() []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// Shutdown stops accepting, stops reading new requests, lets in-flight requests finish
+// and their replies go out, then closes every connection. If ctx ends first, the
+// remaining connections are closed at once and ctx's error is returned.
+func (s *Server) Shutdown(ctx context.Context) error {
+	for _, c := range s.closeListeners() {
+		c.stopReading()
+	}
+	done := make(chan struct{})
+	go func() {
+		s.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.Close()
+		return ctx.Err()
+	}
+}
+
+// Close stops accepting, closes every connection at once and waits for their
+// in-flight Export calls to return.
+func (s *Server) Close() error {
+	for _, c := range s.closeListeners() {
+		c.abort()
+	}
+	s.connWG.Wait()
+	return nil
+}
