@@ -1,9 +1,9 @@
 package pool
 
 import (
-	"context"
 	"errors"
 	"log/slog"
+	"time"
 )
 
 // DefaultStripeUnit is the stripe unit used when Options.StripeUnit is zero; it equals
@@ -19,6 +19,8 @@ type Options struct {
 	Logger *slog.Logger
 	// RebuildRate bounds the rebuild copy in bytes per second (0 = DefaultRebuildRate, <0 = unlimited).
 	RebuildRate int64
+	// HealthInterval is how often each disk's path, identity and size are checked (default 1 s).
+	HealthInterval time.Duration
 	// Fault, when set, is called before every disk I/O (op is "read", "write", "sync"
 	// or "discard"); a non-nil error is used in place of the I/O. Tests only.
 	Fault func(disk int, op string, off int64) error
@@ -64,5 +66,3 @@ type DiskStatus struct {
 
 // ErrRebuildRunning is returned by Replace while another rebuild is in progress.
 var ErrRebuildRunning = errors.New("A rebuild is already running")
-
-var _ = context.Background

@@ -11,20 +11,50 @@
 package pool
 
 import (
-	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
 )
 
-var errNotImplemented = errors.New("Pool is not implemented yet")
+// lockStripes is the number of chunk locks that serialise writers with the rebuild copy.
+const lockStripes = 256
+
+// ErrClosed is returned by I/O on a closed pool.
+var ErrClosed = errors.New("Pool is closed")
+
+type paddedRWMutex struct {
+	sync.RWMutex
+	_ [40]byte
+}
 
 // Pool is a RAID 1+0 set of disks; it implements dev.Device and dev.Discarder.
-type Pool struct{}
+type Pool struct {
+	dir   string
+	opts  Options
+	log   *slog.Logger
+	l     layout
+	uuid  string
+	chunk int64 // rebuild copy unit, a multiple of the stripe unit
 
-// Open opens (or on first use initialises) the pool made of disks, keeping its state in stateDir.
-func Open(stateDir string, disks []string, opts Options) (*Pool, error) {
-	return nil, errNotImplemented
+	disks []atomic.Pointer[disk]
+	locks [lockStripes]paddedRWMutex
+
+	closed atomic.Bool
+	stop   chan struct{}
+	wg     sync.WaitGroup
+
+	mu        sync.Mutex // guards gen, persistence, disk replacement and the rebuild fields
+	gen       uint64
+	rbRunning bool
+	rbDone    chan struct{}
+	rbErr     error
 }
 
 // CreateFileDisk creates a sparse file of size bytes to be used as a pool disk.
@@ -44,29 +74,433 @@ func CreateFileDisk(path string, size int64) error {
 	return f.Close()
 }
 
-// ReadAt reads len(b) bytes at off from a healthy disk of the owning pairs.
-func (p *Pool) ReadAt(b []byte, off int64) (int, error) { return 0, errNotImplemented }
+// Open opens (or on first use initialises) the pool made of disks, keeping its state in
+// stateDir. One disk gives no redundancy; 2N disks give N mirror pairs (disks 2k and
+// 2k+1 form pair k). Once stateDir/pool.json exists it is the authority on membership.
+func Open(stateDir string, disks []string, opts Options) (*Pool, error) {
+	if opts.StripeUnit != 0 && !validUnit(opts.StripeUnit) {
+		return nil, fmt.Errorf("Invalid stripe unit %d: must be a power of two from 4 KiB to 64 MiB", opts.StripeUnit)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	n := len(disks)
+	if n == 0 {
+		return nil, errors.New("A pool needs at least one disk")
+	}
+	if n > 1 && n%2 != 0 {
+		return nil, fmt.Errorf("A pool needs one disk or an even number of disks (mirror pairs), got %d", n)
+	}
+	paths := make([]string, n)
+	seen := map[string]bool{}
+	for i, d := range disks {
+		abs, err := filepath.Abs(d)
+		if err != nil {
+			return nil, fmt.Errorf("Invalid disk path %q: %w", d, err)
+		}
+		if seen[abs] {
+			return nil, fmt.Errorf("Disk %q is listed twice", d)
+		}
+		seen[abs] = true
+		paths[i] = abs
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("Failed to create pool state directory %q: %w", stateDir, err)
+	}
+	st, err := loadState(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	if st == nil {
+		st, err = initState(paths, opts.StripeUnit, log)
+		if err != nil {
+			return nil, err
+		}
+		if err := saveState(stateDir, st); err != nil {
+			return nil, err
+		}
+	} else {
+		if len(st.Disks) != n {
+			return nil, fmt.Errorf("The pool in %q has %d disks but %d were given (growing or shrinking a pool is not supported)", stateDir, len(st.Disks), n)
+		}
+		for i, pd := range st.Disks {
+			if pd.Path != paths[i] {
+				log.Warn("Pool disk differs from the one given; using the pool state (it was replaced)", "index", i, "state", pd.Path, "given", paths[i])
+			}
+		}
+	}
+	if opts.StripeUnit != 0 && opts.StripeUnit != st.StripeUnit {
+		return nil, fmt.Errorf("The pool was created with stripe unit %d, not %d", st.StripeUnit, opts.StripeUnit)
+	}
+	opts.StripeUnit = st.StripeUnit
+	if opts.HealthInterval <= 0 {
+		opts.HealthInterval = time.Second
+	}
+	pairs := int64(n / 2)
+	if n == 1 {
+		pairs = 1
+	}
+	p := &Pool{
+		dir:   stateDir,
+		opts:  opts,
+		log:   log,
+		l:     layout{unit: st.StripeUnit, pairs: pairs, unitsPerDisk: st.UnitsPerDisk, dataOff: st.DataOffset},
+		uuid:  st.UUID,
+		chunk: max(1<<20, st.StripeUnit),
+		disks: make([]atomic.Pointer[disk], n),
+		stop:  make(chan struct{}),
+		gen:   st.Generation,
+	}
+	changed, err := p.openDisks(st)
+	if err != nil {
+		p.closeDisks()
+		return nil, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if changed {
+		if err := p.persistLocked(true); err != nil {
+			p.closeDisks()
+			return nil, err
+		}
+	}
+	for i := range p.disks {
+		if d := p.disks[i].Load(); d.state.Load() == stRebuilding {
+			p.log.Info("Resuming pool rebuild", "disk", d.path, "done", d.rebuildDone)
+			p.startRebuildLocked(d)
+		}
+	}
+	p.wg.Add(1)
+	go p.healthLoop()
+	return p, nil
+}
 
-// WriteAt writes b at off to every live disk of the owning pairs.
-func (p *Pool) WriteAt(b []byte, off int64) (int, error) { return 0, errNotImplemented }
+// openDisks opens every member listed as usable in st; it reports whether any disk
+// changed state (could not be opened or shrank). A disk holding another pool's header
+// or no header at all is a wrong disk: an error, not a failure.
+func (p *Pool) openDisks(st *persisted) (bool, error) {
+	changed := false
+	for i, pd := range st.Disks {
+		d := &disk{index: i, pair: i / 2, path: pd.Path}
+		switch pd.State {
+		case DiskFailed:
+			d.state.Store(stFailed)
+			d.err = pd.Error
+		case DiskMissing:
+			d.state.Store(stMissing)
+			d.err = pd.Error
+		default:
+			od, err := openDisk(pd.Path, false)
+			if err != nil {
+				d.state.Store(stMissing)
+				d.err = fmt.Sprintf("cannot open: %v", err)
+				changed = true
+				p.log.Error("Pool disk is missing", "disk", pd.Path, "index", i, "error", err)
+				break
+			}
+			od.index, od.pair = i, i/2
+			d = od
+			h, err := d.readHeader()
+			if err != nil {
+				d.close()
+				return false, fmt.Errorf("Disk %q is not disk %d of pool %s: %w", pd.Path, i, st.UUID, err)
+			}
+			if h.PoolUUID != st.UUID || h.Index != i || h.StripeUnit != st.StripeUnit || h.UnitsPerDisk != st.UnitsPerDisk {
+				d.close()
+				return false, fmt.Errorf("Disk %q holds disk %d of pool %s, expected disk %d of pool %s", pd.Path, h.Index, h.PoolUUID, i, st.UUID)
+			}
+			if pd.State == DiskRebuilding {
+				d.state.Store(stRebuilding)
+				d.rebuildDone = pd.RebuildDone
+			}
+			if sz, err := d.size(); err != nil || sz < p.l.diskBytes() {
+				d.state.Store(stFailed)
+				d.err = fmt.Sprintf("disk has %d bytes, needs %d (truncated?) %v", sz, p.l.diskBytes(), err)
+				changed = true
+				p.log.Error("Pool disk is too small", "disk", pd.Path, "error", d.err)
+			}
+		}
+		p.disks[i].Store(d)
+	}
+	// A rebuild can only continue from a healthy mirror.
+	for i := range p.disks {
+		d := p.disks[i].Load()
+		if d.state.Load() == stRebuilding {
+			if src := p.partner(d); src == nil || src.state.Load() != stOK {
+				d.state.Store(stFailed)
+				d.err = "rebuild source is not available"
+				changed = true
+			}
+		}
+	}
+	// The last copy of a pair is never marked failed on disk: a restart should retry it.
+	for i := range p.disks {
+		d := p.disks[i].Load()
+		if s := d.state.Load(); s == stFailed || s == stMissing {
+			if o := p.partner(d); o == nil || o.state.Load() != stOK {
+				d.volatile = true
+			}
+		}
+	}
+	return changed, nil
+}
 
-// Sync makes every completed write durable on every live disk.
-func (p *Pool) Sync() error { return errNotImplemented }
+// initState creates a new pool on fresh disks or, when pool.json is gone, rebuilds the
+// state from the disks' headers (a disk with an older generation is stale and failed).
+func initState(paths []string, unit int64, log *slog.Logger) (*persisted, error) {
+	n := len(paths)
+	disks := make([]*disk, n)
+	defer func() {
+		for _, d := range disks {
+			if d != nil {
+				d.close()
+			}
+		}
+	}()
+	headers := make([]header, n)
+	fresh := 0
+	for i, path := range paths {
+		d, err := openDisk(path, true)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to open disk %q: %w", path, err)
+		}
+		disks[i] = d
+		h, err := d.readHeader()
+		switch {
+		case errors.Is(err, errNoHeader):
+			fresh++
+		case err != nil:
+			return nil, fmt.Errorf("Refusing to use disk %q: %w", path, err)
+		default:
+			headers[i] = h
+		}
+	}
+	if fresh == n {
+		if unit == 0 {
+			unit = DefaultStripeUnit
+		}
+		dataOff := dataOffsetFor(unit)
+		upd := int64(-1)
+		for _, d := range disks {
+			sz, err := d.size()
+			if err != nil {
+				return nil, fmt.Errorf("Failed to size disk %q: %w", d.path, err)
+			}
+			units := (sz - dataOff) / unit
+			if sz < dataOff+unit {
+				return nil, fmt.Errorf("Disk %q is too small: %d bytes, need at least %d", d.path, sz, dataOff+unit)
+			}
+			if upd < 0 || units < upd {
+				upd = units
+			}
+		}
+		st := &persisted{UUID: newUUID(), StripeUnit: unit, UnitsPerDisk: upd, DataOffset: dataOff, Generation: 1}
+		for i, d := range disks {
+			h := header{PoolUUID: st.UUID, Index: i, Pair: i / 2, Disks: n, StripeUnit: unit, UnitsPerDisk: upd, DataOffset: dataOff, Generation: 1}
+			if err := d.writeHeader(h, true); err != nil {
+				return nil, err
+			}
+			st.Disks = append(st.Disks, persistedDisk{Index: i, Path: d.path, State: DiskOK})
+		}
+		log.Info("Created pool", "uuid", st.UUID, "disks", n, "size", int64(max(1, n/2))*upd*unit)
+		return st, nil
+	}
+	// Reassemble from headers.
+	var ref header
+	for i, h := range headers {
+		if h.PoolUUID == "" {
+			return nil, fmt.Errorf("Disk %q has no pool header while the other disks belong to a pool", paths[i])
+		}
+		if ref.PoolUUID == "" {
+			ref = h
+		}
+		if h.PoolUUID != ref.PoolUUID {
+			return nil, fmt.Errorf("Disks %q and %q belong to different pools (%s, %s)", paths[0], paths[i], ref.PoolUUID, h.PoolUUID)
+		}
+		if h.Disks != n || h.StripeUnit != ref.StripeUnit || h.UnitsPerDisk != ref.UnitsPerDisk {
+			return nil, fmt.Errorf("Disk %q belongs to a pool of %d disks, %d were given", paths[i], h.Disks, n)
+		}
+		ref.Generation = max(ref.Generation, h.Generation)
+	}
+	if unit != 0 && unit != ref.StripeUnit {
+		return nil, fmt.Errorf("The pool was created with stripe unit %d, not %d", ref.StripeUnit, unit)
+	}
+	st := &persisted{UUID: ref.PoolUUID, StripeUnit: ref.StripeUnit, UnitsPerDisk: ref.UnitsPerDisk, DataOffset: ref.DataOffset, Generation: ref.Generation, Disks: make([]persistedDisk, n)}
+	for i, h := range headers {
+		if st.Disks[h.Index].Path != "" {
+			return nil, fmt.Errorf("Disks %q and %q both claim to be disk %d", st.Disks[h.Index].Path, paths[i], h.Index)
+		}
+		pd := persistedDisk{Index: h.Index, Path: paths[i], State: DiskOK}
+		switch {
+		case h.Rebuilding:
+			pd.State, pd.Error = DiskFailed, "was being rebuilt when the pool state was lost"
+		case h.Generation < ref.Generation:
+			pd.State, pd.Error = DiskFailed, fmt.Sprintf("stale: header generation %d, pool at %d", h.Generation, ref.Generation)
+		}
+		st.Disks[h.Index] = pd
+	}
+	log.Warn("Pool state file missing; reassembled the pool from disk headers", "uuid", st.UUID)
+	return st, nil
+}
+
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+// partner returns the other disk of d's pair, nil for a single-disk pool.
+func (p *Pool) partner(d *disk) *disk {
+	if len(p.disks) == 1 {
+		return nil
+	}
+	return p.disks[d.index^1].Load()
+}
+
+// persistLocked writes pool.json; with bump it also advances the generation and
+// stamps it into the headers of the live disks. p.mu is held.
+func (p *Pool) persistLocked(bump bool) error {
+	if bump {
+		p.gen++
+	}
+	st := &persisted{UUID: p.uuid, StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff, Generation: p.gen}
+	for i := range p.disks {
+		d := p.disks[i].Load()
+		s := d.state.Load()
+		d.mu.Lock()
+		pd := persistedDisk{Index: i, Path: d.path, State: stateName(s), Error: d.err, RebuildDone: d.rebuildDone}
+		d.mu.Unlock()
+		if d.volatile {
+			pd.State, pd.Error = DiskOK, ""
+		}
+		if s != stRebuilding {
+			pd.RebuildDone = 0
+		}
+		st.Disks = append(st.Disks, pd)
+	}
+	if err := saveState(p.dir, st); err != nil {
+		p.log.Error("Failed to persist pool state", "error", err)
+		return err
+	}
+	if bump {
+		for i := range p.disks {
+			d := p.disks[i].Load()
+			if !d.live() {
+				continue
+			}
+			h := p.headerFor(d)
+			if err := d.writeHeader(h, true); err != nil {
+				p.log.Warn("Failed to update disk header", "disk", d.path, "error", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (p *Pool) headerFor(d *disk) header {
+	return header{
+		PoolUUID: p.uuid, Index: d.index, Pair: d.pair, Disks: len(p.disks),
+		StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff,
+		Generation: p.gen, Rebuilding: d.state.Load() == stRebuilding,
+	}
+}
+
+// diskFailed marks d failed for reason and persists that before returning, so that no
+// write acknowledged afterwards can be shadowed by d's stale data after a restart.
+func (p *Pool) diskFailed(d *disk, reason string) error {
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.disks[d.index].Load() != d {
+		return nil
+	}
+	s := d.state.Load()
+	if s != stOK && s != stRebuilding {
+		return nil
+	}
+	o := p.partner(d)
+	last := s == stOK && (o == nil || o.state.Load() != stOK)
+	d.state.Store(stFailed)
+	d.setErr(reason)
+	p.log.Error("Pool disk failed", "disk", d.path, "index", d.index, "pair", d.pair, "error", reason)
+	if last {
+		// Nothing newer exists anywhere: keep the disk trusted on disk so a restart retries it.
+		d.volatile = true
+		p.log.Error("Mirror pair has no working disk left; the pool has failed", "pair", d.pair)
+		if o != nil && o.state.Load() == stRebuilding {
+			o.state.Store(stFailed)
+			o.setErr("rebuild source failed")
+		}
+	}
+	return p.persistLocked(true)
+}
+
+func pairError(pair int) error {
+	return fmt.Errorf("Mirror pair %d has no working disk: %w", pair, errPairFailed)
+}
+
+var errPairFailed = errors.New("pool failed")
 
 // Size is the usable size of the pool in bytes.
-func (p *Pool) Size() int64 { return 0 }
+func (p *Pool) Size() int64 { return p.l.size() }
 
-// Discard gives the space of a range back; the range then reads as zeroes.
-func (p *Pool) Discard(off, length int64) error { return errNotImplemented }
+func (p *Pool) checkRange(op string, off, n int64) error {
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	if off < 0 || n < 0 || off > p.l.size()-n {
+		return fmt.Errorf("Failed to %s %d bytes at %d: beyond the pool's %d bytes: %w", op, n, off, p.l.size(), io.ErrUnexpectedEOF)
+	}
+	return nil
+}
 
-// Close stops background work and closes the disks.
-func (p *Pool) Close() error { return nil }
+// ReadAt reads len(b) bytes at off from a healthy disk of the owning pairs, falling
+// back to the mirror (and marking the disk failed) when a disk errors.
+func (p *Pool) ReadAt(b []byte, off int64) (int, error) {
+	if err := p.checkRange("read", off, int64(len(b))); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(b) {
+		pair, doff, n, du := p.l.locate(off+int64(done), int64(len(b)-done))
+		if err := p.readPair(pair, b[done:done+int(n)], doff, du); err != nil {
+			return done, fmt.Errorf("Failed to read %d bytes at %d: %w", len(b), off, err)
+		}
+		done += int(n)
+	}
+	return done, nil
+}
 
-// Status reports the health of the pool and of each disk.
-func (p *Pool) Status() Status { return Status{State: StateFailed} }
-
-// Replace swaps oldPath for newPath and rebuilds the pair onto it in the background.
-func (p *Pool) Replace(oldPath, newPath string) error { return errNotImplemented }
-
-// WaitRebuild waits until no rebuild is running and returns the last rebuild's error.
-func (p *Pool) WaitRebuild(ctx context.Context) error { return errNotImplemented }
+func (p *Pool) readPair(pair int, b []byte, doff, du int64) error {
+	first := 2*pair + int(du&1)
+	if len(p.disks) == 1 {
+		first = 0
+	}
+	var lastErr error
+	for try := 0; try < 2 && try < len(p.disks); try++ {
+		d := p.disks[first^try].Load()
+		if d.state.Load() != stOK {
+			continue
+		}
+		err := p.readDisk(d, b, doff)
+		if err == nil {
+			return nil
+		}
+		if p.closed.Load() {
+			return ErrClosed
+		}
+		lastErr = fmt.Errorf("disk %q: %w", d.path, err)
+		if ferr := p.diskFailed(d, fmt.Sprintf("read of %d bytes at %d: %v", len(b), doff, err)); ferr != nil {
+			return ferr
+		}
+	}
+	if lastErr != nil {
+		return fmt.Errorf("%w (last error: %v)", pairError(pair), lastErr)
+	}
+	return pairError(pair)
+}

@@ -1,0 +1,231 @@
+package pool
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// In-memory disk states; only ok disks are read, ok and rebuilding disks are written.
+const (
+	stOK int32 = iota
+	stRebuilding
+	stFailed
+	stMissing
+	stRemoved // replaced by another disk; kept only until in-flight I/O drains
+)
+
+func stateName(s int32) string {
+	switch s {
+	case stOK:
+		return DiskOK
+	case stRebuilding:
+		return DiskRebuilding
+	case stMissing:
+		return DiskMissing
+	default:
+		return DiskFailed
+	}
+}
+
+// disk is one member of the pool.
+type disk struct {
+	index int
+	pair  int
+	path  string
+	f     *os.File // nil when the disk could not be opened
+	fd    int
+	block bool   // a block device rather than a regular file
+	dev   uint64 // identity of the opened file, compared with the path by the health check
+	ino   uint64
+	state atomic.Int32
+	// volatile marks a failure kept in memory only: the disk was the last copy of its
+	// pair, so pool.json keeps it trusted and a restart retries it. Guarded by Pool.mu.
+	volatile bool
+
+	mu          sync.Mutex // guards err and rebuildDone
+	err         string
+	rebuildDone int64
+}
+
+func (d *disk) live() bool {
+	s := d.state.Load()
+	return s == stOK || s == stRebuilding
+}
+
+func (d *disk) setErr(msg string) {
+	d.mu.Lock()
+	d.err = msg
+	d.mu.Unlock()
+}
+
+// openDisk opens path read-write and records its identity; exclusive asks the kernel to
+// refuse a block device that is mounted or otherwise in use.
+func openDisk(path string, exclusive bool) (*disk, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	flags := os.O_RDWR
+	block := st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0
+	if !block && !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%q is neither a regular file nor a block device", path)
+	}
+	if block && exclusive {
+		flags |= unix.O_EXCL
+	}
+	f, err := os.OpenFile(path, flags, 0)
+	if err != nil {
+		return nil, err
+	}
+	var fst unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &fst); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &disk{path: path, f: f, fd: int(f.Fd()), block: block, dev: fst.Dev, ino: fst.Ino}, nil
+}
+
+// size returns the current size of the disk in bytes.
+func (d *disk) size() (int64, error) {
+	if d.block {
+		return d.f.Seek(0, io.SeekEnd)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fd, &st); err != nil {
+		return 0, err
+	}
+	return st.Size, nil
+}
+
+func (d *disk) close() {
+	if d.f != nil {
+		d.f.Close()
+	}
+}
+
+func (p *Pool) fault(d *disk, op string, off int64) error {
+	if p.opts.Fault == nil {
+		return nil
+	}
+	if err := p.opts.Fault(d.index, op, off); err != nil {
+		return fmt.Errorf("injected fault: %w", err)
+	}
+	return nil
+}
+
+// readDisk reads exactly len(b) bytes; a short read means the disk shrank.
+func (p *Pool) readDisk(d *disk, b []byte, off int64) error {
+	if err := p.fault(d, "read", off); err != nil {
+		return err
+	}
+	n, err := d.f.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		return fmt.Errorf("short read (%d of %d bytes at %d): disk truncated", n, len(b), off)
+	}
+	return err
+}
+
+func (p *Pool) writeDisk(d *disk, b []byte, off int64) error {
+	if err := p.fault(d, "write", off); err != nil {
+		return err
+	}
+	_, err := d.f.WriteAt(b, off)
+	return err
+}
+
+func (p *Pool) syncDisk(d *disk) error {
+	if err := p.fault(d, "sync", 0); err != nil {
+		return err
+	}
+	return unix.Fdatasync(d.fd)
+}
+
+var zeroes = make([]byte, 1<<20)
+
+// discardDisk makes a range of the disk read as zeroes, punching a hole when it can.
+func (p *Pool) discardDisk(d *disk, off, length int64) error {
+	if err := p.fault(d, "discard", off); err != nil {
+		return err
+	}
+	err := unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	for length > 0 {
+		n := min(length, int64(len(zeroes)))
+		if _, err := d.f.WriteAt(zeroes[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// readHeader reads and decodes the disk's header block.
+func (d *disk) readHeader() (header, error) {
+	b := make([]byte, headerSize)
+	if _, err := d.f.ReadAt(b, 0); err != nil {
+		if errors.Is(err, io.EOF) {
+			return header{}, fmt.Errorf("disk is smaller than its %d-byte header", headerSize)
+		}
+		return header{}, err
+	}
+	return decodeHeader(b)
+}
+
+func (d *disk) writeHeader(h header, sync bool) error {
+	b, err := encodeHeader(h)
+	if err != nil {
+		return err
+	}
+	if _, err := d.f.WriteAt(b, 0); err != nil {
+		return fmt.Errorf("Failed to write header of %q: %w", d.path, err)
+	}
+	if sync {
+		if err := unix.Fdatasync(d.fd); err != nil {
+			return fmt.Errorf("Failed to sync header of %q: %w", d.path, err)
+		}
+	}
+	return nil
+}
+
+// nextData returns the first offset >= off that holds data (SEEK_DATA); end when none.
+// Devices without hole information report everything as data.
+func (d *disk) nextData(off, end int64) int64 {
+	if d.block {
+		return off
+	}
+	n, err := unix.Seek(d.fd, off, unix.SEEK_DATA)
+	if err != nil {
+		if errors.Is(err, unix.ENXIO) {
+			return end
+		}
+		return off
+	}
+	return min(n, end)
+}
+
+// nextHole returns the first offset >= off in a hole (SEEK_HOLE); end when none.
+func (d *disk) nextHole(off, end int64) int64 {
+	if d.block {
+		return end
+	}
+	n, err := unix.Seek(d.fd, off, unix.SEEK_HOLE)
+	if err != nil {
+		return end
+	}
+	return min(n, end)
+}
