@@ -132,6 +132,8 @@ type MigrateRequest struct {
 type IncomingRequest struct {
 	Spec       VMSpec `json:"spec"`
 	ListenHost string `json:"listen_host"`
+	// Counters carries the VM's traffic so far, so that its counters continue on the destination.
+	Counters Counters `json:"counters"`
 }
 
 // IncomingReply tells the source where to send the migration stream.

@@ -1,0 +1,345 @@
+package host
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/growserver/grow/internal/host/agentclient"
+	"github.com/growserver/grow/internal/host/hostapi"
+)
+
+// operation is a long-running task with progress that can be cancelled.
+type operation struct {
+	mu     sync.Mutex
+	op     hostapi.Operation
+	cancel context.CancelFunc
+}
+
+func (o *operation) snapshot() hostapi.Operation {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.op
+}
+
+func (o *operation) update(f func(op *hostapi.Operation)) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	f(&o.op)
+	o.op.Updated = time.Now().UTC()
+}
+
+func newOpID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Operation returns an operation by id.
+func (a *Agent) Operation(id string) (hostapi.Operation, error) {
+	a.mu.Lock()
+	o := a.ops[id]
+	a.mu.Unlock()
+	if o == nil {
+		return hostapi.Operation{}, fmt.Errorf("Operation %q: %w", id, ErrNotFound)
+	}
+	return o.snapshot(), nil
+}
+
+// CancelOperation asks a running operation to stop; it ends as "cancelled".
+func (a *Agent) CancelOperation(id string) error {
+	a.mu.Lock()
+	o := a.ops[id]
+	a.mu.Unlock()
+	if o == nil {
+		return fmt.Errorf("Operation %q: %w", id, ErrNotFound)
+	}
+	if o.snapshot().Status != hostapi.OpRunning {
+		return fmt.Errorf("Operation %q already ended: %w", id, ErrConflict)
+	}
+	o.cancel()
+	return nil
+}
+
+// PrepareIncoming defines a VM from spec and starts its QEMU waiting for a migration
+// on listenHost; it returns the URI the source must migrate to.
+func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest) (hostapi.IncomingReply, error) {
+	if net.ParseIP(req.ListenHost) == nil {
+		return hostapi.IncomingReply{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
+	}
+	if _, err := a.define(req.Spec, req.Counters); err != nil {
+		return hostapi.IncomingReply{}, err
+	}
+	v, err := a.get(req.Spec.Name)
+	if err != nil {
+		return hostapi.IncomingReply{}, err
+	}
+	uri, err := v.listenIncoming(ctx, req.ListenHost)
+	if err != nil {
+		_ = a.Delete(context.Background(), req.Spec.Name, true)
+		return hostapi.IncomingReply{}, err
+	}
+	return hostapi.IncomingReply{URI: uri}, nil
+}
+
+func (v *vm) listenIncoming(ctx context.Context, host string) (string, error) {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	if err := v.startLocked(ctx, true); err != nil {
+		return "", err
+	}
+	inst := v.instance()
+	if err := setMigrationCaps(ctx, inst.Monitor.Execute); err != nil {
+		return "", err
+	}
+	// The port is picked here and handed to QEMU: another process could take it in
+	// between, in which case migrate-incoming fails and the source sees the error.
+	port, err := freePort(host)
+	if err != nil {
+		return "", err
+	}
+	uri := "tcp:" + net.JoinHostPort(host, strconv.Itoa(port))
+	if err := inst.Monitor.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
+		return "", fmt.Errorf("Failed to listen for migration of %q on %s: %w", v.name, uri, err)
+	}
+	return uri, nil
+}
+
+// setMigrationCaps sets the capabilities both ends of a migration must agree on.
+func setMigrationCaps(ctx context.Context, exec func(context.Context, string, any, any) error) error {
+	caps := []map[string]any{
+		{"capability": "events", "state": true},
+	}
+	if err := exec(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		return fmt.Errorf("Failed to set migration capabilities: %w", err)
+	}
+	return nil
+}
+
+// Migrate starts moving a running VM to the agent at req.TargetURL and returns the
+// operation that tracks it. On any failure or cancel the VM keeps running here and the
+// destination is cleaned up; on success the destination owns the VM and this agent
+// forgets it.
+func (a *Agent) Migrate(ctx context.Context, name string, req hostapi.MigrateRequest) (hostapi.Operation, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return hostapi.Operation{}, err
+	}
+	if net.ParseIP(req.ListenHost) == nil {
+		return hostapi.Operation{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
+	}
+	target, err := agentclient.New(req.TargetURL, req.TargetToken)
+	if err != nil {
+		return hostapi.Operation{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if req.DowntimeLimitMS == 0 {
+		req.DowntimeLimitMS = 50
+	}
+	if req.DowntimeLimitMS < 1 || req.DowntimeLimitMS > 60000 || req.BandwidthMiBps < 0 {
+		return hostapi.Operation{}, fmt.Errorf("%w: downtime_limit_ms must be 1-60000 and bandwidth_mibps >= 0", ErrInvalid)
+	}
+	if !v.opMu.TryLock() {
+		return hostapi.Operation{}, fmt.Errorf("VM %q is busy with another operation: %w", name, ErrConflict)
+	}
+	if v.instance() == nil || v.state() != hostapi.StateRunning {
+		st := v.state()
+		v.opMu.Unlock()
+		return hostapi.Operation{}, fmt.Errorf("VM %q is %s, not running: %w", name, st, ErrConflict)
+	}
+	v.mu.Lock()
+	hot := v.hotplugged
+	v.mu.Unlock()
+	if hot {
+		v.opMu.Unlock()
+		return hostapi.Operation{}, fmt.Errorf("VM %q has hot-added memory or vCPUs; restart it before migrating: %w", name, ErrConflict)
+	}
+	octx, cancel := context.WithCancel(context.Background())
+	now := time.Now().UTC()
+	o := &operation{cancel: cancel, op: hostapi.Operation{ID: newOpID(), Kind: "migrate", VM: name,
+		Status: hostapi.OpRunning, Created: now, Updated: now}}
+	a.mu.Lock()
+	a.ops[o.op.ID] = o
+	a.mu.Unlock()
+	go func() {
+		defer v.opMu.Unlock()
+		defer cancel()
+		err := v.migrate(octx, o, target, req)
+		o.update(func(op *hostapi.Operation) {
+			switch {
+			case err == nil:
+				op.Status, op.Progress = hostapi.OpSucceeded, 1
+			case octx.Err() != nil:
+				op.Status, op.Error = hostapi.OpCancelled, err.Error()
+			default:
+				op.Status, op.Error = hostapi.OpFailed, err.Error()
+			}
+		})
+		if err != nil {
+			a.log.Warn("Migration failed; the VM stays here", "vm", name, "err", err)
+		} else {
+			a.log.Info("Migration done", "vm", name, "target", req.TargetURL)
+		}
+	}()
+	return o.snapshot(), nil
+}
+
+func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Client, req hostapi.MigrateRequest) (err error) {
+	inst := v.instance()
+	mon := inst.Monitor
+	bg := context.Background()
+	spec := v.info().Spec
+	o.update(func(op *hostapi.Operation) { op.Message = "preparing destination" })
+	reply, err := target.PrepareIncoming(ctx, hostapi.IncomingRequest{Spec: spec, ListenHost: req.ListenHost, Counters: v.counters()})
+	if err != nil {
+		return fmt.Errorf("Failed to prepare the destination: %w", err)
+	}
+	destOwns := false
+	defer func() {
+		if err != nil && !destOwns {
+			cctx, cancel := context.WithTimeout(bg, 30*time.Second)
+			defer cancel()
+			if derr := target.Delete(cctx, spec.Name, true); derr != nil && !agentclient.IsNotFound(derr) {
+				err = fmt.Errorf("%w (and cleaning the destination failed: %v)", err, derr)
+			}
+		}
+	}()
+	if err := setMigrationCaps(ctx, mon.Execute); err != nil {
+		return err
+	}
+	caps := []map[string]any{{"capability": "auto-converge", "state": true}}
+	if err := mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		return fmt.Errorf("Failed to enable auto-converge: %w", err)
+	}
+	bw := int64(req.BandwidthMiBps) << 20
+	if bw == 0 {
+		bw = 100 << 30 // effectively unlimited
+	}
+	params := map[string]any{"downtime-limit": req.DowntimeLimitMS, "max-bandwidth": bw}
+	if err := mon.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
+		return fmt.Errorf("Failed to set migration parameters: %w", err)
+	}
+	v.setState(hostapi.StateMigrating)
+	defer func() {
+		if err != nil && !destOwns {
+			v.resumeAfterFailedMigration()
+		}
+	}()
+	o.update(func(op *hostapi.Operation) { op.Message = "migrating to " + reply.URI })
+	if err := mon.Execute(ctx, "migrate", map[string]any{"uri": reply.URI}, nil); err != nil {
+		return fmt.Errorf("Failed to start migration to %s: %w", reply.URI, err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			_ = mon.Execute(bg, "migrate_cancel", nil, nil)
+			v.waitMigrationEnd(bg)
+			return fmt.Errorf("Migration cancelled")
+		case <-inst.Exited():
+			return fmt.Errorf("QEMU exited during migration: %s", inst.ExitReason())
+		case <-time.After(20 * time.Millisecond):
+		}
+		info, err := mon.QueryMigrate(bg)
+		if err != nil {
+			_ = mon.Execute(bg, "migrate_cancel", nil, nil)
+			return fmt.Errorf("Failed to query migration: %w", err)
+		}
+		if info.RAM != nil && info.RAM.Total > 0 {
+			p := float64(info.RAM.Transferred) / float64(info.RAM.Total)
+			if p > 0.99 {
+				p = 0.99
+			}
+			o.update(func(op *hostapi.Operation) { op.Progress = p })
+		}
+		switch info.Status {
+		case "completed":
+			o.update(func(op *hostapi.Operation) { op.TotalTimeMS, op.DowntimeMS = info.TotalTime, info.Downtime })
+			return v.finishMigration(bg, o, target, spec.Name, &destOwns)
+		case "failed", "cancelled":
+			return fmt.Errorf("Migration %s: %s", info.Status, info.ErrorDesc)
+		}
+	}
+}
+
+// waitMigrationEnd waits (briefly) for a cancelled migration to settle.
+func (v *vm) waitMigrationEnd(ctx context.Context) {
+	inst := v.instance()
+	if inst == nil {
+		return
+	}
+	for i := 0; i < 250; i++ {
+		info, err := inst.Monitor.QueryMigrate(ctx)
+		if err != nil || (info.Status != "active" && info.Status != "cancelling" && info.Status != "setup" && info.Status != "device") {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// resumeAfterFailedMigration makes sure the guest runs here again.
+func (v *vm) resumeAfterFailedMigration() {
+	inst := v.instance()
+	if inst == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if st, err := inst.Monitor.Status(ctx); err == nil && st != "running" {
+		if err := inst.Monitor.Execute(ctx, "cont", nil, nil); err != nil {
+			v.a.log.Error("Failed to resume VM after a failed migration", "vm", v.name, "status", st, "err", err)
+		}
+	}
+	v.setState(hostapi.StateRunning)
+	if st, err := inst.Monitor.Status(ctx); err == nil && st != "running" {
+		v.setState(hostapi.StatePaused)
+	}
+}
+
+// finishMigration checks that the guest runs on the destination, then ends the local
+// QEMU and forgets the VM. If the destination never ran the guest, it is removed
+// there and the guest resumes here.
+func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentclient.Client, name string, destOwns *bool) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		vmi, err := target.Get(ctx, name)
+		if err == nil && vmi.State == hostapi.StateRunning {
+			break
+		}
+		if err == nil && vmi.State == hostapi.StateStopped {
+			return fmt.Errorf("The destination QEMU exited after the migration: %s", vmi.ExitReason)
+		}
+		if time.Now().After(deadline) {
+			if err != nil {
+				return fmt.Errorf("The destination did not confirm the VM runs: %w", err)
+			}
+			return fmt.Errorf("The destination VM is %s, not running, 15 s after the migration", vmi.State)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	*destOwns = true
+	o.update(func(op *hostapi.Operation) { op.Message = "destination running; removing the source" })
+	inst := v.instance()
+	v.mu.Lock()
+	v.expectExit = "migrated away"
+	v.mu.Unlock()
+	if inst != nil {
+		_ = inst.Quit(ctx)
+		v.waitGone(inst, 5*time.Second)
+	}
+	a := v.a
+	a.mu.Lock()
+	if a.vms[name] == v {
+		delete(a.vms, name)
+	}
+	a.mu.Unlock()
+	v.detach()
+	a.cg.remove(name)
+	if err := removeAll(v.dir); err != nil {
+		a.log.Warn("Failed to remove files of migrated VM", "vm", name, "err", err)
+	}
+	return nil
+}
