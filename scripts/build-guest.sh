@@ -114,9 +114,16 @@ rm -f "$D/init"
 echo "GrowServer test guest root filesystem" >"$D/etc/grow-guest-root"
 touch -h -d "@$EPOCH" "$D/etc/grow-guest-root" "$D/etc"
 truncate -s "$DISK_SIZE" "$WORK/disk.raw"
-E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -L growroot -U "$DISK_UUID" \
+SOURCE_DATE_EPOCH=$EPOCH E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -L growroot -U "$DISK_UUID" \
 	-E "hash_seed=$HASH_SEED,root_owner=0:0" -d "$D" "$WORK/disk.raw" ||
 	die "mkfs.ext4 failed"
+# mke2fs 1.47.0 stamps symlinks with the current time: pin every inode's times.
+(cd "$D" && find . -mindepth 1 | sed 's#^\.##') | while read -r p; do
+	for field in atime ctime mtime crtime; do
+		echo "set_inode_field \"$p\" $field @$EPOCH"
+	done
+done >"$WORK/times.debugfs"
+SOURCE_DATE_EPOCH=$EPOCH E2FSPROGS_FAKE_TIME=$EPOCH debugfs -w -f "$WORK/times.debugfs" "$WORK/disk.raw" >/dev/null 2>&1 || die "debugfs failed"
 
 # 7. Manifest, then publish atomically.
 {
