@@ -1,0 +1,268 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Check makes the metadata durable, then verifies it: it replays the on-disk
+// checkpoint and journals (checking every CRC), cross-checks the result (every mapped
+// cluster inside the device, no physical cluster owned twice, parents exist and are
+// frozen, no cycles) and compares it with the live state and the free list. I/O is
+// paused while it runs. Report lists the problems; an error means it could not run.
+func (m *Manager) Check() (Report, error) {
+	if err := m.checkOpen("check"); err != nil {
+		return Report{}, err
+	}
+	m.ckptMu.Lock()
+	defer m.ckptMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	unlock := m.lockAll()
+	defer unlock()
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	if err := m.syncHeld(); err != nil {
+		return Report{}, fmt.Errorf("Failed to check: %w", err)
+	}
+	rep, disk, used, err := checkDir(m.dir, m.total)
+	if err != nil {
+		return rep, err
+	}
+	if disk != nil {
+		compareStates(&rep, m.st, disk)
+	}
+	if used == nil {
+		used, _ = validate(&Report{}, m.st, m.total)
+	}
+	m.checkAllocator(&rep, used)
+	return rep, nil
+}
+
+// CheckDir verifies the metadata in metaDir offline (no Manager may have it open),
+// for a device of deviceSize bytes.
+func CheckDir(metaDir string, deviceSize int64) (Report, error) {
+	rep, _, _, err := checkDir(metaDir, uint64(deviceSize/ClusterSize))
+	return rep, err
+}
+
+func (r *Report) problem(format string, a ...any) {
+	r.Problems = append(r.Problems, fmt.Sprintf(format, a...))
+}
+
+// checkDir replays the metadata files; it returns the replayed state (nil when it
+// could not be built) and the set of used clusters.
+func checkDir(dir string, total uint64) (Report, *state, []uint64, error) {
+	rep := Report{ClustersTotal: int64(total)}
+	b, err := os.ReadFile(filepath.Join(dir, checkpointName))
+	if errors.Is(err, fs.ErrNotExist) {
+		rep.problem("checkpoint file is missing")
+		return rep, nil, nil, nil
+	}
+	if err != nil {
+		return rep, nil, nil, fmt.Errorf("Failed to read checkpoint in %q: %w", dir, err)
+	}
+	st, gen, err := decodeCheckpoint(b)
+	if err != nil {
+		rep.problem("checkpoint: %v", err)
+		return rep, nil, nil, nil
+	}
+	for g := gen; ; g++ {
+		path := filepath.Join(dir, journalName(g))
+		jb, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		if err != nil {
+			return rep, nil, nil, fmt.Errorf("Failed to read journal %q: %w", path, err)
+		}
+		rep.JournalFiles++
+		jg, scan, err := scanJournal(jb)
+		if err != nil || jg != g {
+			rep.problem("journal %s: bad header (generation %d, want %d): %v", filepath.Base(path), jg, g, err)
+			return rep, nil, nil, nil
+		}
+		if scan.tail != "" {
+			rep.problem("journal %s: %s", filepath.Base(path), scan.tail)
+		}
+		for i := range scan.records {
+			rep.JournalRecords++
+			if err := st.apply(&scan.records[i], func(uint64) {}); err != nil {
+				rep.problem("journal %s record %d: %v", filepath.Base(path), i, err)
+				return rep, nil, nil, nil
+			}
+		}
+	}
+	used, _ := validate(&rep, st, total)
+	return rep, st, used, nil
+}
+
+// validate cross-checks a state and returns the bitmap of used physical clusters.
+func validate(rep *Report, st *state, total uint64) ([]uint64, int64) {
+	rep.Objects = len(st.objects)
+	rep.Layers = len(st.layers)
+	used := make([]uint64, (total+63)/64)
+	var n int64
+	children := make(map[uint64]int)
+	for id, l := range st.layers {
+		if id >= st.nextLayer {
+			rep.problem("layer %d: id not below the next layer id %d", id, st.nextLayer)
+		}
+		if l.owner == nil || l.owner.layer != l || st.objects[l.owner.name] != l.owner {
+			rep.problem("layer %d: not owned by exactly one object", id)
+		}
+		if l.parent != nil {
+			if st.layers[l.parent.id] != l.parent {
+				rep.problem("layer %d: parent layer %d does not exist", id, l.parent.id)
+			} else if !canParent(l.parent) {
+				rep.problem("layer %d: parent layer %d is not a frozen image or snapshot", id, l.parent.id)
+			}
+			children[l.parent.id]++
+		}
+		steps := 0
+		for p := l.parent; p != nil; p = p.parent {
+			if steps++; steps > len(st.layers) {
+				rep.problem("layer %d: parent chain has a cycle", id)
+				break
+			}
+		}
+		l.tab.each(func(vc, e uint64) {
+			if !isPhys(e) {
+				return
+			}
+			p := e - entPhys
+			if p >= total {
+				rep.problem("layer %d: cluster %d maps physical cluster %d beyond the device (%d clusters)", id, vc, p, total)
+				return
+			}
+			if used[p/64]&(1<<(p%64)) != 0 {
+				rep.problem("physical cluster %d is mapped more than once (again by layer %d cluster %d)", p, id, vc)
+				return
+			}
+			used[p/64] |= 1 << (p % 64)
+			n++
+		})
+	}
+	for id, l := range st.layers {
+		if children[id] != l.children {
+			rep.problem("layer %d: child count %d, but %d layers name it as parent", id, l.children, children[id])
+		}
+	}
+	for name, o := range st.objects {
+		if o.name != name || validAnyName(name) != nil {
+			rep.problem("object %q: bad name", name)
+		}
+		if (o.kind == KindSnapshot) != strings.Contains(name, "@") {
+			rep.problem("object %q: kind %s does not match its name", name, o.kind)
+		}
+		if o.layer == nil || st.layers[o.layer.id] != o.layer {
+			rep.problem("object %q: its layer does not exist", name)
+		} else if o.kind == KindVolume && o.layer.children != 0 {
+			rep.problem("object %q: a writable volume has dependent layers", name)
+		}
+	}
+	rep.ClustersUsed = n
+	return used, n
+}
+
+// compareStates reports every difference between the live state and the replayed one.
+func compareStates(rep *Report, live, disk *state) {
+	names := func(st *state) []string {
+		var s []string
+		for n := range st.objects {
+			s = append(s, n)
+		}
+		sort.Strings(s)
+		return s
+	}
+	if a, b := names(live), names(disk); strings.Join(a, ",") != strings.Join(b, ",") {
+		rep.problem("live objects %v differ from the on-disk metadata %v", a, b)
+	}
+	for n, lo := range live.objects {
+		do := disk.objects[n]
+		if do == nil {
+			continue
+		}
+		if lo.kind != do.kind || lo.size.Load() != do.size.Load() || lo.layer.id != do.layer.id || lo.importing != do.importing {
+			rep.problem("object %q differs from the on-disk metadata", n)
+		}
+	}
+	for id, ll := range live.layers {
+		dl := disk.layers[id]
+		if dl == nil {
+			rep.problem("layer %d is not in the on-disk metadata", id)
+			continue
+		}
+		lp, dp := uint64(0), uint64(0)
+		if ll.parent != nil {
+			lp = ll.parent.id
+		}
+		if dl.parent != nil {
+			dp = dl.parent.id
+		}
+		if lp != dp {
+			rep.problem("layer %d: parent %d live, %d on disk", id, lp, dp)
+		}
+		if ll.tab.count != dl.tab.count {
+			rep.problem("layer %d: %d entries live, %d on disk", id, ll.tab.count, dl.tab.count)
+			continue
+		}
+		diff := 0
+		ll.tab.each(func(vc, e uint64) {
+			if dl.tab.get(vc) != e {
+				diff++
+			}
+		})
+		if diff > 0 {
+			rep.problem("layer %d: %d entries differ between live and on-disk metadata", id, diff)
+		}
+	}
+	if len(live.layers) != len(disk.layers) {
+		rep.problem("%d layers live, %d on disk", len(live.layers), len(disk.layers))
+	}
+}
+
+// checkAllocator verifies that the free list is exactly the complement of the used
+// clusters below the high-water mark; caller holds every lock and has synced.
+func (m *Manager) checkAllocator(rep *Report, used []uint64) {
+	m.amu.Lock()
+	defer m.amu.Unlock()
+	m.jmu.Lock()
+	pendingNext := len(m.pendingNext)
+	m.jmu.Unlock()
+	if m.pending != 0 || pendingNext != 0 {
+		rep.problem("%d clusters still pending free after a sync", m.pending)
+	}
+	seen := make(map[uint64]bool, len(m.free))
+	for _, p := range m.free {
+		switch {
+		case p >= m.next:
+			rep.problem("free cluster %d is at or above the high-water mark %d", p, m.next)
+		case seen[p]:
+			rep.problem("cluster %d is on the free list twice", p)
+		case used[p/64]&(1<<(p%64)) != 0:
+			rep.problem("cluster %d is both free and mapped", p)
+		}
+		seen[p] = true
+	}
+	var inUse int64
+	for p := uint64(0); p < m.total; p++ {
+		if used[p/64]&(1<<(p%64)) != 0 {
+			inUse++
+			if p >= m.next {
+				rep.problem("mapped cluster %d is above the high-water mark %d", p, m.next)
+			}
+		}
+	}
+	if inUse+int64(len(m.free)) != int64(m.next) {
+		rep.problem("free list (%d) plus used (%d) does not cover the %d clusters below the high-water mark", len(m.free), inUse, m.next)
+	}
+	if inUse != m.used {
+		rep.problem("allocator counts %d used clusters, the tables map %d", m.used, inUse)
+	}
+}

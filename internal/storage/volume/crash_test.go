@@ -1,0 +1,5 @@
+package volume
+
+const crashEnv = "GROW_VOLUME_CRASH_CHILD"
+
+func crashChild() {}

@@ -1,0 +1,417 @@
+package volume
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// Handle is one opener's view of a volume (for example one NBD connection). Its
+// methods may be called concurrently.
+type Handle struct {
+	m      *Manager
+	o      *object
+	closed atomic.Bool
+}
+
+var zeroCluster [ClusterSize]byte
+
+var clusterPool = sync.Pool{New: func() any { return new([ClusterSize]byte) }}
+
+// Size is the current virtual size of the volume.
+func (h *Handle) Size() int64 { return h.o.size.Load() }
+
+// ReadOnly reports whether writes are refused (images and snapshots).
+func (h *Handle) ReadOnly() bool { return h.o.readOnly() }
+
+// Name is the name the handle was opened with.
+func (h *Handle) Name() string { return h.o.name }
+
+func (h *Handle) usable(op string) error {
+	if h.closed.Load() || h.m.closed.Load() {
+		return fmt.Errorf("Failed to %s %q: %w", op, h.o.name, ErrClosed)
+	}
+	return nil
+}
+
+// inRange checks [off, off+n) against the size; caller holds o.io shared.
+func (h *Handle) inRange(op string, off, n int64) error {
+	size := h.o.size.Load()
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("Failed to %s %q: range %d+%d is outside the volume (%d bytes): %w", op, h.o.name, off, n, size, ErrInvalid)
+	}
+	return nil
+}
+
+// ReadAt fills p from the volume at off.
+func (h *Handle) ReadAt(p []byte, off int64) error {
+	if err := h.usable("read"); err != nil {
+		return err
+	}
+	o := h.o
+	o.io.RLock()
+	defer o.io.RUnlock()
+	if err := h.inRange("read", off, int64(len(p))); err != nil {
+		return err
+	}
+	for len(p) > 0 {
+		vc := uint64(off >> clusterShift)
+		in := off & (ClusterSize - 1)
+		n := min(int64(len(p)), ClusterSize-in)
+		if err := h.readCluster(vc, in, p[:n]); err != nil {
+			return fmt.Errorf("Failed to read %q at %d: %w", o.name, off, err)
+		}
+		p = p[n:]
+		off += n
+	}
+	return nil
+}
+
+func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
+	o, d := h.o, h.m.dev
+	top := o.layer
+	var e uint64
+	if o.readOnly() {
+		e = resolve(top, vc)
+	} else {
+		o.tab.RLock()
+		e = top.tab.get(vc)
+		if isPhys(e) {
+			_, err := d.ReadAt(p, int64(e-entPhys)<<clusterShift+in)
+			o.tab.RUnlock()
+			return err
+		}
+		o.tab.RUnlock()
+		if e == entNone {
+			e = resolve(top.parent, vc)
+		}
+	}
+	if isPhys(e) {
+		_, err := d.ReadAt(p, int64(e-entPhys)<<clusterShift+in)
+		return err
+	}
+	clear(p)
+	return nil
+}
+
+// WriteAt writes p at off; with fua it is durable when WriteAt returns.
+func (h *Handle) WriteAt(p []byte, off int64, fua bool) error {
+	if err := h.usable("write"); err != nil {
+		return err
+	}
+	if h.o.readOnly() {
+		return fmt.Errorf("Failed to write %q: it is a %s: %w", h.o.name, h.o.kind, ErrReadOnly)
+	}
+	o := h.o
+	o.io.RLock()
+	err := h.inRange("write", off, int64(len(p)))
+	if err == nil {
+		err = h.write(p, off)
+	}
+	o.io.RUnlock()
+	if err != nil {
+		return err
+	}
+	h.m.dirty.Store(true)
+	if fua {
+		return h.flush("write")
+	}
+	return nil
+}
+
+// write writes p at off cluster by cluster; caller holds o.io shared.
+func (h *Handle) write(p []byte, off int64) error {
+	for len(p) > 0 {
+		vc := uint64(off >> clusterShift)
+		in := off & (ClusterSize - 1)
+		n := min(int64(len(p)), ClusterSize-in)
+		if err := h.writeCluster(vc, in, p[:n]); err != nil {
+			return fmt.Errorf("Failed to write %q at %d: %w", h.o.name, off, err)
+		}
+		p = p[n:]
+		off += n
+	}
+	return nil
+}
+
+// writeCluster writes data at in within virtual cluster vc, allocating (copy-on-write)
+// on the first write.
+func (h *Handle) writeCluster(vc uint64, in int64, data []byte) error {
+	o, d := h.o, h.m.dev
+	top := o.layer
+	for {
+		o.tab.RLock()
+		e := top.tab.get(vc)
+		if isPhys(e) {
+			_, err := d.WriteAt(data, int64(e-entPhys)<<clusterShift+in)
+			o.tab.RUnlock()
+			return err
+		}
+		o.tab.RUnlock()
+
+		o.tab.Lock()
+		e = top.tab.get(vc)
+		if isPhys(e) {
+			o.tab.Unlock()
+			continue
+		}
+		if ch := o.inflight[vc]; ch != nil {
+			o.tab.Unlock()
+			<-ch
+			continue
+		}
+		ch := make(chan struct{})
+		o.inflight[vc] = ch
+		o.tab.Unlock()
+		return h.allocWrite(vc, e, in, data, ch)
+	}
+}
+
+// allocWrite gives vc a new physical cluster holding the parent's data (or zeroes)
+// overlaid with data, then maps it. ch marks vc as being allocated.
+func (h *Handle) allocWrite(vc, e uint64, in int64, data []byte, ch chan struct{}) error {
+	o, m := h.o, h.m
+	top := o.layer
+	done := func() {
+		delete(o.inflight, vc)
+		close(ch)
+	}
+	p, err := m.alloc()
+	if err != nil {
+		o.tab.Lock()
+		done()
+		o.tab.Unlock()
+		return err
+	}
+	buf := data
+	var pooled *[ClusterSize]byte
+	if in != 0 || len(data) != ClusterSize {
+		pooled = clusterPool.Get().(*[ClusterSize]byte)
+		buf = pooled[:]
+		var base uint64 = entNone
+		if e == entNone {
+			base = resolve(top.parent, vc)
+		}
+		if isPhys(base) {
+			_, err = m.dev.ReadAt(buf, int64(base-entPhys)<<clusterShift)
+		} else {
+			clear(buf)
+		}
+		copy(buf[in:], data)
+	}
+	if err == nil {
+		_, err = m.dev.WriteAt(buf, int64(p)<<clusterShift)
+	}
+	if pooled != nil {
+		clusterPool.Put(pooled)
+	}
+	o.tab.Lock()
+	defer o.tab.Unlock()
+	if err != nil {
+		m.unalloc(p)
+		done()
+		return err
+	}
+	top.tab.set(vc, physEntry(p))
+	m.log(&record{typ: recMap, layer: top.id, vc: vc, entry: physEntry(p)})
+	done()
+	return nil
+}
+
+// Flush makes every write that completed before it durable.
+func (h *Handle) Flush() error {
+	if err := h.usable("flush"); err != nil {
+		return err
+	}
+	return h.flush("flush")
+}
+
+func (h *Handle) flush(op string) error {
+	if err := h.m.sync(); err != nil {
+		return fmt.Errorf("Failed to %s %q: %w", op, h.o.name, err)
+	}
+	return nil
+}
+
+// Trim gives whole clusters in the range back (they then read as zeroes); partial
+// clusters at the ends are left as they are, as NBD allows.
+func (h *Handle) Trim(off, length int64, fua bool) error {
+	return h.zero("trim", off, length, false, false, true, fua)
+}
+
+// WriteZeroes makes the range read as zeroes. Whole clusters are unmapped unless
+// noHole asks for allocated zeroes; with fast it fails with ErrNotFast, changing
+// nothing, when it would have to write data.
+func (h *Handle) WriteZeroes(off, length int64, noHole, fast, fua bool) error {
+	return h.zero("write zeroes to", off, length, noHole, fast, false, fua)
+}
+
+func (h *Handle) zero(op string, off, length int64, noHole, fast, trim, fua bool) error {
+	if err := h.usable(op); err != nil {
+		return err
+	}
+	o := h.o
+	if o.readOnly() {
+		return fmt.Errorf("Failed to %s %q: it is a %s: %w", op, o.name, o.kind, ErrReadOnly)
+	}
+	o.io.RLock()
+	err := h.inRange(op, off, length)
+	if err == nil && fast {
+		err = h.checkFast(op, off, length, noHole)
+	}
+	for err == nil && length > 0 {
+		vc := uint64(off >> clusterShift)
+		in := off & (ClusterSize - 1)
+		n := min(length, ClusterSize-in)
+		switch {
+		case n == ClusterSize && !noHole:
+			h.unmapCluster(vc)
+		case trim:
+			// Partial clusters of a trim stay as they are.
+		case noHole || !h.readsZero(vc):
+			err = h.writeCluster(vc, in, zeroCluster[:n])
+			if err != nil {
+				err = fmt.Errorf("Failed to %s %q at %d: %w", op, o.name, off, err)
+			}
+		}
+		off += n
+		length -= n
+	}
+	o.io.RUnlock()
+	if err != nil {
+		return err
+	}
+	h.m.dirty.Store(true)
+	if fua {
+		return h.flush(op)
+	}
+	return nil
+}
+
+// checkFast tells whether zeroing the range needs data writes.
+func (h *Handle) checkFast(op string, off, length int64, noHole bool) error {
+	if length == 0 {
+		return nil
+	}
+	if noHole {
+		return fmt.Errorf("Failed to %s %q: allocated zeroes need data writes: %w", op, h.o.name, ErrNotFast)
+	}
+	for _, edge := range []int64{off, off + length - 1} {
+		vc := uint64(edge >> clusterShift)
+		start := max(off, int64(vc)<<clusterShift)
+		end := min(off+length, int64(vc+1)<<clusterShift)
+		if end-start < ClusterSize && !h.readsZero(vc) {
+			return fmt.Errorf("Failed to %s %q: a partial cluster holds data: %w", op, h.o.name, ErrNotFast)
+		}
+	}
+	return nil
+}
+
+// readsZero reports whether vc is unallocated (hole or zero) through the whole chain.
+func (h *Handle) readsZero(vc uint64) bool {
+	o := h.o
+	o.tab.RLock()
+	e := o.layer.tab.get(vc)
+	o.tab.RUnlock()
+	if e == entNone {
+		e = resolve(o.layer.parent, vc)
+	}
+	return !isPhys(e)
+}
+
+// unmapCluster drops vc from the top layer, masking the parent with a zero entry when
+// the parent has data there, and frees its physical cluster.
+func (h *Handle) unmapCluster(vc uint64) {
+	o, m := h.o, h.m
+	top := o.layer
+	o.tab.Lock()
+	for {
+		ch := o.inflight[vc]
+		if ch == nil {
+			break
+		}
+		o.tab.Unlock()
+		<-ch
+		o.tab.Lock()
+	}
+	defer o.tab.Unlock()
+	want := entNone
+	if isPhys(resolve(top.parent, vc)) {
+		want = entZero
+	}
+	old := top.tab.get(vc)
+	if old == want {
+		return
+	}
+	top.tab.set(vc, want)
+	r := &record{typ: recMap, layer: top.id, vc: vc, entry: want}
+	if isPhys(old) {
+		m.log(r, old-entPhys)
+	} else {
+		m.log(r)
+	}
+}
+
+// Extents describes the allocation of the range, true to the thin layout through clones.
+func (h *Handle) Extents(off, length int64) ([]Extent, error) {
+	if err := h.usable("map"); err != nil {
+		return nil, err
+	}
+	o := h.o
+	o.io.RLock()
+	defer o.io.RUnlock()
+	if err := h.inRange("map", off, length); err != nil {
+		return nil, err
+	}
+	if !o.readOnly() {
+		o.tab.RLock()
+		defer o.tab.RUnlock()
+	}
+	var out []Extent
+	add := func(n int64, data bool) {
+		if k := len(out); k > 0 && out[k-1].Hole == !data {
+			out[k-1].Length += n
+			return
+		}
+		out = append(out, Extent{Length: n, Hole: !data, Zero: !data})
+	}
+	end := off + length
+	for off < end {
+		vc := uint64(off >> clusterShift)
+		if !chainHasLeaf(o.layer, vc) {
+			// The rest of this leaf is unmapped in every layer.
+			leafEnd := int64((vc|leafMask)+1) << clusterShift
+			n := min(end, leafEnd) - off
+			add(n, false)
+			off += n
+			continue
+		}
+		n := min(end-off, ClusterSize-(off&(ClusterSize-1)))
+		add(n, isPhys(resolve(o.layer, vc)))
+		off += n
+	}
+	return out, nil
+}
+
+func chainHasLeaf(l *layer, vc uint64) bool {
+	for ; l != nil; l = l.parent {
+		if l.tab.hasLeaf(vc) {
+			return true
+		}
+	}
+	return false
+}
+
+// Close releases the handle; further calls fail with ErrClosed.
+func (h *Handle) Close() error {
+	if h.closed.Swap(true) {
+		return nil
+	}
+	h.m.mu.Lock()
+	h.o.opens--
+	h.m.mu.Unlock()
+	return nil
+}
+
+func isZero(b []byte) bool { return bytes.Equal(b, zeroCluster[:len(b)]) }

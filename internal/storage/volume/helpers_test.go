@@ -1,0 +1,123 @@
+package volume
+
+import (
+	"bytes"
+	"errors"
+	"path/filepath"
+	"testing"
+
+	"github.com/growserver/grow/internal/storage/dev"
+)
+
+type bed struct {
+	t    *testing.T
+	dir  string
+	path string
+	size int64
+	dev  *dev.File
+	m    *Manager
+}
+
+// newBed makes a sparse device file of size bytes and opens a Manager on it.
+func newBed(t *testing.T, size int64) *bed {
+	t.Helper()
+	dir := t.TempDir()
+	b := &bed{t: t, dir: filepath.Join(dir, "meta"), path: filepath.Join(dir, "disk.img"), size: size}
+	b.open()
+	t.Cleanup(func() {
+		if b.m != nil {
+			b.m.Close()
+		}
+		if b.dev != nil {
+			b.dev.Close()
+		}
+	})
+	return b
+}
+
+func (b *bed) open() {
+	b.t.Helper()
+	d, err := dev.OpenFile(b.path, b.size)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	m, err := Open(b.dir, d, Options{SyncInterval: -1})
+	if err != nil {
+		d.Close()
+		b.t.Fatalf("Open: %v", err)
+	}
+	b.dev, b.m = d, m
+}
+
+// reopen closes the Manager (with or without its closing checkpoint) and opens it again.
+func (b *bed) reopen(checkpoint bool) {
+	b.t.Helper()
+	if !checkpoint {
+		b.m.opts.NoCheckpointOnClose = true
+	}
+	if err := b.m.Close(); err != nil {
+		b.t.Fatalf("Close: %v", err)
+	}
+	b.dev.Close()
+	b.m, b.dev = nil, nil
+	b.open()
+}
+
+func (b *bed) check() {
+	b.t.Helper()
+	rep, err := b.m.Check()
+	if err != nil {
+		b.t.Fatalf("Check: %v", err)
+	}
+	if !rep.Clean() {
+		b.t.Fatalf("Check found problems: %q", rep.Problems)
+	}
+}
+
+func mustOpen(t *testing.T, m *Manager, name string) *Handle {
+	t.Helper()
+	h, err := m.Open(name)
+	if err != nil {
+		t.Fatalf("Open %q: %v", name, err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+func readAll(t *testing.T, h *Handle) []byte {
+	t.Helper()
+	p := make([]byte, h.Size())
+	if err := h.ReadAt(p, 0); err != nil {
+		t.Fatalf("ReadAt: %v", err)
+	}
+	return p
+}
+
+func mustEqual(t *testing.T, what string, got, want []byte) {
+	t.Helper()
+	if !bytes.Equal(got, want) {
+		i := 0
+		for i < len(got) && i < len(want) && got[i] == want[i] {
+			i++
+		}
+		t.Fatalf("%s: contents differ at byte %d (len %d vs %d)", what, i, len(got), len(want))
+	}
+}
+
+func wantErr(t *testing.T, what string, err, target error) {
+	t.Helper()
+	if !errors.Is(err, target) {
+		t.Fatalf("%s: got error %v, want %v", what, err, target)
+	}
+}
+
+func pattern(n int, seed byte) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = seed + byte(i*7) + byte(i>>9)
+		if p[i] == 0 {
+			p[i] = 1
+		}
+	}
+	return p
+}
