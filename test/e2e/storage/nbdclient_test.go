@@ -35,6 +35,7 @@ const (
 	nbdCmdDisc       = 2
 	nbdCmdFlush      = 3
 	nbdCmdTrim       = 4
+	nbdCmdZeroes     = 6
 	nbdCmdFlagFUA    = 1
 	nbdFlagSendFlush = 1 << 2
 	nbdFlagSendFUA   = 1 << 3
@@ -172,6 +173,15 @@ func (n *nbdConn) Flush() error { return n.request(nbdCmdFlush, 0, 0, 0, nil, ni
 // Trim discards a range.
 func (n *nbdConn) Trim(off int64, length uint32) error {
 	return n.request(nbdCmdTrim, 0, off, length, nil, nil)
+}
+
+// WriteZeroes makes a range read as zeroes.
+func (n *nbdConn) WriteZeroes(off int64, length uint32, fua bool) error {
+	var f uint16
+	if fua {
+		f = nbdCmdFlagFUA
+	}
+	return n.request(nbdCmdZeroes, f, off, length, nil, nil)
 }
 
 // Close ends the session politely.
