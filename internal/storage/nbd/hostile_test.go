@@ -1,0 +1,258 @@
+package nbd
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/binary"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestHostileClients throws malformed input at the server while a well-behaved
+// connection keeps working, and checks that each bad connection is closed with a
+// logged reason.
+func TestHostileClients(t *testing.T) {
+	ex := newMemExports()
+	ex.add("disk", "", newMemExport(1<<20))
+	s := startServer(t, ex, &Server{HandshakeTimeout: 500 * time.Millisecond})
+
+	good := dialRaw(t, "tcp", s.tcp)
+	good.greet(flagFixedNewstyle | flagNoZeroes)
+	good.goExport("disk")
+	var cookie uint64
+	checkGood := func(what string) {
+		t.Helper()
+		cookie++
+		good.request(0, cmdWrite, cookie, 4096, 4, []byte("ping"))
+		if e, h := good.simpleReply(); e != 0 || h != cookie {
+			t.Fatalf("after %s: good connection write err=%d cookie=%d", what, e, h)
+		}
+		// And a brand-new connection is served too.
+		c := dialRaw(t, "unix", s.sock)
+		c.greet(flagFixedNewstyle | flagNoZeroes)
+		if size, _ := c.goExport("disk"); size != 1<<20 {
+			t.Fatalf("after %s: new connection size %d", what, size)
+		}
+		c.nc.Close()
+	}
+	inTransmission := func() *rawClient {
+		c := dialRaw(t, "unix", s.sock)
+		c.greet(flagFixedNewstyle | flagNoZeroes)
+		c.goExport("disk")
+		return c
+	}
+	hdr := func(opt, length uint32) []byte {
+		b := binary.BigEndian.AppendUint64(nil, optMagic)
+		b = binary.BigEndian.AppendUint32(b, opt)
+		return binary.BigEndian.AppendUint32(b, length)
+	}
+	garbage := make([]byte, 4096)
+	rand.Read(garbage)
+
+	cases := []struct {
+		name   string
+		do     func(c *rawClient)
+		reason string
+	}{
+		{"garbage instead of client flags", func(c *rawClient) {
+			c.read(18)
+			c.nc.Write(garbage)
+		}, "unknown client flags"},
+		{"non-fixed newstyle client", func(c *rawClient) {
+			c.read(18)
+			c.write(uint32(0))
+		}, "fixed newstyle"},
+		{"truncated client flags", func(c *rawClient) {
+			c.read(18)
+			c.nc.Write([]byte{0, 0})
+			c.nc.(*net.UnixConn).CloseWrite()
+		}, "client flags"},
+		{"bad option magic", func(c *rawClient) {
+			c.greet(flagFixedNewstyle)
+			c.nc.Write(garbage[:64])
+		}, "bad option magic"},
+		{"oversized option", func(c *rawClient) {
+			c.greet(flagFixedNewstyle)
+			c.nc.Write(hdr(optGo, 1<<31))
+		}, "exceeds"},
+		{"truncated option data", func(c *rawClient) {
+			c.greet(flagFixedNewstyle)
+			c.nc.Write(append(hdr(optGo, 100), 1, 2, 3))
+			c.nc.(*net.UnixConn).CloseWrite()
+		}, "option 7 data"},
+		{"silent client", func(c *rawClient) {
+			c.greet(flagFixedNewstyle)
+		}, "timeout"},
+		{"option flood", func(c *rawClient) {
+			c.greet(flagFixedNewstyle)
+			go func() {
+				for range maxOptions + 10 {
+					if _, err := c.nc.Write(hdr(optStructuredReply, 0)); err != nil {
+						return
+					}
+				}
+			}()
+			// Drain the replies so the server is not blocked writing them.
+		}, "more than"},
+		{"bad request magic", func(c *rawClient) {
+			c = inTransmission()
+			c.nc.Write(garbage[:28])
+			c.expectClosed()
+		}, "bad request magic"},
+		{"oversized write", func(c *rawClient) {
+			c = inTransmission()
+			c.request(0, cmdWrite, 1, 0, MaxPayload+1, nil)
+			c.expectClosed()
+		}, "write payload"},
+		{"truncated write payload", func(c *rawClient) {
+			c = inTransmission()
+			c.request(0, cmdWrite, 1, 0, 1000, []byte("short"))
+			c.nc.(*net.UnixConn).CloseWrite()
+			c.expectClosed()
+		}, "write payload"},
+		{"truncated request header", func(c *rawClient) {
+			c = inTransmission()
+			c.nc.Write([]byte{0x25, 0x60, 0x95})
+			c.nc.(*net.UnixConn).CloseWrite()
+			c.expectClosed()
+		}, "truncated request header"},
+	}
+	for _, tc := range cases {
+		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
+			c := dialRaw(t, "unix", s.sock)
+			c.t = t
+			tc.do(c)
+			c.expectClosed()
+			deadline := time.Now().Add(5 * time.Second)
+			for !strings.Contains(s.logs.String(), tc.reason) {
+				if time.Now().After(deadline) {
+					t.Fatalf("no log line with %q", tc.reason)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			checkGood(tc.name)
+		})
+	}
+
+	// Requests past the end get error replies, never a disconnect.
+	for i, r := range []struct {
+		typ    uint16
+		off    uint64
+		length uint32
+		want   uint32
+	}{
+		{cmdRead, 1 << 20, 1, errInval},
+		{cmdWrite, 1<<20 - 2, 4, errNoSpc},
+		{cmdTrim, 1 << 40, 1, errInval},
+		{cmdWriteZeroes, 1<<64 - 4096, 8192, errNoSpc},
+		{cmdCache, 1<<20 - 1, 2, errInval},
+	} {
+		var payload []byte
+		if r.typ == cmdWrite {
+			payload = make([]byte, r.length)
+		}
+		good.request(0, r.typ, uint64(1000+i), r.off, r.length, payload)
+		if e, h := good.simpleReply(); e != r.want || h != uint64(1000+i) {
+			t.Errorf("%s past the end: err %d, want %d", cmdName(r.typ), e, r.want)
+		}
+	}
+	checkGood("requests past the end")
+}
+
+// countingExport records how many reads run at once.
+type countingExport struct {
+	*memHandle
+	cur, peak atomic.Int64
+}
+
+func (e *countingExport) ReadAt(p []byte, off int64) error {
+	n := e.cur.Add(1)
+	for {
+		p := e.peak.Load()
+		if n <= p || e.peak.CompareAndSwap(p, n) {
+			break
+		}
+	}
+	time.Sleep(2 * time.Millisecond)
+	defer e.cur.Add(-1)
+	return e.memHandle.ReadAt(p, off)
+}
+
+type countingExports struct {
+	*memExports
+	last *countingExport
+	mu   sync.Mutex
+}
+
+func (c *countingExports) Open(name string) (Export, error) {
+	e, err := c.memExports.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	ce := &countingExport{memHandle: e.(*memHandle)}
+	c.mu.Lock()
+	c.last = ce
+	c.mu.Unlock()
+	return ce, nil
+}
+
+// TestBoundedMemory checks that a client piling up requests without reading
+// replies cannot make the server hold more than its per-connection limits.
+func TestBoundedMemory(t *testing.T) {
+	inner := newMemExports()
+	inner.add("big", "", newMemExport(64<<20))
+	ex := &countingExports{memExports: inner}
+	srv := &Server{Exports: ex, MaxInFlight: 16, MaxBufferBytes: 64 << 20}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+
+	c := dialRaw(t, "tcp", l.Addr().String())
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.goExport("big")
+	// 12 reads of 32 MiB: at most 2 may be in memory at once.
+	for i := range 12 {
+		c.request(0, cmdRead, uint64(i), uint64(i%2)*MaxPayload, MaxPayload, nil)
+	}
+	for range 12 {
+		if e, _ := c.simpleReply(); e != 0 {
+			t.Fatalf("big read failed: %d", e)
+		}
+		io.CopyN(io.Discard, c.nc, MaxPayload)
+	}
+	ex.mu.Lock()
+	ce := ex.last
+	ex.mu.Unlock()
+	if p := ce.peak.Load(); p > 2 {
+		t.Errorf("%d reads of 32 MiB ran at once with a 64 MiB budget", p)
+	}
+	// 200 small reads: at most MaxInFlight at once.
+	ce.peak.Store(0)
+	var b bytes.Buffer
+	for i := range 200 {
+		binary.Write(&b, binary.BigEndian, struct {
+			Magic       uint32
+			Flags, Typ  uint16
+			Cookie, Off uint64
+			Length      uint32
+		}{requestMagic, 0, cmdRead, uint64(i), uint64(i) * 4096, 4096})
+	}
+	go c.nc.Write(b.Bytes())
+	for range 200 {
+		if e, _ := c.simpleReply(); e != 0 {
+			t.Fatalf("small read failed: %d", e)
+		}
+		c.read(4096)
+	}
+	if p := ce.peak.Load(); p > 16 || p < 2 {
+		t.Errorf("peak concurrency %d, want between 2 and MaxInFlight=16", p)
+	}
+}
