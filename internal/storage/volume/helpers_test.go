@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/growserver/grow/internal/storage/dev"
@@ -120,4 +121,14 @@ func pattern(n int, seed byte) []byte {
 		}
 	}
 	return p
+}
+
+// allocatedBytes is the disk space a (sparse) file really uses.
+func allocatedBytes(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
 }
