@@ -1,0 +1,288 @@
+package cache
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/dev"
+)
+
+func fileDev(t testing.TB, size int64) *dev.File {
+	t.Helper()
+	f, err := dev.OpenFile(filepath.Join(t.TempDir(), "dev.img"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// failingDev makes writes fail on demand, to check that a failed write drops cached pages.
+type failingDev struct {
+	dev.Device
+	failWrites atomic.Bool
+}
+
+func (d *failingDev) WriteAt(p []byte, off int64) (int, error) {
+	if d.failWrites.Load() {
+		// Write half, then fail: the device content is now unknown to the cache.
+		n, _ := d.Device.WriteAt(p[:len(p)/2], off)
+		return n, errors.New("injected write error")
+	}
+	return d.Device.WriteAt(p, off)
+}
+
+func TestCacheReadWrite(t *testing.T) {
+	const size = 8 << 20
+	f := fileDev(t, size)
+	c := New(f, 2<<20) // smaller than the device: eviction happens
+	model := make([]byte, size)
+	r := rand.New(rand.NewPCG(1, 2))
+	src := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{1}).Read(src)
+	for i := 0; i < 3000; i++ {
+		n := 1 + r.IntN(200<<10)
+		off := r.Int64N(size - int64(n) + 1)
+		if r.IntN(3) == 0 {
+			start := r.IntN(len(src) - n + 1)
+			b := src[start : start+n]
+			if _, err := c.WriteAt(b, off); err != nil {
+				t.Fatal(err)
+			}
+			copy(model[off:], b)
+		} else {
+			b := make([]byte, n)
+			if _, err := c.ReadAt(b, off); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(b, model[off:off+int64(n)]) {
+				t.Fatalf("op %d: read %d at %d returned wrong data", i, n, off)
+			}
+		}
+	}
+	st := c.Stats()
+	if st.Hits == 0 || st.Misses == 0 {
+		t.Fatalf("stats %+v: expected both hits and misses", st)
+	}
+	if st.Bytes > st.Capacity || st.Capacity != 2<<20 {
+		t.Fatalf("stats %+v: cache holds more than its capacity", st)
+	}
+	// The device itself holds everything written: the cache is write-through.
+	got := make([]byte, size)
+	if _, err := f.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("device content differs from what was written through the cache")
+	}
+}
+
+func TestCacheHitsAfterWarm(t *testing.T) {
+	f := fileDev(t, 1<<20)
+	c := New(f, 4<<20)
+	b := make([]byte, 4096)
+	for off := int64(0); off < 1<<20; off += 4096 {
+		c.ReadAt(b, off)
+	}
+	before := c.Stats()
+	for off := int64(0); off < 1<<20; off += 4096 {
+		c.ReadAt(b, off)
+	}
+	after := c.Stats()
+	if after.Misses != before.Misses || after.Hits-before.Hits != 256 {
+		t.Fatalf("warm reads missed: before %+v after %+v", before, after)
+	}
+	if after.Bytes != 1<<20 {
+		t.Fatalf("cached bytes %d, want %d", after.Bytes, 1<<20)
+	}
+}
+
+func TestCacheWriteErrorDropsPage(t *testing.T) {
+	fd := &failingDev{Device: fileDev(t, 1<<20)}
+	c := New(fd, 1<<20)
+	b := make([]byte, PageSize)
+	c.ReadAt(b, 0) // cached: zeroes
+	fd.failWrites.Store(true)
+	if _, err := c.WriteAt(bytes.Repeat([]byte{7}, PageSize), 0); err == nil {
+		t.Fatal("write error was not returned")
+	}
+	fd.failWrites.Store(false)
+	if _, err := c.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, PageSize)
+	fd.Device.ReadAt(want, 0)
+	if !bytes.Equal(b, want) {
+		t.Fatal("after a failed write the cache returned data the device does not hold")
+	}
+}
+
+func TestCacheDiscard(t *testing.T) {
+	f := fileDev(t, 1<<20)
+	c := New(f, 1<<20)
+	c.WriteAt(bytes.Repeat([]byte{9}, 1<<20), 0)
+	b := make([]byte, 1<<20)
+	c.ReadAt(b, 0)
+	if err := c.Discard(1000, 200_000); err != nil {
+		t.Fatal(err)
+	}
+	c.ReadAt(b, 0)
+	for i, v := range b {
+		want := byte(9)
+		if i >= 1000 && i < 201_000 {
+			want = 0
+		}
+		if v != want {
+			t.Fatalf("byte %d = %d after discard, want %d", i, v, want)
+		}
+	}
+	if err := c.Discard(1<<20-1, 2); err == nil {
+		t.Fatal("discard past the end succeeded")
+	}
+	nd := New(struct{ dev.Device }{f}, 1<<20)
+	if err := nd.Discard(0, 1); !errors.Is(err, ErrDiscardUnsupported) {
+		t.Fatalf("discard on a device without it: %v", err)
+	}
+}
+
+func TestCacheDisabled(t *testing.T) {
+	f := fileDev(t, 1<<20)
+	c := New(f, 0)
+	c.WriteAt([]byte("hello"), 70000)
+	b := make([]byte, 5)
+	if _, err := c.ReadAt(b, 70000); err != nil || string(b) != "hello" {
+		t.Fatalf("%q %v", b, err)
+	}
+	if st := c.Stats(); st != (Stats{}) {
+		t.Fatalf("disabled cache has stats %+v", st)
+	}
+	if _, err := c.ReadAt(b, 1<<20-2); err == nil {
+		t.Fatal("read past the end succeeded")
+	}
+}
+
+// TestCacheCoherence runs writers and readers on the same blocks at once through a
+// cache small enough to evict constantly. Each writer stamps a block with increasing
+// versions and publishes a version once its write returned; a reader that saw version
+// v published before it started must read at least v.
+func TestCacheCoherence(t *testing.T) {
+	const blocks = 256
+	const bs = 4096
+	f := fileDev(t, blocks*bs)
+	c := New(f, 8*PageSize) // 8 pages for 16 pages of data
+	var published [blocks]atomic.Uint64
+	deadline := time.Now().Add(2 * time.Second)
+	if testing.Short() {
+		deadline = time.Now().Add(300 * time.Millisecond)
+	}
+	var wg sync.WaitGroup
+	var reads, writes atomic.Int64
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 9))
+			buf := make([]byte, bs)
+			for time.Now().Before(deadline) {
+				// Writer w owns blocks w, w+4, ...: one writer per block.
+				blk := int64(w + 4*r.IntN(blocks/4))
+				v := published[blk].Load() + 1
+				for i := 0; i < bs; i += 8 {
+					binary.LittleEndian.PutUint64(buf[i:], v)
+				}
+				if _, err := c.WriteAt(buf, blk*bs); err != nil {
+					t.Error(err)
+					return
+				}
+				published[blk].Store(v)
+				writes.Add(1)
+			}
+		}()
+	}
+	for rd := 0; rd < 4; rd++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(rd), 10))
+			buf := make([]byte, 3*bs)
+			for time.Now().Before(deadline) {
+				blk := int64(r.IntN(blocks - 2))
+				var before [3]uint64
+				for i := range before {
+					before[i] = published[blk+int64(i)].Load()
+				}
+				if _, err := c.ReadAt(buf, blk*bs); err != nil {
+					t.Error(err)
+					return
+				}
+				for i := range before {
+					if got := binary.LittleEndian.Uint64(buf[i*bs:]); got < before[i] {
+						t.Errorf("block %d: read version %d after version %d was written", blk+int64(i), got, before[i])
+						return
+					}
+				}
+				reads.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	buf := make([]byte, bs)
+	for blk := int64(0); blk < blocks; blk++ {
+		c.ReadAt(buf, blk*bs)
+		if got, want := binary.LittleEndian.Uint64(buf), published[blk].Load(); got != want {
+			t.Fatalf("block %d: final version %d, want %d", blk, got, want)
+		}
+	}
+	t.Logf("%d reads, %d writes, %+v", reads.Load(), writes.Load(), c.Stats())
+}
+
+func BenchmarkCacheHit(b *testing.B) {
+	const size = 64 << 20
+	f := fileDev(b, size)
+	c := New(f, 2*size)
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		c.ReadAt(buf, off)
+	}
+	b.SetBytes(4096)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		r := rand.New(rand.NewPCG(rand.Uint64(), 0))
+		p := make([]byte, 4096)
+		for pb.Next() {
+			if _, err := c.ReadAt(p, r.Int64N(size/4096)*4096); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	if st := c.Stats(); st.Misses > size/PageSize {
+		b.Fatalf("warm cache missed: %+v", st)
+	}
+}
+
+func BenchmarkCacheMiss(b *testing.B) {
+	const size = 64 << 20
+	f := fileDev(b, size)
+	c := New(f, 1<<20)
+	b.SetBytes(4096)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		r := rand.New(rand.NewPCG(rand.Uint64(), 0))
+		p := make([]byte, 4096)
+		for pb.Next() {
+			if _, err := c.ReadAt(p, r.Int64N(size/4096)*4096); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
