@@ -173,7 +173,7 @@ func runConsole(ctx context.Context, c *agentclient.Client, name string, in *os.
 	defer cancel()
 	hdr := http.Header{}
 	hdr.Set("Authorization", "Bearer "+c.Token())
-	ws, resp, err := websocket.Dial(ctx, c.ConsoleURL(name), &websocket.DialOptions{HTTPHeader: hdr})
+	ws, resp, err := websocket.Dial(ctx, c.ConsoleURL(name), &websocket.DialOptions{HTTPHeader: hdr, HTTPClient: c.HTTPClient()})
 	if err != nil {
 		if resp != nil {
 			switch resp.StatusCode {

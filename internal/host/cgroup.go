@@ -31,7 +31,9 @@ func detectCgroups(parent string) *cgroups {
 			return &cgroups{mode: "v2", parent: parent}
 		}
 	}
-	if st, err := os.Stat(filepath.Join(cgroupRoot, "cpu", "cpu.cfs_quota_us")); err == nil && !st.IsDir() {
+	_, errCPU := os.Stat(filepath.Join(cgroupRoot, "cpu", "cpu.cfs_quota_us"))
+	_, errMem := os.Stat(filepath.Join(cgroupRoot, "memory", "memory.limit_in_bytes"))
+	if errCPU == nil && errMem == nil {
 		return &cgroups{mode: "v1", parent: parent}
 	}
 	return &cgroups{mode: "none", parent: parent}

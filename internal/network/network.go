@@ -10,10 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -107,26 +104,23 @@ func DeleteTap(name string) error {
 
 // TapExists reports whether a network device of that name exists.
 func TapExists(name string) bool {
-	_, err := os.Stat(filepath.Join("/sys/class/net", name))
+	_, err := netlink.LinkByName(name)
 	return err == nil
 }
 
-// ReadCounters returns the bytes the guest received (tap tx) and sent (tap rx).
+// ReadCounters returns the bytes the guest received (the tap's tx) and sent (its rx).
+// It asks the kernel over netlink, which answers for the caller's network namespace
+// (sysfs may show another one when the agent runs inside a namespace).
 func ReadCounters(tap string) (rx, tx uint64, err error) {
-	read := func(f string) (uint64, error) {
-		b, err := os.ReadFile(filepath.Join("/sys/class/net", tap, "statistics", f))
-		if err != nil {
-			return 0, fmt.Errorf("Failed to read counter %s of %q: %w", f, tap, err)
-		}
-		return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	l, err := netlink.LinkByName(tap)
+	if err != nil {
+		return 0, 0, fmt.Errorf("Failed to read counters of %q: %w", tap, err)
 	}
-	if rx, err = read("tx_bytes"); err != nil {
-		return 0, 0, err
+	st := l.Attrs().Statistics
+	if st == nil {
+		return 0, 0, fmt.Errorf("Interface %q reports no statistics", tap)
 	}
-	if tx, err = read("rx_bytes"); err != nil {
-		return 0, 0, err
-	}
-	return rx, tx, nil
+	return st.TxBytes, st.RxBytes, nil
 }
 
 // run executes a command and returns its error with its stderr.

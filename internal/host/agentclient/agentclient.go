@@ -27,12 +27,23 @@ type Client struct {
 
 // New returns a client for the agent at baseURL (e.g. http://10.0.0.1:8444) with a bearer token.
 func New(baseURL, token string) (*Client, error) {
+	return NewWithHTTPClient(baseURL, token, &http.Client{Timeout: 5 * time.Minute})
+}
+
+// NewWithHTTPClient is New with a caller's HTTP client (custom transport, TLS, dialer).
+func NewWithHTTPClient(baseURL, token string, hc *http.Client) (*Client, error) {
 	u, err := url.Parse(baseURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("Invalid agent URL %q: want http(s)://host:port", baseURL)
 	}
-	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, http: &http.Client{Timeout: 5 * time.Minute}}, nil
+	if token == "" {
+		return nil, fmt.Errorf("No token given for agent %q", baseURL)
+	}
+	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, http: hc}, nil
 }
+
+// HTTPClient is the HTTP client the client uses (for websocket dials).
+func (c *Client) HTTPClient() *http.Client { return c.http }
 
 // APIError is an error answer of the agent.
 type APIError struct {

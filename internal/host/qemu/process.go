@@ -32,8 +32,14 @@ type Instance struct {
 	exitDesc string
 }
 
-// DetectAccel returns "kvm" when /dev/kvm can be opened and answers, else "tcg".
+// DetectAccel returns "kvm" when the CPU advertises hardware virtualisation (vmx or
+// svm in /proc/cpuinfo) and /dev/kvm opens and answers, else "tcg". Both checks are
+// needed: some nested setups expose a /dev/kvm that cannot run a guest.
 func DetectAccel() string {
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil || !cpuHasVirt(string(info)) {
+		return "tcg"
+	}
 	fd, err := unix.Open("/dev/kvm", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return "tcg"
@@ -45,6 +51,23 @@ func DetectAccel() string {
 		return "tcg"
 	}
 	return "kvm"
+}
+
+// cpuHasVirt reports whether a /proc/cpuinfo text lists the vmx or svm flag.
+func cpuHasVirt(cpuinfo string) bool {
+	for _, line := range strings.Split(cpuinfo, "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(k) != "flags" {
+			continue
+		}
+		for _, f := range strings.Fields(v) {
+			if f == "vmx" || f == "svm" {
+				return true
+			}
+		}
+		return false
+	}
+	return false
 }
 
 // Start launches QEMU for cfg in a new session, waits for its QMP socket and returns
