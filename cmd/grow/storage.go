@@ -383,7 +383,7 @@ func newImageImportCmd(o *storageOpts) *cobra.Command {
 				progress = func(done int64) { _ = bar.Set64(done) }
 			}
 			start := time.Now()
-			v, err := c.ImportImage(cmd.Context(), name, f, fi.Size(), format, progress)
+			v, err := c.ImportImage(cmd.Context(), name, adminclient.NewSparseReader(f, fi.Size()), fi.Size(), format, progress)
 			if bar != nil {
 				_ = bar.Exit()
 				fmt.Fprintln(cmd.ErrOrStderr())

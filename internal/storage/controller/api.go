@@ -123,7 +123,7 @@ func (c *Controller) handleCreateVolume(w http.ResponseWriter, r *http.Request) 
 	}
 	v, err := c.mgr.Create(req.Name, req.Size)
 	if err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to create volume %q: %w", req.Name, err))
+		c.fail(w, r, err) // the volume manager names the object and the step
 		return
 	}
 	c.log.Info("Volume created", "name", req.Name, "size", req.Size)
@@ -142,7 +142,7 @@ func (c *Controller) answerVolume(w http.ResponseWriter, r *http.Request, status
 func (c *Controller) handleDeleteVolume(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
 	if err := c.mgr.Delete(name); err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to delete volume %q: %w", name, err))
+		c.fail(w, r, err) // the volume manager names the object and the step
 		return
 	}
 	c.log.Info("Volume deleted", "name", name)
@@ -161,7 +161,7 @@ func (c *Controller) handleResizeVolume(w http.ResponseWriter, r *http.Request) 
 		return
 	}
 	if err := c.mgr.Resize(name, req.Size); err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to resize volume %q: %w", name, err))
+		c.fail(w, r, err) // the volume manager names the object and the step
 		return
 	}
 	c.log.Info("Volume resized", "name", name, "size", req.Size)
@@ -179,7 +179,7 @@ func (c *Controller) handleCloneVolume(w http.ResponseWriter, r *http.Request) {
 	v, err := c.mgr.Clone(src, req.Name)
 	took := time.Since(start)
 	if err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to clone %q to %q: %w", src, req.Name, err))
+		c.fail(w, r, err) // the volume manager names the object and the step
 		return
 	}
 	c.log.Info("Volume cloned", "source", src, "name", req.Name, "duration", took)
@@ -197,7 +197,7 @@ func (c *Controller) handleSnapshot(w http.ResponseWriter, r *http.Request) {
 	v, err := c.mgr.Snapshot(name, req.Name)
 	took := time.Since(start)
 	if err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to snapshot %q as %q: %w", name, req.Name, err))
+		c.fail(w, r, err) // the volume manager names the object and the step
 		return
 	}
 	c.log.Info("Snapshot taken", "volume", name, "snapshot", req.Name, "duration", took)

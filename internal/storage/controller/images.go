@@ -142,7 +142,7 @@ func (c *Controller) importQcow2(ctx context.Context, name string, body io.Reade
 		return fmt.Errorf("Failed to open converted image: %w", err)
 	}
 	defer rf.Close()
-	return c.importRaw(name, info.VirtualSize, rf)
+	return c.importRaw(name, info.VirtualSize, adminclient.NewSparseReader(rf, info.VirtualSize))
 }
 
 func exitDetail(err error) string {

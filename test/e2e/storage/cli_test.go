@@ -157,7 +157,7 @@ func TestCLIBadInput(t *testing.T) {
 	}
 	wantCode(t, "corrupt qcow2", c.cli("image", "import", "img", bogus), 2, "qcow2")
 	wantCode(t, "clone of a missing image", c.cli("volume", "clone", "nope", "x6"), 3, "")
-	wantCode(t, "clone of a writable volume", c.cli("volume", "clone", "keep", "x7"), 0, "")
+	wantCode(t, "clone of a writable volume", c.cli("volume", "clone", "keep", "x7"), 2, "snapshot")
 	wantCode(t, "resize of a missing volume", c.cli("volume", "resize", "nope", "--size", "2GiB"), 3, "")
 	wantCode(t, "resize with a bad size", c.cli("volume", "resize", "keep", "--size", "2XB"), 2, "")
 	wantCode(t, "snapshot with a bad name", c.cli("volume", "snapshot", "keep", "Bad@Snap"), 2, "")

@@ -88,7 +88,7 @@ func TestMapThinLayout(t *testing.T) {
 		MiB = 1 << 20
 	)
 	mustRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -P 0x11 1M 128k",
-		"-c", "write -P 0x22 4M 256k", "-c", "write -z 4M 64k", "-c", "flush", c.uri("thin"))
+		"-c", "write -P 0x22 4M 256k", "-c", "write -z -u 4M 64k", "-c", "write -P 0x44 6M 128k", "-c", "write -z 6M 64k", "-c", "flush", c.uri("thin"))
 
 	check := func(name string, m []mapEntry) {
 		t.Helper()
@@ -107,6 +107,9 @@ func TestMapThinLayout(t *testing.T) {
 			{4 * MiB, func(ty int) bool { return ty&zero != 0 }, "zero"},
 			{4*MiB + 64*KiB, func(ty int) bool { return ty == data }, "data"},
 			{4*MiB + 256*KiB, func(ty int) bool { return ty == hole }, "hole"},
+			// Zeroing with NO_HOLE keeps the cluster allocated: data or allocated zero.
+			{6 * MiB, func(ty int) bool { return ty&1 == 0 }, "allocated"},
+			{6*MiB + 64*KiB, func(ty int) bool { return ty == data }, "data"},
 			{15 * MiB, func(ty int) bool { return ty == hole }, "hole"},
 		}
 		for _, w := range want {
@@ -140,7 +143,7 @@ func TestMapThinLayout(t *testing.T) {
 	}
 	// And the data reads back through the layers.
 	mustRun(t, "qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "read -P 0x11 1M 128k",
-		"-c", "read -P 0 4M 64k", "-c", "read -P 0x22 4160k 192k", "-c", "read -P 0x33 8M 64k", "-c", "read -P 0 9M 1M", c.uri("thin-clone"))
+		"-c", "read -P 0 4M 64k", "-c", "read -P 0x22 4160k 192k", "-c", "read -P 0 6M 64k", "-c", "read -P 0x44 6208k 64k", "-c", "read -P 0x33 8M 64k", "-c", "read -P 0 9M 1M", c.uri("thin-clone"))
 }
 
 // TestCopyInOut copies random data in and out with nbdcopy and qemu-img and compares byte for byte.
