@@ -30,6 +30,7 @@ type Instance struct {
 	mu       sync.Mutex
 	reason   string // last SHUTDOWN event reason
 	exitDesc string
+	logFrom  int64 // where this run's output starts in QEMU's log
 }
 
 // DetectAccel returns "kvm" when the CPU advertises hardware virtualisation (vmx or
@@ -91,6 +92,10 @@ func Start(ctx context.Context, cfg Config, onEvent func(Event)) (*Instance, err
 	}
 	defer logf.Close()
 	fmt.Fprintf(logf, "--- %s starting: %s\n", time.Now().UTC().Format(time.RFC3339), strings.Join(args, " "))
+	var logFrom int64
+	if st, err := logf.Stat(); err == nil {
+		logFrom = st.Size()
+	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = cfg.Dir
@@ -99,7 +104,7 @@ func Start(ctx context.Context, cfg Config, onEvent func(Event)) (*Instance, err
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("Failed to start QEMU for %q: %w", cfg.Spec.Name, err)
 	}
-	inst := &Instance{PID: cmd.Process.Pid, cfg: cfg, child: cmd, exited: make(chan struct{})}
+	inst := &Instance{PID: cmd.Process.Pid, cfg: cfg, child: cmd, exited: make(chan struct{}), logFrom: logFrom}
 	waited := make(chan struct{})
 	go func() {
 		err := cmd.Wait()
@@ -125,7 +130,7 @@ func Start(ctx context.Context, cfg Config, onEvent func(Event)) (*Instance, err
 	if err != nil {
 		_ = cmd.Process.Kill()
 		<-waited
-		return nil, fmt.Errorf("QEMU for %q did not come up (%s): %w; log: %s", cfg.Spec.Name, inst.exitDesc, err, tail(cfg.LogPath(), 600))
+		return nil, fmt.Errorf("QEMU for %q did not come up (%s): %w; log: %s", cfg.Spec.Name, inst.exitDesc, err, tail(cfg.LogPath(), logFrom, 600))
 	}
 	inst.Monitor = mon
 	go func() {
@@ -149,6 +154,9 @@ func Attach(ctx context.Context, cfg Config, pid int, onEvent func(Event)) (*Ins
 		return nil, fmt.Errorf("Process %d is not the QEMU of %q", pid, cfg.Spec.Name)
 	}
 	inst := &Instance{PID: pid, cfg: cfg, exited: make(chan struct{})}
+	if st, err := os.Stat(cfg.LogPath()); err == nil {
+		inst.logFrom = st.Size()
+	}
 	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	mon, err := DialQMP(qctx, cfg.QMPPath(), inst.handleEvent(onEvent))
@@ -203,7 +211,7 @@ func (inst *Instance) ExitReason() string {
 	case inst.exitDesc == "exit status 0":
 		return "exited"
 	default:
-		t := tail(inst.cfg.LogPath(), 300)
+		t := tail(inst.cfg.LogPath(), inst.logFrom, 300)
 		if t == "" {
 			return inst.exitDesc
 		}
@@ -265,8 +273,8 @@ func processAlive(pid int) bool {
 	return b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
-// tail returns up to n bytes of the end of a file, on one line.
-func tail(path string, n int64) string {
+// tail returns up to n bytes of the end of a file after offset from, on one line.
+func tail(path string, from, n int64) string {
 	f, err := os.Open(path)
 	if err != nil {
 		return ""
@@ -276,18 +284,11 @@ func tail(path string, n int64) string {
 	if err != nil {
 		return ""
 	}
-	off := st.Size() - n
-	if off < 0 {
-		off = 0
+	off := max(st.Size()-n, from, 0)
+	if off >= st.Size() {
+		return ""
 	}
 	buf := make([]byte, st.Size()-off)
 	_, _ = f.ReadAt(buf, off)
-	s := string(buf)
-	// Keep the lines after the last "starting" marker only.
-	if i := strings.LastIndex(s, "--- "); i >= 0 {
-		if j := strings.IndexByte(s[i:], '\n'); j >= 0 {
-			s = s[i+j+1:]
-		}
-	}
-	return strings.TrimSpace(strings.ReplaceAll(s, "\n", " | "))
+	return strings.TrimSpace(strings.ReplaceAll(strings.TrimSpace(string(buf)), "\n", " | "))
 }
