@@ -1,0 +1,219 @@
+package jobs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/growserver/grow/internal/host/agentclient"
+	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/storage/adminclient"
+	"github.com/growserver/grow/internal/store"
+)
+
+// Storage is what jobs need from one storage controller.
+type Storage interface {
+	// CloneVolume makes dst a copy-on-write clone of the image src.
+	CloneVolume(ctx context.Context, src, dst string) error
+	// ResizeVolume sets a volume's virtual size.
+	ResizeVolume(ctx context.Context, name string, size int64) error
+	// DeleteVolume deletes a volume; a volume that does not exist is not an error.
+	DeleteVolume(ctx context.Context, name string) error
+	// ImportImage stores r as the read-only image name and returns its size.
+	ImportImage(ctx context.Context, name string, r io.Reader, size int64, format string, progress func(int64)) (int64, error)
+	// Endpoint tells QEMU how to reach an export of this controller over NBD.
+	Endpoint(ctx context.Context) (hostapi.Disk, error)
+}
+
+// Host is what jobs need from one host agent.
+type Host interface {
+	Define(ctx context.Context, spec hostapi.VMSpec) error
+	Get(ctx context.Context, name string) (hostapi.VM, error)
+	Start(ctx context.Context, name string) error
+	Stop(ctx context.Context, name string, timeout time.Duration) error
+	Reboot(ctx context.Context, name string) error
+	// Delete removes a VM, killing it if needed; a VM that does not exist is not an error.
+	Delete(ctx context.Context, name string) error
+	Resize(ctx context.Context, name string, req hostapi.ResizeRequest) error
+	ConsoleLog(ctx context.Context, name string) ([]byte, error)
+	Counters(ctx context.Context, name string) (hostapi.Counters, error)
+	// Migrate moves a running VM to the agent at target and waits until it is done.
+	Migrate(ctx context.Context, name string, target store.Host) error
+}
+
+// Connector reaches the registered daemons.
+type Connector interface {
+	Storage(c store.StorageController) (Storage, error)
+	Host(h store.Host) (Host, error)
+}
+
+// ErrGone reports that a host agent does not know a VM.
+var ErrGone = fmt.Errorf("VM does not exist on the host")
+
+// Clients is the Connector over the real HTTP clients of `grow storaged` and `grow hostd`.
+type Clients struct{}
+
+// Storage returns an adminclient-backed Storage.
+func (Clients) Storage(c store.StorageController) (Storage, error) {
+	cl, err := adminclient.New(c.URL, c.Token)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to reach storage controller %q: %w", c.Name, err)
+	}
+	return &storageClient{c: cl, name: c.Name}, nil
+}
+
+// Host returns an agentclient-backed Host.
+func (Clients) Host(h store.Host) (Host, error) {
+	cl, err := agentclient.New(h.URL, h.Token)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to reach host %q: %w", h.Name, err)
+	}
+	return &hostClient{c: cl, name: h.Name}, nil
+}
+
+type storageClient struct {
+	c    *adminclient.Client
+	name string
+}
+
+func (s *storageClient) CloneVolume(ctx context.Context, src, dst string) error {
+	if _, err := s.c.CloneVolume(ctx, src, dst); err != nil {
+		return fmt.Errorf("Failed to clone %q to %q on %q: %w", src, dst, s.name, err)
+	}
+	return nil
+}
+
+func (s *storageClient) ResizeVolume(ctx context.Context, name string, size int64) error {
+	if _, err := s.c.ResizeVolume(ctx, name, size); err != nil {
+		return fmt.Errorf("Failed to resize volume %q on %q: %w", name, s.name, err)
+	}
+	return nil
+}
+
+func (s *storageClient) DeleteVolume(ctx context.Context, name string) error {
+	if err := s.c.DeleteVolume(ctx, name); err != nil && !adminclient.IsNotFound(err) {
+		return fmt.Errorf("Failed to delete volume %q on %q: %w", name, s.name, err)
+	}
+	return nil
+}
+
+func (s *storageClient) ImportImage(ctx context.Context, name string, r io.Reader, size int64, format string, progress func(int64)) (int64, error) {
+	v, err := s.c.ImportImage(ctx, name, r, size, format, progress)
+	if err != nil {
+		return 0, fmt.Errorf("Failed to import image %q into %q: %w", name, s.name, err)
+	}
+	return v.Size, nil
+}
+
+func (s *storageClient) Endpoint(ctx context.Context) (hostapi.Disk, error) {
+	st, err := s.c.Stats(ctx)
+	if err != nil {
+		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)
+	}
+	if st.NBDSocket != "" {
+		return hostapi.Disk{Socket: st.NBDSocket, ReconnectDelay: 5}, nil
+	}
+	h, p, err := net.SplitHostPort(st.NBDAddress)
+	if err != nil {
+		return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q: %w", s.name, st.NBDAddress, err)
+	}
+	port, _ := strconv.Atoi(p)
+	return hostapi.Disk{Host: h, Port: port, ReconnectDelay: 5}, nil
+}
+
+type hostClient struct {
+	c    *agentclient.Client
+	name string
+}
+
+func (h *hostClient) Define(ctx context.Context, spec hostapi.VMSpec) error {
+	if _, err := h.c.Define(ctx, spec); err != nil {
+		return fmt.Errorf("Failed to define VM %q on %q: %w", spec.Name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Get(ctx context.Context, name string) (hostapi.VM, error) {
+	vm, err := h.c.Get(ctx, name)
+	if agentclient.IsNotFound(err) {
+		return hostapi.VM{}, ErrGone
+	}
+	if err != nil {
+		return hostapi.VM{}, fmt.Errorf("Failed to read VM %q on %q: %w", name, h.name, err)
+	}
+	return vm, nil
+}
+
+func (h *hostClient) Start(ctx context.Context, name string) error {
+	if err := h.c.Start(ctx, name); err != nil {
+		return fmt.Errorf("Failed to start VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Stop(ctx context.Context, name string, timeout time.Duration) error {
+	if err := h.c.Stop(ctx, name, timeout); err != nil {
+		return fmt.Errorf("Failed to stop VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Reboot(ctx context.Context, name string) error {
+	if err := h.c.Reboot(ctx, name); err != nil {
+		return fmt.Errorf("Failed to reboot VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Delete(ctx context.Context, name string) error {
+	if err := h.c.Delete(ctx, name, true); err != nil && !agentclient.IsNotFound(err) {
+		return fmt.Errorf("Failed to delete VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Resize(ctx context.Context, name string, req hostapi.ResizeRequest) error {
+	if err := h.c.Resize(ctx, name, req); err != nil {
+		return fmt.Errorf("Failed to resize VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) ConsoleLog(ctx context.Context, name string) ([]byte, error) {
+	b, err := h.c.ConsoleLog(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to read console of VM %q on %q: %w", name, h.name, err)
+	}
+	return b, nil
+}
+
+func (h *hostClient) Counters(ctx context.Context, name string) (hostapi.Counters, error) {
+	c, err := h.c.Counters(ctx, name)
+	if err != nil {
+		return hostapi.Counters{}, fmt.Errorf("Failed to read counters of VM %q on %q: %w", name, h.name, err)
+	}
+	return c, nil
+}
+
+func (h *hostClient) Migrate(ctx context.Context, name string, target store.Host) error {
+	u, err := url.Parse(target.URL)
+	if err != nil {
+		return fmt.Errorf("Host %q has a bad URL %q: %w", target.Name, target.URL, err)
+	}
+	op, err := h.c.Migrate(ctx, name, hostapi.MigrateRequest{TargetURL: target.URL, TargetToken: target.Token, ListenHost: u.Hostname()})
+	if err != nil {
+		return fmt.Errorf("Failed to start migrating VM %q from %q to %q: %w", name, h.name, target.Name, err)
+	}
+	op, err = h.c.Wait(ctx, op.ID, 200*time.Millisecond)
+	if err != nil {
+		return fmt.Errorf("Failed to follow migration of VM %q: %w", name, err)
+	}
+	if op.Status != hostapi.OpSucceeded {
+		return fmt.Errorf("Migration of VM %q from %q to %q %s: %s", name, h.name, target.Name, op.Status, op.Error)
+	}
+	return nil
+}

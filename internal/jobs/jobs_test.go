@@ -1,0 +1,387 @@
+package jobs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/billing"
+	"github.com/growserver/grow/internal/scheduler"
+	"github.com/growserver/grow/internal/store"
+	"github.com/growserver/grow/internal/store/storetest"
+)
+
+type env struct {
+	t     *testing.T
+	ctx   context.Context
+	st    *store.Store
+	c     *cluster
+	m     *Manager
+	admin store.User
+	cust  store.Customer
+	hosts []store.Host
+}
+
+func newEnv(t *testing.T, backend string) *env {
+	t.Helper()
+	ctx := context.Background()
+	e := &env{t: t, ctx: ctx, st: storetest.Open(t, backend), c: newCluster()}
+	for _, p := range billing.DefaultPlans() {
+		if err := e.st.EnsurePlan(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.st.CreateStorage(ctx, &store.StorageController{Name: "stor1", URL: "http://127.0.0.1:1", Token: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"h1", "h2"} {
+		h := store.Host{Name: n, URL: "http://127.0.0.1:1", Token: "x", CPUs: 4, MemoryBytes: 4 << 30}
+		if err := e.st.CreateHost(ctx, &h); err != nil {
+			t.Fatal(err)
+		}
+		e.hosts = append(e.hosts, h)
+	}
+	if err := e.st.CreateIPPool(ctx, &store.IPPool{Name: "v4", CIDR: "192.0.2.0/28", First: "192.0.2.2", Last: "192.0.2.6", Gateway: "192.0.2.1", DNS: []string{"192.0.2.1"}}); err != nil {
+		t.Fatal(err)
+	}
+	e.cust = store.Customer{Name: "acme", MaxServers: 4}
+	if err := e.st.CreateCustomer(ctx, &e.cust); err != nil {
+		t.Fatal(err)
+	}
+	e.admin = store.User{Name: "root", Role: store.RoleAdmin}
+	if err := e.st.CreateUser(ctx, &e.admin, "hash-admin"); err != nil {
+		t.Fatal(err)
+	}
+	e.m = e.manager()
+	if _, err := e.m.ImportImage(ctx, ImportImageRequest{Name: "tiny", Format: "raw", Kernel: "/boot/vmlinux"}, bytes.NewReader(make([]byte, 64<<20)), nil); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) manager() *Manager {
+	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: 5 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	e.t.Cleanup(m.Close)
+	return m
+}
+
+func (e *env) create(name, key string) store.Operation {
+	e.t.Helper()
+	op, _, err := e.m.CreateServer(e.ctx, e.admin, key, CreateServerRequest{Name: name, Customer: "acme", Plan: "E", Image: "tiny",
+		SSHKeys: []string{"ssh-ed25519 AAAAC3Nza test@example"}, UserData: "#cloud-config\npackages: [htop]\n"})
+	if err != nil {
+		e.t.Fatalf("create %s: %v", name, err)
+	}
+	return op
+}
+
+func (e *env) wait(op store.Operation) store.Operation {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(e.ctx, 20*time.Second)
+	defer cancel()
+	op, err := e.m.Wait(ctx, op.ID)
+	if err != nil {
+		e.t.Fatalf("wait %s: %v", op.ID, err)
+	}
+	return op
+}
+
+// nothingLeft checks that no server, lease, volume or VM remains.
+func (e *env) nothingLeft() {
+	e.t.Helper()
+	svs, _ := e.st.AllServers(e.ctx)
+	leases, _ := e.st.ListLeases(e.ctx, "")
+	if len(svs) != 0 || len(leases) != 0 || e.c.volumeCount() != 0 || e.c.vmCount() != 0 {
+		e.t.Fatalf("left behind: %d servers, %d leases, %d volumes, %d VMs", len(svs), len(leases), e.c.volumeCount(), e.c.vmCount())
+	}
+}
+
+func TestJobs(t *testing.T) {
+	for _, b := range storetest.Backends {
+		t.Run(b, func(t *testing.T) {
+			if b == "postgres" && testing.Short() {
+				t.Skip("PostgreSQL skipped with -short")
+			}
+			t.Run("create, resize, migrate, delete", func(t *testing.T) { testLifecycle(t, newEnv(t, b)) })
+			t.Run("failure at each step leaves nothing", func(t *testing.T) { testFailures(t, newEnv(t, b)) })
+			t.Run("admission", func(t *testing.T) { testAdmission(t, newEnv(t, b)) })
+			t.Run("restart mid-create", func(t *testing.T) { testRestart(t, newEnv(t, b)) })
+		})
+	}
+}
+
+func testLifecycle(t *testing.T, e *env) {
+	op := e.wait(e.create("web1", "k1"))
+	if op.State != store.OpSucceeded || !strings.Contains(op.Message, "hostname=web1 ip=192.0.2.2") {
+		t.Fatalf("create: %+v", op)
+	}
+	// The same idempotency key gives the same operation and no second server.
+	again, created, err := e.m.CreateServer(e.ctx, e.admin, "k1", CreateServerRequest{Name: "web1-retry", Customer: "acme", Plan: "E", Image: "tiny"})
+	if err != nil || created || again.ID != op.ID {
+		t.Fatalf("retried create: %+v created=%v err=%v", again, created, err)
+	}
+	sv, err := e.st.GetServer(e.ctx, "web1")
+	if err != nil || sv.State != store.ServerRunning || sv.IPv4 != "192.0.2.2" || sv.DiskBytes != 10<<30 {
+		t.Fatalf("server = %+v, %v", sv, err)
+	}
+	vm := e.c.vms[sv.HostID][sv.ID]
+	if vm == nil || vm.state != "running" || !strings.Contains(vm.spec.Seed.UserData, "htop") || !strings.Contains(vm.spec.Seed.UserData, "ssh-ed25519 AAAAC3Nza") ||
+		!strings.Contains(vm.spec.Seed.NetworkConfig, "192.0.2.2/28") || vm.spec.Boot == nil || vm.spec.Boot.Kernel != "/boot/vmlinux" {
+		t.Fatalf("VM spec = %+v", vm)
+	}
+	if e.c.volumes[sv.Volume] != 10<<30 {
+		t.Fatalf("volume size %d, want the plan's 10 GiB", e.c.volumes[sv.Volume])
+	}
+	// A downgrade that would shrink the disk is refused and changes nothing.
+	if err := e.st.PutPlan(e.ctx, store.Plan{Name: "tinydisk", VCPUs: 1, MemoryBytes: 256 << 20, DiskBytes: 5 << 30, PriceYen: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindResize, ActionRequest{Plan: "tinydisk"}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("shrinking resize: err = %v, want ErrConflict", err)
+	}
+	// Resize to D grows the disk online; memory hotplug refused -> announced for a reboot.
+	rop, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindResize, ActionRequest{Plan: "D"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rop = e.wait(rop)
+	sv, _ = e.st.GetServer(e.ctx, "web1")
+	if rop.State != store.OpSucceeded || sv.Plan != "D" || sv.DiskBytes != 20<<30 || e.c.volumes[sv.Volume] != 20<<30 ||
+		e.c.vms[sv.HostID][sv.ID].disk != 20<<30 || !strings.Contains(rop.Message, "next stop and start") {
+		t.Fatalf("resize: op %+v server %+v", rop, sv)
+	}
+	// Migrate to the other host.
+	other := e.hosts[0]
+	if other.ID == sv.HostID {
+		other = e.hosts[1]
+	}
+	mop, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: other.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mop = e.wait(mop); mop.State != store.OpSucceeded {
+		t.Fatalf("migrate: %+v", mop)
+	}
+	sv, _ = e.st.GetServer(e.ctx, "web1")
+	if sv.HostID != other.ID || e.c.vms[other.ID][sv.ID] == nil {
+		t.Fatalf("after migrate server on %s, want %s", sv.HostID, other.ID)
+	}
+	if _, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: other.Name}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("migrate onto its own host: err = %v", err)
+	}
+	// Stop, start, then delete frees VM, volume and address.
+	for _, k := range []string{KindStop, KindStart, KindReboot} {
+		o, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, k, ActionRequest{})
+		if err != nil {
+			t.Fatalf("%s: %v", k, err)
+		}
+		if o = e.wait(o); o.State != store.OpSucceeded {
+			t.Fatalf("%s: %+v", k, o)
+		}
+	}
+	dop, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindDelete, ActionRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dop = e.wait(dop); dop.State != store.OpSucceeded {
+		t.Fatalf("delete: %+v", dop)
+	}
+	e.nothingLeft()
+}
+
+func testFailures(t *testing.T, e *env) {
+	for _, step := range []string{"clone", "define", "start"} {
+		e.c.fail = map[string]error{step: errors.New("injected " + step + " failure")}
+		op := e.wait(e.create("fail-"+step, ""))
+		if op.State != store.OpFailed || !strings.Contains(op.Error, "injected") {
+			t.Fatalf("%s failure: op %+v", step, op)
+		}
+		e.nothingLeft()
+	}
+	// A guest that never reports ready times out and is undone.
+	e.c.fail = map[string]error{}
+	e.c.readyAfter = time.Hour
+	e.m.cfg.ReadyTimeout = 500 * time.Millisecond
+	if op := e.wait(e.create("never-ready", "")); op.State != store.OpFailed || !strings.Contains(op.Error, "did not report ready") {
+		t.Fatalf("ready timeout: %+v", op)
+	}
+	e.nothingLeft()
+	// Cancel while waiting for the guest undoes everything.
+	e.m.cfg.ReadyTimeout = time.Minute
+	op := e.create("cancelled", "")
+	time.Sleep(300 * time.Millisecond)
+	if err := e.m.Cancel(e.ctx, op.ID); err != nil {
+		t.Fatal(err)
+	}
+	if op = e.wait(op); op.State != store.OpCancelled {
+		t.Fatalf("cancel: %+v", op)
+	}
+	e.nothingLeft()
+	if err := e.m.Cancel(e.ctx, op.ID); !errors.Is(err, ErrConflict) {
+		t.Fatalf("cancel of a finished op: err = %v", err)
+	}
+}
+
+func testAdmission(t *testing.T, e *env) {
+	bad := []CreateServerRequest{
+		{Name: "Bad_Name", Customer: "acme", Plan: "E", Image: "tiny"},
+		{Name: "ok", Customer: "nobody", Plan: "E", Image: "tiny"},
+		{Name: "ok", Customer: "acme", Plan: "Z", Image: "tiny"},
+		{Name: "ok", Customer: "acme", Plan: "E", Image: "nope"},
+		{Name: "ok", Customer: "acme", Plan: "E", Image: "tiny", SSHKeys: []string{"not a key"}},
+		{Name: "ok", Customer: "acme", Plan: "E", Image: "tiny", UserData: "#!/bin/sh\necho hi"},
+		// Plan S needs 8 GiB; hosts have 4 GiB.
+		{Name: "ok", Customer: "acme", Plan: "S", Image: "tiny"},
+	}
+	for _, req := range bad {
+		if _, _, err := e.m.CreateServer(e.ctx, e.admin, "", req); err == nil {
+			t.Fatalf("accepted %+v", req)
+		}
+	}
+	e.nothingLeft()
+	// A customer user may not create for another customer.
+	other := store.Customer{Name: "other"}
+	if err := e.st.CreateCustomer(e.ctx, &other); err != nil {
+		t.Fatal(err)
+	}
+	mallory := store.User{ID: "usr-mallory", Role: store.RoleCustomer, CustomerID: other.ID}
+	if _, _, err := e.m.CreateServer(e.ctx, mallory, "", CreateServerRequest{Name: "x", Customer: "acme", Plan: "E", Image: "tiny"}); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("cross-tenant create: err = %v", err)
+	}
+	// Quota of 4, then the fifth is refused.
+	for _, n := range []string{"a1", "a2", "a3", "a4"} {
+		if op := e.wait(e.create(n, "")); op.State != store.OpSucceeded {
+			t.Fatalf("%s: %+v", n, op)
+		}
+	}
+	if _, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "a5", Customer: "acme", Plan: "E", Image: "tiny"}); !errors.Is(err, ErrQuota) {
+		t.Fatalf("fifth server: err = %v, want ErrQuota", err)
+	}
+	// The pool has five addresses: a second customer gets the last, then none is left.
+	if op, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "b1", Customer: "other", Plan: "E", Image: "tiny"}); err != nil {
+		t.Fatal(err)
+	} else if op = e.wait(op); op.State != store.OpSucceeded {
+		t.Fatalf("b1: %+v", op)
+	}
+	if _, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "b2", Customer: "other", Plan: "E", Image: "tiny"}); !errors.Is(err, ErrNoAddress) {
+		t.Fatalf("no address left: err = %v", err)
+	}
+	// Anti-affinity: two group members land on different hosts, a third has nowhere to go.
+	svs, _ := e.st.AllServers(e.ctx)
+	for _, sv := range svs {
+		o, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindDelete, ActionRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.wait(o)
+	}
+	e.nothingLeft()
+	var hostsUsed []string
+	for _, n := range []string{"db1", "db2"} {
+		op, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: n, Customer: "acme", Plan: "E", Image: "tiny", Group: "db"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.wait(op)
+		sv, _ := e.st.GetServer(e.ctx, n)
+		hostsUsed = append(hostsUsed, sv.HostID)
+	}
+	if hostsUsed[0] == hostsUsed[1] {
+		t.Fatalf("group members share host %s", hostsUsed[0])
+	}
+	if _, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "db3", Customer: "acme", Plan: "E", Image: "tiny", Group: "db"}); !errors.Is(err, ErrNoCapacity) {
+		t.Fatalf("third group member on two hosts: err = %v", err)
+	}
+}
+
+// testRestart stops the manager mid-create (as a crash would leave the rows) and checks
+// that a new manager either finishes the server or removes every trace of it.
+func testRestart(t *testing.T, e *env) {
+	// Case 1: the VM is running when the control plane dies: recovery follows it to ready.
+	e.c.readyAfter = 700 * time.Millisecond
+	op := e.create("survivor", "")
+	deadline := time.Now().Add(5 * time.Second)
+	for e.c.vmCount() == 0 || e.vmState("survivor") != "running" {
+		if time.Now().After(deadline) {
+			t.Fatal("VM never started")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.m.Close()
+	if o, _ := e.st.GetOperation(e.ctx, op.ID); o.Done() {
+		t.Fatalf("operation finished before the simulated crash: %+v", o)
+	}
+	e.m = e.manager()
+	if err := e.m.Recover(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if op = e.wait(op); op.State != store.OpSucceeded {
+		t.Fatalf("recovered create: %+v", op)
+	}
+	// Case 2: the control plane dies before the VM runs: recovery undoes everything.
+	e.c.fail = map[string]error{"start": errors.New("host unreachable")}
+	e.c.readyAfter = 0
+	op2, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "ghost", Customer: "acme", Plan: "E", Image: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Simulate a crash right after admission: close before the runner finishes by
+	// marking the op unfinished again as a kill -9 would have left it.
+	e.wait(op2)
+	ghost := store.Server{ID: "srv-ghost", Name: "ghost", CustomerID: e.cust.ID, Plan: "E", VCPUs: 1, MemoryBytes: 256 << 20, DiskBytes: 10 << 30,
+		State: store.ServerCreating, HostID: e.hosts[0].ID, StorageID: "", Volume: "srv-ghost"}
+	im, _ := e.st.GetImage(e.ctx, "tiny")
+	ghost.ImageID, ghost.StorageID = im.ID, im.StorageID
+	if err := e.st.CreateServer(e.ctx, &ghost); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := e.st.LeaseIP(e.ctx, 4, ghost.ID); err != nil {
+		t.Fatal(err)
+	}
+	stor, _ := e.c.Storage(store.StorageController{})
+	if err := stor.CloneVolume(e.ctx, im.Volume, ghost.Volume); err != nil {
+		t.Fatal(err)
+	}
+	crashed := store.Operation{Kind: KindCreate, ServerID: ghost.ID, CustomerID: e.cust.ID, State: store.OpRunning, Step: "define"}
+	if err := e.st.CreateOperation(e.ctx, &crashed); err != nil {
+		t.Fatal(err)
+	}
+	e.c.fail = map[string]error{}
+	e.m.Close()
+	e.m = e.manager()
+	if err := e.m.Recover(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.wait(crashed); c.State != store.OpFailed || !strings.Contains(c.Error, "undone") {
+		t.Fatalf("recovered crashed create: %+v", c)
+	}
+	if _, err := e.st.GetServer(e.ctx, "ghost"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("ghost server still recorded: %v", err)
+	}
+	if _, ok := e.c.volumes["srv-ghost"]; ok {
+		t.Fatal("ghost volume left behind")
+	}
+	leases, _ := e.st.ListLeases(e.ctx, "")
+	if len(leases) != 1 { // survivor's
+		t.Fatalf("leases after recovery: %+v", leases)
+	}
+}
+
+func (e *env) vmState(name string) string {
+	sv, err := e.st.GetServer(e.ctx, name)
+	if err != nil {
+		return ""
+	}
+	e.c.mu.Lock()
+	defer e.c.mu.Unlock()
+	if v := e.c.vms[sv.HostID][sv.ID]; v != nil {
+		return v.state
+	}
+	return ""
+}

@@ -1,0 +1,149 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/revert"
+	"github.com/growserver/grow/internal/store"
+)
+
+// Recover settles every operation a previous run of the control plane left unfinished:
+// a create whose VM is running is followed to its ready report, any other create is
+// undone completely; a delete is redone; power actions and resizes are marked failed
+// after the server's state is read back from its host; a migration records the host
+// the VM actually runs on.
+func (m *Manager) Recover(ctx context.Context) error {
+	ops, err := m.st.ListOperations(ctx, store.OperationFilter{Unfinished: true}, store.Page{Limit: store.MaxLimit})
+	if err != nil {
+		return fmt.Errorf("Failed to list unfinished operations: %w", err)
+	}
+	for _, op := range ops {
+		m.log.Info("Recovering operation", "op", op.ID, "kind", op.Kind, "step", op.Step)
+		switch op.Kind {
+		case KindCreate:
+			m.launch(op, m.recoverCreate)
+		case KindDelete:
+			m.launch(op, m.runDelete)
+		case KindMigrate:
+			m.launch(op, m.recoverMigrate)
+		default:
+			m.launch(op, func(r *opRun) error {
+				m.refreshState(r.ctx, r.op.ServerID)
+				return fmt.Errorf("Interrupted by a restart of grow serve at step %q; the server's state was read back from its host", r.op.Step)
+			})
+		}
+	}
+	return nil
+}
+
+func (m *Manager) recoverCreate(r *opRun) error {
+	ctx := r.ctx
+	sv, err := m.st.GetServer(ctx, r.op.ServerID)
+	if errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("Interrupted by a restart of grow serve before the server was recorded")
+	}
+	if err != nil {
+		return err
+	}
+	var agent Host
+	if sv.HostID != "" {
+		if _, agent, err = m.hostOf(ctx, sv.HostID); err != nil {
+			return err
+		}
+		if vm, err := agent.Get(ctx, sv.ID); err == nil && vm.State == hostapi.StateRunning && !r.op.CancelRequested {
+			rev := revert.New()
+			defer func() {
+				if !m.isClosing() {
+					rev.Fail()
+				}
+			}()
+			rev.Add(func() { m.undoCreate(sv) })
+			if err := m.waitReady(r, agent, sv); err != nil {
+				return err
+			}
+			sv.State = store.ServerRunning
+			if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
+				return err
+			}
+			rev.Success()
+			return nil
+		}
+	}
+	m.undoCreate(sv)
+	return fmt.Errorf("Interrupted by a restart of grow serve at step %q before the server ran; every step was undone", r.op.Step)
+}
+
+// undoCreate removes whatever a create may have made, tolerating what never was.
+func (m *Manager) undoCreate(sv store.Server) {
+	c, cancel := cleanup()
+	defer cancel()
+	if sv.HostID != "" {
+		if _, agent, err := m.hostOf(c, sv.HostID); err == nil {
+			if err := agent.Delete(c, sv.ID); err != nil {
+				m.log.Error("Undo: failed to delete VM", "vm", sv.ID, "err", err)
+			}
+		}
+	}
+	if sv.StorageID != "" && sv.Volume != "" {
+		if _, stor, err := m.storageOf(c, sv.StorageID); err == nil {
+			if err := stor.DeleteVolume(c, sv.Volume); err != nil {
+				m.log.Error("Undo: failed to delete volume", "volume", sv.Volume, "err", err)
+			}
+		}
+	}
+	m.forgetServer(sv)
+}
+
+func (m *Manager) recoverMigrate(r *opRun) error {
+	req := decodeAction(r.op.Request)
+	sv, err := m.st.GetServer(r.ctx, r.op.ServerID)
+	if err != nil {
+		return err
+	}
+	for _, id := range []string{req.To, sv.HostID} {
+		if id == "" {
+			continue
+		}
+		_, agent, err := m.hostOf(r.ctx, id)
+		if err != nil {
+			continue
+		}
+		if vm, err := agent.Get(r.ctx, sv.ID); err == nil && vm.State == hostapi.StateRunning {
+			sv.HostID, sv.State = id, store.ServerRunning
+			if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
+				return err
+			}
+			if id == req.To {
+				return nil // the migration had completed
+			}
+			return fmt.Errorf("Interrupted by a restart of grow serve; the server still runs on its source host")
+		}
+	}
+	_ = m.st.SetServerState(context.Background(), sv.ID, store.ServerError)
+	return fmt.Errorf("Interrupted by a restart of grow serve; the VM runs on neither host")
+}
+
+// refreshState reads a server's VM state back from its host.
+func (m *Manager) refreshState(ctx context.Context, serverID string) {
+	sv, err := m.st.GetServer(ctx, serverID)
+	if err != nil || sv.HostID == "" {
+		return
+	}
+	_, agent, err := m.hostOf(ctx, sv.HostID)
+	if err != nil {
+		return
+	}
+	state := store.ServerError
+	if vm, err := agent.Get(ctx, sv.ID); err == nil {
+		switch vm.State {
+		case hostapi.StateRunning:
+			state = store.ServerRunning
+		case hostapi.StateStopped, hostapi.StateDefined:
+			state = store.ServerStopped
+		}
+	}
+	_ = m.st.SetServerState(context.Background(), sv.ID, state)
+}
