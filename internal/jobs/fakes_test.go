@@ -16,9 +16,9 @@ import (
 // injection; it stands in for `grow storaged` and `grow hostd` (the e2e tests use real ones).
 type cluster struct {
 	mu      sync.Mutex
-	volumes map[string]int64             // name -> size
+	volumes map[string]int64              // name -> size
 	vms     map[string]map[string]*fakeVM // host ID -> VM name -> VM
-	fail    map[string]error             // "clone", "define", "start", "resize", "migrate"
+	fail    map[string]error              // "clone", "define", "start", "resize", "migrate"
 	// readyAfter delays the guest's ready report after start.
 	readyAfter time.Duration
 	calls      []string
@@ -36,7 +36,7 @@ func newCluster() *cluster {
 }
 
 func (c *cluster) Storage(s store.StorageController) (Storage, error) { return &fakeStorage{c: c}, nil }
-func (c *cluster) Host(h store.Host) (Host, error)                     { return &fakeHost{c: c, id: h.ID}, nil }
+func (c *cluster) Host(h store.Host) (Host, error)                    { return &fakeHost{c: c, id: h.ID}, nil }
 
 func (c *cluster) failing(step string) error {
 	c.mu.Lock()
