@@ -46,11 +46,13 @@ const (
 
 // Status is a snapshot of the pool's health.
 type Status struct {
-	State      string       `json:"state"`
-	UUID       string       `json:"uuid"`
-	Size       int64        `json:"size"`
-	StripeUnit int64        `json:"stripe_unit"`
-	Disks      []DiskStatus `json:"disks"`
+	State      string `json:"state"`
+	UUID       string `json:"uuid"`
+	Size       int64  `json:"size"`
+	StripeUnit int64  `json:"stripe_unit"`
+	// DiskSize is the smallest size in bytes a disk of the pool (or a replacement) needs.
+	DiskSize int64        `json:"disk_size"`
+	Disks    []DiskStatus `json:"disks"`
 }
 
 // DiskStatus is the health of one disk of the pool.

@@ -119,13 +119,22 @@ func (p *Pool) fault(d *disk, op string, off int64) error {
 	return nil
 }
 
-// readDisk reads exactly len(b) bytes; a short read means the disk shrank.
+// readDisk reads exactly len(b) bytes; a short read means the disk shrank. Data that
+// holds an all-zero block may come from a hole left by truncating the file (and a later
+// write extending it again), so then the disk's size and tail are checked as well.
 func (p *Pool) readDisk(d *disk, b []byte, off int64) error {
 	if err := p.fault(d, "read", off); err != nil {
 		return err
 	}
 	n, err := d.f.ReadAt(b, off)
 	if n == len(b) {
+		if hasZeroBlock(b) {
+			// One fstat: the tail block keeps a truncated file short even after
+			// writes extended it again; the health check also verifies the tail.
+			if sz, err := d.size(); err != nil || sz < p.l.diskBytes() {
+				return fmt.Errorf("read zeroes from a disk that shrank to %d bytes (needs %d): truncated %v", sz, p.l.diskBytes(), err)
+			}
+		}
 		return nil
 	}
 	if err == nil || errors.Is(err, io.EOF) {
@@ -150,6 +159,45 @@ func (p *Pool) syncDisk(d *disk) error {
 }
 
 var zeroes = make([]byte, 1<<20)
+
+// hasZeroBlock reports whether b holds a 4 KiB-aligned block (or a shorter tail) of zeroes.
+func hasZeroBlock(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), 4096)
+		if string(b[:n]) == string(zeroes[:n]) {
+			return true
+		}
+		b = b[n:]
+	}
+	return false
+}
+
+func tailBlock(uuid string) []byte {
+	b := make([]byte, tailSize)
+	copy(b, "GROWTAIL")
+	copy(b[8:], uuid)
+	return b
+}
+
+// writeTail stamps the tail block at off.
+func (d *disk) writeTail(off int64, uuid string) error {
+	if _, err := d.f.WriteAt(tailBlock(uuid), off); err != nil {
+		return fmt.Errorf("Failed to write tail block of %q: %w", d.path, err)
+	}
+	return nil
+}
+
+// checkTail verifies the tail block at off.
+func (d *disk) checkTail(off int64, uuid string) error {
+	b := make([]byte, tailSize)
+	if _, err := d.f.ReadAt(b, off); err != nil {
+		return fmt.Errorf("cannot read the tail block at %d (truncated?): %v", off, err)
+	}
+	if string(b) != string(tailBlock(uuid)) {
+		return fmt.Errorf("the tail block at %d is gone: the disk was truncated or overwritten", off)
+	}
+	return nil
+}
 
 // discardDisk makes a range of the disk read as zeroes, punching a hole when it can.
 func (p *Pool) discardDisk(d *disk, off, length int64) error {

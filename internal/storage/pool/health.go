@@ -59,6 +59,9 @@ func (p *Pool) diskProblem(d *disk) string {
 	if sz < p.l.diskBytes() {
 		return fmt.Sprintf("disk shrank to %d bytes, the pool needs %d", sz, p.l.diskBytes())
 	}
+	if err := d.checkTail(p.l.tailOff(), p.uuid); err != nil {
+		return err.Error()
+	}
 	return ""
 }
 
@@ -66,7 +69,7 @@ func (p *Pool) diskProblem(d *disk) string {
 func (p *Pool) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	st := Status{State: StateOK, UUID: p.uuid, Size: p.l.size(), StripeUnit: p.l.unit}
+	st := Status{State: StateOK, UUID: p.uuid, Size: p.l.size(), StripeUnit: p.l.unit, DiskSize: p.l.diskBytes()}
 	for i := range p.disks {
 		d := p.disks[i].Load()
 		s := d.state.Load()

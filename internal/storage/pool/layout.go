@@ -12,8 +12,17 @@ type layout struct {
 // size is the usable size of the pool.
 func (l layout) size() int64 { return l.pairs * l.unitsPerDisk * l.unit }
 
-// diskBytes is the smallest disk size that can hold one side of a pair.
-func (l layout) diskBytes() int64 { return l.dataOff + l.unitsPerDisk*l.unit }
+// diskBytes is the smallest disk size that can hold one side of a pair: header area,
+// data area and the tail block.
+func (l layout) diskBytes() int64 { return l.tailOff() + tailSize }
+
+// tailOff is where the tail block sits, right after the data area. Data writes never
+// reach it, so a disk file that was truncated stays shorter than diskBytes even after
+// later writes extend it again, and the tail's content proves the disk kept its end.
+func (l layout) tailOff() int64 { return l.dataOff + l.unitsPerDisk*l.unit }
+
+// tailSize is the size of the tail block.
+const tailSize = 4096
 
 // locate maps the first byte of a request for n bytes at pool offset off to its pair
 // and disk offset, and returns how many bytes from there are contiguous on that pair

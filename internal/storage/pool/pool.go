@@ -202,6 +202,17 @@ func (p *Pool) openDisks(st *persisted) (bool, error) {
 			od.index, od.pair = i, i/2
 			d = od
 			h, err := d.readHeader()
+			if errors.Is(err, errNoHeader) {
+				// A blank disk where a member was: the member was lost (and perhaps
+				// recreated empty). Serve degraded; Replace brings it back.
+				d.close()
+				d = &disk{index: i, pair: i / 2, path: pd.Path}
+				d.state.Store(stFailed)
+				d.err = "the disk is blank (no pool header): it was replaced or wiped"
+				changed = true
+				p.log.Error("Pool disk is blank", "disk", pd.Path, "index", i)
+				break
+			}
 			if err != nil {
 				d.close()
 				return false, fmt.Errorf("Disk %q is not disk %d of pool %s: %w", pd.Path, i, st.UUID, err)
@@ -214,11 +225,11 @@ func (p *Pool) openDisks(st *persisted) (bool, error) {
 				d.state.Store(stRebuilding)
 				d.rebuildDone = pd.RebuildDone
 			}
-			if sz, err := d.size(); err != nil || sz < p.l.diskBytes() {
+			if problem := p.diskProblem(d); problem != "" {
 				d.state.Store(stFailed)
-				d.err = fmt.Sprintf("disk has %d bytes, needs %d (truncated?) %v", sz, p.l.diskBytes(), err)
+				d.err = problem
 				changed = true
-				p.log.Error("Pool disk is too small", "disk", pd.Path, "error", d.err)
+				p.log.Error("Pool disk failed its check", "disk", pd.Path, "error", problem)
 			}
 		}
 		p.disks[i].Store(d)
@@ -287,9 +298,9 @@ func initState(paths []string, unit int64, log *slog.Logger) (*persisted, error)
 			if err != nil {
 				return nil, fmt.Errorf("Failed to size disk %q: %w", d.path, err)
 			}
-			units := (sz - dataOff) / unit
-			if sz < dataOff+unit {
-				return nil, fmt.Errorf("Disk %q is too small: %d bytes, need at least %d", d.path, sz, dataOff+unit)
+			units := (sz - dataOff - tailSize) / unit
+			if sz < dataOff+unit+tailSize {
+				return nil, fmt.Errorf("Disk %q is too small: %d bytes, need at least %d", d.path, sz, dataOff+unit+tailSize)
 			}
 			if upd < 0 || units < upd {
 				upd = units
@@ -298,6 +309,9 @@ func initState(paths []string, unit int64, log *slog.Logger) (*persisted, error)
 		st := &persisted{UUID: newUUID(), StripeUnit: unit, UnitsPerDisk: upd, DataOffset: dataOff, Generation: 1}
 		for i, d := range disks {
 			h := header{PoolUUID: st.UUID, Index: i, Pair: i / 2, Disks: n, StripeUnit: unit, UnitsPerDisk: upd, DataOffset: dataOff, Generation: 1}
+			if err := d.writeTail(dataOff+upd*unit, st.UUID); err != nil {
+				return nil, err
+			}
 			if err := d.writeHeader(h, true); err != nil {
 				return nil, err
 			}

@@ -17,7 +17,7 @@ import (
 	"time"
 )
 
-const testDiskSize = 9 << 20 // 1 MiB header area + 8 MiB of data
+const testDiskSize = 9<<20 + tailSize // 1 MiB header area, 8 MiB of data, the tail block
 
 func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -588,6 +588,38 @@ func TestRebuildResume(t *testing.T) {
 	compareSides(t, p, []string{paths[0], fresh})
 }
 
+// TestBlankMemberAtOpen: a member lost while the controller was down and recreated as
+// an empty file opens degraded instead of refusing to start, and can be replaced.
+func TestBlankMemberAtOpen(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	model := fill(t, p, 8)
+	p.Close()
+	os.Remove(paths[2])
+	CreateFileDisk(paths[2], testDiskSize)
+	p = openTestPool(t, state, paths, Options{})
+	st := p.Status()
+	if st.State != StateDegraded || st.Disks[2].State != DiskFailed || st.DiskSize != testDiskSize {
+		t.Fatalf("%+v", st)
+	}
+	verify(t, p, model)
+	if err := p.Replace(paths[0], paths[0]); err == nil {
+		t.Fatal("Replace of a healthy disk by itself succeeded")
+	}
+	// The new blank disk sits at the old path, like a hot-swapped device.
+	if err := p.Replace(paths[2], paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WaitRebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Status(); st.State != StateOK {
+		t.Fatalf("%+v", st)
+	}
+	compareSides(t, p, paths)
+	verify(t, p, model)
+}
+
 // TestStateLost checks that without pool.json the pool is reassembled from the disk
 // headers, and a disk that missed a generation is not trusted.
 func TestStateLost(t *testing.T) {
@@ -642,4 +674,40 @@ func BenchmarkPoolWrite(b *testing.B) {
 			})
 		}
 	}
+}
+
+// TestTruncatedAndExtended truncates a disk file, lets a write extend it again (so the
+// lost range reads as zeroes, not as a short read) and checks that reads still return
+// the data from the mirror, with only the read path to notice (no health check).
+func TestTruncatedAndExtended(t *testing.T) {
+	state, paths := makeDisks(t, 2, testDiskSize)
+	p := openTestPool(t, state, paths, Options{HealthInterval: time.Hour})
+	model := fill(t, p, 12)
+	if err := os.Truncate(paths[0], 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	end := p.Size() - 4096
+	b := make([]byte, 4096)
+	copy(b, "late write")
+	if _, err := p.WriteAt(b, end); err != nil {
+		t.Fatal(err)
+	}
+	copy(model[end:], b)
+	verify(t, p, model)
+	if st := p.Status(); st.Disks[0].State != DiskFailed {
+		t.Fatalf("%+v", st)
+	}
+}
+
+// TestTruncatedToFullSize: a file truncated and grown back to its full size is caught
+// by the health check's tail block.
+func TestTruncatedToFullSize(t *testing.T) {
+	state, paths := makeDisks(t, 2, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	model := fill(t, p, 13)
+	os.Truncate(paths[1], 0)
+	os.Truncate(paths[1], testDiskSize)
+	waitState(t, p, 1, DiskFailed)
+	verify(t, p, model)
+	t.Log(p.Status().Disks[1].Error)
 }

@@ -38,12 +38,15 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 		if d.path == oldAbs {
 			old = d
 		}
-		if d.path == newAbs {
-			return fmt.Errorf("Failed to replace %q: %q is already disk %d of the pool", oldPath, newPath, i)
-		}
 	}
 	if old == nil {
 		return fmt.Errorf("Failed to replace %q: not a disk of this pool", oldPath)
+	}
+	for i := range p.disks {
+		// A failed disk may be replaced by a new one at the same path (a hot-swapped device).
+		if d := p.disks[i].Load(); d.path == newAbs && (d != old || old.live()) {
+			return fmt.Errorf("Failed to replace %q: %q is already disk %d of the pool", oldPath, newPath, i)
+		}
 	}
 	src := p.partner(old)
 	if src == nil {
@@ -58,7 +61,7 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 	}
 	nd.index, nd.pair = old.index, old.pair
 	for i := range p.disks {
-		if d := p.disks[i].Load(); d.f != nil && d.dev == nd.dev && d.ino == nd.ino {
+		if d := p.disks[i].Load(); d.live() && d.dev == nd.dev && d.ino == nd.ino {
 			nd.close()
 			return fmt.Errorf("Failed to replace %q: %q is the same file as disk %q", oldPath, newPath, d.path)
 		}
@@ -78,6 +81,10 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 		return fmt.Errorf("Refusing to overwrite %q: it is a disk of another pool (%s)", newPath, h.PoolUUID)
 	}
 	nd.state.Store(stRebuilding)
+	if err := nd.writeTail(p.l.tailOff(), p.uuid); err != nil {
+		nd.close()
+		return fmt.Errorf("Failed to prepare new disk %q: %w", newPath, err)
+	}
 	if err := nd.writeHeader(p.headerFor(nd), true); err != nil {
 		nd.close()
 		return fmt.Errorf("Failed to prepare new disk %q: %w", newPath, err)
