@@ -163,7 +163,8 @@ func Verify(r io.ReaderAt, slots, lastAck uint64) (Report, error) {
 		s := first + uint64(i)
 		slot := Slot(s, slots)
 		if e.err != nil {
-			if slot == inFlight && !rep.Torn && !errors.Is(e.err, ErrEmpty) {
+			// Only a write after lastAck can be in flight, so only then may its slot be torn.
+			if slot == inFlight && rep.Newest >= lastAck && !rep.Torn && !errors.Is(e.err, ErrEmpty) {
 				rep.Torn = true
 				continue
 			}

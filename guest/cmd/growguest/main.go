@@ -103,8 +103,12 @@ func main() {
 	if len(runs) > 0 {
 		runList = strings.Join(runs, ",")
 	}
-	out.printf("GROW-READY hostname=%s ip=%s instance-id=%s seed=%t keys=%d run=%s",
-		st.hostname, ipList, orNone(sd.meta.InstanceID), sd.found, len(sd.user.AuthorizedKeys()), runList)
+	root := rootDisk()
+	if root == "" {
+		root = "initramfs"
+	}
+	out.printf("GROW-READY hostname=%s ip=%s instance-id=%s seed=%t keys=%d run=%s root=%s",
+		st.hostname, ipList, orNone(sd.meta.InstanceID), sd.found, len(sd.user.AuthorizedKeys()), runList, root)
 
 	if cfg.run["counter"] {
 		go runCounter(st, cfg.counterInterval)

@@ -1,0 +1,280 @@
+package testbed
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Daemon is a grow daemon (hostd or storaged) running inside a bed namespace.
+type Daemon struct {
+	Name    string // "hostd-h0", "storaged-s0"
+	Netns   string
+	Addr    string // API address inside the bed, e.g. 10.99.0.11:8444
+	URL     string // API URL the test process can use (forwarded to Addr)
+	PeerURL string // API URL other namespaces of the bed can use (http://Addr)
+	Token   string // admin token from DATA/admin.token
+	DataDir string
+	Args    []string // the daemon's arguments after the binary
+
+	t       testing.TB
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	done    chan struct{}
+	waitErr error
+	log     *lockedBuffer
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// Log returns the daemon's stdout and stderr so far (across restarts).
+func (d *Daemon) Log() string { return d.log.String() }
+
+func (d *Daemon) start() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cmd := NetnsCommand(d.Netns, GrowBinary(d.t), d.Args...)
+	cmd.Stdout, cmd.Stderr = d.log, d.log
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("Failed to start %s: %w", d.Name, err)
+	}
+	done := make(chan struct{})
+	d.cmd, d.done = cmd, done
+	go func() {
+		err := cmd.Wait()
+		d.mu.Lock()
+		d.waitErr = err
+		d.mu.Unlock()
+		close(done)
+	}()
+	if err := WaitListening(d.Netns, d.Addr, 30*time.Second, done); err != nil {
+		d.killLocked()
+		return fmt.Errorf("%s did not come up: %w; log:\n%s", d.Name, err, d.log.String())
+	}
+	tok, err := os.ReadFile(filepath.Join(d.DataDir, "admin.token"))
+	if err != nil {
+		d.killLocked()
+		return fmt.Errorf("Failed to read the token of %s: %w", d.Name, err)
+	}
+	d.Token = strings.TrimSpace(string(tok))
+	return nil
+}
+
+// Stop sends SIGTERM and waits up to timeout for a clean exit, then kills the daemon.
+// Processes the daemon started in their own process groups (VMs) keep running.
+func (d *Daemon) Stop(timeout time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.done:
+		return nil
+	default:
+	}
+	// `ip netns exec` execs the daemon, so the pid is the daemon's.
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+		return nil
+	case <-time.After(timeout):
+		d.killLocked()
+		return fmt.Errorf("%s did not exit within %s of SIGTERM", d.Name, timeout)
+	}
+}
+
+// Kill kills the daemon's process group at once (a crash).
+func (d *Daemon) Kill() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.killLocked()
+}
+
+func (d *Daemon) killLocked() {
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+	}
+}
+
+// Restart stops the daemon (SIGTERM) and starts it again with the same arguments.
+func (d *Daemon) Restart() error {
+	if err := d.Stop(30 * time.Second); err != nil {
+		return err
+	}
+	return d.start()
+}
+
+// Exited is closed when the current daemon process has exited.
+func (d *Daemon) Exited() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.done
+}
+
+func newDaemon(t testing.TB, name, ns, addr, dataDir string, args []string) *Daemon {
+	t.Helper()
+	d := &Daemon{Name: name, Netns: ns, Addr: addr, DataDir: dataDir, Args: args, t: t,
+		PeerURL: "http://" + addr, log: &lockedBuffer{}}
+	t.Cleanup(func() {
+		_ = d.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", d.Name, tail(d.Log(), 6000))
+		}
+	})
+	if err := d.start(); err != nil {
+		t.Fatal(err)
+	}
+	d.URL = "http://" + Forward(t, ns, addr)
+	return d
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+func shortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatalf("Failed to create a directory: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// HostdOptions configures Host.StartHostd.
+type HostdOptions struct {
+	DataDir string   // default: a new temporary directory
+	Extra   []string // more flags
+}
+
+// HostdPort is the port hostd listens on inside its host namespace.
+const HostdPort = 8444
+
+// StartHostd runs `grow hostd --data DIR --api STORAGEIP:8444 --bridge br0` inside the
+// host's namespace and returns it once its API answers. The API is reachable from the
+// test process at d.URL and from the other hosts at d.PeerURL.
+func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
+	t.Helper()
+	dir := opts.DataDir
+	if dir == "" {
+		dir = shortTempDir(t, fmt.Sprintf("gtb-h%d-", h.Index))
+	}
+	addr := fmt.Sprintf("%s:%d", h.StorageIP, HostdPort)
+	args := []string{"hostd", "--data", dir, "--api", addr, "--bridge", h.Bridge,
+		"--cgroup-parent", fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)}
+	args = append(args, opts.Extra...)
+	d := newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
+	t.Cleanup(func() { removeCgroups(fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)) })
+	return d
+}
+
+// removeCgroups removes an (empty) cgroup tree named parent under every hierarchy.
+func removeCgroups(parent string) {
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*/" + parent)
+	if p := "/sys/fs/cgroup/" + parent; dirExists(p) {
+		roots = append(roots, p)
+	}
+	for _, r := range roots {
+		var dirs []string
+		_ = filepath.WalkDir(r, func(p string, de os.DirEntry, err error) error {
+			if err == nil && de.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = syscall.Rmdir(dirs[i])
+		}
+	}
+}
+
+func dirExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+// StoragedOptions configures Bed.StartStoraged.
+type StoragedOptions struct {
+	DataDir string   // default: a new temporary directory
+	Disks   []string // --disk paths (none: DATA/disk0.img)
+	Extra   []string // more flags, e.g. --pool-size 2GiB --cache 64MiB
+}
+
+// Storaged is a storage controller in its own namespace on the storage network.
+type Storaged struct {
+	*Daemon
+	IP      string // address on the storage network
+	NBDAddr string // NBD TCP address (IP:10809), reachable from every host
+}
+
+// NBDURI returns the libnbd URI of an export, for tools run inside a bed namespace.
+func (s *Storaged) NBDURI(export string) string { return "nbd://" + s.NBDAddr + "/" + export }
+
+// Disk returns a VM disk (host and port) for an export of this controller.
+func (s *Storaged) Disk(export string) Disk {
+	return Disk{NBDHost: s.IP, NBDPort: 10809, Export: export}
+}
+
+// StartStoraged runs `grow storaged` in a new namespace on the storage network
+// (10.99.0.2, .3, ...), with NBD on IP:10809 and its admin API on IP:7480.
+func (b *Bed) StartStoraged(t testing.TB, opts StoragedOptions) *Storaged {
+	t.Helper()
+	b.mu.Lock()
+	i := b.storage
+	b.storage++
+	b.mu.Unlock()
+	ns := fmt.Sprintf("%s-s%d", b.ID, i)
+	if err := b.addNetns(ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.plug(ns, "st0", "snet", fmt.Sprintf("c%d", i)); err != nil {
+		t.Fatal(err)
+	}
+	ip := fmt.Sprintf("%s%d", StoragePrefix, 2+i)
+	if err := b.ip(ns, "addr", "add", ip+"/24", "dev", "st0"); err != nil {
+		t.Fatal(err)
+	}
+	dir := opts.DataDir
+	if dir == "" {
+		dir = shortTempDir(t, fmt.Sprintf("gtb-s%d-", i))
+	}
+	addr := ip + ":7480"
+	args := []string{"storaged", "--data", dir, "--nbd", ip + ":10809", "--api", addr}
+	for _, d := range opts.Disks {
+		args = append(args, "--disk", d)
+	}
+	args = append(args, opts.Extra...)
+	d := newDaemon(t, fmt.Sprintf("storaged-s%d", i), ns, addr, dir, args)
+	return &Storaged{Daemon: d, IP: ip, NBDAddr: ip + ":10809"}
+}
