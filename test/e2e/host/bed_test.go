@@ -435,3 +435,11 @@ func (b *bed) waitProbe(t *testing.T, ip string, timeout time.Duration) (hostnam
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// inNSStdin runs a command with stdin in a namespace.
+func inNSStdin(ns, stdin string, name string, args ...string) (string, error) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, name}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}

@@ -1,0 +1,218 @@
+package host_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/test/testbed"
+)
+
+// run types a shell command on the guest console and returns its output and exit code.
+func run(t *testing.T, con *testbed.Console, cmd string, timeout time.Duration) (string, int) {
+	t.Helper()
+	tag := randHex(3)
+	mark := con.Len()
+	if err := con.Type(cmd + "; echo END-" + tag + "-$?\n"); err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`(?s)\n(.*)END-` + tag + `-(\d+)\r?\n`)
+	m, _, err := con.WaitFrom(mark, re, timeout)
+	if err != nil {
+		t.Fatalf("command %q on the guest: %v\n%s", cmd, err, con.Tail(1000))
+	}
+	code, _ := strconv.Atoi(m[2])
+	return m[1], code
+}
+
+// nsListen listens on TCP inside network namespace ns.
+func nsListen(ns, addr string) (net.Listener, error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer orig.Close()
+	target, err := netns.GetFromName(ns)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	l, err := net.Listen("tcp", addr)
+	if netns.Set(orig) == nil {
+		runtime.UnlockOSThread()
+	}
+	return l, err
+}
+
+// nftCounters installs counters on the client's eth0 for frames from a MAC and packets
+// from an IP, and returns a function that reads them (packets).
+func nftCounters(t *testing.T, ns, mac, ip string) func() (fromMAC, fromIP, arpIP int) {
+	t.Helper()
+	script := fmt.Sprintf(`add table netdev spy
+add chain netdev spy in { type filter hook ingress device "eth0" priority 0; policy accept; }
+add rule netdev spy in ether saddr %s counter comment "mac"
+add rule netdev spy in ether type ip ip saddr %s counter comment "ip"
+add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
+`, mac, ip, ip)
+	if out, err := inNSStdin(ns, script, "nft", "-f", "-"); err != nil {
+		t.Fatalf("nft in the client: %v: %s", err, out)
+	}
+	re := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "(\w+)"`)
+	return func() (int, int, int) {
+		out, err := inNS(ns, 5*time.Second, "nft", "list", "chain", "netdev", "spy", "in")
+		if err != nil {
+			t.Fatalf("nft list: %v: %s", err, out)
+		}
+		got := map[string]int{}
+		for _, m := range re.FindAllStringSubmatch(out, -1) {
+			got[m[2]], _ = strconv.Atoi(m[1])
+		}
+		return got["mac"], got["ip"], got["arp"]
+	}
+}
+
+// TestNetwork boots two guests on one host in parallel: one proves that a guest
+// cannot send with another MAC or IP address, the other that shaping holds its rates.
+func TestNetwork(t *testing.T) {
+	b := newBed(t, 1)
+	h := b.hosts[0]
+	ctx := context.Background()
+	spoof := newGuest(t, "spoofer", 20, false)
+	shaped := newGuest(t, "shaped", 21, false)
+	const rate = 8_000_000 // bits per second, both directions
+	shaped.spec.NICs[0].InRate, shaped.spec.NICs[0].OutRate = rate, rate
+	shaped.spec.Limits = hostapi.Limits{CPUPercent: 90, MemoryMaxBytes: 1 << 30}
+	cons := map[string]*testbed.Console{}
+	for _, g := range []*guestVM{spoof, shaped} {
+		if _, err := h.api.Define(ctx, g.spec); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.api.Start(ctx, g.spec.Name); err != nil {
+			t.Fatal(err)
+		}
+		cons[g.spec.Name] = attachConsole(t, h, g.spec.Name)
+	}
+	var wg sync.WaitGroup
+	for name, con := range cons {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := waitReady(con, 0, 120*time.Second); err != nil {
+				t.Errorf("%s not ready: %v\n%s", name, err, con.Tail(1500))
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	t.Run("cgroup", func(t *testing.T) {
+		vm, err := h.api.Get(ctx, "shaped")
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkCgroup(t, "grow-e2e-"+b.id, "shaped", vm.PID, 90, 1<<30)
+	})
+
+	t.Run("antispoof", func(t *testing.T) {
+		con := cons["spoofer"]
+		client := subnet + "100"
+		const fakeIP, fakeMAC = "10.77.0.66", "52:54:00:66:66:66"
+		read := nftCounters(t, b.client, fakeMAC, fakeIP)
+		if out, code := run(t, con, "ping -c 2 -W 3 "+client, 20*time.Second); code != 0 {
+			t.Fatalf("the guest cannot reach the client with its own addresses:\n%s", out)
+		}
+		out, code := run(t, con, "ip addr add "+fakeIP+"/24 dev eth0 && ping -c 3 -W 2 -I "+fakeIP+" "+client, 30*time.Second)
+		if code == 0 || !strings.Contains(out, "0 packets received") {
+			t.Fatalf("ping from a spoofed IP got through:\n%s", out)
+		}
+		run(t, con, "ip addr del "+fakeIP+"/24 dev eth0", 10*time.Second)
+		out, code = run(t, con, "ip link set eth0 address "+fakeMAC+" && ping -c 3 -W 2 "+client, 30*time.Second)
+		if code == 0 || !strings.Contains(out, "0 packets received") {
+			t.Fatalf("ping from a spoofed MAC got through:\n%s", out)
+		}
+		mac, ip, arp := read()
+		if mac != 0 || ip != 0 || arp != 0 {
+			t.Fatalf("the client saw spoofed traffic: %d frames from %s, %d packets and %d ARP from %s", mac, fakeMAC, ip, arp, fakeIP)
+		}
+		// With its own MAC back, the same guest gets through again: it was the filter.
+		if out, code := run(t, con, "ip link set eth0 address "+spoof.spec.NICs[0].MAC+" && ping -c 2 -W 3 "+client, 30*time.Second); code != 0 {
+			t.Fatalf("the guest cannot reach the client after restoring its MAC:\n%s", out)
+		}
+	})
+
+	t.Run("shaping", func(t *testing.T) {
+		con := cons["shaped"]
+		l, err := nsListen(h.ns, h.ip+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				go func() { defer c.Close(); _, _ = io.Copy(io.Discard, c) }()
+			}
+		}()
+		port := l.Addr().(*net.TCPAddr).Port
+		measure := func(dir string, counter func(hostapi.Counters) uint64) float64 {
+			time.Sleep(1500 * time.Millisecond) // let TCP reach its steady state
+			c0, _ := h.api.Counters(ctx, "shaped")
+			t0 := time.Now()
+			time.Sleep(5 * time.Second)
+			c1, _ := h.api.Counters(ctx, "shaped")
+			bps := float64(counter(c1)-counter(c0)) * 8 / time.Since(t0).Seconds()
+			t.Logf("%s: %.2f Mbit/s for a rate of %.2f Mbit/s (%.1f %%)", dir, bps/1e6, rate/1e6, 100*(bps-rate)/rate)
+			if bps < rate*0.85 || bps > rate*1.15 {
+				t.Errorf("%s rate %.2f Mbit/s is not within 15 %% of %.2f", dir, bps/1e6, rate/1e6)
+			}
+			return bps
+		}
+		// Guest to host: the guest streams zeroes to the host's listener.
+		run(t, con, fmt.Sprintf("(timeout 10 nc %s %d < /dev/zero > /dev/null 2>&1 &)", h.ip, port), 10*time.Second)
+		measure("from the guest", func(c hostapi.Counters) uint64 { return c.TxBytes })
+		time.Sleep(3 * time.Second)
+		// Host to guest: the guest listens, the host streams.
+		run(t, con, "(timeout 12 nc -l -p 5002 > /dev/null 2>&1 &)", 10*time.Second)
+		time.Sleep(500 * time.Millisecond)
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		c, err := nsDialer(h.ns)(cctx, "tcp", shaped.ip+":5002")
+		if err != nil {
+			t.Fatalf("Failed to connect to the guest: %v", err)
+		}
+		defer c.Close()
+		go func() {
+			buf := make([]byte, 64<<10)
+			_ = c.SetWriteDeadline(time.Now().Add(9 * time.Second))
+			for {
+				if _, err := c.Write(buf); err != nil {
+					return
+				}
+			}
+		}()
+		measure("to the guest", func(c hostapi.Counters) uint64 { return c.RxBytes })
+	})
+}
