@@ -414,4 +414,14 @@ func (h *Handle) Close() error {
 	return nil
 }
 
-func isZero(b []byte) bool { return bytes.Equal(b, zeroCluster[:len(b)]) }
+// isZero reports whether every byte of b is zero.
+func isZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), ClusterSize)
+		if !bytes.Equal(b[:n], zeroCluster[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}

@@ -384,11 +384,16 @@ func (m *Manager) sync() error {
 // syncHeld is sync with syncMu held.
 func (m *Manager) syncHeld() error {
 	id := m.syncStarted.Add(1)
-	m.dirty.Store(false)
+	dirty := m.dirty.Swap(false)
 	m.jmu.Lock()
 	buf, freed := m.jbuf, m.pendingNext
 	m.jbuf, m.pendingNext = nil, nil
 	m.jmu.Unlock()
+	if !dirty && len(buf) == 0 && len(freed) == 0 {
+		// Nothing was written since the last sync began.
+		m.syncDone.Store(id)
+		return nil
+	}
 	requeue := func() {
 		m.jmu.Lock()
 		m.jbuf = append(buf, m.jbuf...)
