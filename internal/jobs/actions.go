@@ -333,3 +333,15 @@ func (m *Manager) runMigrate(r *opRun) error {
 	sv.HostID, sv.State = target.ID, store.ServerRunning
 	return m.st.UpdateServer(context.Background(), &sv)
 }
+
+// Console returns the recent console output of a server's VM.
+func (m *Manager) Console(ctx context.Context, sv store.Server) ([]byte, error) {
+	if sv.HostID == "" {
+		return nil, fmt.Errorf("Server %q has no host yet: %w", sv.Name, ErrConflict)
+	}
+	_, agent, err := m.hostOf(ctx, sv.HostID)
+	if err != nil {
+		return nil, err
+	}
+	return agent.ConsoleLog(ctx, sv.ID)
+}

@@ -94,3 +94,19 @@ func (m *Manager) ImportImage(ctx context.Context, req ImportImageRequest, r io.
 	ok = true
 	return im, nil
 }
+
+// DeleteImage removes an image no server was cloned from, row first (so no new clone
+// starts from it), then its volume.
+func (m *Manager) DeleteImage(ctx context.Context, im store.Image) error {
+	if err := m.st.DeleteImage(ctx, im.ID); err != nil {
+		return err
+	}
+	if im.StorageID == "" {
+		return nil
+	}
+	_, stor, err := m.storageOf(ctx, im.StorageID)
+	if err != nil {
+		return err
+	}
+	return stor.DeleteVolume(ctx, im.Volume)
+}

@@ -1,4 +1,4 @@
-package jobs
+package jobs_test
 
 import (
 	"bytes"
@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/growserver/grow/internal/billing"
+	. "github.com/growserver/grow/internal/jobs"
+	"github.com/growserver/grow/internal/jobs/jobstest"
 	"github.com/growserver/grow/internal/scheduler"
 	"github.com/growserver/grow/internal/store"
 	"github.com/growserver/grow/internal/store/storetest"
@@ -20,7 +22,7 @@ type env struct {
 	t     *testing.T
 	ctx   context.Context
 	st    *store.Store
-	c     *cluster
+	c     *jobstest.Cluster
 	m     *Manager
 	admin store.User
 	cust  store.Customer
@@ -30,7 +32,7 @@ type env struct {
 func newEnv(t *testing.T, backend string) *env {
 	t.Helper()
 	ctx := context.Background()
-	e := &env{t: t, ctx: ctx, st: storetest.Open(t, backend), c: newCluster()}
+	e := &env{t: t, ctx: ctx, st: storetest.Open(t, backend), c: jobstest.NewCluster()}
 	for _, p := range billing.DefaultPlans() {
 		if err := e.st.EnsurePlan(ctx, p); err != nil {
 			t.Fatal(err)
@@ -64,8 +66,10 @@ func newEnv(t *testing.T, backend string) *env {
 	return e
 }
 
-func (e *env) manager() *Manager {
-	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: 5 * time.Second,
+func (e *env) manager() *Manager { return e.managerWith(5 * time.Second) }
+
+func (e *env) managerWith(ready time.Duration) *Manager {
+	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: ready,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	e.t.Cleanup(m.Close)
 	return m
@@ -97,8 +101,8 @@ func (e *env) nothingLeft() {
 	e.t.Helper()
 	svs, _ := e.st.AllServers(e.ctx)
 	leases, _ := e.st.ListLeases(e.ctx, "")
-	if len(svs) != 0 || len(leases) != 0 || e.c.volumeCount() != 0 || e.c.vmCount() != 0 {
-		e.t.Fatalf("left behind: %d servers, %d leases, %d volumes, %d VMs", len(svs), len(leases), e.c.volumeCount(), e.c.vmCount())
+	if len(svs) != 0 || len(leases) != 0 || e.c.VolumeCount() != 0 || e.c.VMCount() != 0 {
+		e.t.Fatalf("left behind: %d servers, %d leases, %d volumes, %d VMs", len(svs), len(leases), e.c.VolumeCount(), e.c.VMCount())
 	}
 }
 
@@ -130,13 +134,13 @@ func testLifecycle(t *testing.T, e *env) {
 	if err != nil || sv.State != store.ServerRunning || sv.IPv4 != "192.0.2.2" || sv.DiskBytes != 10<<30 {
 		t.Fatalf("server = %+v, %v", sv, err)
 	}
-	vm := e.c.vms[sv.HostID][sv.ID]
-	if vm == nil || vm.state != "running" || !strings.Contains(vm.spec.Seed.UserData, "htop") || !strings.Contains(vm.spec.Seed.UserData, "ssh-ed25519 AAAAC3Nza") ||
-		!strings.Contains(vm.spec.Seed.NetworkConfig, "192.0.2.2/28") || vm.spec.Boot == nil || vm.spec.Boot.Kernel != "/boot/vmlinux" {
+	vm := e.c.VMs[sv.HostID][sv.ID]
+	if vm == nil || vm.State != "running" || !strings.Contains(vm.Spec.Seed.UserData, "htop") || !strings.Contains(vm.Spec.Seed.UserData, "ssh-ed25519 AAAAC3Nza") ||
+		!strings.Contains(vm.Spec.Seed.NetworkConfig, "192.0.2.2/28") || vm.Spec.Boot == nil || vm.Spec.Boot.Kernel != "/boot/vmlinux" {
 		t.Fatalf("VM spec = %+v", vm)
 	}
-	if e.c.volumes[sv.Volume] != 10<<30 {
-		t.Fatalf("volume size %d, want the plan's 10 GiB", e.c.volumes[sv.Volume])
+	if e.c.Volumes[sv.Volume] != 10<<30 {
+		t.Fatalf("volume size %d, want the plan's 10 GiB", e.c.Volumes[sv.Volume])
 	}
 	// A downgrade that would shrink the disk is refused and changes nothing.
 	if err := e.st.PutPlan(e.ctx, store.Plan{Name: "tinydisk", VCPUs: 1, MemoryBytes: 256 << 20, DiskBytes: 5 << 30, PriceYen: 1}); err != nil {
@@ -152,8 +156,8 @@ func testLifecycle(t *testing.T, e *env) {
 	}
 	rop = e.wait(rop)
 	sv, _ = e.st.GetServer(e.ctx, "web1")
-	if rop.State != store.OpSucceeded || sv.Plan != "D" || sv.DiskBytes != 20<<30 || e.c.volumes[sv.Volume] != 20<<30 ||
-		e.c.vms[sv.HostID][sv.ID].disk != 20<<30 || !strings.Contains(rop.Message, "next stop and start") {
+	if rop.State != store.OpSucceeded || sv.Plan != "D" || sv.DiskBytes != 20<<30 || e.c.Volumes[sv.Volume] != 20<<30 ||
+		e.c.VMs[sv.HostID][sv.ID].Disk != 20<<30 || !strings.Contains(rop.Message, "next stop and start") {
 		t.Fatalf("resize: op %+v server %+v", rop, sv)
 	}
 	// Migrate to the other host.
@@ -169,7 +173,7 @@ func testLifecycle(t *testing.T, e *env) {
 		t.Fatalf("migrate: %+v", mop)
 	}
 	sv, _ = e.st.GetServer(e.ctx, "web1")
-	if sv.HostID != other.ID || e.c.vms[other.ID][sv.ID] == nil {
+	if sv.HostID != other.ID || e.c.VMs[other.ID][sv.ID] == nil {
 		t.Fatalf("after migrate server on %s, want %s", sv.HostID, other.ID)
 	}
 	if _, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: other.Name}); !errors.Is(err, ErrConflict) {
@@ -197,7 +201,7 @@ func testLifecycle(t *testing.T, e *env) {
 
 func testFailures(t *testing.T, e *env) {
 	for _, step := range []string{"clone", "define", "start"} {
-		e.c.fail = map[string]error{step: errors.New("injected " + step + " failure")}
+		e.c.Fail = map[string]error{step: errors.New("injected " + step + " failure")}
 		op := e.wait(e.create("fail-"+step, ""))
 		if op.State != store.OpFailed || !strings.Contains(op.Error, "injected") {
 			t.Fatalf("%s failure: op %+v", step, op)
@@ -205,15 +209,17 @@ func testFailures(t *testing.T, e *env) {
 		e.nothingLeft()
 	}
 	// A guest that never reports ready times out and is undone.
-	e.c.fail = map[string]error{}
-	e.c.readyAfter = time.Hour
-	e.m.cfg.ReadyTimeout = 500 * time.Millisecond
+	e.c.Fail = map[string]error{}
+	e.c.ReadyAfter = time.Hour
+	e.m.Close()
+	e.m = e.managerWith(500 * time.Millisecond)
 	if op := e.wait(e.create("never-ready", "")); op.State != store.OpFailed || !strings.Contains(op.Error, "did not report ready") {
 		t.Fatalf("ready timeout: %+v", op)
 	}
 	e.nothingLeft()
 	// Cancel while waiting for the guest undoes everything.
-	e.m.cfg.ReadyTimeout = time.Minute
+	e.m.Close()
+	e.m = e.managerWith(time.Minute)
 	op := e.create("cancelled", "")
 	time.Sleep(300 * time.Millisecond)
 	if err := e.m.Cancel(e.ctx, op.ID); err != nil {
@@ -304,10 +310,10 @@ func testAdmission(t *testing.T, e *env) {
 // that a new manager either finishes the server or removes every trace of it.
 func testRestart(t *testing.T, e *env) {
 	// Case 1: the VM is running when the control plane dies: recovery follows it to ready.
-	e.c.readyAfter = 700 * time.Millisecond
+	e.c.ReadyAfter = 700 * time.Millisecond
 	op := e.create("survivor", "")
 	deadline := time.Now().Add(5 * time.Second)
-	for e.c.vmCount() == 0 || e.vmState("survivor") != "running" {
+	for e.c.VMCount() == 0 || e.vmState("survivor") != "running" {
 		if time.Now().After(deadline) {
 			t.Fatal("VM never started")
 		}
@@ -325,8 +331,8 @@ func testRestart(t *testing.T, e *env) {
 		t.Fatalf("recovered create: %+v", op)
 	}
 	// Case 2: the control plane dies before the VM runs: recovery undoes everything.
-	e.c.fail = map[string]error{"start": errors.New("host unreachable")}
-	e.c.readyAfter = 0
+	e.c.Fail = map[string]error{"start": errors.New("host unreachable")}
+	e.c.ReadyAfter = 0
 	op2, _, err := e.m.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "ghost", Customer: "acme", Plan: "E", Image: "tiny"})
 	if err != nil {
 		t.Fatal(err)
@@ -352,7 +358,7 @@ func testRestart(t *testing.T, e *env) {
 	if err := e.st.CreateOperation(e.ctx, &crashed); err != nil {
 		t.Fatal(err)
 	}
-	e.c.fail = map[string]error{}
+	e.c.Fail = map[string]error{}
 	e.m.Close()
 	e.m = e.manager()
 	if err := e.m.Recover(e.ctx); err != nil {
@@ -364,7 +370,7 @@ func testRestart(t *testing.T, e *env) {
 	if _, err := e.st.GetServer(e.ctx, "ghost"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("ghost server still recorded: %v", err)
 	}
-	if _, ok := e.c.volumes["srv-ghost"]; ok {
+	if _, ok := e.c.Volumes["srv-ghost"]; ok {
 		t.Fatal("ghost volume left behind")
 	}
 	leases, _ := e.st.ListLeases(e.ctx, "")
@@ -378,10 +384,10 @@ func (e *env) vmState(name string) string {
 	if err != nil {
 		return ""
 	}
-	e.c.mu.Lock()
-	defer e.c.mu.Unlock()
-	if v := e.c.vms[sv.HostID][sv.ID]; v != nil {
-		return v.state
+	e.c.Mu.Lock()
+	defer e.c.Mu.Unlock()
+	if v := e.c.VMs[sv.HostID][sv.ID]; v != nil {
+		return v.State
 	}
 	return ""
 }

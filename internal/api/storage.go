@@ -1,0 +1,48 @@
+package api
+
+import (
+	"net/http"
+
+	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/store"
+)
+
+// StorageRequest is the body of POST /v1/storage.
+type StorageRequest struct {
+	Name  string `json:"name"`
+	URL   string `json:"url"`
+	Token string `json:"token"`
+}
+
+func (a *API) routeStorage() {
+	a.handle("GET /v1/storage", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
+		cs, err := a.st.ListStorage(r.Context())
+		if err != nil {
+			return err
+		}
+		return paginate(w, r, cs, func(c store.StorageController) string { return c.Name })
+	})
+	a.handle("POST /v1/storage", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
+		var req StorageRequest
+		if err := decode(r, &req); err != nil {
+			return err
+		}
+		if !hostapi.ValidName(req.Name) || !validURL(req.URL) || req.Token == "" {
+			return invalid("A storage controller needs a name, the http(s) URL of its admin API and its token")
+		}
+		c := store.StorageController{Name: req.Name, URL: req.URL, Token: req.Token}
+		if err := a.st.CreateStorage(r.Context(), &c); err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusCreated, c)
+		return nil
+	})
+	a.handle("GET /v1/storage/{id}", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
+		c, err := a.st.GetStorage(r.Context(), r.PathValue("id"))
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, c)
+		return nil
+	})
+}
