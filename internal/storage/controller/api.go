@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/growserver/grow/internal/storage/adminclient"
@@ -32,6 +33,10 @@ func (c *Controller) routes() http.Handler {
 	mux.HandleFunc("POST /v1/pool/replace", c.handleReplaceDisk)
 	mux.HandleFunc("GET /v1/stats", c.handleStats)
 	mux.Handle("GET /metrics", c.metrics.handler())
+	// Profiling, for operators chasing a slow path; behind the token like everything else.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, adminclient.CodeNotFound, fmt.Sprintf("No such endpoint: %s %s", r.Method, r.URL.Path))
 	})

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Storage benchmark (the storage part of `make bench`): the same fio jobs, with fio's nbd
+# ioengine over a unix socket, against grow storaged, qemu-nbd and nbdkit's file plugin,
+# each serving an identical copy of the same data from the same filesystem, in one run;
+# plus the clone time of a 100 MiB and a 10 GiB image. Writes bench/results/storage.md.
+#
+# Environment: GROW_BIN (default bin/grow, built if missing), BENCH_RUNTIME (seconds per
+# job, default 15), BENCH_SIZE (data set, default 512M), BENCH_DIR (work directory on
+# the filesystem to measure, default a new directory under /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+export PATH="/usr/local/go/bin:$PATH"
+source bench/storage/lib.sh
+
+RUNTIME=${BENCH_RUNTIME:-15}
+SIZE=${BENCH_SIZE:-512M}
+GROW=${GROW_BIN:-$REPO/bin/grow}
+OUT=${BENCH_OUT:-$REPO/bench/results/storage.md}
+for tool in fio qemu-nbd nbdkit nbdcopy qemu-img qemu-io; do
+	command -v "$tool" >/dev/null || die "missing $tool (run scripts/install-deps.sh)"
+done
+if [ ! -x "$GROW" ]; then
+	log "building $GROW"
+	go build -o "$GROW" ./cmd/grow
+fi
+
+WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/grow-bench-storage.XXXXXX)}
+mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	[ -n "${BENCH_KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log "work directory $WORK ($(df -h --output=fstype,avail "$WORK" | tail -1 | xargs))"
+log "creating $SIZE of random data"
+head -c "$SIZE" /dev/urandom >"$WORK/data.img"
+BYTES=$(stat -c %s "$WORK/data.img")
+cp "$WORK/data.img" "$WORK/qemu.img"
+cp "$WORK/data.img" "$WORK/nbdkit.img"
+
+# grow storaged: one file disk in its data directory, a fully written volume.
+"$GROW" storaged --data "$WORK/grow" --nbd "" --nbd-socket "$WORK/grow.sock" --api 127.0.0.1:0 \
+	--cache "${BENCH_CACHE:-1GiB}" --pool-size 24GiB 2>"$WORK/grow.log" &
+PIDS+=($!)
+wait_for_log "$WORK/grow.log" "Storage controller ready"
+API=http://$(sed -n 's/.*Storage controller ready.* api=\([^ ]*\).*/\1/p' "$WORK/grow.log" | head -1)
+TOKEN=$(cat "$WORK/grow/admin.token")
+gs() { "$GROW" storage --controller "$API" --token "$TOKEN" "$@"; }
+gs volume create bench --size "$BYTES" >/dev/null
+nbdcopy "$WORK/data.img" "nbd+unix:///bench?socket=$WORK/grow.sock"
+
+qemu-nbd -f raw -k "$WORK/qemu.sock" -x bench --shared=8 --persistent "$WORK/qemu.img" 2>"$WORK/qemu.log" &
+PIDS+=($!)
+nbdkit -f -U "$WORK/nbdkit.sock" -e bench file file="$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
+PIDS+=($!)
+wait_for_socket "$WORK/qemu.sock"
+wait_for_socket "$WORK/nbdkit.sock"
+
+declare -A URI=(
+	[grow]="nbd+unix:///bench?socket=$WORK/grow.sock"
+	[qemu]="nbd+unix:///bench?socket=$WORK/qemu.sock"
+	[nbdkit]="nbd+unix:///bench?socket=$WORK/nbdkit.sock"
+)
+SERVERS=(grow qemu nbdkit)
+
+# Warm every server's caches with one full read, as a VM that has been running would.
+for s in "${SERVERS[@]}"; do
+	nbdcopy "${URI[$s]}" null: 2>/dev/null || nbdcopy "${URI[$s]}" - >/dev/null
+done
+
+declare -A RES
+# name rw bs unit
+JOBS=(
+	"randread-4k randread 4k iops"
+	"randwrite-4k randwrite 4k iops"
+	"seqread-1m read 1m bw"
+	"seqwrite-1m write 1m bw"
+)
+for job in "${JOBS[@]}"; do
+	read -r name rw bs unit <<<"$job"
+	for s in "${SERVERS[@]}"; do
+		log "fio $name against $s"
+		RES[$s,$name]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name.txt")
+	done
+done
+
+# Clone times: a 100 MiB image of random data and a 10 GiB image with data spread over it.
+log "clone times"
+head -c 100M /dev/urandom >"$WORK/img100m.raw"
+gs image import img100m "$WORK/img100m.raw" >/dev/null 2>&1
+qemu-img create -q -f qcow2 "$WORK/img10g.qcow2" 10G
+cmds=()
+for i in $(seq 0 63); do cmds+=(-c "write -P $((i + 1)) $((i * 160))M 1M"); done
+qemu-io -f qcow2 "${cmds[@]}" "$WORK/img10g.qcow2" >/dev/null
+gs image import img10g "$WORK/img10g.qcow2" >/dev/null 2>&1
+CLONE100=$(clone_ms img100m)
+CLONE10G=$(clone_ms img10g)
+
+# Where the controller spends its CPU during 4 KiB random writes (for the owners of slow paths).
+if [ -n "${BENCH_PROFILE:-}" ]; then
+	profile_grow "$API" "$TOKEN" "${URI[grow]}" "$WORK" "$OUT"
+fi
+
+write_report "$OUT"
+log "wrote $OUT"
+cat "$OUT"

@@ -1,0 +1,130 @@
+# Helpers of bench/storage.sh (sourced). Every function writes its result on stdout.
+
+log() { echo "bench/storage: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+# wait_for_log FILE TEXT: wait up to 60 s for TEXT to appear in FILE.
+wait_for_log() {
+	for _ in $(seq 600); do
+		grep -q "$2" "$1" 2>/dev/null && return 0
+		sleep 0.1
+	done
+	cat "$1" >&2
+	die "timed out waiting for '$2' in $1"
+}
+
+# wait_for_socket PATH: wait up to 30 s for a unix socket.
+wait_for_socket() {
+	for _ in $(seq 300); do
+		[ -S "$1" ] && return 0
+		sleep 0.1
+	done
+	die "timed out waiting for socket $1"
+}
+
+# run_fio URI RW BS UNIT RUNTIME LOG: one fio job, 2 jobs x iodepth 32 over fio's nbd
+# engine, each job on its own half of the export. Prints "IOPS MBPS".
+run_fio() {
+	local uri=$1 rw=$2 bs=$3 unit=$4 runtime=$5 logf=$6 half
+	half=$((BYTES / 2))
+	fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
+		--iodepth=32 --numjobs=2 --group_reporting --size="$half" --offset_increment="$half" \
+		--time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
+		--output-format=terse --terse-version=3 >"$logf" 2>"$logf.err" ||
+		{ cat "$logf.err" >&2; die "fio failed against $uri"; }
+	# terse v3: field 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
+	awk -F';' -v rw="$rw" '$1 == "3" {
+		if (rw ~ /write/) { bw = $48; iops = $49 } else { bw = $7; iops = $8 }
+		printf "%d %.0f\n", iops, bw * 1024 / 1e6
+	}' "$logf"
+}
+
+# clone_ms IMAGE: clone IMAGE five times; prints "MEDIAN_CONTROLLER_MS MEDIAN_CLI_MS".
+clone_ms() {
+	local img=$1 i t0 t1 ns ctl=() cli=()
+	for i in 1 2 3 4 5; do
+		t0=$(date +%s%N)
+		ns=$(gs volume clone "$img" "$img-c$i" --output json | sed -n 's/.*"nanoseconds": *\([0-9]*\).*/\1/p')
+		t1=$(date +%s%N)
+		ctl+=("$ns")
+		cli+=($((t1 - t0)))
+	done
+	printf '%s %s\n' \
+		"$(printf '%s\n' "${ctl[@]}" | sort -n | sed -n 3p | awk '{printf "%.2f", $1 / 1e6}')" \
+		"$(printf '%s\n' "${cli[@]}" | sort -n | sed -n 3p | awk '{printf "%.1f", $1 / 1e6}')"
+}
+
+# ratio A B: A/B with two decimals, "-" if B is zero.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+# verdict RATIO TARGET: "met" or "**missed**".
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { if (r != "-" && r + 0 >= t) print "met"; else print "**missed**" }'; }
+
+# profile_grow API TOKEN URI WORK OUT: a 10 s CPU profile of the controller under 4 KiB
+# random writes; leaves the top functions in WORK/pprof-top.txt.
+profile_grow() {
+	local api=$1 token=$2 uri=$3 work=$4
+	fio --name=prof --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 \
+		--size=$((BYTES / 2)) --offset_increment=$((BYTES / 2)) --time_based --runtime=14 \
+		--norandommap --output=/dev/null 2>/dev/null &
+	local fpid=$!
+	sleep 2
+	curl -sf -H "Authorization: Bearer $token" "$api/debug/pprof/profile?seconds=10" -o "$work/cpu.pprof" || true
+	wait "$fpid" || true
+	if [ -s "$work/cpu.pprof" ]; then
+		go tool pprof -top -nodecount=40 "$GROW" "$work/cpu.pprof" >"$work/pprof-top.txt" 2>/dev/null || true
+		cp "$work/pprof-top.txt" "$REPO/bench/results/storage-pprof-randwrite.txt" 2>/dev/null || true
+	fi
+}
+
+# write_report OUT: the markdown table of everything measured.
+write_report() {
+	local out=$1 tmp
+	tmp=$(mktemp)
+	{
+		echo "# Storage benchmark"
+		echo
+		echo "Written by \`bench/storage.sh\` (\`make bench\`). Same fio jobs, in one run, against"
+		echo "\`grow storaged\`, \`qemu-nbd\` and \`nbdkit file\`, each serving an identical copy of"
+		echo "$(numfmt --to=iec "$BYTES") of random data from the same filesystem over a unix socket."
+		echo
+		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+		echo "- Machine: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r), work directory on $(df --output=fstype "$WORK" | tail -1 | xargs)"
+		echo "- Versions: grow $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $(fio --version), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdkit --version)"
+		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp; caches warmed by one full read first; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
+		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs."
+		echo
+		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---|"
+		local job name rw bs unit g q k gv qv kv target r
+		for job in "${JOBS[@]}"; do
+			read -r name rw bs unit <<<"$job"
+			read -r g gv <<<"${RES[grow,$name]}"
+			read -r q qv <<<"${RES[qemu,$name]}"
+			read -r k kv <<<"${RES[nbdkit,$name]}"
+			if [ "$unit" = iops ]; then
+				target=1.00
+				r=$(ratio "$g" "$k")
+				echo "| $name (IOPS) | $g | $q | $k | $r | $(ratio "$g" "$q") | >= $target | $(verdict "$r" "$target") |"
+			else
+				target=0.90
+				r=$(ratio "$gv" "$kv")
+				echo "| $name (MB/s) | $gv | $qv | $kv | $r | $(ratio "$gv" "$qv") | >= $target | $(verdict "$r" "$target") |"
+			fi
+		done
+		echo
+		echo "| Clone (median of 5) | in the controller | CLI round trip (incl. process start) |"
+		echo "|---|---:|---:|"
+		echo "| 100 MiB image (random data) | $(echo "$CLONE100" | cut -d' ' -f1) ms | $(echo "$CLONE100" | cut -d' ' -f2) ms |"
+		echo "| 10 GiB image (64 MiB of data spread over it) | $(echo "$CLONE10G" | cut -d' ' -f1) ms | $(echo "$CLONE10G" | cut -d' ' -f2) ms |"
+		if [ -s "$WORK/pprof-top.txt" ]; then
+			echo
+			echo "CPU profile of grow storaged under 4 KiB random writes (top functions):"
+			echo
+			echo '```'
+			sed -n '1,30p' "$WORK/pprof-top.txt"
+			echo '```'
+		fi
+	} >"$tmp"
+	mv "$tmp" "$out"
+}
