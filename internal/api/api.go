@@ -69,6 +69,8 @@ type API struct {
 	cfg  Config
 	log  *slog.Logger
 	mux  *http.ServeMux
+	// routes lists every registered pattern with whether it is admin-only.
+	routes map[string]bool
 }
 
 type ctxKey struct{}
@@ -84,7 +86,7 @@ func New(cfg Config) *API {
 	if cfg.Rates.OverageYenPerGB == 0 {
 		cfg.Rates = billing.DefaultRates
 	}
-	a := &API{st: cfg.Store, jobs: cfg.Jobs, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
+	a := &API{st: cfg.Store, jobs: cfg.Jobs, cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), routes: map[string]bool{}}
 	a.routePlans()
 	a.routeCustomers()
 	a.routeUsers()
@@ -126,6 +128,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // handle registers pattern; adminOnly endpoints answer 403 to customer users.
 func (a *API) handle(pattern string, adminOnly bool, h handler) {
+	a.routes[pattern] = adminOnly
 	a.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		u, _ := r.Context().Value(ctxKey{}).(store.User)
 		if u.ID == "" {
@@ -140,6 +143,15 @@ func (a *API) handle(pattern string, adminOnly bool, h handler) {
 			a.fail(w, r, err)
 		}
 	})
+}
+
+// Routes returns every endpoint pattern and whether only admins may call it.
+func (a *API) Routes() map[string]bool {
+	out := make(map[string]bool, len(a.routes))
+	for k, v := range a.routes {
+		out[k] = v
+	}
+	return out
 }
 
 // httpError is an error with its own status and code.

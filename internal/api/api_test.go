@@ -1,0 +1,335 @@
+package api_test
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/client"
+	"github.com/growserver/grow/internal/api"
+	"github.com/growserver/grow/internal/authtoken"
+	"github.com/growserver/grow/internal/billing"
+	"github.com/growserver/grow/internal/jobs"
+	"github.com/growserver/grow/internal/jobs/jobstest"
+	"github.com/growserver/grow/internal/scheduler"
+	"github.com/growserver/grow/internal/store"
+	"github.com/growserver/grow/internal/store/storetest"
+)
+
+type fixture struct {
+	t                 *testing.T
+	ctx               context.Context
+	st                *store.Store
+	api               *api.API
+	srv               *httptest.Server
+	adminTok          string
+	admin, alice, bob *client.Client
+	aliceTok, bobTok  string
+	web1, bob1        client.Server
+	web1Op            client.Operation
+	cluster           *jobstest.Cluster
+}
+
+func newFixture(t *testing.T, backend string) *fixture {
+	t.Helper()
+	ctx := context.Background()
+	f := &fixture{t: t, ctx: ctx, st: storetest.Open(t, backend), cluster: jobstest.NewCluster()}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	m := jobs.New(jobs.Config{Store: f.st, Connector: f.cluster, Policy: scheduler.DefaultPolicy, ReadyTimeout: 10 * time.Second, Logger: quiet})
+	t.Cleanup(m.Close)
+	for _, p := range billing.DefaultPlans() {
+		if err := f.st.EnsurePlan(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.adminTok, _ = authtoken.New()
+	if err := f.st.CreateUser(ctx, &store.User{Name: "admin", Role: store.RoleAdmin}, authtoken.Hash(f.adminTok)); err != nil {
+		t.Fatal(err)
+	}
+	f.api = api.New(api.Config{Store: f.st, Jobs: m, Logger: quiet})
+	f.srv = httptest.NewServer(f.api)
+	t.Cleanup(f.srv.Close)
+	f.admin = f.client(f.adminTok)
+
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := f.admin.AddStorage(ctx, client.StorageReq{Name: "stor1", URL: "http://127.0.0.1:1", Token: "x"})
+	must(err)
+	for _, n := range []string{"h1", "h2"} {
+		_, err := f.admin.AddHost(ctx, client.HostRequest{Name: n, URL: "http://127.0.0.1:1", Token: "x", CPUs: 8, MemoryBytes: 8 << 30})
+		must(err)
+	}
+	_, err = f.admin.CreateIPPool(ctx, client.IPPoolRequest{Name: "v4", CIDR: "198.51.100.0/24", First: "198.51.100.10", Last: "198.51.100.200", Gateway: "198.51.100.1"})
+	must(err)
+	_, err = f.admin.ImportImage(ctx, "tiny", bytes.NewReader(make([]byte, 1<<20)), 1<<20, client.ImportOptions{})
+	must(err)
+	for _, c := range []string{"acme", "other"} {
+		_, err := f.admin.CreateCustomer(ctx, client.CustomerReq{Name: c})
+		must(err)
+	}
+	a, err := f.admin.CreateUser(ctx, client.UserRequest{Name: "alice", Role: "customer", Customer: "acme"})
+	must(err)
+	b, err := f.admin.CreateUser(ctx, client.UserRequest{Name: "bob", Role: "customer", Customer: "other"})
+	must(err)
+	f.aliceTok, f.bobTok = a.Token, b.Token
+	f.alice, f.bob = f.client(a.Token), f.client(b.Token)
+	f.web1Op = f.createAndWait("web1", "acme")
+	f.web1, err = f.admin.GetServer(ctx, "web1")
+	must(err)
+	f.createAndWait("bob1", "other")
+	f.bob1, err = f.admin.GetServer(ctx, "bob1")
+	must(err)
+	return f
+}
+
+func (f *fixture) client(tok string) *client.Client {
+	c, err := client.New(f.srv.URL, tok)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return c
+}
+
+func (f *fixture) createAndWait(name, customer string) client.Operation {
+	f.t.Helper()
+	op, err := f.admin.CreateServer(f.ctx, client.CreateServer{Name: name, Customer: customer, Plan: "E", Image: "tiny"}, "")
+	if err != nil {
+		f.t.Fatalf("create %s: %v", name, err)
+	}
+	ctx, cancel := context.WithTimeout(f.ctx, 20*time.Second)
+	defer cancel()
+	op, err = f.admin.WaitOperation(ctx, op.ID, 50*time.Millisecond, nil)
+	if err != nil || op.State != store.OpSucceeded {
+		f.t.Fatalf("create %s: %+v %v", name, op, err)
+	}
+	return op
+}
+
+// raw sends one request with token and returns the status and error code.
+func (f *fixture) raw(method, path, token, body string) (int, string) {
+	f.t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, _ := http.NewRequest(method, f.srv.URL+path, rd)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if method == http.MethodPost && strings.HasPrefix(path, "/v1/images") {
+		req.Header.Set("Content-Type", "application/octet-stream")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var e api.Error
+	b, _ := io.ReadAll(resp.Body)
+	_ = jsonUnmarshal(b, &e)
+	return resp.StatusCode, e.Code
+}
+
+type endpoint struct {
+	pattern string // as registered
+	method  string
+	path    string
+	body    string
+	// tenant marks endpoints about acme's own data: another customer must get 404.
+	tenant bool
+}
+
+func endpoints(f *fixture) []endpoint {
+	srv, op := f.web1.ID, f.web1Op.ID
+	return []endpoint{
+		{"GET /v1/whoami", "GET", "/v1/whoami", "", false},
+		{"GET /v1/plans", "GET", "/v1/plans", "", false},
+		{"GET /v1/plans/{name}", "GET", "/v1/plans/E", "", false},
+		{"PUT /v1/plans/{name}", "PUT", "/v1/plans/E", `{"price_yen":1}`, false},
+		{"DELETE /v1/plans/{name}", "DELETE", "/v1/plans/S", "", false},
+		{"GET /v1/customers", "GET", "/v1/customers", "", false},
+		{"POST /v1/customers", "POST", "/v1/customers", `{"name":"evil"}`, false},
+		{"GET /v1/customers/{id}", "GET", "/v1/customers/acme", "", true},
+		{"PATCH /v1/customers/{id}", "PATCH", "/v1/customers/acme", `{"max_servers":1000}`, true},
+		{"DELETE /v1/customers/{id}", "DELETE", "/v1/customers/acme", "", true},
+		{"GET /v1/customers/{id}/invoices/{month}", "GET", "/v1/customers/acme/invoices/2026-11", "", true},
+		{"GET /v1/users", "GET", "/v1/users", "", false},
+		{"POST /v1/users", "POST", "/v1/users", `{"name":"evil","role":"admin"}`, false},
+		{"GET /v1/users/{id}", "GET", "/v1/users/alice", "", true},
+		{"POST /v1/users/{id}/token", "POST", "/v1/users/alice/token", "", true},
+		{"DELETE /v1/users/{id}", "DELETE", "/v1/users/alice", "", true},
+		{"GET /v1/hosts", "GET", "/v1/hosts", "", false},
+		{"POST /v1/hosts", "POST", "/v1/hosts", `{"name":"evil","url":"http://127.0.0.1:9","token":"t","cpus":1,"memory_bytes":1073741824}`, false},
+		{"GET /v1/hosts/{id}", "GET", "/v1/hosts/h1", "", false},
+		{"PATCH /v1/hosts/{id}", "PATCH", "/v1/hosts/h1", `{"state":"maintenance"}`, false},
+		{"DELETE /v1/hosts/{id}", "DELETE", "/v1/hosts/h2", "", false},
+		{"GET /v1/storage", "GET", "/v1/storage", "", false},
+		{"POST /v1/storage", "POST", "/v1/storage", `{"name":"evil","url":"http://127.0.0.1:9","token":"t"}`, false},
+		{"GET /v1/storage/{id}", "GET", "/v1/storage/stor1", "", false},
+		{"GET /v1/ip-pools", "GET", "/v1/ip-pools", "", false},
+		{"POST /v1/ip-pools", "POST", "/v1/ip-pools", `{"name":"evil","cidr":"10.9.0.0/24","first":"10.9.0.2","last":"10.9.0.9"}`, false},
+		{"GET /v1/ip-pools/{id}", "GET", "/v1/ip-pools/v4", "", false},
+		{"GET /v1/ip-pools/{id}/leases", "GET", "/v1/ip-pools/v4/leases", "", false},
+		{"DELETE /v1/ip-pools/{id}", "DELETE", "/v1/ip-pools/v4", "", false},
+		{"GET /v1/images", "GET", "/v1/images", "", false},
+		{"GET /v1/images/{id}", "GET", "/v1/images/tiny", "", false},
+		{"POST /v1/images", "POST", "/v1/images?name=evil", "xxxx", false},
+		{"DELETE /v1/images/{id}", "DELETE", "/v1/images/tiny", "", false},
+		{"GET /v1/servers", "GET", "/v1/servers?customer=acme", "", true},
+		{"POST /v1/servers", "POST", "/v1/servers", `{"name":"evil","customer":"acme","plan":"E","image":"tiny"}`, true},
+		{"GET /v1/servers/{id}", "GET", "/v1/servers/" + srv, "", true},
+		{"DELETE /v1/servers/{id}", "DELETE", "/v1/servers/" + srv, "", true},
+		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/stop", "", true},
+		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/reboot", "", true},
+		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/start", "", true},
+		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/resize", `{"plan":"D"}`, true},
+		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/migrate", `{"to":"h2"}`, true},
+		{"GET /v1/servers/{id}/console", "GET", "/v1/servers/" + srv + "/console", "", true},
+		{"GET /v1/operations", "GET", "/v1/operations?server=" + srv, "", true},
+		{"GET /v1/operations/{id}", "GET", "/v1/operations/" + op, "", true},
+		{"POST /v1/operations/{id}/cancel", "POST", "/v1/operations/" + op + "/cancel", "", true},
+		{"GET /v1/openapi.yaml", "GET", "/v1/openapi.yaml", "", false},
+	}
+}
+
+// TestAuthorization tries every endpoint without a token, with a wrong token, as
+// another customer and, for admin-only endpoints, as a customer: every attempt must be
+// refused and change nothing.
+func TestAuthorization(t *testing.T) {
+	for _, backend := range storetest.Backends {
+		t.Run(backend, func(t *testing.T) {
+			if backend == "postgres" && testing.Short() {
+				t.Skip("PostgreSQL skipped with -short")
+			}
+			f := newFixture(t, backend)
+			eps := endpoints(f)
+			covered := map[string]bool{}
+			for _, e := range eps {
+				covered[e.pattern] = true
+			}
+			routes := f.api.Routes()
+			for pattern := range routes {
+				if !covered[pattern] {
+					t.Errorf("endpoint %s is missing from the authorization table", pattern)
+				}
+			}
+			before := f.snapshot()
+			for _, e := range eps {
+				adminOnly, ok := routes[e.pattern]
+				if !ok {
+					t.Fatalf("table names unknown endpoint %s", e.pattern)
+				}
+				name := e.method + " " + e.path
+				for _, tok := range []string{"", "not-a-token", f.adminTok + "x"} {
+					if st, code := f.raw(e.method, e.path, tok, e.body); st != http.StatusUnauthorized || code != api.CodeUnauthorized {
+						t.Errorf("%s with token %q: %d %s, want 401 unauthorized", name, tok, st, code)
+					}
+				}
+				isAction := strings.HasSuffix(e.path, "/stop") || strings.HasSuffix(e.path, "/start") || strings.HasSuffix(e.path, "/reboot")
+				if adminOnly || (e.pattern == "POST /v1/servers/{id}/{action}" && !isAction) {
+					st, code := f.raw(e.method, e.path, f.aliceTok, e.body)
+					if st != http.StatusForbidden || code != api.CodeForbidden {
+						t.Errorf("%s as a customer: %d %s, want 403 forbidden", name, st, code)
+					}
+				}
+				if e.tenant {
+					st, _ := f.raw(e.method, e.path, f.bobTok, e.body)
+					if st != http.StatusNotFound && st != http.StatusForbidden {
+						t.Errorf("%s as another customer: %d, want 404 or 403", name, st)
+					}
+				}
+			}
+			if after := f.snapshot(); after != before {
+				t.Fatalf("refused requests changed state:\nbefore %s\nafter  %s", before, after)
+			}
+			// The owner may do the customer actions on its own server.
+			for _, a := range []string{"stop", "start", "reboot"} {
+				op, err := f.alice.ServerAction(f.ctx, f.web1.ID, a, client.ActionRequest{})
+				if err != nil {
+					t.Fatalf("alice %s: %v", a, err)
+				}
+				if op, err = f.alice.WaitOperation(f.ctx, op.ID, 20*time.Millisecond, nil); err != nil || op.State != store.OpSucceeded {
+					t.Fatalf("alice %s: %+v %v", a, op, err)
+				}
+			}
+			// Lists are filtered to the caller's own customer.
+			svs, err := f.bob.ListServers(f.ctx, client.ServerFilter{})
+			if err != nil || len(svs) != 1 || svs[0].Name != "bob1" {
+				t.Fatalf("bob sees %+v (%v), want only bob1", svs, err)
+			}
+			ops, err := f.bob.ListOperations(f.ctx, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, o := range ops {
+				if o.CustomerID != f.bob1.CustomerID {
+					t.Fatalf("bob sees operation %+v of another customer", o)
+				}
+			}
+			if _, err := f.bob.Console(f.ctx, "bob1"); err != nil {
+				t.Fatalf("bob reading his own console: %v", err)
+			}
+		})
+	}
+}
+
+// snapshot summarises everything an attacker could have changed.
+func (f *fixture) snapshot() string {
+	var b strings.Builder
+	cs, _ := f.st.ListCustomers(f.ctx, store.Page{})
+	for _, c := range cs {
+		b.WriteString(c.Name + ":" + itoa(c.MaxServers) + " ")
+	}
+	us, _ := f.st.ListUsers(f.ctx, "", store.Page{})
+	b.WriteString("users=" + itoa(len(us)) + " ")
+	svs, _ := f.st.AllServers(f.ctx)
+	for _, s := range svs {
+		b.WriteString(s.Name + "/" + s.State + "/" + s.Plan + "/" + s.HostID + " ")
+	}
+	ps, _ := f.st.ListPlans(f.ctx)
+	for _, p := range ps {
+		b.WriteString(p.Name + "=" + itoa(int(p.PriceYen)) + " ")
+	}
+	hs, _ := f.st.ListHosts(f.ctx)
+	for _, h := range hs {
+		b.WriteString(h.Name + "/" + h.State + " ")
+	}
+	ims, _ := f.st.ListImages(f.ctx)
+	pools, _ := f.st.ListIPPools(f.ctx)
+	stor, _ := f.st.ListStorage(f.ctx)
+	ops, _ := f.st.ListOperations(f.ctx, store.OperationFilter{}, store.Page{})
+	b.WriteString("images=" + itoa(len(ims)) + " pools=" + itoa(len(pools)) + " storage=" + itoa(len(stor)) + " ops=" + itoa(len(ops)))
+	return b.String()
+}
+
+func TestOpenAPIMatchesDocs(t *testing.T) {
+	docs, err := os.ReadFile("../../docs/openapi.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(docs, api.OpenAPI) {
+		t.Fatal("docs/openapi.yaml differs from internal/api/openapi.yaml: copy it over")
+	}
+	// Every route is documented.
+	a := api.New(api.Config{})
+	for pattern := range a.Routes() {
+		method, path, _ := strings.Cut(pattern, " ")
+		if !bytes.Contains(api.OpenAPI, []byte("\n  "+path+":")) {
+			t.Errorf("path %s is not in the OpenAPI document", path)
+		}
+		if !bytes.Contains(api.OpenAPI, []byte(strings.ToLower(method)+":")) {
+			t.Errorf("method %s is not in the OpenAPI document", method)
+		}
+	}
+}
