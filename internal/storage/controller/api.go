@@ -59,7 +59,7 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 func (c *Controller) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, code := http.StatusInternalServerError, adminclient.CodeInternal
 	switch {
-	case errors.Is(err, errBadRequest), errors.Is(err, volume.ErrInvalid):
+	case errors.Is(err, errBadRequest), errors.Is(err, volume.ErrInvalid), errors.Is(err, errShortUpload):
 		status, code = http.StatusBadRequest, adminclient.CodeInvalid
 	case errors.Is(err, volume.ErrNotFound):
 		status, code = http.StatusNotFound, adminclient.CodeNotFound

@@ -64,7 +64,8 @@ func (c *Controller) importRaw(name string, size int64, body io.Reader) error {
 			c.log.Info("Importing image", "name", name, "done", n, "total", size)
 		}
 	}
-	_, err := c.mgr.ImportImage(name, size, bufio.NewReaderSize(body, 1<<20), progress)
+	exact := &exactReader{r: body, want: size}
+	_, err := c.mgr.ImportImage(name, size, bufio.NewReaderSize(exact, 1<<20), progress)
 	if err != nil && !errors.Is(err, volume.ErrExists) {
 		// The manager is meant to leave nothing behind; make sure of it.
 		if _, gerr := c.mgr.Get(name); gerr == nil {
@@ -151,4 +152,24 @@ func exitDetail(err error) string {
 		return string(bytes.TrimSpace(ee.Stderr))
 	}
 	return err.Error()
+}
+
+// errShortUpload ends an import whose data stopped before the announced size. It must
+// not wrap io.EOF: the volume manager would take that for a short image and zero-fill.
+var errShortUpload = errors.New("the image data ended early")
+
+// exactReader passes through exactly want bytes and turns an early end into errShortUpload.
+type exactReader struct {
+	r    io.Reader
+	want int64
+	got  int64
+}
+
+func (e *exactReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	e.got += int64(n)
+	if err != nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) && e.got < e.want {
+		return n, fmt.Errorf("%w: received %d of %d bytes", errShortUpload, e.got, e.want)
+	}
+	return n, err
 }

@@ -1,8 +1,11 @@
 package storage
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -296,3 +299,83 @@ func TestThinProvisioning(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// TestFailedImportLeavesNothing cuts an upload short and checks that no image, no
+// partial volume and no temporary file is left, and that the name can be used again.
+func TestFailedImportLeavesNothing(t *testing.T) {
+	needTools(t)
+	c := startCtl(t)
+	for _, format := range []string{"raw", "qcow2"} {
+		name := "cut-" + format
+		pr, pw := io.Pipe()
+		go func() {
+			// Promise 64 MiB, send 3 MiB, then break the connection.
+			_, _ = pw.Write(bytes.Repeat([]byte{0xaa}, 3<<20))
+			pw.CloseWithError(errors.New("client went away"))
+		}()
+		_, err := c.client().ImportImage(context.Background(), name, pr, 64<<20, format, nil)
+		if err == nil {
+			t.Fatalf("%s: an import cut short succeeded", format)
+		}
+		waitFor(t, 10*time.Second, "the failed import to be cleaned up", func() bool {
+			_, exists := c.listVolumes()[name]
+			entries, _ := os.ReadDir(filepath.Join(c.dir, "tmp"))
+			return !exists && len(entries) == 0
+		})
+	}
+	stats, err := c.client().Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.Used != 0 {
+		t.Errorf("failed imports left %d bytes allocated", stats.Used)
+	}
+	// The name is free again.
+	img := randomFile(t, t.TempDir(), "ok.raw", 2<<20, 5)
+	c.mustCLI("image", "import", "cut-raw", img)
+	if out := c.mustCLI("check"); !strings.Contains(out, "OK") {
+		t.Errorf("check: %s", out)
+	}
+}
+
+// TestGracefulShutdownFlushes writes without FLUSH, stops the controller with SIGTERM
+// and checks the data is there after the restart.
+func TestGracefulShutdownFlushes(t *testing.T) {
+	needTools(t)
+	c := startCtl(t)
+	c.mustCLI("volume", "create", "soft", "--size", "16MiB")
+	conn, err := dialNBD("unix", c.Socket, "soft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, crashBlock)
+	for slot := 0; slot < 16<<20/crashBlock; slot += 7 {
+		blockFor(buf, slot, uint64(slot+1))
+		if err := conn.WriteAt(buf, int64(slot)*crashBlock, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn.Close()
+	c.stop()
+	if !strings.Contains(c.log(), "Storage controller stopped cleanly") {
+		t.Errorf("no clean stop in the log:\n%s", c.log())
+	}
+	c.restart()
+	conn, err = dialNBD("unix", c.Socket, "soft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for slot := 0; slot < 16<<20/crashBlock; slot++ {
+		if err := conn.ReadAt(buf, int64(slot)*crashBlock); err != nil {
+			t.Fatal(err)
+		}
+		want := uint64(0)
+		if slot%7 == 0 {
+			want = uint64(slot + 1)
+		}
+		if got, ok := seqOf(buf, slot); !ok || got != want {
+			t.Fatalf("block %d holds %d (intact %v) after a clean restart, want %d", slot, got, ok, want)
+		}
+	}
+}
