@@ -2,7 +2,6 @@ package volume
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/crc32"
 	"sort"
@@ -51,8 +50,6 @@ const (
 
 const flagImporting byte = 1
 
-var errCorrupt = errors.New("corrupt metadata")
-
 type record struct {
 	typ     byte
 	name    string
@@ -81,7 +78,7 @@ type decoder struct {
 
 func (d *decoder) fail(what string) {
 	if d.err == nil {
-		d.err = fmt.Errorf("Failed to decode %s: %w", what, errCorrupt)
+		d.err = fmt.Errorf("Failed to decode %s: %w", what, ErrCorrupt)
 	}
 }
 
@@ -248,10 +245,10 @@ func encodeJournalHeader(gen uint64) []byte {
 
 func decodeJournalHeader(b []byte) (uint64, error) {
 	if len(b) < journalHeader || string(b[:8]) != journalMagic {
-		return 0, fmt.Errorf("Failed to decode journal header: %w", errCorrupt)
+		return 0, fmt.Errorf("Failed to decode journal header: %w", ErrCorrupt)
 	}
 	if crc32.Checksum(b[:16], castagnoli) != binary.LittleEndian.Uint32(b[16:20]) {
-		return 0, fmt.Errorf("Failed to decode journal header (CRC mismatch): %w", errCorrupt)
+		return 0, fmt.Errorf("Failed to decode journal header (CRC mismatch): %w", ErrCorrupt)
 	}
 	return binary.LittleEndian.Uint64(b[8:16]), nil
 }
@@ -261,6 +258,9 @@ type journalScan struct {
 	records []record
 	good    int64  // bytes of the file up to the end of the last good record
 	tail    string // why decoding stopped before the end, "" if it reached the end
+	// torn is set when what stopped decoding looks like an interrupted final append:
+	// a record cut short by the end of the file, a bad last record, or zeroes to the end.
+	torn bool
 }
 
 // scanJournal decodes the records of a whole journal file (header included).
@@ -274,22 +274,25 @@ func scanJournal(b []byte) (uint64, journalScan, error) {
 	for off < int64(len(b)) {
 		rest := b[off:]
 		if len(rest) < recordHeader {
-			s.tail = fmt.Sprintf("truncated record header at offset %d", off)
+			s.tail, s.torn = fmt.Sprintf("truncated record header at offset %d", off), true
 			break
 		}
 		n := binary.LittleEndian.Uint32(rest[0:4])
 		sum := binary.LittleEndian.Uint32(rest[4:8])
 		if n == 0 || n > maxRecordLen {
 			s.tail = fmt.Sprintf("bad record length %d at offset %d", n, off)
+			s.torn = allZero(rest)
 			break
 		}
 		if int64(n) > int64(len(rest)-recordHeader) {
-			s.tail = fmt.Sprintf("truncated record at offset %d", off)
+			s.tail, s.torn = fmt.Sprintf("truncated record at offset %d", off), true
 			break
 		}
 		p := rest[recordHeader : recordHeader+int(n)]
+		last := recordHeader+int(n) == len(rest)
 		if crc32.Checksum(p, castagnoli) != sum {
 			s.tail = fmt.Sprintf("record CRC mismatch at offset %d", off)
+			s.torn = last || allZero(rest[recordHeader:])
 			break
 		}
 		r, err := decodeRecord(p)
@@ -302,6 +305,15 @@ func scanJournal(b []byte) (uint64, journalScan, error) {
 		s.good = off
 	}
 	return gen, s, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // encodeCheckpoint serializes the whole state as generation gen.
@@ -363,15 +375,15 @@ func encodeCheckpoint(st *state, gen uint64) []byte {
 // decodeCheckpoint parses a checkpoint into a fresh, structurally validated state.
 func decodeCheckpoint(b []byte) (*state, uint64, error) {
 	if len(b) < len(checkpointMagic)+4 || string(b[:len(checkpointMagic)]) != checkpointMagic {
-		return nil, 0, fmt.Errorf("Failed to decode checkpoint (bad magic): %w", errCorrupt)
+		return nil, 0, fmt.Errorf("Failed to decode checkpoint (bad magic): %w", ErrCorrupt)
 	}
 	body := b[:len(b)-4]
 	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
-		return nil, 0, fmt.Errorf("Failed to decode checkpoint (CRC mismatch): %w", errCorrupt)
+		return nil, 0, fmt.Errorf("Failed to decode checkpoint (CRC mismatch): %w", ErrCorrupt)
 	}
 	d := decoder{b: body[len(checkpointMagic):]}
 	if v := d.u("version"); d.err == nil && v != formatVersion {
-		return nil, 0, fmt.Errorf("Failed to decode checkpoint: unsupported version %d: %w", v, errCorrupt)
+		return nil, 0, fmt.Errorf("Failed to decode checkpoint: unsupported version %d: %w", v, ErrCorrupt)
 	}
 	gen := d.u("generation")
 	st := newState()
@@ -445,12 +457,12 @@ func decodeCheckpoint(b []byte) (*state, uint64, error) {
 	}
 	for id, l := range st.layers {
 		if l.owner == nil {
-			return nil, 0, fmt.Errorf("Failed to decode checkpoint: layer %d has no owner: %w", id, errCorrupt)
+			return nil, 0, fmt.Errorf("Failed to decode checkpoint: layer %d has no owner: %w", id, ErrCorrupt)
 		}
 		if p := parents[id]; p != 0 {
 			pl := st.layers[p]
 			if pl == nil {
-				return nil, 0, fmt.Errorf("Failed to decode checkpoint: layer %d has missing parent %d: %w", id, p, errCorrupt)
+				return nil, 0, fmt.Errorf("Failed to decode checkpoint: layer %d has missing parent %d: %w", id, p, ErrCorrupt)
 			}
 			l.parent = pl
 			pl.children++

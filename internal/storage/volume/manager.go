@@ -124,7 +124,7 @@ func (m *Manager) load() error {
 	st, gen, err := readCheckpoint(m.dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		if jl, _ := filepath.Glob(filepath.Join(m.dir, "journal.*")); len(jl) > 0 {
-			return fmt.Errorf("Failed to open volumes in %q: journals exist but the checkpoint is missing: %w", m.dir, errCorrupt)
+			return fmt.Errorf("Failed to open volumes in %q: journals exist but the checkpoint is missing: %w", m.dir, ErrCorrupt)
 		}
 		st, gen = newState(), 1
 		if err := writeFileSync(m.dir, checkpointName, encodeCheckpoint(st, gen)); err != nil {
@@ -145,11 +145,11 @@ func (m *Manager) load() error {
 		}
 		jg, scan, err := scanJournal(b)
 		if err != nil || jg != g {
-			return fmt.Errorf("Failed to read journal %q: bad header: %w", path, errCorrupt)
+			return fmt.Errorf("Failed to read journal %q: bad header: %w", path, ErrCorrupt)
 		}
 		if scan.tail != "" {
-			if _, err := os.Stat(filepath.Join(m.dir, journalName(g+1))); err == nil {
-				return fmt.Errorf("Failed to replay journal %q: %s: %w", path, scan.tail, errCorrupt)
+			if _, err := os.Stat(filepath.Join(m.dir, journalName(g+1))); err == nil || !scan.torn {
+				return fmt.Errorf("Failed to replay journal %q: %s (durable records may follow; refusing to drop them): %w", path, scan.tail, ErrCorrupt)
 			}
 			// A torn tail of the newest journal is an interrupted append: drop it.
 			if err := os.Truncate(path, scan.good); err != nil {
@@ -214,11 +214,11 @@ func (m *Manager) buildAllocator() error {
 			}
 			p := e - entPhys
 			if p >= m.total {
-				bad = fmt.Errorf("layer %d maps cluster %d beyond the device (%d clusters): %w", l.id, p, m.total, errCorrupt)
+				bad = fmt.Errorf("layer %d maps cluster %d beyond the device (%d clusters): %w", l.id, p, m.total, ErrCorrupt)
 				return
 			}
 			if _, dup := seen[p]; dup {
-				bad = fmt.Errorf("physical cluster %d is mapped twice: %w", p, errCorrupt)
+				bad = fmt.Errorf("physical cluster %d is mapped twice: %w", p, ErrCorrupt)
 				return
 			}
 			seen[p] = struct{}{}

@@ -103,7 +103,7 @@ func canParent(l *layer) bool {
 
 func (st *state) newLayer(id uint64, parent *layer) (*layer, error) {
 	if id == 0 || st.layers[id] != nil || id < st.nextLayer {
-		return nil, fmt.Errorf("layer id %d reused or invalid (next %d): %w", id, st.nextLayer, errCorrupt)
+		return nil, fmt.Errorf("layer id %d reused or invalid (next %d): %w", id, st.nextLayer, ErrCorrupt)
 	}
 	l := &layer{id: id, parent: parent, tab: newTable()}
 	if parent != nil {
@@ -143,16 +143,16 @@ func (st *state) apply(r *record, free func(uint64)) error {
 	switch r.typ {
 	case recCreate:
 		if st.objects[r.name] != nil {
-			return fmt.Errorf("create %q: name exists: %w", r.name, errCorrupt)
+			return fmt.Errorf("create %q: name exists: %w", r.name, ErrCorrupt)
 		}
 		if strings.Contains(r.name, "@") || r.kind == kSnapshot || (r.flags&flagImporting != 0 && r.kind != kImage) {
-			return fmt.Errorf("create %q: bad kind or flags: %w", r.name, errCorrupt)
+			return fmt.Errorf("create %q: bad kind or flags: %w", r.name, ErrCorrupt)
 		}
 		var parent *layer
 		if r.parent != 0 {
 			parent = st.layers[r.parent]
 			if parent == nil || !canParent(parent) || r.kind != kVolume {
-				return fmt.Errorf("create %q: bad parent layer %d: %w", r.name, r.parent, errCorrupt)
+				return fmt.Errorf("create %q: bad parent layer %d: %w", r.name, r.parent, ErrCorrupt)
 			}
 		}
 		l, err := st.newLayer(r.layer, parent)
@@ -165,10 +165,10 @@ func (st *state) apply(r *record, free func(uint64)) error {
 	case recSnapshot:
 		v := st.objects[r.name]
 		if v == nil || v.kind != KindVolume {
-			return fmt.Errorf("snapshot of %q: no such volume: %w", r.name, errCorrupt)
+			return fmt.Errorf("snapshot of %q: no such volume: %w", r.name, ErrCorrupt)
 		}
 		if st.objects[r.name2] != nil || !strings.HasPrefix(r.name2, r.name+"@") {
-			return fmt.Errorf("snapshot %q: bad or existing name: %w", r.name2, errCorrupt)
+			return fmt.Errorf("snapshot %q: bad or existing name: %w", r.name2, ErrCorrupt)
 		}
 		old := v.layer
 		l, err := st.newLayer(r.layer, old)
@@ -182,25 +182,25 @@ func (st *state) apply(r *record, free func(uint64)) error {
 	case recResize:
 		o := st.objects[r.name]
 		if o == nil || o.kind != KindVolume || r.size < o.size.Load() {
-			return fmt.Errorf("resize %q: no such volume or shrinking: %w", r.name, errCorrupt)
+			return fmt.Errorf("resize %q: no such volume or shrinking: %w", r.name, ErrCorrupt)
 		}
 		o.size.Store(r.size)
 	case recDelete:
 		o := st.objects[r.name]
 		if o == nil || o.layer.children != 0 {
-			return fmt.Errorf("delete %q: missing or has dependents: %w", r.name, errCorrupt)
+			return fmt.Errorf("delete %q: missing or has dependents: %w", r.name, ErrCorrupt)
 		}
 		st.dropLayer(o.layer, free)
 		delete(st.objects, r.name)
 	case recMerge:
 		s := st.objects[r.name]
 		if s == nil || s.kind != KindSnapshot || s.layer.children != 1 {
-			return fmt.Errorf("merge %q: not a snapshot with exactly one dependent: %w", r.name, errCorrupt)
+			return fmt.Errorf("merge %q: not a snapshot with exactly one dependent: %w", r.name, ErrCorrupt)
 		}
 		sl := s.layer
 		c := st.childOf(sl)
 		if c == nil {
-			return fmt.Errorf("merge %q: dependent layer missing: %w", r.name, errCorrupt)
+			return fmt.Errorf("merge %q: dependent layer missing: %w", r.name, ErrCorrupt)
 		}
 		sl.tab.each(func(vc, e uint64) {
 			if c.tab.get(vc) == entNone {
@@ -215,24 +215,24 @@ func (st *state) apply(r *record, free func(uint64)) error {
 	case recSeal:
 		o := st.objects[r.name]
 		if o == nil || !o.importing {
-			return fmt.Errorf("seal %q: not an import in progress: %w", r.name, errCorrupt)
+			return fmt.Errorf("seal %q: not an import in progress: %w", r.name, ErrCorrupt)
 		}
 		o.importing = false
 	case recMap:
 		l := st.layers[r.layer]
 		if l == nil {
-			return fmt.Errorf("map in missing layer %d: %w", r.layer, errCorrupt)
+			return fmt.Errorf("map in missing layer %d: %w", r.layer, ErrCorrupt)
 		}
 		o := l.owner
 		if l.children != 0 || (o.readOnly() && !o.importing) {
-			return fmt.Errorf("map in frozen layer %d: %w", r.layer, errCorrupt)
+			return fmt.Errorf("map in frozen layer %d: %w", r.layer, ErrCorrupt)
 		}
 		old := l.tab.set(r.vc, r.entry)
 		if isPhys(old) && old != r.entry {
 			free(old - entPhys)
 		}
 	default:
-		return fmt.Errorf("unknown record type %d: %w", r.typ, errCorrupt)
+		return fmt.Errorf("unknown record type %d: %w", r.typ, ErrCorrupt)
 	}
 	return nil
 }
@@ -244,11 +244,11 @@ func (st *state) checkChains() error {
 		for p := l.parent; p != nil; p = p.parent {
 			n++
 			if n > len(st.layers) {
-				return fmt.Errorf("layer %d: parent chain has a cycle: %w", id, errCorrupt)
+				return fmt.Errorf("layer %d: parent chain has a cycle: %w", id, ErrCorrupt)
 			}
 		}
 		if l.parent != nil && !canParent(l.parent) {
-			return fmt.Errorf("layer %d: parent %d is not a frozen image or snapshot: %w", id, l.parent.id, errCorrupt)
+			return fmt.Errorf("layer %d: parent %d is not a frozen image or snapshot: %w", id, l.parent.id, ErrCorrupt)
 		}
 	}
 	return nil

@@ -46,6 +46,8 @@ var (
 	ErrNoSpace = errors.New("no space left on device")
 	// ErrNotFast means a fast zeroing request would have to write data.
 	ErrNotFast = errors.New("zeroing would not be fast")
+	// ErrCorrupt means the on-disk metadata is damaged; Open refuses to guess.
+	ErrCorrupt = errors.New("corrupt metadata")
 	// ErrClosed means the Manager or Handle was closed.
 	ErrClosed = errors.New("closed")
 )
