@@ -26,6 +26,7 @@ type storageOpts struct {
 	controller string
 	token      string
 	tokenFile  string
+	caCert     string
 	output     string
 }
 
@@ -49,6 +50,7 @@ machine) the controller's token file, DATA/admin.token.`,
 	pf.StringVar(&o.controller, "controller", adminclient.DefaultURL, "admin API URL of the storage controller")
 	pf.StringVar(&o.token, "token", "", "admin API bearer token (default $GROW_TOKEN)")
 	pf.StringVar(&o.tokenFile, "token-file", filepath.Join(defaultStorageDataDir, "admin.token"), "token file read when no token is given and the controller is local")
+	pf.StringVar(&o.caCert, "ca-cert", "", "PEM CA certificate to trust for an https controller URL")
 	pf.StringVarP(&o.output, "output", "o", "table", "output format: table or json")
 
 	vol := &cobra.Command{Use: "volume", Aliases: []string{"volumes", "vol"}, Short: "Volumes, clones and snapshots"}
@@ -85,6 +87,11 @@ func (o *storageOpts) client() (*adminclient.Client, error) {
 	c, err := adminclient.New(o.controller, tok)
 	if err != nil {
 		return nil, usageErr(err)
+	}
+	if o.caCert != "" {
+		if c, err = c.WithCACert(o.caCert); err != nil {
+			return nil, usageErr(err)
+		}
 	}
 	return c, nil
 }

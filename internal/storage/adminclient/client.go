@@ -7,12 +7,15 @@ package adminclient
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 )
@@ -49,6 +52,22 @@ func New(baseURL, token string) (*Client, error) {
 func (c *Client) WithHTTPClient(h *http.Client) *Client {
 	c.http = h
 	return c
+}
+
+// WithCACert makes the client trust the PEM certificates in caFile for an https controller URL.
+func (c *Client) WithCACert(caFile string) (*Client, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to read CA certificate %q: %w", caFile, err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("No PEM certificate found in %q", caFile)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	c.http = &http.Client{Transport: tr}
+	return c, nil
 }
 
 // APIError is an error answer from the controller.

@@ -281,7 +281,7 @@ func (c *Controller) Serve(ctx context.Context) error {
 	} else {
 		serve("admin API", func() error { return c.api.Serve(c.apiLn) })
 	}
-	c.log.Info("Storage controller ready", "nbd", c.NBDAddr(), "nbd_socket", c.NBDSocket(), "api", c.APIAddr(), "data", c.cfg.DataDir)
+	c.log.Info("Storage controller ready", "nbd", c.NBDAddr(), "nbd_socket", c.NBDSocket(), "api", c.APIAddr(), "api_tls", c.api.TLSConfig != nil, "nbd_tls", c.nbd.TLSConfig != nil, "data", c.cfg.DataDir)
 
 	var serveErr error
 	select {

@@ -51,9 +51,11 @@ type ctl struct {
 	Socket  string
 	API     string
 	Token   string
+	// CACert is the CA the CLI and client trust when the admin API is HTTPS.
+	CACert string
 }
 
-var readyRE = regexp.MustCompile(`Storage controller ready.* nbd=(\S*) nbd_socket=(\S*) api=(\S+)`)
+var readyRE = regexp.MustCompile(`Storage controller ready.* nbd=(\S*) nbd_socket=(\S*) api=(\S+) api_tls=(\S+)`)
 
 // startCtl starts grow storaged on a fresh data directory with extra flags.
 func startCtl(t *testing.T, extra ...string) *ctl {
@@ -108,6 +110,9 @@ func (c *ctl) start() {
 	select {
 	case m := <-ready:
 		c.NBDAddr, c.Socket, c.API = m[1], m[2], "http://"+m[3]
+		if m[4] == "true" {
+			c.API = "https://" + m[3]
+		}
 	case <-c.done:
 		c.t.Fatalf("grow storaged exited before it was ready: %v\n%s", c.exit, c.log())
 	case <-time.After(60 * time.Second):
@@ -178,6 +183,11 @@ func (c *ctl) client() *adminclient.Client {
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	if c.CACert != "" {
+		if cl, err = cl.WithCACert(c.CACert); err != nil {
+			c.t.Fatal(err)
+		}
+	}
 	return cl
 }
 
@@ -213,6 +223,9 @@ func (c *ctl) cliWithToken(token string, args ...string) cliResult {
 	full := append([]string{"storage", "--controller", c.API, "--token-file", filepath.Join(c.dir, "no-such-token")}, args...)
 	if token != "" {
 		full = append([]string{"storage", "--controller", c.API, "--token", token}, args...)
+	}
+	if c.CACert != "" {
+		full = append([]string{full[0], "--ca-cert", c.CACert}, full[1:]...)
 	}
 	return run(c.t, c.bin, full...)
 }
