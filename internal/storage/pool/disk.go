@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,7 +40,7 @@ type disk struct {
 	pair  int
 	path  string
 	f     *os.File // nil when the disk could not be opened
-	fd    int
+	rc    syscall.RawConn
 	block bool   // a block device rather than a regular file
 	dev   uint64 // identity of the opened file, compared with the path by the health check
 	ino   uint64
@@ -88,7 +89,22 @@ func openDisk(path string, exclusive bool) (*disk, error) {
 		f.Close()
 		return nil, err
 	}
-	return &disk{path: path, f: f, fd: int(f.Fd()), block: block, dev: fst.Dev, ino: fst.Ino}, nil
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &disk{path: path, f: f, rc: rc, block: block, dev: fst.Dev, ino: fst.Ino}, nil
+}
+
+// withFd runs fn on the disk's descriptor, which stays open meanwhile: a raw descriptor
+// number used after Close could name another file by then.
+func (d *disk) withFd(fn func(fd int) error) error {
+	var ferr error
+	if err := d.rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
 }
 
 // size returns the current size of the disk in bytes.
@@ -97,7 +113,7 @@ func (d *disk) size() (int64, error) {
 		return d.f.Seek(0, io.SeekEnd)
 	}
 	var st unix.Stat_t
-	if err := unix.Fstat(d.fd, &st); err != nil {
+	if err := d.withFd(func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
 		return 0, err
 	}
 	return st.Size, nil
@@ -119,28 +135,113 @@ func (p *Pool) fault(d *disk, op string, off int64) error {
 	return nil
 }
 
-// readDisk reads exactly len(b) bytes; a short read means the disk shrank. Data that
-// holds an all-zero block may come from a hole left by truncating the file (and a later
-// write extending it again), so then the disk's size and tail are checked as well.
+// readDisk reads exactly len(b) bytes; a short read means the disk shrank. A file that
+// was truncated and then extended again by a write reads as zeroes where data was lost,
+// so after each read of a regular file its size is checked (one lseek): data writes never
+// reach the tail block, so a truncated file stays shorter than the pool needs.
 func (p *Pool) readDisk(d *disk, b []byte, off int64) error {
 	if err := p.fault(d, "read", off); err != nil {
 		return err
 	}
 	n, err := d.f.ReadAt(b, off)
 	if n == len(b) {
-		if hasZeroBlock(b) {
-			// One fstat: the tail block keeps a truncated file short even after
-			// writes extended it again; the health check also verifies the tail.
-			if sz, err := d.size(); err != nil || sz < p.l.diskBytes() {
-				return fmt.Errorf("read zeroes from a disk that shrank to %d bytes (needs %d): truncated %v", sz, p.l.diskBytes(), err)
-			}
-		}
-		return nil
+		return p.checkSize(d)
 	}
 	if err == nil || errors.Is(err, io.EOF) {
 		return fmt.Errorf("short read (%d of %d bytes at %d): disk truncated", n, len(b), off)
 	}
 	return err
+}
+
+// checkSize fails a regular file that is shorter than the pool needs (one lseek).
+func (p *Pool) checkSize(d *disk) error {
+	if d.block {
+		return nil
+	}
+	var sz int64
+	err := d.withFd(func(fd int) (err error) {
+		sz, err = unix.Seek(fd, 0, io.SeekEnd)
+		return err
+	})
+	if err != nil || sz < p.l.diskBytes() {
+		return fmt.Errorf("disk shrank to %d bytes, the pool needs %d: truncated (%v)", sz, p.l.diskBytes(), err)
+	}
+	return nil
+}
+
+// readvDisk fills the buffers from consecutive disk bytes at off (preadv).
+func (p *Pool) readvDisk(d *disk, iovs [][]byte, off int64) error {
+	if len(iovs) == 1 {
+		return p.readDisk(d, iovs[0], off)
+	}
+	if err := p.fault(d, "read", off); err != nil {
+		return err
+	}
+	err := d.withFd(func(fd int) error {
+		for len(iovs) > 0 {
+			n, err := unix.Preadv(fd, iovs, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if n == 0 {
+				return fmt.Errorf("short read at %d: disk truncated", off)
+			}
+			off += int64(n)
+			iovs = advance(iovs, n)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return p.checkSize(d)
+}
+
+// writevDisk writes the buffers to consecutive disk bytes at off (pwritev).
+func (p *Pool) writevDisk(d *disk, iovs [][]byte, off int64) error {
+	if len(iovs) == 1 {
+		return p.writeDisk(d, iovs[0], off)
+	}
+	if err := p.fault(d, "write", off); err != nil {
+		return err
+	}
+	return d.withFd(func(fd int) error {
+		for len(iovs) > 0 {
+			n, err := unix.Pwritev(fd, iovs, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if n == 0 {
+				return io.ErrShortWrite
+			}
+			off += int64(n)
+			iovs = advance(iovs, n)
+		}
+		return nil
+	})
+}
+
+// advance drops the first n bytes from iovs (copying the slice header list, not the data).
+func advance(iovs [][]byte, n int) [][]byte {
+	for n > 0 && len(iovs) > 0 {
+		if n >= len(iovs[0]) {
+			n -= len(iovs[0])
+			iovs = iovs[1:]
+			continue
+		}
+		rest := append([][]byte{iovs[0][n:]}, iovs[1:]...)
+		return rest
+	}
+	for len(iovs) > 0 && len(iovs[0]) == 0 {
+		iovs = iovs[1:]
+	}
+	return iovs
 }
 
 func (p *Pool) writeDisk(d *disk, b []byte, off int64) error {
@@ -155,22 +256,10 @@ func (p *Pool) syncDisk(d *disk) error {
 	if err := p.fault(d, "sync", 0); err != nil {
 		return err
 	}
-	return unix.Fdatasync(d.fd)
+	return d.withFd(unix.Fdatasync)
 }
 
 var zeroes = make([]byte, 1<<20)
-
-// hasZeroBlock reports whether b holds a 4 KiB-aligned block (or a shorter tail) of zeroes.
-func hasZeroBlock(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), 4096)
-		if string(b[:n]) == string(zeroes[:n]) {
-			return true
-		}
-		b = b[n:]
-	}
-	return false
-}
 
 func tailBlock(uuid string) []byte {
 	b := make([]byte, tailSize)
@@ -204,7 +293,9 @@ func (p *Pool) discardDisk(d *disk, off, length int64) error {
 	if err := p.fault(d, "discard", off); err != nil {
 		return err
 	}
-	err := unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	err := d.withFd(func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	})
 	if err == nil {
 		return nil
 	}
@@ -243,7 +334,7 @@ func (d *disk) writeHeader(h header, sync bool) error {
 		return fmt.Errorf("Failed to write header of %q: %w", d.path, err)
 	}
 	if sync {
-		if err := unix.Fdatasync(d.fd); err != nil {
+		if err := d.withFd(unix.Fdatasync); err != nil {
 			return fmt.Errorf("Failed to sync header of %q: %w", d.path, err)
 		}
 	}
@@ -256,7 +347,11 @@ func (d *disk) nextData(off, end int64) int64 {
 	if d.block {
 		return off
 	}
-	n, err := unix.Seek(d.fd, off, unix.SEEK_DATA)
+	var n int64
+	err := d.withFd(func(fd int) (err error) {
+		n, err = unix.Seek(fd, off, unix.SEEK_DATA)
+		return err
+	})
 	if err != nil {
 		if errors.Is(err, unix.ENXIO) {
 			return end
@@ -271,7 +366,11 @@ func (d *disk) nextHole(off, end int64) int64 {
 	if d.block {
 		return end
 	}
-	n, err := unix.Seek(d.fd, off, unix.SEEK_HOLE)
+	var n int64
+	err := d.withFd(func(fd int) (err error) {
+		n, err = unix.Seek(fd, off, unix.SEEK_HOLE)
+		return err
+	})
 	if err != nil {
 		return end
 	}

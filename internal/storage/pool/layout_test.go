@@ -64,3 +64,52 @@ func TestDataOffset(t *testing.T) {
 		t.Errorf("dataOffsetFor(4 MiB) = %d", got)
 	}
 }
+
+func TestSplitRuns(t *testing.T) {
+	const unit = 4096
+	p := &Pool{l: layout{unit: unit, pairs: 3, unitsPerDisk: 100, dataOff: 1 << 20}}
+	b := make([]byte, 10*unit)
+	// From the middle of unit 1 to the middle of unit 11: pair 1 gets units 1, 4, 7, 10.
+	runs := p.split(nil, b, unit+100, int64(len(b)))
+	if len(runs) != 3 {
+		t.Fatalf("%d runs, want 3", len(runs))
+	}
+	var total int64
+	for _, r := range runs {
+		var n int64
+		for _, iov := range r.iovs {
+			n += int64(len(iov))
+		}
+		if n != r.n {
+			t.Fatalf("run %+v: iovecs hold %d bytes", r, n)
+		}
+		total += r.n
+	}
+	if total != int64(len(b)) {
+		t.Fatalf("runs cover %d bytes, want %d", total, len(b))
+	}
+	r1 := runs[0]
+	if r1.pair != 1 || r1.doff != 1<<20+100 || r1.n != 4*unit-100 || len(r1.iovs) != 4 {
+		t.Fatalf("first run %+v", r1)
+	}
+	// A discard has runs without buffers.
+	for _, r := range p.split(nil, nil, 0, 30*unit) {
+		if r.iovs != nil || r.n != 10*unit {
+			t.Fatalf("discard run %+v", r)
+		}
+	}
+}
+
+func TestAdvance(t *testing.T) {
+	iovs := [][]byte{make([]byte, 3), make([]byte, 5), make([]byte, 2)}
+	cases := []struct{ n, left, first int }{{0, 3, 3}, {2, 3, 1}, {3, 2, 5}, {4, 2, 4}, {8, 1, 2}, {10, 0, 0}}
+	for _, c := range cases {
+		got := advance(iovs, c.n)
+		if len(got) != c.left || (c.left > 0 && len(got[0]) != c.first) {
+			t.Errorf("advance(%d): %d iovecs, first %d", c.n, len(got), len(got[0]))
+		}
+	}
+	if len(iovs[0]) != 3 {
+		t.Fatal("advance changed its input")
+	}
+}

@@ -479,18 +479,43 @@ func (p *Pool) ReadAt(b []byte, off int64) (int, error) {
 	if err := p.checkRange("read", off, int64(len(b))); err != nil {
 		return 0, err
 	}
-	done := 0
-	for done < len(b) {
-		pair, doff, n, du := p.l.locate(off+int64(done), int64(len(b)-done))
-		if err := p.readPair(pair, b[done:done+int(n)], doff, du); err != nil {
-			return done, fmt.Errorf("Failed to read %d bytes at %d: %w", len(b), off, err)
+	if pair, doff, n, du := p.l.locate(off, int64(len(b))); n == int64(len(b)) {
+		// The common case: the request lives on one pair.
+		if err := p.readPair(pair, [][]byte{b}, doff, du); err != nil {
+			return 0, fmt.Errorf("Failed to read %d bytes at %d: %w", len(b), off, err)
 		}
-		done += int(n)
+		return len(b), nil
 	}
-	return done, nil
+	var small [4]run
+	runs := p.split(small[:0], b, off, int64(len(b)))
+	errs := make([]error, len(runs))
+	if len(b) >= parallelIO && len(runs) > 1 {
+		var wg sync.WaitGroup
+		for i, r := range runs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = p.readPair(r.pair, r.iovs, r.doff, r.diskUnit)
+			}()
+		}
+		wg.Wait()
+	} else {
+		for i, r := range runs {
+			errs[i] = p.readPair(r.pair, r.iovs, r.doff, r.diskUnit)
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return 0, fmt.Errorf("Failed to read %d bytes at %d: %w", len(b), off, err)
+		}
+	}
+	return len(b), nil
 }
 
-func (p *Pool) readPair(pair int, b []byte, doff, du int64) error {
+// readPair reads consecutive disk bytes at doff of pair into iovs from one healthy
+// disk, trying the other one (and failing the first) on error. The starting disk
+// alternates with the stripe unit so both disks of a pair serve reads.
+func (p *Pool) readPair(pair int, iovs [][]byte, doff, du int64) error {
 	first := 2*pair + int(du&1)
 	if len(p.disks) == 1 {
 		first = 0
@@ -501,7 +526,7 @@ func (p *Pool) readPair(pair int, b []byte, doff, du int64) error {
 		if d.state.Load() != stOK {
 			continue
 		}
-		err := p.readDisk(d, b, doff)
+		err := p.readvDisk(d, iovs, doff)
 		if err == nil {
 			return nil
 		}
@@ -509,7 +534,7 @@ func (p *Pool) readPair(pair int, b []byte, doff, du int64) error {
 			return ErrClosed
 		}
 		lastErr = fmt.Errorf("disk %q: %w", d.path, err)
-		if ferr := p.diskFailed(d, fmt.Sprintf("read of %d bytes at %d: %v", len(b), doff, err)); ferr != nil {
+		if ferr := p.diskFailed(d, fmt.Sprintf("read at %d: %v", doff, err)); ferr != nil {
 			return ferr
 		}
 	}

@@ -50,16 +50,40 @@ func (p *Pool) runlockSet(ls *lockSet) {
 	}
 }
 
-// piece is the part of a request that lives on one pair at one disk offset.
-type piece struct {
-	pair int
-	doff int64
-	b    []byte // data to write; nil for a discard
-	n    int64
+// run is the part of a request that lives on one pair: consecutive bytes on its disks
+// (the units of a pair are consecutive on disk), gathered from iovs, or n bytes to
+// discard when iovs is nil.
+type run struct {
+	pair     int
+	doff     int64
+	n        int64
+	diskUnit int64 // stripe unit on the disk where the run starts (readers spread on it)
+	iovs     [][]byte
 }
 
-// parallelWrite is the request size from which the disks are written concurrently.
-const parallelWrite = 128 << 10
+// split cuts the request [off, off+n) into one run per pair; b is nil for a discard.
+func (p *Pool) split(runs []run, b []byte, off, n int64) []run {
+	for done := int64(0); done < n; {
+		pair, doff, l, du := p.l.locate(off+done, n-done)
+		i := 0
+		for i < len(runs) && runs[i].pair != pair {
+			i++
+		}
+		if i == len(runs) || runs[i].doff+runs[i].n != doff {
+			runs = append(runs, run{pair: pair, doff: doff, diskUnit: du})
+			i = len(runs) - 1
+		}
+		if b != nil {
+			runs[i].iovs = append(runs[i].iovs, b[done:done+l])
+		}
+		runs[i].n += l
+		done += l
+	}
+	return runs
+}
+
+// parallelIO is the request size from which pairs and disks are served concurrently.
+const parallelIO = 128 << 10
 
 // WriteAt writes b at off to every live disk of the owning pairs. It succeeds when each
 // pair's data reached at least one healthy disk; a disk that errors is marked failed.
@@ -67,14 +91,9 @@ func (p *Pool) WriteAt(b []byte, off int64) (int, error) {
 	if err := p.checkRange("write", off, int64(len(b))); err != nil {
 		return 0, err
 	}
-	var small [4]piece
-	pieces := small[:0]
-	for done := int64(0); done < int64(len(b)); {
-		pair, doff, n, _ := p.l.locate(off+done, int64(len(b))-done)
-		pieces = append(pieces, piece{pair: pair, doff: doff, b: b[done : done+n], n: n})
-		done += n
-	}
-	if err := p.mutate(pieces, len(b) >= parallelWrite); err != nil {
+	var small [4]run
+	runs := p.split(small[:0], b, off, int64(len(b)))
+	if err := p.mutate(runs, len(b) >= parallelIO); err != nil {
 		return 0, fmt.Errorf("Failed to write %d bytes at %d: %w", len(b), off, err)
 	}
 	return len(b), nil
@@ -88,129 +107,106 @@ func (p *Pool) Discard(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	// The part of a range that falls on one pair is contiguous on its disks.
-	start := make([]int64, p.l.pairs)
-	end := make([]int64, p.l.pairs)
-	for i := range start {
-		start[i] = -1
-	}
-	for done := int64(0); done < length; {
-		pair, doff, n, _ := p.l.locate(off+done, length-done)
-		if start[pair] < 0 {
-			start[pair] = doff
-		}
-		end[pair] = doff + n
-		done += n
-	}
-	var pieces []piece
-	for pair := range start {
-		if start[pair] >= 0 {
-			pieces = append(pieces, piece{pair: pair, doff: start[pair], n: end[pair] - start[pair]})
-		}
-	}
-	if err := p.mutate(pieces, len(pieces) > 1); err != nil {
+	var small [4]run
+	runs := p.split(small[:0], nil, off, length)
+	if err := p.mutate(runs, len(runs) > 1); err != nil {
 		return fmt.Errorf("Failed to discard %d bytes at %d: %w", length, off, err)
 	}
 	return nil
 }
 
-// mutate applies pieces (writes, or discards when piece.b is nil) to the live disks of
-// their pairs under the chunk locks that order them with the rebuild copy.
-func (p *Pool) mutate(pieces []piece, parallel bool) error {
+// mutate applies runs (writes, or discards when iovs is nil) to the live disks of their
+// pairs under the chunk locks that order them with the rebuild copy.
+func (p *Pool) mutate(runs []run, parallel bool) error {
 	var ls lockSet
-	for _, pc := range pieces {
-		p.addRange(&ls, pc.pair, pc.doff, pc.n)
+	for _, r := range runs {
+		p.addRange(&ls, r.pair, r.doff, r.n)
 	}
 	p.rlockSet(&ls)
 	defer p.runlockSet(&ls)
 
 	// Targets are read under the locks: a rebuild that starts later sees this write on
 	// its source; one that started earlier has the new disk among the targets.
-	var targets [][2]*disk
-	if len(p.disks) == 1 {
-		targets = [][2]*disk{{p.disks[0].Load(), nil}}
-	} else {
-		targets = make([][2]*disk, p.l.pairs)
-		for _, pc := range pieces {
-			targets[pc.pair] = [2]*disk{p.disks[2*pc.pair].Load(), p.disks[2*pc.pair+1].Load()}
+	type target struct {
+		d   *disk
+		err error
+	}
+	targets := make([][2]target, len(runs))
+	live := 0
+	for i, r := range runs {
+		if len(p.disks) == 1 {
+			targets[i][0].d = p.disks[0].Load()
+		} else {
+			targets[i][0].d = p.disks[2*r.pair].Load()
+			targets[i][1].d = p.disks[2*r.pair+1].Load()
+		}
+		for side := range targets[i] {
+			if d := targets[i][side].d; d != nil && !d.live() {
+				targets[i][side].d = nil
+			} else if d != nil {
+				live++
+			}
 		}
 	}
-	apply := func(d *disk, pc piece) error {
-		if pc.b == nil {
-			return p.discardDisk(d, pc.doff, pc.n)
+	apply := func(d *disk, r run) error {
+		if r.iovs == nil {
+			return p.discardDisk(d, r.doff, r.n)
 		}
-		return p.writeDisk(d, pc.b, pc.doff)
+		return p.writevDisk(d, r.iovs, r.doff)
 	}
-	var errs [2][]error // per pair side, per pair
-	for side := range errs {
-		errs[side] = make([]error, len(targets))
-	}
-	if !parallel {
-		for _, pc := range pieces {
-			for side, d := range targets[pc.pair] {
-				if d == nil || !d.live() || errs[side][pc.pair] != nil {
-					continue
+	if !parallel || live < 2 {
+		for i, r := range runs {
+			for side := range targets[i] {
+				if t := &targets[i][side]; t.d != nil {
+					t.err = apply(t.d, r)
 				}
-				errs[side][pc.pair] = apply(d, pc)
 			}
 		}
 	} else {
 		var wg sync.WaitGroup
-		for pair, t := range targets {
-			for side, d := range t {
-				if d == nil || !d.live() {
-					continue
+		for i, r := range runs {
+			for side := range targets[i] {
+				if t := &targets[i][side]; t.d != nil {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						t.err = apply(t.d, r)
+					}()
 				}
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for _, pc := range pieces {
-						if pc.pair != pair {
-							continue
-						}
-						if err := apply(d, pc); err != nil {
-							errs[side][pair] = err
-							return
-						}
-					}
-				}()
 			}
 		}
 		wg.Wait()
 	}
 	var firstErr error
-	for pair, t := range targets {
-		for side, d := range t {
-			if d == nil || errs[side][pair] == nil {
+	for i := range runs {
+		for _, t := range targets[i] {
+			if t.d == nil || t.err == nil {
 				continue
 			}
 			if p.closed.Load() {
 				return ErrClosed
 			}
-			if err := p.diskFailed(d, fmt.Sprintf("write: %v", errs[side][pair])); err != nil {
+			if err := p.diskFailed(t.d, fmt.Sprintf("write: %v", t.err)); err != nil {
 				return err
 			}
 			if firstErr == nil {
-				firstErr = fmt.Errorf("disk %q: %w", d.path, errs[side][pair])
+				firstErr = fmt.Errorf("disk %q: %w", t.d.path, t.err)
 			}
 		}
 	}
 	// Each pair needs its data on at least one disk that is still healthy.
-	for pair, t := range targets {
-		if t[0] == nil && t[1] == nil {
-			continue
-		}
+	for i, r := range runs {
 		ok := false
-		for side, d := range t {
-			if d != nil && errs[side][pair] == nil && d.state.Load() == stOK {
+		for _, t := range targets[i] {
+			if t.d != nil && t.err == nil && t.d.state.Load() == stOK {
 				ok = true
 			}
 		}
 		if !ok {
 			if firstErr != nil {
-				return fmt.Errorf("%w (last error: %v)", pairError(pair), firstErr)
+				return fmt.Errorf("%w (last error: %v)", pairError(r.pair), firstErr)
 			}
-			return pairError(pair)
+			return pairError(r.pair)
 		}
 	}
 	return nil
