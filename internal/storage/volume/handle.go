@@ -113,7 +113,7 @@ func (h *Handle) WriteAt(p []byte, off int64, fua bool) error {
 	if err != nil {
 		return err
 	}
-	h.m.dirty.Store(true)
+	h.m.markDirty()
 	if fua {
 		return h.flush("write")
 	}
@@ -219,6 +219,12 @@ func (h *Handle) allocWrite(vc, e uint64, in int64, data []byte, ch chan struct{
 	return nil
 }
 
+func (m *Manager) markDirty() {
+	if !m.dirty.Load() {
+		m.dirty.Store(true)
+	}
+}
+
 // Flush makes every write that completed before it durable.
 func (h *Handle) Flush() error {
 	if err := h.usable("flush"); err != nil {
@@ -282,7 +288,7 @@ func (h *Handle) zero(op string, off, length int64, noHole, fast, trim, fua bool
 	if err != nil {
 		return err
 	}
-	h.m.dirty.Store(true)
+	h.m.markDirty()
 	if fua {
 		return h.flush(op)
 	}

@@ -112,10 +112,8 @@ func Open(metaDir string, d dev.Device, opts Options) (*Manager, error) {
 		lf.Close()
 		return nil, err
 	}
-	if m.opts.SyncInterval > 0 {
-		m.wg.Add(1)
-		go m.background()
-	}
+	m.wg.Add(1)
+	go m.background()
 	return m, nil
 }
 
@@ -311,13 +309,18 @@ func (m *Manager) Close() error {
 
 func (m *Manager) background() {
 	defer m.wg.Done()
-	t := time.NewTicker(m.opts.SyncInterval)
-	defer t.Stop()
+	// Without a sync interval the loop still serves kicks (a large journal buffer).
+	var tick <-chan time.Time
+	if m.opts.SyncInterval > 0 {
+		t := time.NewTicker(m.opts.SyncInterval)
+		defer t.Stop()
+		tick = t.C
+	}
 	for {
 		select {
 		case <-m.stop:
 			return
-		case <-t.C:
+		case <-tick:
 			if !m.dirty.Load() {
 				m.jmu.Lock()
 				idle := len(m.jbuf) == 0
@@ -342,14 +345,14 @@ func (m *Manager) background() {
 func (m *Manager) log(r *record, freed ...uint64) {
 	m.jmu.Lock()
 	m.jbuf = frameRecord(m.jbuf, r)
-	m.pendingNext = append(m.pendingNext, freed...)
-	big := len(m.jbuf) >= kickBytes
-	m.jmu.Unlock()
 	if len(freed) > 0 {
+		m.pendingNext = append(m.pendingNext, freed...)
 		m.amu.Lock()
 		m.pending += int64(len(freed))
 		m.amu.Unlock()
 	}
+	big := len(m.jbuf) >= kickBytes
+	m.jmu.Unlock()
 	if big {
 		select {
 		case m.kick <- struct{}{}:

@@ -109,7 +109,7 @@ type Options struct {
 	// JournalLimit is the journal size after which a checkpoint compacts it (default 64 MiB).
 	JournalLimit int64
 	// SyncInterval is how often buffered metadata is made durable in the background
-	// (default 5 s; negative disables the background sync).
+	// (default 5 s; negative disables the timed sync; compaction still runs).
 	SyncInterval time.Duration
 	// NoCheckpointOnClose skips the checkpoint that Close normally writes.
 	NoCheckpointOnClose bool
