@@ -1,0 +1,64 @@
+package main
+
+import (
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/growserver/grow/client"
+)
+
+func newControllerCmd() *cobra.Command {
+	o := &cpOpts{}
+	cmd := cpNoun("controller", "Storage controllers registered with the control plane", o)
+	var req client.StorageReq
+	add := &cobra.Command{
+		Use:   "add NAME --storage-url URL --storage-token TOKEN",
+		Short: "Register a storage controller (grow storaged)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req.Name = args[0]
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := cpCtx()
+			defer cancel()
+			s, err := c.AddStorage(ctx, req)
+			if err != nil {
+				return cpErr(err)
+			}
+			return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Storage controller %s registered (%s)\n", s.Name, s.ID) })
+		},
+	}
+	add.Flags().StringVar(&req.URL, "storage-url", "", "URL of the controller's admin API, for example http://10.0.0.9:7480")
+	add.Flags().StringVar(&req.Token, "storage-token", "", "the controller's token (its DATA/admin.token)")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List storage controllers",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := cpCtx()
+			defer cancel()
+			ss, err := c.ListStorage(ctx)
+			if err != nil {
+				return cpErr(err)
+			}
+			return o.emit(cmd.OutOrStdout(), ss, func(tw *tabwriter.Writer) {
+				fmt.Fprintln(tw, "NAME\tSTATE\tURL\tID")
+				for _, s := range ss {
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Name, s.State, s.URL, s.ID)
+				}
+			})
+		},
+	}
+	cmd.AddCommand(add, list)
+	return cmd
+}
+
+func init() { rootCmd.AddCommand(newControllerCmd()) }
