@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -132,11 +133,33 @@ func (m *slotModel) makeDurable(seq uint64) {
 // `grow storage check` is clean after every crash.
 func TestCrashDurability(t *testing.T) {
 	needTools(t)
-	const crashes = 24
+	testCrashDurability(t, 24)
+}
+
+// TestCrashDurabilityPool is the crash test on a 4-disk RAID 1+0 pool: the pool's
+// state and both sides of every mirror must survive SIGKILL too.
+func TestCrashDurabilityPool(t *testing.T) {
+	needTools(t)
+	dir := t.TempDir()
+	var args []string
+	for i := 0; i < 4; i++ {
+		args = append(args, "--disk", filepath.Join(dir, fmt.Sprintf("d%d.img", i)))
+	}
+	c := testCrashDurability(t, 12, append(args, "--pool-size", "256MiB")...)
+	if s := c.poolStatus(); s.State != "ok" {
+		t.Errorf("after the crashes the pool is %s: %+v", s.State, s.Disks)
+	}
+	// Both sides of each pair hold the same data once the controller stopped cleanly.
+	c.stop()
+	samePairData(t, filepath.Join(dir, "d0.img"), filepath.Join(dir, "d1.img"))
+	samePairData(t, filepath.Join(dir, "d2.img"), filepath.Join(dir, "d3.img"))
+}
+
+func testCrashDurability(t *testing.T, crashes int, extra ...string) *ctl {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 0x5eed))
-	c := startCtl(t)
+	c := startCtl(t, extra...)
 	c.mustCLI("volume", "create", "crash", "--size", fmt.Sprint(crashVolume))
 	model := make([]slotModel, crashSlots)
 	var seqMu sync.Mutex
@@ -189,6 +212,7 @@ func TestCrashDurability(t *testing.T) {
 	if totalFlushes < crashes {
 		t.Errorf("only %d flushes in %d rounds: the test did not exercise durability", totalFlushes, crashes)
 	}
+	return c
 }
 
 // verifyCrashVolume reads every block and checks it against the model, then makes what
