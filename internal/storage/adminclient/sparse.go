@@ -61,11 +61,20 @@ func (r *SparseReader) classify() {
 		r.dataEnd = r.size
 		return
 	}
+	if fi, err := r.f.Stat(); err == nil && fi.Mode().IsRegular() && r.off >= fi.Size() {
+		// Past the file's end: let ReadAt report the file as shorter than announced.
+		r.dataEnd = r.size
+		return
+	}
 	fd := int(r.f.Fd())
 	d, err := unix.Seek(fd, r.off, unix.SEEK_DATA)
 	switch {
 	case errors.Is(err, unix.ENXIO):
-		r.holeEnd = r.size // only a hole up to the end of the file
+		// Only a hole from here to the end of the file.
+		r.holeEnd = r.size
+		if fi, err := r.f.Stat(); err == nil && fi.Mode().IsRegular() {
+			r.holeEnd = min(r.size, fi.Size())
+		}
 		return
 	case err != nil:
 		r.noSparse = true
