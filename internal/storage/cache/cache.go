@@ -7,6 +7,9 @@
 // acknowledged is ever held only in memory. It must never return data older than the
 // last completed write to the same bytes, and it must never take a global lock on the
 // read path: pages are spread over independently locked shards, each evicting with CLOCK.
+//
+// A page is 64 KiB (the cluster size) with validity tracked per 4 KiB block, so a small
+// random read that misses costs one small device read, not a whole page.
 package cache
 
 import (
@@ -21,10 +24,17 @@ import (
 // PageSize is the unit the cache holds data in; it equals the volume cluster size.
 const PageSize = 64 << 10
 
+// BlockSize is the granularity at which parts of a page are valid.
+const BlockSize = 4 << 10
+
 // maxShards bounds the number of independently locked shards.
 const maxShards = 64
 
-// Stats are the cache's counters; Hits and Misses count pages.
+// bypassSize is the read size from which reads go straight to the device: streaming
+// reads would only evict what small random reads use, and gain nothing from a copy.
+const bypassSize = 256 << 10
+
+// Stats are the cache's counters; Hits and Misses count page accesses.
 type Stats struct {
 	Hits     int64 `json:"hits"`
 	Misses   int64 `json:"misses"`
@@ -44,10 +54,11 @@ type Cache struct {
 }
 
 type slot struct {
-	page int64 // -1 when free
-	n    int   // valid bytes (short only for the device's last page)
-	data []byte
-	ref  atomic.Uint32
+	page  int64  // page number; -1 when free
+	n     int    // page length (short only for the device's last page)
+	valid uint32 // bit i: block i of the page holds the device's data
+	data  []byte
+	ref   atomic.Uint32 // CLOCK reference bit
 }
 
 type shard struct {
@@ -83,11 +94,7 @@ func New(d dev.Device, size int64) *Cache {
 		c.shards[i].m = make(map[int64]int32, per)
 		c.shards[i].maxSlots = per
 	}
-	// A read bigger than an eighth of the cache would only evict what others use.
-	c.bypass = int(c.capacity / 8)
-	if c.bypass < PageSize {
-		c.bypass = PageSize
-	}
+	c.bypass = int(min(bypassSize, max(c.capacity/8, PageSize)))
 	c.bufs.New = func() any { b := make([]byte, PageSize); return &b }
 	return c
 }
@@ -97,21 +104,45 @@ func (c *Cache) shardOf(page int64) *shard {
 	return &c.shards[(h>>56)&c.mask]
 }
 
+// blocks returns the validity bits of the blocks overlapping [lo, hi) of a page.
+func blocks(lo, hi int) uint32 {
+	first, last := lo/BlockSize, (hi-1)/BlockSize
+	return (uint32(1)<<(last+1) - 1) &^ (uint32(1)<<first - 1)
+}
+
+// fullBlocks returns the validity bits of the blocks of a page of length plen that
+// [lo, hi) covers entirely.
+func fullBlocks(lo, hi, plen int) uint32 {
+	first := (lo + BlockSize - 1) / BlockSize
+	end := hi / BlockSize
+	if hi == plen {
+		end = (plen + BlockSize - 1) / BlockSize
+	}
+	if end <= first {
+		return 0
+	}
+	return (uint32(1)<<end - 1) &^ (uint32(1)<<first - 1)
+}
+
 // ReadAt reads from the cache, filling it from the device on a miss.
 func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
-	if c.shards == nil || off < 0 || off+int64(len(p)) > c.size || len(p) > c.bypass {
+	if c.shards == nil || off < 0 || off+int64(len(p)) > c.size || len(p) >= c.bypass {
 		return c.d.ReadAt(p, off)
 	}
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
 		page := pos / PageSize
-		in := int(pos - page*PageSize)
+		start := page * PageSize
+		plen := int(min(PageSize, c.size-start))
+		in := int(pos - start)
+		n := min(len(p)-done, plen-in)
+		need := blocks(in, in+n)
 		s := c.shardOf(page)
 		s.mu.RLock()
-		if i, ok := s.m[page]; ok {
+		if i, ok := s.m[page]; ok && s.slots[i].valid&need == need {
 			sl := s.slots[i]
-			n := copy(p[done:], sl.data[in:sl.n])
+			copy(p[done:done+n], sl.data[in:in+n])
 			if sl.ref.Load() == 0 {
 				sl.ref.Store(1)
 			}
@@ -123,39 +154,49 @@ func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
 		gen := s.gen
 		s.mu.RUnlock()
 		s.misses.Add(1)
-		n, err := c.fill(p[done:], page, in, s, gen)
-		done += n
-		if err != nil {
+		if err := c.fill(p[done:done+n], page, plen, in, s, gen); err != nil {
 			return done, err
 		}
+		done += n
 	}
 	return done, nil
 }
 
-// fill reads one page from the device, copies the wanted part into p and caches the
-// page unless a write or discard touched the shard since gen was taken.
-func (c *Cache) fill(p []byte, page int64, in int, s *shard, gen uint64) (int, error) {
-	start := page * PageSize
-	plen := int(min(PageSize, c.size-start))
+// fill reads the blocks of page that p (at in) needs from the device, copies p out and
+// caches the blocks unless a write or discard touched the shard since gen was taken.
+func (c *Cache) fill(p []byte, page int64, plen, in int, s *shard, gen uint64) error {
+	lo := in / BlockSize * BlockSize
+	hi := min((in+len(p)+BlockSize-1)/BlockSize*BlockSize, plen)
 	bp := c.bufs.Get().(*[]byte)
 	defer c.bufs.Put(bp)
-	buf := (*bp)[:plen]
-	if _, err := c.d.ReadAt(buf, start); err != nil {
-		return 0, err
+	buf := (*bp)[:hi-lo]
+	if _, err := c.d.ReadAt(buf, page*PageSize+int64(lo)); err != nil {
+		return err
 	}
-	n := copy(p, buf[in:])
+	copy(p, buf[in-lo:])
 	s.mu.Lock()
 	if s.gen == gen {
-		if _, ok := s.m[page]; !ok {
-			s.insert(page, buf)
+		sl := s.lookup(page)
+		if sl == nil {
+			sl = s.insert(page, plen)
 		}
+		copy(sl.data[lo:hi], buf)
+		sl.valid |= blocks(lo, hi)
 	}
 	s.mu.Unlock()
-	return n, nil
+	return nil
 }
 
-// insert caches data as page, evicting with CLOCK when the shard is full; s.mu is held.
-func (s *shard) insert(page int64, data []byte) {
+func (s *shard) lookup(page int64) *slot {
+	if i, ok := s.m[page]; ok {
+		return s.slots[i]
+	}
+	return nil
+}
+
+// insert adds an empty (nothing valid) slot for page, evicting with CLOCK when the
+// shard is full; s.mu is held.
+func (s *shard) insert(page int64, plen int) *slot {
 	var i int32
 	switch {
 	case len(s.free) > 0:
@@ -183,9 +224,10 @@ func (s *shard) insert(page int64, data []byte) {
 		}
 	}
 	sl := s.slots[i]
-	sl.page, sl.n = page, copy(sl.data, data)
+	sl.page, sl.n, sl.valid = page, plen, 0
 	sl.ref.Store(0)
 	s.m[page] = i
+	return sl
 }
 
 // remove drops page from the shard; s.mu is held.
@@ -196,14 +238,17 @@ func (s *shard) remove(page int64) {
 	}
 	delete(s.m, page)
 	s.slots[i].page = -1
+	s.slots[i].valid = 0
 	s.free = append(s.free, i)
 	s.used.Add(-1)
 }
 
-// WriteAt writes through to the device, then updates the cached pages it covers.
+// WriteAt writes through to the device, then updates the cached pages it covers:
+// blocks the write covers entirely become valid, partly covered ones stay as they were
+// (updated if they were valid).
 func (c *Cache) WriteAt(p []byte, off int64) (int, error) {
 	n, err := c.d.WriteAt(p, off)
-	if c.shards == nil || off < 0 || len(p) == 0 {
+	if c.shards == nil || off < 0 || len(p) == 0 || off+int64(len(p)) > c.size {
 		return n, err
 	}
 	end := off + int64(len(p))
@@ -211,15 +256,15 @@ func (c *Cache) WriteAt(p []byte, off int64) (int, error) {
 		s := c.shardOf(page)
 		s.mu.Lock()
 		s.gen++
-		if i, ok := s.m[page]; ok {
+		if sl := s.lookup(page); sl != nil {
 			if err != nil {
 				// The device's content is unknown after a failed write: forget the page.
 				s.remove(page)
 			} else {
-				sl := s.slots[i]
 				start := page * PageSize
-				lo, hi := max(off, start), min(end, start+int64(sl.n))
-				copy(sl.data[lo-start:hi-start], p[lo-off:hi-off])
+				lo, hi := int(max(off, start)-start), int(min(end, start+int64(sl.n))-start)
+				copy(sl.data[lo:hi], p[start+int64(lo)-off:])
+				sl.valid |= fullBlocks(lo, hi, sl.n)
 			}
 		}
 		s.mu.Unlock()
@@ -251,7 +296,7 @@ func (c *Cache) Discard(off, length int64) error {
 	if !ok {
 		return ErrDiscardUnsupported
 	}
-	if off < 0 || length < 0 || off+length > c.size {
+	if off < 0 || length < 0 || off > c.size-length {
 		return fmt.Errorf("Failed to discard %d bytes at %d: out of range (size %d)", length, off, c.size)
 	}
 	err := dd.Discard(off, length)
@@ -265,7 +310,7 @@ func (c *Cache) Sync() error { return c.d.Sync() }
 // Size is the device's size.
 func (c *Cache) Size() int64 { return c.size }
 
-// Stats returns the cache counters.
+// Stats returns the cache counters; Bytes counts whole pages held.
 func (c *Cache) Stats() Stats {
 	st := Stats{Capacity: c.capacity}
 	for i := range c.shards {

@@ -314,3 +314,80 @@ func BenchmarkCacheMiss(b *testing.B) {
 		}
 	})
 }
+
+// TestCacheBlockValidity: a small miss caches only the blocks it read; a write that
+// covers part of an uncached block does not make it look cached.
+func TestCacheBlockValidity(t *testing.T) {
+	f := fileDev(t, 1<<20)
+	want := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{2}).Read(want)
+	f.WriteAt(want, 0)
+	c := New(f, 1<<20)
+	read := func(off, n int64) {
+		t.Helper()
+		b := make([]byte, n)
+		if _, err := c.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b, want[off:off+n]) {
+			t.Fatalf("read %d at %d: wrong data", n, off)
+		}
+	}
+	misses := func() int64 { return c.Stats().Misses }
+	read(8192, 4096)
+	m := misses()
+	read(8192+100, 1000) // same block: hit
+	if misses() != m {
+		t.Fatal("a read inside a cached block missed")
+	}
+	read(4096, 8192) // needs block 1, which was not read
+	if misses() != m+1 {
+		t.Fatal("a read of an uncached block of a cached page hit")
+	}
+	// Partial write into uncached block 5 and full write of block 6.
+	w := bytes.Repeat([]byte{0xAB}, 4096+300)
+	c.WriteAt(w, 5*4096+4096-300)
+	copy(want[5*4096+4096-300:], w)
+	m = misses()
+	read(6*4096, 4096) // fully written: cached by the write
+	if misses() != m {
+		t.Fatal("a block fully written through the cache was not cached")
+	}
+	read(5*4096, 4096) // partly written, never read: must come from the device
+	if misses() != m+1 {
+		t.Fatal("a partly written block was served from the cache")
+	}
+	// The device's last page may be short: validity stops at its end.
+	g := fileDev(t, 100_000)
+	gc := New(g, 1<<20)
+	gb := bytes.Repeat([]byte{7}, 100_000-65536)
+	got := make([]byte, len(gb))
+	gc.ReadAt(got, 65536) // caches the short page
+	gc.WriteAt(gb, 65536) // covers it to its end: every block stays valid
+	m = gc.Stats().Misses
+	if _, err := gc.ReadAt(got, 65536); err != nil || !bytes.Equal(got, gb) || gc.Stats().Misses != m {
+		t.Fatalf("short last page: err %v, equal %v, misses %d -> %d", err, bytes.Equal(got, gb), m, gc.Stats().Misses)
+	}
+}
+
+func TestBlockMasks(t *testing.T) {
+	cases := []struct {
+		lo, hi, plen int
+		any, full    uint32
+	}{
+		{0, 4096, PageSize, 1, 1},
+		{1, 4096, PageSize, 1, 0},
+		{0, PageSize, PageSize, 0xFFFF, 0xFFFF},
+		{4095, 8193, PageSize, 0b111, 0b010},
+		{0, 5000, 5000, 0b11, 0b11},
+		{100, 5000, 5000, 0b11, 0b10},
+	}
+	for _, c := range cases {
+		if got := blocks(c.lo, c.hi); got != c.any {
+			t.Errorf("blocks(%d, %d) = %b, want %b", c.lo, c.hi, got, c.any)
+		}
+		if got := fullBlocks(c.lo, c.hi, c.plen); got != c.full {
+			t.Errorf("fullBlocks(%d, %d, %d) = %b, want %b", c.lo, c.hi, c.plen, got, c.full)
+		}
+	}
+}
