@@ -1,7 +1,6 @@
 package testbed
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,49 +28,39 @@ type Daemon struct {
 	cmd     *exec.Cmd
 	done    chan struct{}
 	waitErr error
-	log     *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
+	logPath string
 }
 
 // Log returns the daemon's stdout and stderr so far (across restarts).
-func (d *Daemon) Log() string { return d.log.String() }
+func (d *Daemon) Log() string {
+	b, _ := os.ReadFile(d.logPath)
+	return string(b)
+}
 
 func (d *Daemon) start() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	cmd := NetnsCommand(d.Netns, GrowBinary(d.t), d.Args...)
-	cmd.Stdout, cmd.Stderr = d.log, d.log
+	// A file, not a pipe: children that inherit it (VMs) must not hold up Wait.
+	logf, err := os.OpenFile(d.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("Failed to open the log of %s: %w", d.Name, err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("Failed to start %s: %w", d.Name, err)
 	}
 	done := make(chan struct{})
 	d.cmd, d.done = cmd, done
 	go func() {
-		err := cmd.Wait()
-		d.mu.Lock()
-		d.waitErr = err
-		d.mu.Unlock()
+		// waitErr is read only after done is closed; Stop holds d.mu while it waits for done.
+		d.waitErr = cmd.Wait()
 		close(done)
 	}()
 	if err := WaitListening(d.Netns, d.Addr, 30*time.Second, done); err != nil {
 		d.killLocked()
-		return fmt.Errorf("%s did not come up: %w; log:\n%s", d.Name, err, d.log.String())
+		return fmt.Errorf("%s did not come up: %w; log:\n%s", d.Name, err, d.Log())
 	}
 	tok, err := os.ReadFile(filepath.Join(d.DataDir, "admin.token"))
 	if err != nil {
@@ -141,9 +130,15 @@ func (d *Daemon) Exited() <-chan struct{} {
 func newDaemon(t testing.TB, name, ns, addr, dataDir string, args []string) *Daemon {
 	t.Helper()
 	d := &Daemon{Name: name, Netns: ns, Addr: addr, DataDir: dataDir, Args: args, t: t,
-		PeerURL: "http://" + addr, log: &lockedBuffer{}}
+		PeerURL: "http://" + addr}
+	logDir := shortTempDir(t, "gtb-log-")
+	d.logPath = filepath.Join(logDir, name+".log")
 	t.Cleanup(func() {
-		_ = d.Stop(10 * time.Second)
+		t0 := time.Now()
+		err := d.Stop(10 * time.Second)
+		if os.Getenv("GROW_TESTBED_DEBUG") != "" {
+			t.Logf("stopped %s in %s: %v", d.Name, time.Since(t0), err)
+		}
 		if t.Failed() {
 			t.Logf("%s log:\n%s", d.Name, tail(d.Log(), 6000))
 		}
@@ -276,5 +271,15 @@ func (b *Bed) StartStoraged(t testing.TB, opts StoragedOptions) *Storaged {
 	}
 	args = append(args, opts.Extra...)
 	d := newDaemon(t, fmt.Sprintf("storaged-s%d", i), ns, addr, dir, args)
+	// Cleanups run last-in first-out, so this runs before the controller is stopped:
+	// VMs still connected would hold its graceful shutdown for its full timeout.
+	t.Cleanup(b.killHostProcesses)
 	return &Storaged{Daemon: d, IP: ip, NBDAddr: ip + ":10809"}
+}
+
+// killHostProcesses kills every process in the host namespaces (agents and VMs).
+func (b *Bed) killHostProcesses() {
+	for _, h := range b.Hosts {
+		killNetnsProcesses(h.Netns)
+	}
 }

@@ -19,11 +19,14 @@ import (
 // reaches the guest on the guest network and verifies its disk writer's blocks on the
 // controller's export.
 func TestDaemonsBootGuestFromStoraged(t *testing.T) {
+	t0 := time.Now()
+	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(t0).Seconds(), what) }
 	bed := New(t, Options{Hosts: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
 	st := bed.StartStoraged(t, StoragedOptions{Extra: []string{"--pool-size", "1GiB", "--cache", "32MiB"}})
+	phase("storaged up")
 	sc, err := adminclient.New(st.URL, st.Token)
 	if err != nil {
 		t.Fatal(err)
@@ -46,7 +49,9 @@ func TestDaemonsBootGuestFromStoraged(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	phase("gold master imported and cloned")
 	hd := bed.Hosts[0].StartHostd(t, HostdOptions{})
+	phase("hostd up")
 	hc, err := agentclient.New(hd.URL, hd.Token)
 	if err != nil {
 		t.Fatal(err)
@@ -97,6 +102,7 @@ func TestDaemonsBootGuestFromStoraged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	phase("guest ready")
 	if ready.Hostname != "web1" || ready.Root != "vda" || len(ready.IPs) == 0 || ready.IPs[0] != GuestIP(0) {
 		t.Fatalf("unexpected ready line %+v", ready)
 	}
@@ -116,6 +122,7 @@ func TestDaemonsBootGuestFromStoraged(t *testing.T) {
 	if resp.Hostname != "web1" {
 		t.Fatalf("responder says %q", resp.Hostname)
 	}
+	phase("responder answered")
 	rep, err := VerifyBlocksNBD(st.Netns, st.NBDURI("web1-data"), 2048, resp.Seq)
 	if err != nil {
 		t.Fatalf("blocks up to %d do not verify on the controller: %v", resp.Seq, err)

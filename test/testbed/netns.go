@@ -404,6 +404,16 @@ func (b *Bed) teardown() {
 
 // removeNetns kills the processes still inside ns, then deletes it (its links go with it).
 func removeNetns(ns string) error {
+	killNetnsProcesses(ns)
+	out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "No such file") {
+		return fmt.Errorf("ip netns del %s: %w: %s", ns, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// killNetnsProcesses kills every process inside ns and waits (up to 2.5 s) until none is left.
+func killNetnsProcesses(ns string) {
 	for attempt := 0; attempt < 50; attempt++ {
 		out, err := exec.Command("ip", "netns", "pids", ns).Output()
 		if err != nil {
@@ -420,11 +430,6 @@ func removeNetns(ns string) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput()
-	if err != nil && !strings.Contains(string(out), "No such file") {
-		return fmt.Errorf("ip netns del %s: %w: %s", ns, err, bytes.TrimSpace(out))
-	}
-	return nil
 }
 
 // Namespaces lists the bed's namespaces.

@@ -70,6 +70,13 @@ func dataDisk(spec, seedDisk string) (string, error) {
 		return d, nil
 	}
 	root := rootDisk()
+	// A disk whose serial is "data" (as hostd names disks by their ID) comes first.
+	for _, d := range virtioDisks() {
+		s, _ := os.ReadFile(filepath.Join("/sys/block", d, "serial"))
+		if strings.TrimSpace(string(s)) == "data" && d != root && d != seedDisk {
+			return d, nil
+		}
+	}
 	for _, d := range virtioDisks() {
 		if d == root || d == seedDisk || isoLabel("/dev/"+d) != "" || hasFilesystem("/dev/"+d) {
 			continue
