@@ -252,7 +252,7 @@ func BenchmarkCacheHit(b *testing.B) {
 		b.Run(fmt.Sprintf("set=%dMiB", size>>20), func(b *testing.B) {
 			f := fileDev(b, size)
 			c := New(f, 2*size)
-			buf := make([]byte, 1<<20)
+			buf := make([]byte, PageSize)
 			for off := int64(0); off < size; off += int64(len(buf)) {
 				c.ReadAt(buf, off)
 			}
