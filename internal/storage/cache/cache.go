@@ -64,7 +64,7 @@ type slot struct {
 type shard struct {
 	mu       sync.RWMutex
 	m        map[int64]int32
-	slots    []*slot
+	slots    []slot // capacity maxSlots, never reallocated
 	free     []int32
 	hand     int
 	maxSlots int
@@ -93,6 +93,7 @@ func New(d dev.Device, size int64) *Cache {
 	for i := range c.shards {
 		c.shards[i].m = make(map[int64]int32, per)
 		c.shards[i].maxSlots = per
+		c.shards[i].slots = make([]slot, 0, per)
 	}
 	c.bypass = int(min(bypassSize, max(c.capacity/8, PageSize)))
 	c.bufs.New = func() any { b := make([]byte, PageSize); return &b }
@@ -141,7 +142,7 @@ func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
 		s := c.shardOf(page)
 		s.mu.RLock()
 		if i, ok := s.m[page]; ok && s.slots[i].valid&need == need {
-			sl := s.slots[i]
+			sl := &s.slots[i]
 			copy(p[done:done+n], sl.data[in:in+n])
 			if sl.ref.Load() == 0 {
 				sl.ref.Store(1)
@@ -189,7 +190,7 @@ func (c *Cache) fill(p []byte, page int64, plen, in int, s *shard, gen uint64) e
 
 func (s *shard) lookup(page int64) *slot {
 	if i, ok := s.m[page]; ok {
-		return s.slots[i]
+		return &s.slots[i]
 	}
 	return nil
 }
@@ -205,14 +206,15 @@ func (s *shard) insert(page int64, plen int) *slot {
 		s.used.Add(1)
 	case len(s.slots) < s.maxSlots:
 		i = int32(len(s.slots))
-		s.slots = append(s.slots, &slot{data: make([]byte, PageSize)})
+		s.slots = s.slots[:i+1]
+		s.slots[i].data = make([]byte, PageSize)
 		s.used.Add(1)
 	default:
 		for {
 			if s.hand >= len(s.slots) {
 				s.hand = 0
 			}
-			if sl := s.slots[s.hand]; sl.ref.Load() != 0 {
+			if sl := &s.slots[s.hand]; sl.ref.Load() != 0 {
 				sl.ref.Store(0)
 				s.hand++
 				continue
@@ -223,7 +225,7 @@ func (s *shard) insert(page int64, plen int) *slot {
 			break
 		}
 	}
-	sl := s.slots[i]
+	sl := &s.slots[i]
 	sl.page, sl.n, sl.valid = page, plen, 0
 	sl.ref.Store(0)
 	s.m[page] = i
