@@ -52,6 +52,7 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
+	s.stats.connections.Add(1)
 	return &conn{
 		srv: s,
 		log: s.logger().With("remote", remoteName(nc)),

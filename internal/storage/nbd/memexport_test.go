@@ -12,14 +12,21 @@ import (
 // memCluster is the allocation unit of memExport, like a thin volume's cluster.
 const memCluster = 64 << 10
 
+// Cluster states of a memExport.
+const (
+	clusterHole = iota // unallocated, reads as zeroes
+	clusterData        // allocated, holds data
+	clusterZero        // allocated, known to read as zeroes
+)
+
 // memExport is an in-memory thin export for tests: clusters are allocated on first
 // write, and Trim/WriteZeroes of whole clusters make them holes again.
 type memExport struct {
-	mu        sync.RWMutex
-	data      []byte
-	allocated []bool // per cluster
-	readOnly  bool
-	noFast    bool // WriteZeroes with Fast fails with ErrFastZeroUnsupported
+	mu       sync.RWMutex
+	data     []byte
+	state    []byte // per cluster: clusterHole, clusterData or clusterZero
+	readOnly bool
+	noFast   bool // WriteZeroes with Fast fails with ErrFastZeroUnsupported
 
 	// Counters the tests look at.
 	flushes, fuas, caches, trims, zeroes atomic.Int64
@@ -33,9 +40,9 @@ type memExport struct {
 
 func newMemExport(size int64) *memExport {
 	return &memExport{
-		data:      make([]byte, size),
-		allocated: make([]bool, (size+memCluster-1)/memCluster),
-		failAt:    -1,
+		data:   make([]byte, size),
+		state:  make([]byte, (size+memCluster-1)/memCluster),
+		failAt: -1,
 	}
 }
 
@@ -77,7 +84,7 @@ func (m *memExport) WriteAt(p []byte, off int64, fua bool) error {
 	m.mu.Lock()
 	copy(m.data[off:], p)
 	for c := off / memCluster; c <= (off+int64(len(p))-1)/memCluster; c++ {
-		m.allocated[c] = true
+		m.state[c] = clusterData
 	}
 	m.mu.Unlock()
 	if fua {
@@ -88,19 +95,18 @@ func (m *memExport) WriteAt(p []byte, off int64, fua bool) error {
 
 func (m *memExport) Flush() error { m.flushes.Add(1); return nil }
 
-// zeroRange zeroes [off, off+length) and, unless keep, deallocates whole clusters in it.
+// zeroRange zeroes [off, off+length); whole clusters in it become holes, or with
+// keep allocated zero clusters.
 func (m *memExport) zeroRange(off, length int64, keep bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.data[off : off+length])
+	st := byte(clusterHole)
 	if keep {
-		for c := off / memCluster; c <= (off+length-1)/memCluster; c++ {
-			m.allocated[c] = true
-		}
-		return
+		st = clusterZero
 	}
 	for c := (off + memCluster - 1) / memCluster; (c+1)*memCluster <= off+length; c++ {
-		m.allocated[c] = false
+		m.state[c] = st
 	}
 }
 
@@ -140,8 +146,8 @@ func (m *memExport) Cache(off, length int64) error {
 	return nil
 }
 
-// Extents reports holes (unallocated clusters, Hole+Zero), allocated clusters that are
-// all zero (Zero) and data, merging neighbours of the same kind.
+// Extents reports holes (Hole+Zero), allocated zero clusters (Zero) and data, merging
+// neighbours of the same kind.
 func (m *memExport) Extents(off, length int64) ([]Extent, error) {
 	if err := m.check(off, length); err != nil {
 		return nil, err
@@ -157,9 +163,10 @@ func (m *memExport) Extents(off, length int64) ([]Extent, error) {
 		c := pos / memCluster
 		next := min((c+1)*memCluster, end)
 		e := Extent{Length: next - pos}
-		if !m.allocated[c] {
+		switch m.state[c] {
+		case clusterHole:
 			e.Hole, e.Zero = true, true
-		} else if allZero(m.data[pos:next]) {
+		case clusterZero:
 			e.Zero = true
 		}
 		if n := len(out); n > 0 && out[n-1].Hole == e.Hole && out[n-1].Zero == e.Zero {
@@ -170,15 +177,6 @@ func (m *memExport) Extents(off, length int64) ([]Extent, error) {
 		pos = next
 	}
 	return out, nil
-}
-
-func allZero(b []byte) bool {
-	for _, v := range b {
-		if v != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func (m *memExport) Close() error { return nil }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -38,6 +39,7 @@ type Server struct {
 	// MaxBufferBytes bounds payload memory held per connection; zero means 64 MiB.
 	MaxBufferBytes int64
 
+	stats     serverStats
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
@@ -195,4 +197,26 @@ func (s *Server) Close() error {
 	}
 	s.connWG.Wait()
 	return nil
+}
+
+// serverStats are counters kept across all connections.
+type serverStats struct {
+	connections atomic.Int64 // accepted
+	requests    atomic.Int64 // transmission-phase requests served
+	writes      atomic.Int64 // write system calls carrying replies
+}
+
+// Stats is a snapshot of the server's counters.
+type Stats struct {
+	// Connections is the number of connections accepted so far.
+	Connections int64
+	// Requests is the number of transmission-phase requests served so far.
+	Requests int64
+	// ReplyWrites is the number of socket writes that carried replies (batching makes it lower than Requests).
+	ReplyWrites int64
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load()}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"sync"
 )
 
@@ -129,6 +130,7 @@ func (c *conn) readLoop() error {
 }
 
 func (r *request) serve() {
+	r.c.srv.stats.requests.Add(1)
 	c := r.c
 	r.errno = c.execute(r)
 	c.replies <- r
@@ -388,6 +390,12 @@ func (c *conn) writer() {
 	for r := range c.replies {
 		if c.writeErr == nil {
 			c.encode(r)
+			if len(c.replies) == 0 && len(c.out) < outBufferSize-4096 {
+				// Let handlers that are runnable finish first so their replies
+				// share this write: one yield, so a slow handler never delays
+				// the replies already here.
+				runtime.Gosched()
+			}
 			if len(c.replies) == 0 || len(c.out) >= outBufferSize-4096 {
 				c.flush()
 			}
@@ -400,6 +408,7 @@ func (c *conn) flush() {
 	if len(c.out) == 0 || c.writeErr != nil {
 		return
 	}
+	c.srv.stats.writes.Add(1)
 	if _, err := c.nc.Write(c.out); err != nil {
 		c.writeFailed(err)
 	}
@@ -411,6 +420,7 @@ func (c *conn) flushWith(p []byte) {
 	if c.writeErr != nil {
 		return
 	}
+	c.srv.stats.writes.Add(1)
 	c.vec = append(c.vecArr[:0], c.out, p)
 	if _, err := c.vec.WriteTo(c.nc); err != nil {
 		c.writeFailed(err)
