@@ -240,6 +240,7 @@ func (m *Manager) checkAllocator(rep *Report, used []uint64) {
 	}
 	seen := make(map[uint64]bool, len(m.free))
 	for _, p := range m.free {
+		p &^= knownZero
 		switch {
 		case p >= m.next:
 			rep.problem("free cluster %d is at or above the high-water mark %d", p, m.next)

@@ -177,31 +177,38 @@ func (h *Handle) allocWrite(vc, e uint64, in int64, data []byte, ch chan struct{
 		delete(o.inflight, vc)
 		close(ch)
 	}
-	p, err := m.alloc()
+	p, zero, err := m.alloc()
 	if err != nil {
 		o.tab.Lock()
 		done()
 		o.tab.Unlock()
 		return err
 	}
-	buf := data
+	buf, at := data, int64(p)<<clusterShift
 	var pooled *[ClusterSize]byte
 	if in != 0 || len(data) != ClusterSize {
-		pooled = clusterPool.Get().(*[ClusterSize]byte)
-		buf = pooled[:]
 		var base uint64 = entNone
 		if e == entNone {
 			base = resolve(top.parent, vc)
 		}
-		if isPhys(base) {
+		switch {
+		case !isPhys(base) && zero:
+			// The new cluster already reads as zeroes: write only the data.
+			at += in
+		case isPhys(base):
+			pooled = clusterPool.Get().(*[ClusterSize]byte)
+			buf = pooled[:]
 			_, err = m.dev.ReadAt(buf, int64(base-entPhys)<<clusterShift)
-		} else {
+			copy(buf[in:], data)
+		default:
+			pooled = clusterPool.Get().(*[ClusterSize]byte)
+			buf = pooled[:]
 			clear(buf)
+			copy(buf[in:], data)
 		}
-		copy(buf[in:], data)
 	}
 	if err == nil {
-		_, err = m.dev.WriteAt(buf, int64(p)<<clusterShift)
+		_, err = m.dev.WriteAt(buf, at)
 	}
 	if pooled != nil {
 		clusterPool.Put(pooled)

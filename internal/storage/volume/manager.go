@@ -35,9 +35,10 @@ type Manager struct {
 	amu     sync.Mutex
 	total   uint64
 	next    uint64   // clusters at or above next were never used
-	free    []uint64 // reusable clusters (their freeing record is durable)
+	free    []uint64 // reusable clusters (their freeing record is durable), maybe | knownZero
 	used    int64    // clusters below next that are not free (mapped, being written or pending free)
 	pending int64    // clusters whose freeing record is not durable yet
+	hwZero  bool     // clusters at or above next read as zeroes (discarded at open)
 
 	// Metadata records not yet written to the journal file.
 	jmu         sync.Mutex
@@ -239,7 +240,51 @@ func (m *Manager) buildAllocator() error {
 		}
 	}
 	m.used = int64(len(seen))
+	m.discardFree()
 	return nil
+}
+
+// discardFree gives every free cluster back to the device at open. Afterwards they
+// read as zeroes, so a first partial write into one need not write the rest of it
+// (allocations that a crash left unrecorded may have put data there).
+func (m *Manager) discardFree() {
+	if m.disc == nil {
+		return
+	}
+	if m.next < m.total && m.disc.Discard(int64(m.next)*ClusterSize, int64(m.total-m.next)*ClusterSize) == nil {
+		m.hwZero = true
+	}
+	m.free = m.discardRuns(m.free)
+}
+
+// discardRuns discards the clusters of list (a free-list slice) in contiguous runs and
+// returns it with knownZero set on every cluster whose discard succeeded.
+func (m *Manager) discardRuns(list []uint64) []uint64 {
+	if m.disc == nil || len(list) == 0 {
+		return list
+	}
+	s := append([]uint64(nil), list...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	out := list[:0]
+	for i := 0; i < len(s); {
+		j := i + 1
+		for j < len(s) && s[j] == s[j-1]+1 {
+			j++
+		}
+		flag := uint64(0)
+		if m.disc.Discard(int64(s[i])*ClusterSize, int64(j-i)*ClusterSize) == nil {
+			flag = knownZero
+		}
+		for _, p := range s[i:j] {
+			out = append(out, p|flag)
+		}
+		i = j
+	}
+	// Reverse so that alloc, which pops from the end, hands out low clusters first.
+	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
+		out[i], out[j] = out[j], out[i]
+	}
+	return out
 }
 
 func readCheckpoint(dir string) (*state, uint64, error) {
@@ -432,28 +477,23 @@ func (m *Manager) release(freed []uint64) {
 	if len(freed) == 0 {
 		return
 	}
-	if m.disc != nil {
-		s := append([]uint64(nil), freed...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		for i := 0; i < len(s); {
-			j := i + 1
-			for j < len(s) && s[j] == s[j-1]+1 {
-				j++
-			}
-			// Discard is an optimisation; a failure leaves the old data, never exposed.
-			_ = m.disc.Discard(int64(s[i])*ClusterSize, int64(j-i)*ClusterSize)
-			i = j
-		}
-	}
+	n := int64(len(freed))
+	// A failed discard only leaves old data in a free cluster, never exposed: such a
+	// cluster is not marked knownZero, so its first write fills it completely.
+	freed = m.discardRuns(freed)
 	m.amu.Lock()
 	m.free = append(m.free, freed...)
-	m.used -= int64(len(freed))
-	m.pending -= int64(len(freed))
+	m.used -= n
+	m.pending -= n
 	m.amu.Unlock()
 }
 
-// alloc hands out a physical cluster that no layer maps and whose freeing is durable.
-func (m *Manager) alloc() (uint64, error) {
+// knownZero marks a free-list entry whose cluster was discarded and reads as zeroes.
+const knownZero = 1 << 63
+
+// alloc hands out a physical cluster that no layer maps and whose freeing is durable;
+// zero reports that the cluster is known to read as zeroes.
+func (m *Manager) alloc() (p uint64, zero bool, err error) {
 	for attempt := 0; ; attempt++ {
 		m.amu.Lock()
 		if n := len(m.free); n > 0 {
@@ -461,28 +501,30 @@ func (m *Manager) alloc() (uint64, error) {
 			m.free = m.free[:n-1]
 			m.used++
 			m.amu.Unlock()
-			return p, nil
+			return p &^ knownZero, p&knownZero != 0, nil
 		}
 		if m.next < m.total {
 			p := m.next
 			m.next++
 			m.used++
+			zero := m.hwZero
 			m.amu.Unlock()
-			return p, nil
+			return p, zero, nil
 		}
 		pending := m.pending
 		m.amu.Unlock()
 		if pending == 0 || attempt > 0 {
-			return 0, fmt.Errorf("Failed to allocate a cluster (%d clusters, all in use): %w", m.total, ErrNoSpace)
+			return 0, false, fmt.Errorf("Failed to allocate a cluster (%d clusters, all in use): %w", m.total, ErrNoSpace)
 		}
 		// Clusters are waiting for their freeing record to be durable: make it so.
 		if err := m.sync(); err != nil {
-			return 0, err
+			return 0, false, err
 		}
 	}
 }
 
-// unalloc returns a cluster that alloc handed out but no record ever mapped.
+// unalloc returns a cluster that alloc handed out but no record ever mapped; a failed
+// write may have left data in it, so it is not known to be zero.
 func (m *Manager) unalloc(p uint64) {
 	m.amu.Lock()
 	m.free = append(m.free, p)
