@@ -276,12 +276,13 @@ func (c *Controller) Serve(ctx context.Context) error {
 	if c.nbdUnix != nil {
 		serve("NBD over unix socket", func() error { return c.nbd.Serve(c.nbdUnix) })
 	}
-	if c.api.TLSConfig != nil {
+	apiTLS, nbdTLS := c.api.TLSConfig != nil, c.nbd.TLSConfig != nil
+	if apiTLS {
 		serve("admin API", func() error { return c.api.ServeTLS(c.apiLn, "", "") })
 	} else {
 		serve("admin API", func() error { return c.api.Serve(c.apiLn) })
 	}
-	c.log.Info("Storage controller ready", "nbd", c.NBDAddr(), "nbd_socket", c.NBDSocket(), "api", c.APIAddr(), "api_tls", c.api.TLSConfig != nil, "nbd_tls", c.nbd.TLSConfig != nil, "data", c.cfg.DataDir)
+	c.log.Info("Storage controller ready", "nbd", c.NBDAddr(), "nbd_socket", c.NBDSocket(), "api", c.APIAddr(), "api_tls", apiTLS, "nbd_tls", nbdTLS, "data", c.cfg.DataDir)
 
 	var serveErr error
 	select {
