@@ -177,6 +177,29 @@ func (m *Manager) runStart(r *opRun) error {
 	if err != nil {
 		return err
 	}
+	// A plan change that could not be applied online is applied now, on a fresh definition.
+	if vm, err := agent.Get(r.ctx, sv.ID); err == nil && vm.State != hostapi.StateRunning &&
+		(vm.Spec.MemoryMiB != int(sv.MemoryBytes>>20) || vm.Spec.VCPUs != sv.VCPUs) {
+		r.progress("apply plan", 10)
+		im, err := m.st.GetImage(r.ctx, sv.ImageID)
+		if err != nil {
+			return err
+		}
+		_, stor, err := m.storageOf(r.ctx, sv.StorageID)
+		if err != nil {
+			return err
+		}
+		spec, err := m.vmSpec(r.ctx, sv, im, stor)
+		if err != nil {
+			return err
+		}
+		if err := agent.Delete(r.ctx, sv.ID); err != nil {
+			return err
+		}
+		if err := agent.Define(r.ctx, spec); err != nil {
+			return fmt.Errorf("Failed to redefine %q with plan %s (the VM definition is gone; start again to retry): %w", sv.Name, sv.Plan, err)
+		}
+	}
 	r.progress("start", 30)
 	if err := agent.Start(r.ctx, sv.ID); err != nil {
 		return err
@@ -265,6 +288,7 @@ func (m *Manager) runResize(r *opRun) error {
 		return err
 	}
 	oldState := sv.State
+	var later []string
 	if plan.DiskBytes > sv.DiskBytes {
 		r.progress("grow volume", 20)
 		if err := stor.ResizeVolume(r.ctx, sv.Volume, plan.DiskBytes); err != nil {
@@ -278,11 +302,14 @@ func (m *Manager) runResize(r *opRun) error {
 		if oldState == store.ServerRunning {
 			r.progress("grow guest disk", 40)
 			if err := agent.Resize(r.ctx, sv.ID, hostapi.ResizeRequest{Disk: "root", DiskBytes: plan.DiskBytes}); err != nil {
-				return err
+				if errors.Is(err, context.Canceled) {
+					return err
+				}
+				// The volume is larger already; QEMU learns the size again when it reconnects.
+				later = append(later, fmt.Sprintf("the guest sees the %d GiB disk at the next stop and start (online growth refused by the host: %v)", plan.DiskBytes>>30, err))
 			}
 		}
 	}
-	var later []string
 	if oldState == store.ServerRunning && (plan.MemoryBytes != sv.MemoryBytes || plan.VCPUs != sv.VCPUs) {
 		r.progress("memory and vCPUs", 70)
 		rr := hostapi.ResizeRequest{}

@@ -160,6 +160,18 @@ func testLifecycle(t *testing.T, e *env) {
 		e.c.VMs[sv.HostID][sv.ID].Disk != 20<<30 || !strings.Contains(rop.Message, "next stop and start") {
 		t.Fatalf("resize: op %+v server %+v", rop, sv)
 	}
+	// A host that cannot grow the disk online still completes the resize, announcing the restart.
+	e.c.Fail = map[string]error{"resize": errors.New("Cannot grow NBD nodes")}
+	rop, err = e.m.ServerAction(e.ctx, e.admin, sv.ID, KindResize, ActionRequest{Plan: "C"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rop = e.wait(rop)
+	e.c.Fail = map[string]error{}
+	sv, _ = e.st.GetServer(e.ctx, "web1")
+	if rop.State != store.OpSucceeded || sv.Plan != "C" || sv.DiskBytes != 40<<30 || e.c.Volumes[sv.Volume] != 40<<30 || !strings.Contains(rop.Message, "disk at the next stop and start") {
+		t.Fatalf("resize without online growth: op %+v server %+v", rop, sv)
+	}
 	// Migrate to the other host.
 	other := e.hosts[0]
 	if other.ID == sv.HostID {
@@ -188,6 +200,10 @@ func testLifecycle(t *testing.T, e *env) {
 		if o = e.wait(o); o.State != store.OpSucceeded {
 			t.Fatalf("%s: %+v", k, o)
 		}
+	}
+	// The stop and start applied the plan's memory, which could not change online.
+	if vm := e.c.VMs[sv.HostID][sv.ID]; vm.Spec.MemoryMiB != int(sv.MemoryBytes>>20) || vm.State != "running" {
+		t.Fatalf("after stop and start the VM has %d MiB (%s), want %d MiB", vm.Spec.MemoryMiB, vm.State, sv.MemoryBytes>>20)
 	}
 	dop, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindDelete, ActionRequest{})
 	if err != nil {
