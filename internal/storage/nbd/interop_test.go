@@ -208,7 +208,7 @@ func TestCopyRoundTrip(t *testing.T) {
 
 	// qemu-img in over TCP, nbdcopy out over the unix socket.
 	run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", in, s.tcpURI("a"))
-	if !bytes.Equal(a.data, want) {
+	if !bytes.Equal(a.content(0, a.Size()), want) {
 		t.Fatal("export content differs from the source after qemu-img convert")
 	}
 	run(t, "nbdcopy", s.unixURI("a"), filepath.Join(dir, "out1.raw"))
@@ -258,8 +258,9 @@ func TestQemuIO(t *testing.T) {
 		t.Errorf("export saw flushes=%d fuas=%d zeroes=%d trims=%d", m.flushes.Load(), m.fuas.Load(), m.zeroes.Load(), m.trims.Load())
 	}
 	// A read-only export refuses writes with EPERM.
-	ro := ex.add("ro", "", newMemExport(1<<20))
+	ro := newMemExport(1 << 20)
 	ro.readOnly = true
+	ex.add("ro", "", ro)
 	out, _ := runErr("qemu-io", "-f", "raw", "-r", s.unixURI("ro"), "-c", "read -P 0 0 64k")
 	if strings.Contains(out, "failed") {
 		t.Fatalf("qemu-io read of read-only export: %s", out)

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"sort"
@@ -26,7 +27,7 @@ type memExport struct {
 	data     []byte
 	state    []byte // per cluster: clusterHole, clusterData or clusterZero
 	readOnly bool
-	noFast   bool // WriteZeroes with Fast fails with ErrFastZeroUnsupported
+	noFast   atomic.Bool // WriteZeroes with Fast fails with ErrFastZeroUnsupported
 
 	// Counters the tests look at.
 	flushes, fuas, caches, trims, zeroes atomic.Int64
@@ -56,7 +57,14 @@ func (m *memExport) check(off, length int64) error {
 	return nil
 }
 
-func (m *memExport) Size() int64    { return int64(len(m.data)) }
+func (m *memExport) Size() int64 { return int64(len(m.data)) }
+
+// content returns a copy of [off, off+length) taken under the lock.
+func (m *memExport) content(off, length int64) []byte {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return bytes.Clone(m.data[off : off+length])
+}
 func (m *memExport) ReadOnly() bool { return m.readOnly }
 
 func (m *memExport) ReadAt(p []byte, off int64) error {
@@ -130,7 +138,7 @@ func (m *memExport) WriteZeroes(off, length int64, f ZeroFlags) error {
 		return err
 	}
 	m.lastZero.Store(f)
-	if f.Fast && m.noFast {
+	if f.Fast && m.noFast.Load() {
 		return ErrFastZeroUnsupported
 	}
 	m.zeroes.Add(1)

@@ -166,14 +166,14 @@ func TestStructuredReads(t *testing.T) {
 			t.Errorf("chunk %d: %+v, want %+v", i, got[i], want[i])
 		}
 	}
-	if !bytes.Equal(content, m.data[:4*memCluster]) {
+	if !bytes.Equal(content, m.content(0, 4*memCluster)) {
 		t.Error("reassembled read differs from the export")
 	}
 
 	// With DF the same read is one data chunk.
 	c.request(cmdFlagDF, cmdRead, 11, 0, 4*memCluster, nil)
 	ch := c.chunk()
-	if ch.typ != chunkOffsetData || ch.flags&chunkFlagDone == 0 || len(ch.data) != 8+4*memCluster || !bytes.Equal(ch.data[8:], m.data[:4*memCluster]) {
+	if ch.typ != chunkOffsetData || ch.flags&chunkFlagDone == 0 || len(ch.data) != 8+4*memCluster || !bytes.Equal(ch.data[8:], m.content(0, 4*memCluster)) {
 		t.Fatalf("DF read: type %d flags %d len %d", ch.typ, ch.flags, len(ch.data))
 	}
 
@@ -219,7 +219,7 @@ func TestStructuredReads(t *testing.T) {
 	if f := m.lastZero.Load().(ZeroFlags); !f.Fast || f.NoHole {
 		t.Errorf("zero flags %+v", f)
 	}
-	m.noFast = true
+	m.noFast.Store(true)
 	c.request(cmdFlagFastZero|cmdFlagNoHole, cmdWriteZeroes, 17, 0, 4096, nil)
 	if e, _ := c.simpleReply(); e != errNotSup {
 		t.Fatalf("unsupported fast zero: err %d, want ENOTSUP", e)

@@ -150,7 +150,7 @@ func TestTLS(t *testing.T) {
 	dir := t.TempDir()
 	in, want := randomImage(t, dir, 8<<20)
 	run(t, "nbdcopy", in, tlsURI)
-	if !bytes.Equal(m.data, want) {
+	if !bytes.Equal(m.content(0, m.Size()), want) {
 		t.Fatal("data copied in over TLS differs")
 	}
 	run(t, "nbdcopy", tlsURI, filepath.Join(dir, "out.raw"))
