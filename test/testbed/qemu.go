@@ -337,3 +337,54 @@ func (l *lazyConsoleInput) Close() {
 		l.conn.Close()
 	}
 }
+
+// MigrationResult is what QEMU reports about a finished migration.
+type MigrationResult struct {
+	TotalMS    int64 // total-time
+	DowntimeMS int64 // downtime
+}
+
+// Migrate migrates the VM to uri (the destination's -incoming address, e.g.
+// "tcp:10.99.0.12:4444") over QMP with the given downtime limit (0: QEMU's default)
+// and waits until QEMU reports it completed or failed.
+func (vm *VM) Migrate(uri string, downtimeLimitMS int, timeout time.Duration) (MigrationResult, error) {
+	q, err := vm.QMP()
+	if err != nil {
+		return MigrationResult{}, err
+	}
+	if downtimeLimitMS > 0 {
+		if _, err := q.Execute("migrate-set-parameters", map[string]any{"downtime-limit": downtimeLimitMS}); err != nil {
+			return MigrationResult{}, err
+		}
+	}
+	if _, err := q.Execute("migrate", map[string]any{"uri": uri}); err != nil {
+		return MigrationResult{}, err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		raw, err := q.Execute("query-migrate", nil)
+		if err != nil {
+			return MigrationResult{}, err
+		}
+		var st struct {
+			Status    string `json:"status"`
+			TotalTime int64  `json:"total-time"`
+			Downtime  int64  `json:"downtime"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return MigrationResult{}, fmt.Errorf("Bad query-migrate reply: %w", err)
+		}
+		switch st.Status {
+		case "completed":
+			return MigrationResult{TotalMS: st.TotalTime, DowntimeMS: st.Downtime}, nil
+		case "failed", "cancelled":
+			return MigrationResult{}, fmt.Errorf("migration of %s to %s %s: %s", vm.Name, uri, st.Status, st.ErrorDesc)
+		}
+		if time.Now().After(deadline) {
+			_, _ = q.Execute("migrate_cancel", nil)
+			return MigrationResult{}, fmt.Errorf("migration of %s to %s still %q after %s: cancelled", vm.Name, uri, st.Status, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
