@@ -46,6 +46,7 @@ cp "$WORK/data.img" "$WORK/nbdkit.img"
 "$GROW" storaged --data "$WORK/grow" --nbd "" --nbd-socket "$WORK/grow.sock" --api 127.0.0.1:0 \
 	--cache "${BENCH_CACHE:-1GiB}" --pool-size 24GiB 2>"$WORK/grow.log" &
 PIDS+=($!)
+declare -A SPID=([grow]=$!)
 wait_for_log "$WORK/grow.log" "Storage controller ready"
 API=http://$(sed -n 's/.*Storage controller ready.* api=\([^ ]*\).*/\1/p' "$WORK/grow.log" | head -1)
 TOKEN=$(cat "$WORK/grow/admin.token")
@@ -55,8 +56,10 @@ nbdcopy "$WORK/data.img" "nbd+unix:///bench?socket=$WORK/grow.sock"
 
 qemu-nbd -f raw -k "$WORK/qemu.sock" -x bench --shared=8 --persistent "$WORK/qemu.img" 2>"$WORK/qemu.log" &
 PIDS+=($!)
+SPID[qemu]=$!
 nbdkit -f -U "$WORK/nbdkit.sock" -e bench file file="$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
 PIDS+=($!)
+SPID[nbdkit]=$!
 wait_for_socket "$WORK/qemu.sock"
 wait_for_socket "$WORK/nbdkit.sock"
 
@@ -84,7 +87,7 @@ for job in "${JOBS[@]}"; do
 	read -r name rw bs unit <<<"$job"
 	for s in "${SERVERS[@]}"; do
 		log "fio $name against $s"
-		RES[$s,$name]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name.txt")
+		RES[$s,$name]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name.txt" "${SPID[$s]}")
 	done
 done
 

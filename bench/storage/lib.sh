@@ -22,20 +22,31 @@ wait_for_socket() {
 	die "timed out waiting for socket $1"
 }
 
-# run_fio URI RW BS UNIT RUNTIME LOG: one fio job, 2 jobs x iodepth 32 over fio's nbd
-# engine, each job on its own half of the export. Prints "IOPS MBPS".
+# cpu_ticks PID: user+system CPU time of a process, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# run_fio URI RW BS UNIT RUNTIME LOG PID: one fio job, 2 jobs x iodepth 32 over fio's nbd
+# engine, each job on its own half of the export, while sampling the CPU time of the
+# server process PID after the ramp. Prints "IOPS MBPS CPU_US_PER_REQUEST".
 run_fio() {
-	local uri=$1 rw=$2 bs=$3 unit=$4 runtime=$5 logf=$6 half
+	local uri=$1 rw=$2 bs=$3 unit=$4 runtime=$5 logf=$6 pid=$7 half fpid c0 c1 hz
 	half=$((BYTES / 2))
+	hz=$(getconf CLK_TCK)
 	fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
 		--iodepth=32 --numjobs=2 --group_reporting --size="$half" --offset_increment="$half" \
 		--time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
-		--output-format=terse --terse-version=3 >"$logf" 2>"$logf.err" ||
-		{ cat "$logf.err" >&2; die "fio failed against $uri"; }
+		--output-format=terse --terse-version=3 >"$logf" 2>"$logf.err" &
+	fpid=$!
+	sleep 2.5
+	c0=$(cpu_ticks "$pid")
+	sleep "$((runtime - 1))"
+	c1=$(cpu_ticks "$pid")
+	wait "$fpid" || { cat "$logf.err" >&2; die "fio failed against $uri"; }
 	# terse v3: field 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
-	awk -F';' -v rw="$rw" '$1 == "3" {
+	awk -F';' -v rw="$rw" -v cpu="$(( c1 - c0 ))" -v hz="$hz" -v secs="$((runtime - 1))" '$1 == "3" {
 		if (rw ~ /write/) { bw = $48; iops = $49 } else { bw = $7; iops = $8 }
-		printf "%d %.0f\n", iops, bw * 1024 / 1e6
+		us = (iops > 0) ? cpu / hz * 1e6 / (iops * secs) : 0
+		printf "%d %.0f %.1f\n", iops, bw * 1024 / 1e6, us
 	}' "$logf"
 }
 
@@ -94,22 +105,23 @@ write_report() {
 		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp; caches warmed by one full read first; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
 		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs."
 		echo
-		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---|"
-		local job name rw bs unit g q k gv qv kv target r
+		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | | server CPU µs per request (grow / qemu-nbd / nbdkit) |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
+		local job name rw bs unit g q k gv qv kv gc qc kc target r
 		for job in "${JOBS[@]}"; do
 			read -r name rw bs unit <<<"$job"
-			read -r g gv <<<"${RES[grow,$name]}"
-			read -r q qv <<<"${RES[qemu,$name]}"
-			read -r k kv <<<"${RES[nbdkit,$name]}"
+			read -r g gv gc <<<"${RES[grow,$name]}"
+			read -r q qv qc <<<"${RES[qemu,$name]}"
+			read -r k kv kc <<<"${RES[nbdkit,$name]}"
+			local cpu="$gc / $qc / $kc"
 			if [ "$unit" = iops ]; then
 				target=1.00
 				r=$(ratio "$g" "$k")
-				echo "| $name (IOPS) | $g | $q | $k | $r | $(ratio "$g" "$q") | >= $target | $(verdict "$r" "$target") |"
+				echo "| $name (IOPS) | $g | $q | $k | $r | $(ratio "$g" "$q") | >= $target | $(verdict "$r" "$target") | $cpu |"
 			else
 				target=0.90
 				r=$(ratio "$gv" "$kv")
-				echo "| $name (MB/s) | $gv | $qv | $kv | $r | $(ratio "$gv" "$qv") | >= $target | $(verdict "$r" "$target") |"
+				echo "| $name (MB/s) | $gv | $qv | $kv | $r | $(ratio "$gv" "$qv") | >= $target | $(verdict "$r" "$target") | $cpu |"
 			fi
 		done
 		echo

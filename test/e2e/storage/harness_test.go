@@ -46,6 +46,8 @@ type ctl struct {
 	waitMu sync.Mutex
 	exit   error
 	logf   *os.File
+	// reported is set once a race or panic in the log has failed the test.
+	reported bool
 
 	NBDAddr string
 	Socket  string
@@ -146,6 +148,24 @@ func (c *ctl) kill() {
 	if c.logf != nil {
 		c.logf.Close()
 	}
+	c.checkLog()
+}
+
+// checkLog fails the test if the daemon reported a data race (a -race build of grow)
+// or a panic.
+func (c *ctl) checkLog() {
+	if c.reported {
+		return
+	}
+	b, _ := os.ReadFile(filepath.Join(c.dir, "storaged.log"))
+	for _, bad := range []string{"WARNING: DATA RACE", "panic:"} {
+		if i := bytes.Index(b, []byte(bad)); i >= 0 {
+			end := min(len(b), i+4000)
+			c.reported = true
+			c.t.Errorf("grow storaged logged %q:\n%s", bad, b[i:end])
+			return
+		}
+	}
 }
 
 // stop sends SIGTERM and waits for a clean exit.
@@ -166,6 +186,7 @@ func (c *ctl) stop() {
 	c.waitMu.Unlock()
 	c.cmd = nil
 	c.logf.Close()
+	c.checkLog()
 	if err != nil {
 		c.t.Fatalf("grow storaged exited with %v after SIGTERM\n%s", err, c.log())
 	}
