@@ -360,19 +360,3 @@ func (d *disk) nextData(off, end int64) int64 {
 	}
 	return min(n, end)
 }
-
-// nextHole returns the first offset >= off in a hole (SEEK_HOLE); end when none.
-func (d *disk) nextHole(off, end int64) int64 {
-	if d.block {
-		return end
-	}
-	var n int64
-	err := d.withFd(func(fd int) (err error) {
-		n, err = unix.Seek(fd, off, unix.SEEK_HOLE)
-		return err
-	})
-	if err != nil {
-		return end
-	}
-	return min(n, end)
-}

@@ -135,6 +135,13 @@ func (p *Pool) startRebuildLocked(d *disk) {
 func (p *Pool) runRebuild(d, src *disk) {
 	defer p.wg.Done()
 	start := time.Now()
+	// Barrier: a write that chose its target disks before d joined the pair holds its
+	// chunk locks until it is done. Waiting for every stripe once means such a write has
+	// landed on the source before the copy (which skips holes without locking) looks.
+	for i := range p.locks {
+		p.locks[i].Lock()
+		p.locks[i].Unlock()
+	}
 	err := p.copyPair(d, src)
 	if err == nil {
 		if serr := p.syncDisk(d); serr != nil {
