@@ -792,3 +792,42 @@ func TestRebuildSparseUnderWrites(t *testing.T) {
 		compareSides(t, p, cur)
 	}
 }
+
+// TestRebuildWaitsForEarlierWrites holds a write that chose its disks before Replace
+// (so it does not know the new disk) and checks that the rebuild copies its data.
+func TestRebuildWaitsForEarlierWrites(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	var armed atomic.Bool
+	hook := func(disk int, op string, off int64) error {
+		if disk == 0 && op == "write" && armed.CompareAndSwap(true, false) {
+			close(entered)
+			<-release
+		}
+		return nil
+	}
+	state, paths := makeDisks(t, 2, testDiskSize)
+	p := openTestPool(t, state, paths, Options{Fault: hook, RebuildRate: -1})
+	data := bytes.Repeat([]byte("earlier write "), 300)
+	const off = 5 << 20
+	armed.Store(true)
+	werr := make(chan error, 1)
+	go func() {
+		_, err := p.WriteAt(data, off)
+		werr <- err
+	}()
+	<-entered
+	np := paths[1] + ".new"
+	CreateFileDisk(np, testDiskSize)
+	if err := p.Replace(paths[1], np); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // time enough for a rebuild that does not wait
+	close(release)
+	if err := <-werr; err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WaitRebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	compareSides(t, p, []string{paths[0], np})
+}
