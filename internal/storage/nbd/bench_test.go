@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -46,7 +47,7 @@ func BenchmarkFioVsNbdkit(b *testing.B) {
 	ex := newMemExports()
 	ex.add("disk", "", newMemExport(size))
 	s := startServer(b, ex, nil)
-	s.srv.Logger = nil // debug logging off for measurements
+	s.srv.Logger = slog.New(slog.DiscardHandler) // no logging cost in measurements
 	ours := s.tcpURI("disk")
 	if transport == "unix" {
 		ours = s.unixURI("disk")
