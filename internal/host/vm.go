@@ -139,7 +139,7 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 		if err := network.EnsureBridge(n.Bridge); err != nil {
 			return err
 		}
-		if err := network.CreateTap(tap, n.Bridge); err != nil {
+		if err := network.CreateTap(tap, n.Bridge, n.MAC); err != nil {
 			return err
 		}
 		r.Add(func() { _ = network.DeleteTap(tap) })

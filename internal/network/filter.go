@@ -45,7 +45,8 @@ func linkLocal(mac net.HardwareAddr) netip.Addr {
 // A frame from the guest passes only if its source MAC is the NIC's MAC and it is ARP,
 // IPv4 or IPv6 from one of the NIC's addresses; everything else is dropped. IPv4 DHCP
 // requests from 0.0.0.0 and IPv6 from :: (duplicate address detection) and from the
-// NIC's EUI-64 link-local address are allowed.
+// NIC's EUI-64 link-local address are allowed, and RARP (QEMU's announce after a
+// migration) from the NIC's MAC.
 func FilterRules(f FilterSpec) (string, error) {
 	mac, err := net.ParseMAC(f.MAC)
 	if err != nil || len(mac) != 6 {
@@ -80,6 +81,9 @@ func FilterRules(f FilterSpec) (string, error) {
 	}
 	r("ether saddr != %s drop", mac)
 	r("ether type arp arp saddr ether != %s drop", mac)
+	// RARP from the NIC's own MAC: QEMU announces a migrated guest with it, so that
+	// the bridges learn its new port at once.
+	r("ether type 0x8035 accept")
 	if len(v4) > 0 {
 		r("ether type arp arp saddr ip != { %s } drop", strings.Join(v4, ", "))
 		r("ether type arp accept")

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"net"
 	"os/exec"
 	"strings"
 
@@ -57,15 +58,30 @@ func EnsureBridge(name string) error {
 	return nil
 }
 
-// CreateTap (re)creates a persistent tap for QEMU, enslaves it to bridge and brings it up.
-func CreateTap(name, bridge string) error {
+// TapMAC is the host-side MAC of the tap of a NIC with guest MAC mac: the guest's MAC
+// with its first byte set to 0xfe. A bridge without an explicit MAC takes the lowest
+// MAC of its ports; taps that sort above every real NIC never change the bridge's MAC
+// (which would make every neighbour's ARP entry for the host stale).
+func TapMAC(mac net.HardwareAddr) net.HardwareAddr {
+	t := append(net.HardwareAddr(nil), mac...)
+	t[0] = 0xfe
+	return t
+}
+
+// CreateTap (re)creates a persistent tap for QEMU, enslaves it to bridge and brings it
+// up; guestMAC is the MAC of the NIC inside the guest.
+func CreateTap(name, bridge, guestMAC string) error {
+	gm, err := net.ParseMAC(guestMAC)
+	if err != nil || len(gm) != 6 {
+		return fmt.Errorf("Invalid guest MAC %q for tap %q", guestMAC, name)
+	}
 	br, err := netlink.LinkByName(bridge)
 	if err != nil {
 		return fmt.Errorf("Failed to find bridge %q for tap %q: %w", bridge, name, err)
 	}
 	_ = DeleteTap(name)
 	tap := &netlink.Tuntap{
-		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: br.Attrs().MTU},
+		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: br.Attrs().MTU, HardwareAddr: TapMAC(gm)},
 		Mode:      netlink.TUNTAP_MODE_TAP,
 		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
 	}
@@ -75,6 +91,10 @@ func CreateTap(name, bridge string) error {
 	l, err := netlink.LinkByName(name)
 	if err != nil {
 		return fmt.Errorf("Failed to look up tap %q: %w", name, err)
+	}
+	if err := netlink.LinkSetHardwareAddr(l, TapMAC(gm)); err != nil {
+		_ = netlink.LinkDel(l)
+		return fmt.Errorf("Failed to set the MAC of tap %q: %w", name, err)
 	}
 	if err := netlink.LinkSetMaster(l, br); err != nil {
 		_ = netlink.LinkDel(l)
