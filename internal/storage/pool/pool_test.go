@@ -831,3 +831,80 @@ func TestRebuildWaitsForEarlierWrites(t *testing.T) {
 	}
 	compareSides(t, p, []string{paths[0], np})
 }
+
+// TestSyncFailure: a disk whose fdatasync fails is failed; Sync still succeeds from
+// its mirror, and the failure is persisted.
+func TestSyncFailure(t *testing.T) {
+	var bad atomic.Int32
+	bad.Store(-1)
+	hook := func(disk int, op string, off int64) error {
+		if op == "sync" && int32(disk) == bad.Load() {
+			return syscall.EIO
+		}
+		return nil
+	}
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{Fault: hook})
+	model := fill(t, p, 21)
+	bad.Store(2)
+	if err := p.Sync(); err != nil {
+		t.Fatalf("Sync with one failing disk: %v", err)
+	}
+	if s := p.Status(); s.Disks[2].State != DiskFailed || s.State != StateDegraded {
+		t.Fatalf("%+v", s)
+	}
+	st, err := loadState(state)
+	if err != nil || st.Disks[2].State != DiskFailed {
+		t.Fatalf("failure not persisted: %+v %v", st, err)
+	}
+	bad.Store(3)
+	if err := p.Sync(); err == nil {
+		t.Fatal("Sync succeeded with both disks of pair 1 failing")
+	}
+	verify(t, p, model[:p.l.unit]) // pair 0 still reads
+}
+
+// TestCloseUnderLoad closes the pool while I/O is in flight: requests fail with
+// ErrClosed, nothing panics and no disk is marked failed.
+func TestCloseUnderLoad(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 200_000)
+			for i := 0; ; i++ {
+				off := int64(i*7919*512) % (p.Size() - int64(len(buf)))
+				var err error
+				switch i % 3 {
+				case 0:
+					_, err = p.WriteAt(buf, off)
+				case 1:
+					_, err = p.ReadAt(buf, off)
+				default:
+					err = p.Sync()
+				}
+				if err != nil {
+					if !errors.Is(err, ErrClosed) && !errors.Is(err, os.ErrClosed) {
+						t.Errorf("I/O during Close: %v", err)
+					}
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	p.Close()
+	wg.Wait()
+	st, err := loadState(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range st.Disks {
+		if d.State != DiskOK {
+			t.Fatalf("Close under load marked a disk %s: %+v", d.State, d)
+		}
+	}
+}
