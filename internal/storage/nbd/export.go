@@ -40,6 +40,12 @@ type Export interface {
 	Close() error
 }
 
+// Describer may be implemented by an Export to give its NBD_INFO_DESCRIPTION
+// directly; without it the server looks the name up in Exports.List.
+type Describer interface {
+	Description() string
+}
+
 // ZeroFlags are the request flags of NBD_CMD_WRITE_ZEROES.
 type ZeroFlags struct {
 	// NoHole asks for the range to stay allocated (NBD_CMD_FLAG_NO_HOLE).

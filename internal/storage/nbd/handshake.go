@@ -416,7 +416,7 @@ func (c *conn) optInfoGo(opt uint32, data []byte) error {
 				return err
 			}
 		case infoDescription:
-			desc := c.description(req.name)
+			desc := c.description(req.name, e)
 			if desc == "" {
 				continue
 			}
@@ -447,8 +447,15 @@ func (c *conn) optInfoGo(opt uint32, data []byte) error {
 	return errEnterTransmission
 }
 
-// description finds the catalogue description of name.
-func (c *conn) description(name string) string {
+// description is the export's own description, or the catalogue's for name.
+func (c *conn) description(name string, ex Export) string {
+	if d, ok := ex.(Describer); ok {
+		desc := d.Description()
+		if len(desc) > maxStringLen {
+			desc = desc[:maxStringLen]
+		}
+		return desc
+	}
 	for _, e := range c.srv.Exports.List() {
 		if e.Name == name {
 			if len(e.Description) > maxStringLen {

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"encoding/binary"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -372,5 +373,49 @@ func TestShutdownDrains(t *testing.T) {
 	c.expectClosed()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// describedHandle is an export that carries its own description.
+type describedHandle struct{ *memHandle }
+
+func (describedHandle) Description() string { return "from the export itself" }
+
+type describedExports struct{ *memExports }
+
+func (d describedExports) Open(name string) (Export, error) {
+	e, err := d.memExports.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	return describedHandle{e.(*memHandle)}, nil
+}
+
+// TestDescriber checks that an Export's own description wins over the catalogue's.
+func TestDescriber(t *testing.T) {
+	inner := newMemExports()
+	inner.add("disk", "from the list", newMemExport(1<<20))
+	srv := &Server{Exports: describedExports{inner}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	c := dialRaw(t, "tcp", l.Addr().String())
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.option(optInfo, goData("disk", infoDescription))
+	var desc string
+	for {
+		typ, data := c.optReply(optInfo)
+		if typ == repAck {
+			break
+		}
+		if binary.BigEndian.Uint16(data) == infoDescription {
+			desc = string(data[2:])
+		}
+	}
+	if desc != "from the export itself" {
+		t.Errorf("description %q", desc)
 	}
 }
