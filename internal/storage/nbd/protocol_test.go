@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"net"
 	"strings"
 	"testing"
@@ -417,5 +418,30 @@ func TestDescriber(t *testing.T) {
 	}
 	if desc != "from the export itself" {
 		t.Errorf("description %q", desc)
+	}
+}
+
+// TestServeReturns checks what Serve returns after Shutdown and when its listener is closed.
+func TestServeReturns(t *testing.T) {
+	srv := &Server{Exports: newMemExports()}
+	l1, _ := net.Listen("tcp", "127.0.0.1:0")
+	l2, _ := net.Listen("tcp", "127.0.0.1:0")
+	errs := make(chan error, 2)
+	go func() { errs <- srv.Serve(l1) }()
+	go func() { errs <- srv.Serve(l2) }()
+	time.Sleep(50 * time.Millisecond)
+	l2.Close()
+	if err := <-errs; err != nil {
+		t.Errorf("Serve after its listener was closed: %v", err)
+	}
+	if err := srv.Shutdown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	err := <-errs
+	if !errors.Is(err, ErrServerClosed) || !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Serve after Shutdown: %v", err)
+	}
+	if err := srv.Serve(l1); !errors.Is(err, ErrServerClosed) {
+		t.Errorf("Serve on a shut-down server: %v", err)
 	}
 }

@@ -19,8 +19,9 @@ const (
 	defaultMaxBufferBytes   = 64 << 20
 )
 
-// ErrServerClosed is returned by Serve after Shutdown or Close.
-var ErrServerClosed = errors.New("nbd: server closed")
+// ErrServerClosed is returned by Serve after Shutdown or Close; it wraps
+// net.ErrClosed, so callers that ignore closed listeners ignore it too.
+var ErrServerClosed = fmt.Errorf("nbd: server closed: %w", net.ErrClosed)
 
 // Server serves Exports over NBD on any number of listeners.
 type Server struct {
