@@ -114,15 +114,23 @@ func (s *storageClient) Endpoint(ctx context.Context) (hostapi.Disk, error) {
 	if err != nil {
 		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)
 	}
-	if st.NBDSocket != "" {
-		return hostapi.Disk{Socket: st.NBDSocket, ReconnectDelay: 5}, nil
+	// A TCP address other hosts can reach wins; a unix socket (or loopback) only serves
+	// hosts on the controller's own machine, as in the all-in-one installation.
+	if st.NBDAddress != "" {
+		h, p, err := net.SplitHostPort(st.NBDAddress)
+		if err != nil {
+			return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q: %w", s.name, st.NBDAddress, err)
+		}
+		port, _ := strconv.Atoi(p)
+		ip := net.ParseIP(h)
+		if st.NBDSocket == "" || (ip != nil && !ip.IsLoopback() && !ip.IsUnspecified()) {
+			return hostapi.Disk{Host: h, Port: port, ReconnectDelay: 5}, nil
+		}
 	}
-	h, p, err := net.SplitHostPort(st.NBDAddress)
-	if err != nil {
-		return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q: %w", s.name, st.NBDAddress, err)
+	if st.NBDSocket == "" {
+		return hostapi.Disk{}, fmt.Errorf("Storage controller %q serves NBD on neither TCP nor a unix socket", s.name)
 	}
-	port, _ := strconv.Atoi(p)
-	return hostapi.Disk{Host: h, Port: port, ReconnectDelay: 5}, nil
+	return hostapi.Disk{Socket: st.NBDSocket, ReconnectDelay: 5}, nil
 }
 
 type hostClient struct {

@@ -297,6 +297,15 @@ func (m *Manager) vmSpec(ctx context.Context, sv store.Server, im store.Image, s
 	}
 	spec := hostapi.VMSpec{Name: sv.ID, VCPUs: sv.VCPUs, MemoryMiB: int(sv.MemoryBytes >> 20),
 		Disks: []hostapi.Disk{disk}, NICs: []hostapi.NIC{nic}, Seed: seed}
+	// Room to grow online up to the largest plan (QEMU reserves hotplug slots, not memory).
+	if plans, err := m.st.ListPlans(ctx); err == nil {
+		for _, p := range plans {
+			spec.MaxMemMiB = max(spec.MaxMemMiB, int(p.MemoryBytes>>20))
+			spec.MaxVCPUs = max(spec.MaxVCPUs, p.VCPUs)
+		}
+		spec.MaxMemMiB = max(spec.MaxMemMiB, spec.MemoryMiB)
+		spec.MaxVCPUs = max(spec.MaxVCPUs, spec.VCPUs)
+	}
 	if im.Kernel != "" {
 		spec.Boot = &hostapi.DirectBoot{Kernel: im.Kernel, Initrd: im.Initrd, Append: im.Cmdline}
 	}

@@ -34,7 +34,11 @@ type Postgres struct {
 // StartPostgres initialises and starts a private PostgreSQL in a new directory under
 // parent, listening on 127.0.0.1 at a free port. As root it runs the server as nobody
 // (PostgreSQL refuses to run as root).
-func StartPostgres(parent string) (*Postgres, error) {
+func StartPostgres(parent string) (*Postgres, error) { return StartPostgresIn(parent, "") }
+
+// StartPostgresIn is StartPostgres inside the network namespace netns ("" for the
+// current one); its DSN then works only from inside that namespace.
+func StartPostgresIn(parent, netns string) (*Postgres, error) {
 	if _, err := os.Stat(filepath.Join(PGBinDir, "initdb")); err != nil {
 		return nil, fmt.Errorf("PostgreSQL 15 is not installed in %s: %w", PGBinDir, err)
 	}
@@ -61,12 +65,15 @@ func StartPostgres(parent string) (*Postgres, error) {
 		}
 		p.run = []string{"runuser", "-u", "nobody", "--"}
 	}
+	if netns != "" {
+		p.run = append([]string{"ip", "netns", "exec", netns}, p.run...)
+	}
 	if out, err := p.cmd("initdb", "-D", filepath.Join(dir, "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync").CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("initdb failed: %w\n%s", err, out)
 	}
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
-		port, err := freePort()
+		port, err := freePort() // probed in this namespace; a clash in netns is retried below
 		if err != nil {
 			return nil, err
 		}

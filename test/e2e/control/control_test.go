@@ -1,0 +1,426 @@
+// Package control holds the end-to-end tests of the control plane: `grow serve` with
+// its CLI, driving a real storage controller and two real host agents on the namespace
+// test bed, with real QEMU guests, on SQLite and on PostgreSQL.
+package control
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/client"
+	"github.com/growserver/grow/internal/host/agentclient"
+	"github.com/growserver/grow/internal/storage/adminclient"
+	"github.com/growserver/grow/internal/store/storetest"
+	"github.com/growserver/grow/test/testbed"
+)
+
+// serve is a `grow serve --local=false` running inside a bed host's namespace.
+type serve struct {
+	t       *testing.T
+	bin     string
+	ns      string
+	data    string
+	dsn     string
+	logPath string
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	done    chan struct{}
+	url     string
+	token   string
+}
+
+const serveAddr = "127.0.0.1:7470"
+
+func startServe(t *testing.T, ns, dsn string) *serve {
+	s := &serve{t: t, bin: testbed.GrowBinary(t), ns: ns, data: t.TempDir(), dsn: dsn}
+	s.logPath = filepath.Join(s.data, "serve.log")
+	s.start()
+	t.Cleanup(func() {
+		s.kill()
+		if t.Failed() {
+			b, _ := os.ReadFile(s.logPath)
+			t.Logf("grow serve log:\n%s", tail(string(b), 60))
+		}
+	})
+	s.url = "http://" + testbed.Forward(t, ns, serveAddr)
+	s.waitUp()
+	b, err := os.ReadFile(filepath.Join(s.data, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.token = strings.TrimSpace(string(b))
+	return s
+}
+
+func (s *serve) start() {
+	s.t.Helper()
+	args := []string{"serve", "--local=false", "--data", s.data, "--api", serveAddr, "--ready-timeout", "4m", "--traffic-interval", "5s"}
+	if s.dsn != "" {
+		args = append(args, "--database", s.dsn)
+	}
+	log, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	cmd := testbed.NetnsCommand(s.ns, s.bin, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		s.t.Fatalf("Failed to start grow serve: %v", err)
+	}
+	log.Close()
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	s.mu.Lock()
+	s.cmd, s.done = cmd, done
+	s.mu.Unlock()
+}
+
+func (s *serve) waitUp() {
+	s.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(filepath.Join(s.data, "admin.token")); err == nil {
+			if c, err := client.New(s.url, strings.TrimSpace(string(b))); err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				_, err := c.Whoami(ctx)
+				cancel()
+				if err == nil {
+					return
+				}
+			}
+		}
+		select {
+		case <-s.done:
+			s.t.Fatalf("grow serve exited at start")
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	s.t.Fatal("grow serve did not answer within 60 s")
+}
+
+// kill is kill -9 of grow serve (its whole process group).
+func (s *serve) kill() {
+	s.mu.Lock()
+	cmd, done := s.cmd, s.done
+	s.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-done
+}
+
+func (s *serve) restart() {
+	s.kill()
+	s.start()
+	s.waitUp()
+}
+
+func (s *serve) client() *client.Client {
+	c, err := client.New(s.url, s.token)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return c
+}
+
+// grow runs the CLI against this control plane; it returns stdout and the exit code.
+func (s *serve) grow(args ...string) (string, int) {
+	s.t.Helper()
+	cmd := exec.Command(s.bin, args...)
+	cmd.Env = append(os.Environ(), "GROW_URL="+s.url, "GROW_TOKEN="+s.token)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		s.t.Fatalf("grow %v: %v", args, err)
+	}
+	if code != 0 {
+		s.t.Logf("grow %s: exit %d: %s", strings.Join(args, " "), code, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), code
+}
+
+func (s *serve) mustGrow(args ...string) string {
+	s.t.Helper()
+	out, code := s.grow(args...)
+	if code != 0 {
+		s.t.Fatalf("grow %s failed with exit %d: %s", strings.Join(args, " "), code, out)
+	}
+	return out
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+type cluster struct {
+	bed    *testbed.Bed
+	stor   *testbed.Storaged
+	hostds []*testbed.Daemon
+	sc     *adminclient.Client
+	agents []*agentclient.Client
+	s      *serve
+}
+
+func TestControlPlane(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs root, network namespaces and QEMU")
+	}
+	for _, backend := range []string{"sqlite", "postgres"} {
+		t.Run(backend, func(t *testing.T) { runScenario(t, backend) })
+	}
+}
+
+func runScenario(t *testing.T, backend string) {
+	t0 := time.Now()
+	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(t0).Seconds(), what) }
+	guest := testbed.GuestDir(t)
+	bed := testbed.New(t, testbed.Options{Hosts: 2})
+	c := &cluster{bed: bed}
+	c.stor = bed.StartStoraged(t, testbed.StoragedOptions{Extra: []string{"--pool-size", "4GiB", "--cache", "32MiB"}})
+	for _, h := range bed.Hosts {
+		d := h.StartHostd(t, testbed.HostdOptions{})
+		c.hostds = append(c.hostds, d)
+		ac, err := agentclient.New(d.URL, d.Token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.agents = append(c.agents, ac)
+	}
+	var err error
+	if c.sc, err = adminclient.New(c.stor.URL, c.stor.Token); err != nil {
+		t.Fatal(err)
+	}
+	dsn := ""
+	if backend == "postgres" {
+		pg, err := storetest.StartPostgresIn("", bed.Hosts[0].Netns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = pg.Stop() })
+		if dsn, err = pg.CreateDatabase("grow"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := startServe(t, bed.Hosts[0].Netns, dsn)
+	c.s = s
+	phase("daemons and grow serve up")
+
+	// The operator registers the daemons and the guest network, imports the gold master.
+	s.mustGrow("controller", "add", "s0", "--storage-url", c.stor.PeerURL, "--storage-token", c.stor.Token)
+	for i, d := range c.hostds {
+		s.mustGrow("host", "add", fmt.Sprintf("h%d", i), "--agent-url", d.PeerURL, "--agent-token", d.Token, "--cpus", "2", "--memory", "2GiB")
+	}
+	s.mustGrow("ippool", "create", "guests", "--cidr", "10.77.0.0/24", "--first", testbed.GuestPrefix+"10", "--last", testbed.GuestPrefix+"60")
+	s.mustGrow("image", "import", "tiny", filepath.Join(guest, "disk.raw"), "--kernel", filepath.Join(guest, "vmlinux"),
+		"--initrd", filepath.Join(guest, "initrd.img"), "--cmdline", "console=ttyS0")
+	s.mustGrow("customer", "create", "acme", "--max-servers", "5")
+	key := filepath.Join(t.TempDir(), "id.pub")
+	ud := filepath.Join(t.TempDir(), "user-data")
+	if err := os.WriteFile(key, []byte("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGrowE2E e2e@example\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ud, []byte("#cloud-config\ngrow_test:\n  run: [counter, responder]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	phase("registered")
+
+	// Create: the guest reports the hostname and address cloud-init gave it.
+	out := s.mustGrow("server", "create", "web1", "--customer", "acme", "--plan", "E", "--image", "tiny", "--ssh-key", key, "--user-data", ud)
+	if !strings.Contains(out, "GROW-READY hostname=web1 ip="+testbed.GuestIP(0)) || !strings.Contains(out, "keys=1") {
+		t.Fatalf("create output lacks the guest's ready report with hostname, address and key:\n%s", out)
+	}
+	phase("web1 created")
+	resp := c.query(t, "web1", testbed.GuestPrefix+"10")
+	web1 := c.server(t, "web1")
+	if web1.IPv4 != testbed.GuestPrefix+"10" {
+		t.Fatalf("web1 has address %s", web1.IPv4)
+	}
+
+	// Resize: plan D grows the volume to 20 GiB; the guest keeps running.
+	out = s.mustGrow("server", "resize", "web1", "--plan", "D")
+	phase("web1 resized: " + strings.TrimSpace(out))
+	vol, err := c.sc.GetVolume(context.Background(), web1.Volume)
+	if err != nil || vol.Size != 20<<30 {
+		t.Fatalf("volume after resize: %+v, %v; want 20 GiB", vol, err)
+	}
+	if strings.Contains(out, "next stop and start") {
+		s.mustGrow("server", "stop", "web1")
+		s.mustGrow("server", "start", "web1")
+		phase("web1 restarted to see its new disk")
+	}
+	resp = c.query(t, "web1", testbed.GuestPrefix+"10")
+
+	// Migrate: the server moves to the other host and the guest keeps counting.
+	src := c.hostIndex(t, web1.HostID)
+	dst := 1 - src
+	s.mustGrow("server", "migrate", "web1", "--to", fmt.Sprintf("h%d", dst))
+	phase("web1 migrated")
+	web1 = c.server(t, "web1")
+	if c.hostIndex(t, web1.HostID) != dst {
+		t.Fatalf("web1 on host %s after migrate, want h%d", web1.HostID, dst)
+	}
+	if vm, err := c.agents[dst].Get(context.Background(), web1.ID); err != nil || vm.State != "running" {
+		t.Fatalf("VM on the destination: %+v, %v", vm, err)
+	}
+	if _, err := c.agents[src].Get(context.Background(), web1.ID); !agentclient.IsNotFound(err) {
+		t.Fatalf("VM still on the source host: %v", err)
+	}
+	after := c.query(t, "web1", testbed.GuestPrefix+"10")
+	time.Sleep(1500 * time.Millisecond)
+	later := c.query(t, "web1", testbed.GuestPrefix+"10")
+	if later.Counter <= after.Counter || after.Hostname != resp.Hostname {
+		t.Fatalf("guest not progressing after migration: %+v then %+v", after, later)
+	}
+
+	// kill -9 of grow serve in the middle of creates: afterwards each server either runs or left nothing.
+	for i, killAt := range []string{"admitted", "wait for guest"} {
+		name := fmt.Sprintf("crash%d", i)
+		opID := strings.TrimSpace(s.mustGrow("server", "create", name, "--customer", "acme", "--plan", "E", "--image", "tiny", "--user-data", ud, "--no-wait"))
+		c.waitStep(t, opID, killAt)
+		s.restart()
+		phase(fmt.Sprintf("grow serve killed at %q and restarted", killAt))
+		op := c.waitOp(t, opID)
+		c.runningOrNothing(t, name, op)
+		phase(fmt.Sprintf("%s after the crash: operation %s", name, op.State))
+	}
+
+	// Delete frees the volume, the address and the QEMU.
+	svs, err := s.client().ListServers(context.Background(), client.ServerFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sv := range svs {
+		s.mustGrow("server", "delete", sv.Name)
+		c.gone(t, sv)
+	}
+	phase("all deleted")
+}
+
+func (c *cluster) server(t *testing.T, name string) client.Server {
+	t.Helper()
+	sv, err := c.s.client().GetServer(context.Background(), name)
+	if err != nil {
+		t.Fatalf("server %s: %v", name, err)
+	}
+	return sv
+}
+
+func (c *cluster) hostIndex(t *testing.T, id string) int {
+	t.Helper()
+	h, err := c.s.client().GetHost(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var i int
+	if _, err := fmt.Sscanf(h.Name, "h%d", &i); err != nil {
+		t.Fatalf("host name %q", h.Name)
+	}
+	return i
+}
+
+// query asks the guest's responder for its status, retrying while it comes up.
+func (c *cluster) query(t *testing.T, name, ip string) testbed.Response {
+	t.Helper()
+	var last error
+	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		r, err := c.bed.Query(ip+":7777", 3*time.Second)
+		if err == nil {
+			if r.Hostname != name {
+				t.Fatalf("the guest at %s says it is %q, want %q", ip, r.Hostname, name)
+			}
+			return r
+		}
+		last = err
+	}
+	t.Fatalf("guest %s at %s does not answer: %v", name, ip, last)
+	return testbed.Response{}
+}
+
+func (c *cluster) waitStep(t *testing.T, opID, step string) {
+	t.Helper()
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		op, err := c.s.client().GetOperation(context.Background(), opID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if op.Step == step || op.Done() {
+			return
+		}
+	}
+	t.Fatalf("operation %s never reached step %q", opID, step)
+}
+
+func (c *cluster) waitOp(t *testing.T, opID string) client.Operation {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	op, err := c.s.client().WaitOperation(ctx, opID, 200*time.Millisecond, nil)
+	if err != nil {
+		t.Fatalf("operation %s: %v", opID, err)
+	}
+	return op
+}
+
+// runningOrNothing checks the outcome of an interrupted create: a running, reachable
+// server, or no trace at all (row, lease, volume, VM).
+func (c *cluster) runningOrNothing(t *testing.T, name string, op client.Operation) {
+	t.Helper()
+	sv, err := c.s.client().GetServer(context.Background(), name)
+	if op.State == "succeeded" {
+		if err != nil || sv.State != "running" {
+			t.Fatalf("%s: operation succeeded but server is %+v, %v", name, sv, err)
+		}
+		c.query(t, name, sv.IPv4)
+		return
+	}
+	if client.StatusOf(err) != 404 {
+		t.Fatalf("%s: operation %s (%s) but the server is still recorded: %+v %v", name, op.State, op.Error, sv, err)
+	}
+	c.gone(t, client.Server{ID: op.ServerID, Volume: op.ServerID})
+}
+
+// gone checks that nothing of a server remains anywhere.
+func (c *cluster) gone(t *testing.T, sv client.Server) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := c.sc.GetVolume(ctx, sv.Volume); !adminclient.IsNotFound(err) {
+		t.Fatalf("volume %s of %s still exists: %v", sv.Volume, sv.Name, err)
+	}
+	for i, a := range c.agents {
+		if _, err := a.Get(ctx, sv.ID); !agentclient.IsNotFound(err) {
+			t.Fatalf("VM %s still defined on h%d: %v", sv.ID, i, err)
+		}
+	}
+	leases, err := c.s.client().ListLeases(ctx, "guests")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range leases {
+		if l.ServerID == sv.ID {
+			t.Fatalf("address %s still leased to %s", l.Address, sv.ID)
+		}
+	}
+	if out, err := exec.Command("pgrep", "-f", "qemu-system.*"+sv.ID).Output(); err == nil && len(out) > 0 {
+		t.Fatalf("QEMU of %s still runs: pid %s", sv.ID, out)
+	}
+}
