@@ -2,6 +2,7 @@ package host_test
 
 import (
 	"context"
+	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -16,44 +17,44 @@ import (
 // TestLifecycle boots a guest from an NBD disk with a cloud-init seed and drives it as
 // an operator would: console, stop, start, reboot, agent restart, external death, kill.
 func TestLifecycle(t *testing.T) {
-	b := newBed(t, 1)
-	h := b.hosts[0]
+	b := hostbed.New(t, 1)
+	h := b.Hosts[0]
 	ctx := context.Background()
-	g := newGuest(t, "life", 10, false, "counter", "responder")
+	g := hostbed.NewGuest(t, "life", 10, false, "counter", "responder")
 
-	if _, err := h.api.Define(ctx, g.spec); err != nil {
+	if _, err := h.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
 	}
 	// Bad input is refused and changes nothing.
-	bad := g.spec
+	bad := g.Spec
 	bad.Name = "Bad_Name"
-	if _, err := h.api.Define(ctx, bad); err == nil {
+	if _, err := h.API.Define(ctx, bad); err == nil {
 		t.Fatal("a spec with an invalid name was accepted")
 	}
-	if _, err := h.api.Define(ctx, g.spec); err == nil {
+	if _, err := h.API.Define(ctx, g.Spec); err == nil {
 		t.Fatal("defining the same VM twice was accepted")
 	}
-	if vms, _ := h.api.List(ctx); len(vms) != 1 {
+	if vms, _ := h.API.List(ctx); len(vms) != 1 {
 		t.Fatalf("want 1 VM after refused defines, got %d", len(vms))
 	}
 
 	start := time.Now()
-	if err := h.api.Start(ctx, "life"); err != nil {
+	if err := h.API.Start(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	con := attachConsole(t, h, "life")
-	ready, err := waitReady(con, 0, 90*time.Second)
+	con := hostbed.AttachConsole(t, h, "life")
+	ready, err := hostbed.WaitReady(con, 0, 90*time.Second)
 	if err != nil {
 		t.Fatalf("guest not ready: %v\n%s", err, con.Tail(2000))
 	}
 	t.Logf("guest ready after %s: %+v", time.Since(start).Round(time.Millisecond), ready)
-	if ready.Hostname != "life-host" || len(ready.IPs) == 0 || ready.IPs[0] != g.ip+"/24" || ready.InstanceID != "life-iid" {
-		t.Fatalf("guest reported %+v, want hostname life-host, ip %s/24 from the seed", ready, g.ip)
+	if ready.Hostname != "life-host" || len(ready.IPs) == 0 || ready.IPs[0] != g.IP+"/24" || ready.InstanceID != "life-iid" {
+		t.Fatalf("guest reported %+v, want hostname life-host, ip %s/24 from the seed", ready, g.IP)
 	}
 	if !strings.Contains(ready.Root, "vda") && ready.Root != "" {
 		t.Fatalf("guest did not boot from its NBD disk: root=%q", ready.Root)
 	}
-	if host, _, _ := b.waitProbe(t, g.ip, 30*time.Second); host != "life-host" {
+	if host, _, _ := b.WaitProbe(t, g.IP, 30*time.Second); host != "life-host" {
 		t.Fatalf("responder over the bridge answered as %q", host)
 	}
 
@@ -66,37 +67,37 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("console round trip: %v\n%s", err, con.Tail(500))
 	}
 	// A second viewer gets the scrollback.
-	if sb, err := h.api.ConsoleLog(ctx, "life"); err != nil || !strings.Contains(string(sb), "GROW-READY") {
+	if sb, err := h.API.ConsoleLog(ctx, "life"); err != nil || !strings.Contains(string(sb), "GROW-READY") {
 		t.Fatalf("scrollback lacks the ready line (err %v)", err)
 	}
 
 	// Counters move and are read through netlink in the host's namespace.
-	cnt, err := h.api.Counters(ctx, "life")
+	cnt, err := h.API.Counters(ctx, "life")
 	if err != nil || cnt.RxBytes == 0 || cnt.TxBytes == 0 {
 		t.Fatalf("counters after traffic: %+v %v", cnt, err)
 	}
 
 	// Agent restart: the VM is untouched (same QEMU, still counting, same state).
-	before, _ := h.api.Get(ctx, "life")
-	_, c1, _, err := b.probe(g.ip, 10*time.Second)
+	before, _ := h.API.Get(ctx, "life")
+	_, c1, _, err := b.Probe(g.IP, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.stop(syscall.SIGKILL) // even a crash of the agent must not touch the VM
+	h.Stop(syscall.SIGKILL) // even a crash of the agent must not touch the VM
 	time.Sleep(time.Second)
-	if _, c2, _, err := b.probe(g.ip, 10*time.Second); err != nil || c2 <= c1 {
+	if _, c2, _, err := b.Probe(g.IP, 10*time.Second); err != nil || c2 <= c1 {
 		t.Fatalf("guest while the agent is down: counter %d -> %d, %v", c1, c2, err)
 	}
-	h.start(t)
-	after := waitState(t, h, "life", hostapi.StateRunning, 10*time.Second)
+	h.Start(t)
+	after := hostbed.WaitState(t, h, "life", hostapi.StateRunning, 10*time.Second)
 	if after.PID != before.PID || after.PID == 0 {
 		t.Fatalf("QEMU pid changed across the agent restart: %d -> %d", before.PID, after.PID)
 	}
-	cnt2, err := h.api.Counters(ctx, "life")
+	cnt2, err := h.API.Counters(ctx, "life")
 	if err != nil || cnt2.RxBytes < cnt.RxBytes || cnt2.TxBytes < cnt.TxBytes {
 		t.Fatalf("counters went back across the agent restart: %+v -> %+v (%v)", cnt, cnt2, err)
 	}
-	con = attachConsole(t, h, "life")
+	con = hostbed.AttachConsole(t, h, "life")
 	mark = con.Len()
 	_ = con.Type("echo after-$((1+1))-restart\n")
 	if _, _, err := con.WaitFrom(mark, regexp.MustCompile(`after-2-restart`), 20*time.Second); err != nil {
@@ -105,43 +106,43 @@ func TestLifecycle(t *testing.T) {
 
 	// Reboot: the guest comes up again.
 	mark = con.Len()
-	if err := h.api.Reboot(ctx, "life"); err != nil {
+	if err := h.API.Reboot(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := waitReady(con, mark, 90*time.Second); err != nil {
+	if _, err := hostbed.WaitReady(con, mark, 90*time.Second); err != nil {
 		t.Fatalf("guest not ready after reboot: %v", err)
 	}
 
 	// Stop: ACPI shutdown, the guest powers off cleanly.
-	if err := h.api.Stop(ctx, "life", 60*time.Second); err != nil {
+	if err := h.API.Stop(ctx, "life", 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	vm := waitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
+	vm := hostbed.WaitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
 	if vm.ExitReason != "guest-shutdown" {
 		t.Fatalf("stop ended with %q, want an ACPI guest-shutdown", vm.ExitReason)
 	}
 	if vm.PID != 0 || len(vm.Taps) != 0 {
 		t.Fatalf("stopped VM still has pid %d or taps %v", vm.PID, vm.Taps)
 	}
-	cnt3, err := h.api.Counters(ctx, "life")
+	cnt3, err := h.API.Counters(ctx, "life")
 	if err != nil || cnt3.RxBytes < cnt2.RxBytes {
 		t.Fatalf("counters lost when the tap went away: %+v -> %+v (%v)", cnt2, cnt3, err)
 	}
 
 	// Start again, then QEMU dies behind the agent's back: noticed within a second.
-	if err := h.api.Start(ctx, "life"); err != nil {
+	if err := h.API.Start(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	vm = waitState(t, h, "life", hostapi.StateRunning, 5*time.Second)
-	con = attachConsole(t, h, "life")
-	if _, err := waitReady(con, 0, 90*time.Second); err != nil {
+	vm = hostbed.WaitState(t, h, "life", hostapi.StateRunning, 5*time.Second)
+	con = hostbed.AttachConsole(t, h, "life")
+	if _, err := hostbed.WaitReady(con, 0, 90*time.Second); err != nil {
 		t.Fatalf("guest not ready after start: %v", err)
 	}
 	if err := syscall.Kill(vm.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	died := time.Now()
-	vm = waitState(t, h, "life", hostapi.StateStopped, 3*time.Second)
+	vm = hostbed.WaitState(t, h, "life", hostapi.StateStopped, 3*time.Second)
 	if d := time.Since(died); d > time.Second {
 		t.Fatalf("QEMU death noticed after %s", d)
 	}
@@ -151,23 +152,23 @@ func TestLifecycle(t *testing.T) {
 	t.Logf("external kill noticed: %q", vm.ExitReason)
 
 	// Kill through the API, then delete: nothing is left.
-	if err := h.api.Start(ctx, "life"); err != nil {
+	if err := h.API.Start(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.api.Delete(ctx, "life", false); err == nil {
+	if err := h.API.Delete(ctx, "life", false); err == nil {
 		t.Fatal("deleting a running VM without force was accepted")
 	}
-	if err := h.api.Kill(ctx, "life"); err != nil {
+	if err := h.API.Kill(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	vm = waitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
-	if err := h.api.Delete(ctx, "life", false); err != nil {
+	vm = hostbed.WaitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
+	if err := h.API.Delete(ctx, "life", false); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(h.data, "vms", "life")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(h.Data, "vms", "life")); !os.IsNotExist(err) {
 		t.Fatalf("VM directory left after delete: %v", err)
 	}
-	if out, _ := inNS(h.ns, 5*time.Second, "ip", "-o", "link"); strings.Contains(out, vm.Spec.NICs[0].Bridge+"x") || strings.Contains(out, "gt") {
+	if out, _ := hostbed.InNS(h.NS, 5*time.Second, "ip", "-o", "link"); strings.Contains(out, vm.Spec.NICs[0].Bridge+"x") || strings.Contains(out, "gt") {
 		t.Fatalf("taps left after delete:\n%s", out)
 	}
 }

@@ -3,6 +3,7 @@ package host_test
 import (
 	"bufio"
 	"context"
+	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"os/exec"
 	"regexp"
 	"sort"
@@ -90,18 +91,18 @@ var writerRe = regexp.MustCompile(`GROW-WRITER disk=\S+ slots=(\d+) start=\d+\r?
 // most one probe may be lost. Then a migration cancelled half-way must leave the
 // guest running on its source, and a migration to an agent that refuses us must too.
 func TestMigration(t *testing.T) {
-	b := newBed(t, 2)
+	b := hostbed.New(t, 2)
 	ctx := context.Background()
-	g := newGuest(t, "mover", 30, true, "counter", "diskwriter", "responder")
-	h0 := b.hosts[0]
-	if _, err := h0.api.Define(ctx, g.spec); err != nil {
+	g := hostbed.NewGuest(t, "mover", 30, true, "counter", "diskwriter", "responder")
+	h0 := b.Hosts[0]
+	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
 	}
-	if err := h0.api.Start(ctx, "mover"); err != nil {
+	if err := h0.API.Start(ctx, "mover"); err != nil {
 		t.Fatal(err)
 	}
-	con := attachConsole(t, h0, "mover")
-	if _, err := waitReady(con, 0, 120*time.Second); err != nil {
+	con := hostbed.AttachConsole(t, h0, "mover")
+	if _, err := hostbed.WaitReady(con, 0, 120*time.Second); err != nil {
 		t.Fatalf("guest not ready: %v\n%s", err, con.Tail(1500))
 	}
 	m, _, err := con.WaitFrom(0, writerRe, 30*time.Second)
@@ -109,66 +110,66 @@ func TestMigration(t *testing.T) {
 		t.Fatalf("disk writer did not start: %v\n%s", err, con.Tail(1500))
 	}
 	slots, _ := strconv.ParseUint(m[1], 10, 64)
-	_, _, _ = b.waitProbe(t, g.ip, 30*time.Second)
+	_, _, _ = b.WaitProbe(t, g.IP, 30*time.Second)
 
-	ping := startPing(t, b.client, g.ip)
+	ping := startPing(t, b.Client, g.IP)
 	time.Sleep(time.Second)
 	type window struct{ from, to time.Duration }
 	var windows []window
 	var totals, downs []int64
 	const rounds = 20
 	for i := 0; i < rounds; i++ {
-		src, dst := b.hosts[i%2], b.hosts[(i+1)%2]
-		_, c0, s0 := b.waitProbe(t, g.ip, 10*time.Second)
+		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
+		_, c0, s0 := b.WaitProbe(t, g.IP, 10*time.Second)
 		begin := time.Since(ping.start)
-		op, err := src.api.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: dst.url, TargetToken: dst.token, ListenHost: dst.ip})
+		op, err := src.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token, ListenHost: dst.IP})
 		if err != nil {
 			t.Fatalf("round %d: migrate: %v", i, err)
 		}
-		op, err = src.api.Wait(ctx, op.ID, 50*time.Millisecond)
+		op, err = src.API.Wait(ctx, op.ID, 50*time.Millisecond)
 		if err != nil {
 			t.Fatalf("round %d: %v", i, err)
 		}
 		windows = append(windows, window{begin, time.Since(ping.start)})
 		totals, downs = append(totals, op.TotalTimeMS), append(downs, op.DowntimeMS)
 		// The destination owns the VM; the source has neither record nor QEMU.
-		if _, err := src.api.Get(ctx, "mover"); err == nil {
+		if _, err := src.API.Get(ctx, "mover"); err == nil {
 			t.Fatalf("round %d: the source still lists the VM", i)
 		}
-		if pids := qemuPIDsUnder(src.data); len(pids) != 0 {
+		if pids := hostbed.QEMUPIDsUnder(src.Data); len(pids) != 0 {
 			t.Fatalf("round %d: QEMU left on the source: %v", i, pids)
 		}
-		if vm, err := dst.api.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
+		if vm, err := dst.API.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
 			t.Fatalf("round %d: destination VM %+v %v", i, vm.State, err)
 		}
 		// The guest progresses on the destination.
-		if _, _, _, err := b.probe(g.ip, 10*time.Second); err != nil {
-			sb, _ := dst.api.ConsoleLog(ctx, "mover")
+		if _, _, _, err := b.Probe(g.IP, 10*time.Second); err != nil {
+			sb, _ := dst.API.ConsoleLog(ctx, "mover")
 			if len(sb) > 1500 {
 				sb = sb[len(sb)-1500:]
 			}
-			fdb0, _ := inNS(b.hosts[0].ns, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
-			fdb1, _ := inNS(b.hosts[1].ns, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
+			fdb0, _ := hostbed.InNS(b.Hosts[0].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
+			fdb1, _ := hostbed.InNS(b.Hosts[1].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
 			t.Fatalf("round %d: responder unreachable after the migration: %v\nconsole:\n%s\nfdb0:\n%s\nfdb1:\n%s", i, err, sb, fdb0, fdb1)
 		}
-		_, c1, s1 := b.waitProbe(t, g.ip, 10*time.Second)
+		_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
 		deadline := time.Now().Add(10 * time.Second)
 		c2, s2 := c1, s1
 		for (c2 <= c1 || s2 <= s1) && time.Now().Before(deadline) {
 			time.Sleep(300 * time.Millisecond)
-			_, c2, s2 = b.waitProbe(t, g.ip, 5*time.Second)
+			_, c2, s2 = b.WaitProbe(t, g.IP, 5*time.Second)
 		}
 		if c1 < c0 || c2 <= c1 || s1 < s0 || s2 <= s1 {
 			t.Fatalf("round %d: guest not progressing after migration: counter %d -> %d -> %d, acked %d -> %d -> %d", i, c0, c1, c2, s0, s1, s2)
 		}
 		// Every block acknowledged so far verifies on the shared disk.
-		rep, err := testbed.VerifyBlocksFile(g.dataFile, slots, s2)
+		rep, err := testbed.VerifyBlocksFile(g.DataFile, slots, s2)
 		if err != nil {
 			t.Fatalf("round %d: acknowledged blocks up to %d do not verify: %v", i, s2, err)
 		}
 		missing, _ := ping.lost()
 		t.Logf("round %d %s -> %s: total %d ms, downtime %d ms, counter %d, acked %d (verified %d), ping lost so far %d",
-			i, src.ns, dst.ns, op.TotalTimeMS, op.DowntimeMS, c2, s2, rep.Checked, len(missing))
+			i, src.NS, dst.NS, op.TotalTimeMS, op.DowntimeMS, c2, s2, rep.Checked, len(missing))
 	}
 	time.Sleep(500 * time.Millisecond)
 	ping.stop()
@@ -202,28 +203,28 @@ func TestMigration(t *testing.T) {
 	t.Logf("QEMU downtimes (ms): %v", downs)
 
 	// A migration to an agent that refuses our token fails and changes nothing.
-	h0, h1 := b.hosts[0], b.hosts[1]
-	op, err := h0.api.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.url, TargetToken: "wrong", ListenHost: h1.ip})
+	h0, h1 := b.Hosts[0], b.Hosts[1]
+	op, err := h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: "wrong", ListenHost: h1.IP})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if op, err = h0.api.Wait(ctx, op.ID, 50*time.Millisecond); err == nil || op.Status != hostapi.OpFailed {
+	if op, err = h0.API.Wait(ctx, op.ID, 50*time.Millisecond); err == nil || op.Status != hostapi.OpFailed {
 		t.Fatalf("migration with a bad token: %+v %v", op, err)
 	}
-	if vm, err := h0.api.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
+	if vm, err := h0.API.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
 		t.Fatalf("after a refused migration the source VM is %+v %v", vm.State, err)
 	}
 
 	// Cancel half-way: throttle the stream so the migration is long, cancel it once it
 	// has moved some memory; the guest keeps running on the source.
-	_, c0, _ := b.waitProbe(t, g.ip, 10*time.Second)
-	op, err = h0.api.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.url, TargetToken: h1.token, ListenHost: h1.ip, BandwidthMiBps: 1})
+	_, c0, _ := b.WaitProbe(t, g.IP, 10*time.Second)
+	op, err = h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: h1.Token, ListenHost: h1.IP, BandwidthMiBps: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		cur, err := h0.api.Operation(ctx, op.ID)
+		cur, err := h0.API.Operation(ctx, op.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -239,33 +240,33 @@ func TestMigration(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if err := h0.api.CancelOperation(ctx, op.ID); err != nil {
+	if err := h0.API.CancelOperation(ctx, op.ID); err != nil {
 		t.Fatal(err)
 	}
-	op, err = h0.api.Wait(ctx, op.ID, 50*time.Millisecond)
+	op, err = h0.API.Wait(ctx, op.ID, 50*time.Millisecond)
 	if op.Status != hostapi.OpCancelled {
 		t.Fatalf("cancelled migration ended as %+v (%v)", op, err)
 	}
-	if vm, err := h0.api.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
+	if vm, err := h0.API.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
 		t.Fatalf("after the cancel the source VM is %+v %v", vm.State, err)
 	}
-	if _, err := h1.api.Get(ctx, "mover"); err == nil {
+	if _, err := h1.API.Get(ctx, "mover"); err == nil {
 		t.Fatal("the destination still lists the VM after the cancel")
 	}
-	if pids := qemuPIDsUnder(h1.data); len(pids) != 0 {
+	if pids := hostbed.QEMUPIDsUnder(h1.Data); len(pids) != 0 {
 		t.Fatalf("QEMU left on the destination after the cancel: %v", pids)
 	}
-	_, c1, s1 := b.waitProbe(t, g.ip, 10*time.Second)
+	_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
 	time.Sleep(time.Second)
-	_, c2, s2 := b.waitProbe(t, g.ip, 10*time.Second)
+	_, c2, s2 := b.WaitProbe(t, g.IP, 10*time.Second)
 	if c1 <= c0 || c2 <= c1 || s2 <= s1 {
 		t.Fatalf("guest not progressing on the source after the cancel: counter %d -> %d -> %d, acked %d -> %d", c0, c1, c2, s1, s2)
 	}
 	// Finally: stop the guest hard and check every acknowledged block once more.
-	if err := h0.api.Kill(ctx, "mover"); err != nil {
+	if err := h0.API.Kill(ctx, "mover"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := testbed.VerifyBlocksFile(g.dataFile, slots, s2); err != nil {
+	if _, err := testbed.VerifyBlocksFile(g.DataFile, slots, s2); err != nil {
 		t.Fatalf("acknowledged blocks up to %d do not verify after the kill: %v", s2, err)
 	}
 }

@@ -3,17 +3,15 @@ package host_test
 import (
 	"context"
 	"fmt"
+	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"io"
 	"net"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/vishvananda/netns"
 
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/test/testbed"
@@ -22,7 +20,7 @@ import (
 // run types a shell command on the guest console and returns its output and exit code.
 func run(t *testing.T, con *testbed.Console, cmd string, timeout time.Duration) (string, int) {
 	t.Helper()
-	tag := randHex(3)
+	tag := hostbed.RandHex(3)
 	mark := con.Len()
 	if err := con.Type(cmd + "; echo END-" + tag + "-$?\n"); err != nil {
 		t.Fatal(err)
@@ -36,32 +34,6 @@ func run(t *testing.T, con *testbed.Console, cmd string, timeout time.Duration) 
 	return m[1], code
 }
 
-// nsListen listens on TCP inside network namespace ns.
-func nsListen(ns, addr string) (net.Listener, error) {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer orig.Close()
-	target, err := netns.GetFromName(ns)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer target.Close()
-	if err := netns.Set(target); err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	l, err := net.Listen("tcp", addr)
-	if netns.Set(orig) == nil {
-		runtime.UnlockOSThread()
-	}
-	return l, err
-}
-
 // nftCounters installs counters on the client's eth0 for frames from a MAC and packets
 // from an IP, and returns a function that reads them (packets).
 func nftCounters(t *testing.T, ns, mac, ip string) func() (fromMAC, fromIP, arpIP int) {
@@ -72,12 +44,12 @@ add rule netdev spy in ether saddr %s counter comment "mac"
 add rule netdev spy in ether type ip ip saddr %s counter comment "ip"
 add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
 `, mac, ip, ip)
-	if out, err := inNSStdin(ns, script, "nft", "-f", "-"); err != nil {
+	if out, err := hostbed.InNSStdin(ns, script, "nft", "-f", "-"); err != nil {
 		t.Fatalf("nft in the client: %v: %s", err, out)
 	}
 	re := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "(\w+)"`)
 	return func() (int, int, int) {
-		out, err := inNS(ns, 5*time.Second, "nft", "list", "chain", "netdev", "spy", "in")
+		out, err := hostbed.InNS(ns, 5*time.Second, "nft", "list", "chain", "netdev", "spy", "in")
 		if err != nil {
 			t.Fatalf("nft list: %v: %s", err, out)
 		}
@@ -92,30 +64,30 @@ add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
 // TestNetwork boots two guests on one host in parallel: one proves that a guest
 // cannot send with another MAC or IP address, the other that shaping holds its rates.
 func TestNetwork(t *testing.T) {
-	b := newBed(t, 1)
-	h := b.hosts[0]
+	b := hostbed.New(t, 1)
+	h := b.Hosts[0]
 	ctx := context.Background()
-	spoof := newGuest(t, "spoofer", 20, false)
-	shaped := newGuest(t, "shaped", 21, false)
+	spoof := hostbed.NewGuest(t, "spoofer", 20, false)
+	shaped := hostbed.NewGuest(t, "shaped", 21, false)
 	const rate = 8_000_000 // bits per second, both directions
-	shaped.spec.NICs[0].InRate, shaped.spec.NICs[0].OutRate = rate, rate
-	shaped.spec.Limits = hostapi.Limits{CPUPercent: 90, MemoryMaxBytes: 1 << 30}
+	shaped.Spec.NICs[0].InRate, shaped.Spec.NICs[0].OutRate = rate, rate
+	shaped.Spec.Limits = hostapi.Limits{CPUPercent: 90, MemoryMaxBytes: 1 << 30}
 	cons := map[string]*testbed.Console{}
-	for _, g := range []*guestVM{spoof, shaped} {
-		if _, err := h.api.Define(ctx, g.spec); err != nil {
+	for _, g := range []*hostbed.Guest{spoof, shaped} {
+		if _, err := h.API.Define(ctx, g.Spec); err != nil {
 			t.Fatal(err)
 		}
-		if err := h.api.Start(ctx, g.spec.Name); err != nil {
+		if err := h.API.Start(ctx, g.Spec.Name); err != nil {
 			t.Fatal(err)
 		}
-		cons[g.spec.Name] = attachConsole(t, h, g.spec.Name)
+		cons[g.Spec.Name] = hostbed.AttachConsole(t, h, g.Spec.Name)
 	}
 	var wg sync.WaitGroup
 	for name, con := range cons {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := waitReady(con, 0, 120*time.Second); err != nil {
+			if _, err := hostbed.WaitReady(con, 0, 120*time.Second); err != nil {
 				t.Errorf("%s not ready: %v\n%s", name, err, con.Tail(1500))
 			}
 		}()
@@ -126,18 +98,18 @@ func TestNetwork(t *testing.T) {
 	}
 
 	t.Run("cgroup", func(t *testing.T) {
-		vm, err := h.api.Get(ctx, "shaped")
+		vm, err := h.API.Get(ctx, "shaped")
 		if err != nil {
 			t.Fatal(err)
 		}
-		checkCgroup(t, "grow-e2e-"+b.id, "shaped", vm.PID, 90, 1<<30)
+		checkCgroup(t, "grow-e2e-"+b.ID, "shaped", vm.PID, 90, 1<<30)
 	})
 
 	t.Run("antispoof", func(t *testing.T) {
 		con := cons["spoofer"]
-		client := subnet + "100"
+		client := hostbed.Subnet + "100"
 		const fakeIP, fakeMAC = "10.77.0.66", "52:54:00:66:66:66"
-		read := nftCounters(t, b.client, fakeMAC, fakeIP)
+		read := nftCounters(t, b.Client, fakeMAC, fakeIP)
 		if out, code := run(t, con, "ping -c 2 -W 3 "+client, 20*time.Second); code != 0 {
 			t.Fatalf("the guest cannot reach the client with its own addresses:\n%s", out)
 		}
@@ -155,14 +127,14 @@ func TestNetwork(t *testing.T) {
 			t.Fatalf("the client saw spoofed traffic: %d frames from %s, %d packets and %d ARP from %s", mac, fakeMAC, ip, arp, fakeIP)
 		}
 		// With its own MAC back, the same guest gets through again: it was the filter.
-		if out, code := run(t, con, "ip link set eth0 address "+spoof.spec.NICs[0].MAC+" && ping -c 2 -W 3 "+client, 30*time.Second); code != 0 {
+		if out, code := run(t, con, "ip link set eth0 address "+spoof.Spec.NICs[0].MAC+" && ping -c 2 -W 3 "+client, 30*time.Second); code != 0 {
 			t.Fatalf("the guest cannot reach the client after restoring its MAC:\n%s", out)
 		}
 	})
 
 	t.Run("shaping", func(t *testing.T) {
 		con := cons["shaped"]
-		l, err := nsListen(h.ns, h.ip+":0")
+		l, err := hostbed.NSListen(h.NS, h.IP+":0")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -179,10 +151,10 @@ func TestNetwork(t *testing.T) {
 		port := l.Addr().(*net.TCPAddr).Port
 		measure := func(dir string, counter func(hostapi.Counters) uint64) float64 {
 			time.Sleep(1500 * time.Millisecond) // let TCP reach its steady state
-			c0, _ := h.api.Counters(ctx, "shaped")
+			c0, _ := h.API.Counters(ctx, "shaped")
 			t0 := time.Now()
 			time.Sleep(5 * time.Second)
-			c1, _ := h.api.Counters(ctx, "shaped")
+			c1, _ := h.API.Counters(ctx, "shaped")
 			bps := float64(counter(c1)-counter(c0)) * 8 / time.Since(t0).Seconds()
 			t.Logf("%s: %.2f Mbit/s for a rate of %.2f Mbit/s (%.1f %%)", dir, bps/1e6, rate/1e6, 100*(bps-rate)/rate)
 			if bps < rate*0.85 || bps > rate*1.15 {
@@ -191,7 +163,7 @@ func TestNetwork(t *testing.T) {
 			return bps
 		}
 		// Guest to host: the guest streams zeroes to the host's listener.
-		run(t, con, fmt.Sprintf("(timeout 10 nc %s %d < /dev/zero > /dev/null 2>&1 &)", h.ip, port), 10*time.Second)
+		run(t, con, fmt.Sprintf("(timeout 10 nc %s %d < /dev/zero > /dev/null 2>&1 &)", h.IP, port), 10*time.Second)
 		measure("from the guest", func(c hostapi.Counters) uint64 { return c.TxBytes })
 		time.Sleep(3 * time.Second)
 		// Host to guest: the guest listens, the host streams.
@@ -199,7 +171,7 @@ func TestNetwork(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		c, err := nsDialer(h.ns)(cctx, "tcp", shaped.ip+":5002")
+		c, err := hostbed.NSDialer(h.NS)(cctx, "tcp", shaped.IP+":5002")
 		if err != nil {
 			t.Fatalf("Failed to connect to the guest: %v", err)
 		}

@@ -1,7 +1,9 @@
-// Package host_test checks `grow hostd` end to end: real agents in network
-// namespaces, real QEMU guests booting from NBD disks, real taps, rules and shaping.
-// These tests need root, QEMU and the test guest (`make guest`); they are skipped with -short.
-package host_test
+// Package hostbed builds what the host agent's end-to-end tests and the migration
+// benchmark run on: hosts in network namespaces joined by a guest network, each running
+// `grow hostd`, a client namespace, and test guests on NBD disks. Everything it makes
+// is removed when the test ends; it must never touch anything outside the namespaces,
+// temporary directories and processes it created.
+package hostbed
 
 import (
 	"bufio"
@@ -33,34 +35,34 @@ import (
 	"github.com/growserver/grow/test/testbed"
 )
 
-// subnet is the guest network of a bed: hosts are .1, .2, ...; the client is .100.
-const subnet = "10.77.0."
+// Subnet is the guest network of a bed: hosts are .1, .2, ...; the client is .100.
+const Subnet = "10.77.0."
 
-// bed is a set of hosts in network namespaces, their bridges joined by veths, plus a
+// Bed is a set of hosts in network namespaces, their bridges joined by veths, plus a
 // client namespace on the same network, each host running `grow hostd`.
-type bed struct {
-	t      *testing.T
-	id     string
-	dir    string
-	hosts  []*agentHost
-	client string // netns of the client
+type Bed struct {
+	t      testing.TB
+	ID     string
+	Dir    string
+	Hosts  []*Host
+	Client string // netns of the client
 }
 
-// agentHost is one hypervisor host of the bed.
-type agentHost struct {
-	bed    *bed
-	idx    int
-	ns     string
-	ip     string
-	data   string
-	url    string
-	token  string
+// Host is one hypervisor host of the bed.
+type Host struct {
+	bed    *Bed
+	Idx    int
+	NS     string // network namespace
+	IP     string // address on the guest network (API and migration stream)
+	Data   string // the agent's --data
+	URL    string
+	Token  string
 	cmd    *exec.Cmd
 	waited chan struct{}
-	api    *agentclient.Client
+	API    *agentclient.Client
 }
 
-func need(t *testing.T) {
+func Need(t testing.TB) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end test: needs root, QEMU and the test guest")
@@ -79,48 +81,48 @@ func sh(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
-func randHex(n int) string {
+func RandHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
 }
 
-// newBed builds n hosts and a client; everything is torn down when the test ends.
-func newBed(t *testing.T, n int) *bed {
-	need(t)
-	b := &bed{t: t, id: randHex(3), dir: t.TempDir()}
+// New builds n hosts and a client; everything is torn down when the test ends.
+func New(t testing.TB, n int) *Bed {
+	Need(t)
+	b := &Bed{t: t, ID: RandHex(3), Dir: t.TempDir()}
 	t.Cleanup(b.teardown)
 	mkns := func(name string) {
 		sh(t, "ip", "netns", "add", name)
 		sh(t, "ip", "-n", name, "link", "set", "lo", "up")
 	}
 	for i := 0; i < n; i++ {
-		ns := fmt.Sprintf("gh%s-%d", b.id, i)
+		ns := fmt.Sprintf("gh%s-%d", b.ID, i)
 		mkns(ns)
-		h := &agentHost{bed: b, idx: i, ns: ns, ip: subnet + strconv.Itoa(i+1), data: filepath.Join(b.dir, fmt.Sprintf("host%d", i))}
-		b.hosts = append(b.hosts, h)
+		h := &Host{bed: b, Idx: i, NS: ns, IP: Subnet + strconv.Itoa(i+1), Data: filepath.Join(b.Dir, fmt.Sprintf("host%d", i))}
+		b.Hosts = append(b.Hosts, h)
 		sh(t, "ip", "-n", ns, "link", "add", "br0", "type", "bridge")
 		sh(t, "ip", "-n", ns, "link", "set", "br0", "up")
-		sh(t, "ip", "-n", ns, "addr", "add", h.ip+"/24", "dev", "br0")
+		sh(t, "ip", "-n", ns, "addr", "add", h.IP+"/24", "dev", "br0")
 		if i > 0 { // join this host's bridge to host 0's
-			b.link(b.hosts[0].ns, ns, "br0", fmt.Sprintf("h%d", i))
+			b.link(b.Hosts[0].NS, ns, "br0", fmt.Sprintf("h%d", i))
 		}
 	}
-	b.client = fmt.Sprintf("gh%s-c", b.id)
-	mkns(b.client)
-	b.link(b.hosts[0].ns, b.client, "", "c")
-	sh(t, "ip", "-n", b.client, "addr", "add", subnet+"100/24", "dev", "eth0")
-	for _, h := range b.hosts {
-		h.start(t)
+	b.Client = fmt.Sprintf("gh%s-c", b.ID)
+	mkns(b.Client)
+	b.link(b.Hosts[0].NS, b.Client, "", "c")
+	sh(t, "ip", "-n", b.Client, "addr", "add", Subnet+"100/24", "dev", "eth0")
+	for _, h := range b.Hosts {
+		h.Start(t)
 	}
 	return b
 }
 
 // link joins netns a's br0 to netns z by a veth; in z the end is enslaved to bridge
 // (or, with bridge "", named eth0 and left for an address).
-func (b *bed) link(a, z, bridge, tag string) {
+func (b *Bed) link(a, z, bridge, tag string) {
 	t := b.t
-	va, vz := "gv"+b.id+tag+"a", "gv"+b.id+tag+"z"
+	va, vz := "gv"+b.ID+tag+"a", "gv"+b.ID+tag+"z"
 	sh(t, "ip", "link", "add", va, "type", "veth", "peer", "name", vz)
 	sh(t, "ip", "link", "set", va, "netns", a)
 	sh(t, "ip", "link", "set", vz, "netns", z)
@@ -133,16 +135,16 @@ func (b *bed) link(a, z, bridge, tag string) {
 	}
 }
 
-// start runs grow hostd in the host's namespace (only the network is entered, so
+// Start runs grow hostd in the host's namespace (only the network is entered, so
 // the agent sees the host's cgroups) and waits for its API.
-func (h *agentHost) start(t *testing.T) {
+func (h *Host) Start(t testing.TB) {
 	t.Helper()
-	logf, err := os.OpenFile(filepath.Join(h.bed.dir, fmt.Sprintf("hostd%d.log", h.idx)), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	logf, err := os.OpenFile(filepath.Join(h.bed.Dir, fmt.Sprintf("hostd%d.log", h.Idx)), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.ns, testbed.GrowBinary(t), "hostd",
-		"--data", h.data, "--api", h.ip+":0", "--bridge", "br0", "--cgroup-parent", "grow-e2e-"+h.bed.id)
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.NS, testbed.GrowBinary(t), "hostd",
+		"--data", h.Data, "--api", h.IP+":0", "--bridge", "br0", "--cgroup-parent", "grow-e2e-"+h.bed.ID)
 	cmd.Stderr = logf
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -166,25 +168,25 @@ func (h *agentHost) start(t *testing.T) {
 	}()
 	select {
 	case addr := <-lines:
-		h.url = "http://" + addr
+		h.URL = "http://" + addr
 	case <-h.waited:
-		t.Fatalf("hostd on %s exited: %s", h.ns, h.log())
+		t.Fatalf("hostd on %s exited: %s", h.NS, h.Log())
 	case <-time.After(20 * time.Second):
-		t.Fatalf("hostd on %s did not start: %s", h.ns, h.log())
+		t.Fatalf("hostd on %s did not start: %s", h.NS, h.Log())
 	}
-	tok, err := os.ReadFile(filepath.Join(h.data, "admin.token"))
+	tok, err := os.ReadFile(filepath.Join(h.Data, "admin.Token"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.token = strings.TrimSpace(string(tok))
-	hc := &http.Client{Transport: &http.Transport{DialContext: nsDialer(h.ns), DisableKeepAlives: false}, Timeout: 2 * time.Minute}
-	if h.api, err = agentclient.NewWithHTTPClient(h.url, h.token, hc); err != nil {
+	h.Token = strings.TrimSpace(string(tok))
+	hc := &http.Client{Transport: &http.Transport{DialContext: NSDialer(h.NS), DisableKeepAlives: false}, Timeout: 2 * time.Minute}
+	if h.API, err = agentclient.NewWithHTTPClient(h.URL, h.Token, hc); err != nil {
 		t.Fatal(err)
 	}
 }
 
-// stop ends the agent (SIGTERM, then SIGKILL); its VMs keep running.
-func (h *agentHost) stop(sig syscall.Signal) {
+// Stop ends the agent (SIGTERM, then SIGKILL); its VMs keep running.
+func (h *Host) Stop(sig syscall.Signal) {
 	if h.cmd == nil {
 		return
 	}
@@ -198,35 +200,35 @@ func (h *agentHost) stop(sig syscall.Signal) {
 	h.cmd = nil
 }
 
-func (h *agentHost) log() string {
-	b, _ := os.ReadFile(filepath.Join(h.bed.dir, fmt.Sprintf("hostd%d.log", h.idx)))
+func (h *Host) Log() string {
+	b, _ := os.ReadFile(filepath.Join(h.bed.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
 	if len(b) > 4000 {
 		b = b[len(b)-4000:]
 	}
 	return string(b)
 }
 
-func (b *bed) teardown() {
-	for _, h := range b.hosts {
+func (b *Bed) teardown() {
+	for _, h := range b.Hosts {
 		if b.t.Failed() {
-			b.t.Logf("hostd %d log:\n%s", h.idx, h.log())
+			b.t.Logf("hostd %d log:\n%s", h.Idx, h.Log())
 		}
-		h.stop(syscall.SIGTERM)
+		h.Stop(syscall.SIGTERM)
 	}
 	// Every QEMU the bed's agents started has its sockets under the bed's directory.
-	for _, pid := range qemuPIDsUnder(b.dir) {
+	for _, pid := range QEMUPIDsUnder(b.Dir) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for len(qemuPIDsUnder(b.dir)) > 0 && time.Now().Before(deadline) {
+	for len(QEMUPIDsUnder(b.Dir)) > 0 && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	for _, h := range b.hosts {
-		_ = exec.Command("ip", "netns", "del", h.ns).Run()
+	for _, h := range b.Hosts {
+		_ = exec.Command("ip", "netns", "del", h.NS).Run()
 	}
-	_ = exec.Command("ip", "netns", "del", b.client).Run()
+	_ = exec.Command("ip", "netns", "del", b.Client).Run()
 	for _, c := range []string{"cpu", "memory"} {
-		p := filepath.Join("/sys/fs/cgroup", c, "grow-e2e-"+b.id)
+		p := filepath.Join("/sys/fs/cgroup", c, "grow-e2e-"+b.ID)
 		entries, _ := os.ReadDir(p)
 		for _, e := range entries {
 			if e.IsDir() {
@@ -237,8 +239,8 @@ func (b *bed) teardown() {
 	}
 }
 
-// qemuPIDsUnder lists live processes whose command line mentions dir.
-func qemuPIDsUnder(dir string) []int {
+// QEMUPIDsUnder lists live processes whose command line mentions dir.
+func QEMUPIDsUnder(dir string) []int {
 	var pids []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -260,8 +262,8 @@ func qemuPIDsUnder(dir string) []int {
 	return pids
 }
 
-// nsDialer dials from inside network namespace ns.
-func nsDialer(ns string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+// NSDialer dials from inside network namespace ns.
+func NSDialer(ns string) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		runtime.LockOSThread()
 		orig, err := netns.Get()
@@ -289,19 +291,19 @@ func nsDialer(ns string) func(ctx context.Context, network, addr string) (net.Co
 	}
 }
 
-// inNS runs a command in a namespace and returns its output.
-func inNS(ns string, timeout time.Duration, name string, args ...string) (string, error) {
+// InNS runs a command in a namespace and returns its output.
+func InNS(ns string, timeout time.Duration, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns, name}, args...)...).CombinedOutput()
 	return string(out), err
 }
 
-// guestVM is a test guest: its NBD disks and its spec.
-type guestVM struct {
-	spec     hostapi.VMSpec
-	ip       string
-	dataFile string // the writer's disk image ("" if none)
+// Guest is a test guest: its NBD disks and its spec.
+type Guest struct {
+	Spec     hostapi.VMSpec
+	IP       string
+	DataFile string // the writer's disk image ("" if none)
 }
 
 var macN = struct {
@@ -309,9 +311,9 @@ var macN = struct {
 	n int
 }{}
 
-// newGuest prepares a guest named name with address subnet+ipLast: a root disk copied
+// NewGuest prepares a guest named name with address Subnet+ipLast: a root disk copied
 // from the gold master and, with a data disk, a blank 16 MiB disk for the writer.
-func newGuest(t *testing.T, name string, ipLast int, dataDisk bool, run ...string) *guestVM {
+func NewGuest(t testing.TB, name string, ipLast int, dataDisk bool, run ...string) *Guest {
 	t.Helper()
 	dir := t.TempDir()
 	guestDir := testbed.GuestDir(t)
@@ -319,13 +321,13 @@ func newGuest(t *testing.T, name string, ipLast int, dataDisk bool, run ...strin
 	macN.n++
 	mac := fmt.Sprintf("52:54:00:%02x:%02x:%02x", ipLast, macN.n&0xff, os.Getpid()&0xff)
 	macN.Unlock()
-	ip := subnet + strconv.Itoa(ipLast)
+	ip := Subnet + strconv.Itoa(ipLast)
 	root := testbed.StartQemuNBD(t, testbed.CopyGuestImage(t, dir))
-	g := &guestVM{ip: ip}
+	g := &Guest{IP: ip}
 	disks := []hostapi.Disk{{ID: "root", Socket: root.Socket, Export: "", ReconnectDelay: 5}}
 	if dataDisk {
-		g.dataFile = testbed.BlankImage(t, filepath.Join(dir, "data.raw"), 16<<20)
-		d := testbed.StartQemuNBD(t, g.dataFile)
+		g.DataFile = testbed.BlankImage(t, filepath.Join(dir, "data.raw"), 16<<20)
+		d := testbed.StartQemuNBD(t, g.DataFile)
 		disks = append(disks, hostapi.Disk{ID: "data", Socket: d.Socket, Export: "", ReconnectDelay: 5})
 	}
 	s := testbed.Seed{
@@ -337,7 +339,7 @@ func newGuest(t *testing.T, name string, ipLast int, dataDisk bool, run ...strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	g.spec = hostapi.VMSpec{
+	g.Spec = hostapi.VMSpec{
 		Name: name, VCPUs: 1, MemoryMiB: 256,
 		Disks: disks,
 		NICs:  []hostapi.NIC{{MAC: mac, IPv4: []string{ip}}},
@@ -348,13 +350,13 @@ func newGuest(t *testing.T, name string, ipLast int, dataDisk bool, run ...strin
 	return g
 }
 
-// attachConsole follows a VM's console over the agent's websocket API.
-func attachConsole(t *testing.T, h *agentHost, name string) *testbed.Console {
+// AttachConsole follows a VM's console over the agent's websocket API.
+func AttachConsole(t testing.TB, h *Host, name string) *testbed.Console {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	hdr := http.Header{}
-	hdr.Set("Authorization", "Bearer "+h.token)
-	ws, _, err := websocket.Dial(ctx, h.api.ConsoleURL(name), &websocket.DialOptions{HTTPHeader: hdr, HTTPClient: h.api.HTTPClient()})
+	hdr.Set("Authorization", "Bearer "+h.Token)
+	ws, _, err := websocket.Dial(ctx, h.API.ConsoleURL(name), &websocket.DialOptions{HTTPHeader: hdr, HTTPClient: h.API.HTTPClient()})
 	if err != nil {
 		cancel()
 		t.Fatalf("Failed to attach to the console of %s: %v", name, err)
@@ -369,11 +371,11 @@ func attachConsole(t *testing.T, h *agentHost, name string) *testbed.Console {
 
 var respRe = regexp.MustCompile(`GROW-RESP hostname=(\S+) counter=(\d+) seq=(\d+)`)
 
-// probe asks the guest's responder (TCP 7777) from the client namespace.
-func (b *bed) probe(ip string, timeout time.Duration) (hostname string, counter, seq uint64, err error) {
+// Probe asks the guest's responder (TCP 7777) from the client namespace.
+func (b *Bed) Probe(ip string, timeout time.Duration) (hostname string, counter, seq uint64, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	c, err := nsDialer(b.client)(ctx, "tcp", ip+":7777")
+	c, err := NSDialer(b.Client)(ctx, "tcp", ip+":7777")
 	if err != nil {
 		return "", 0, 0, err
 	}
@@ -392,12 +394,12 @@ func (b *bed) probe(ip string, timeout time.Duration) (hostname string, counter,
 	return m[1], counter, seq, nil
 }
 
-// waitState polls a VM until it reaches state.
-func waitState(t *testing.T, h *agentHost, name, state string, timeout time.Duration) hostapi.VM {
+// WaitState polls a VM until it reaches state.
+func WaitState(t testing.TB, h *Host, name, state string, timeout time.Duration) hostapi.VM {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		vm, err := h.api.Get(context.Background(), name)
+		vm, err := h.API.Get(context.Background(), name)
 		if err == nil && vm.State == state {
 			return vm
 		}
@@ -410,9 +412,9 @@ func waitState(t *testing.T, h *agentHost, name, state string, timeout time.Dura
 
 var readyLineRe = regexp.MustCompile(`GROW-READY ([^\r\n]*)\r?\n`)
 
-// waitReady waits for a complete GROW-READY line after offset from (the console may
+// WaitReady waits for a complete GROW-READY line after offset from (the console may
 // deliver a line in pieces, so the line end is part of the match).
-func waitReady(c *testbed.Console, from int, timeout time.Duration) (testbed.Ready, error) {
+func WaitReady(c *testbed.Console, from int, timeout time.Duration) (testbed.Ready, error) {
 	m, _, err := c.WaitFrom(from, readyLineRe, timeout)
 	if err != nil {
 		return testbed.Ready{}, err
@@ -420,12 +422,12 @@ func waitReady(c *testbed.Console, from int, timeout time.Duration) (testbed.Rea
 	return testbed.ParseReady(m[1]), nil
 }
 
-// waitProbe retries probe until the responder answers.
-func (b *bed) waitProbe(t *testing.T, ip string, timeout time.Duration) (hostname string, counter, seq uint64) {
+// WaitProbe retries probe until the responder answers.
+func (b *Bed) WaitProbe(t testing.TB, ip string, timeout time.Duration) (hostname string, counter, seq uint64) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		h, c, s, err := b.probe(ip, 3*time.Second)
+		h, c, s, err := b.Probe(ip, 3*time.Second)
 		if err == nil {
 			return h, c, s
 		}
@@ -436,10 +438,36 @@ func (b *bed) waitProbe(t *testing.T, ip string, timeout time.Duration) (hostnam
 	}
 }
 
-// inNSStdin runs a command with stdin in a namespace.
-func inNSStdin(ns, stdin string, name string, args ...string) (string, error) {
+// InNSStdin runs a command with stdin in a namespace.
+func InNSStdin(ns, stdin string, name string, args ...string) (string, error) {
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, name}, args...)...)
 	cmd.Stdin = strings.NewReader(stdin)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// NSListen listens on TCP inside network namespace ns.
+func NSListen(ns, addr string) (net.Listener, error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer orig.Close()
+	target, err := netns.GetFromName(ns)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	l, err := net.Listen("tcp", addr)
+	if netns.Set(orig) == nil {
+		runtime.UnlockOSThread()
+	}
+	return l, err
 }
