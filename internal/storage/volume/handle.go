@@ -17,6 +17,10 @@ type Handle struct {
 
 var zeroCluster [ClusterSize]byte
 
+// testHookIO, when set by a test, runs between the lookup of a top-layer cluster and
+// the device I/O on it, to widen race windows.
+var testHookIO func()
+
 var clusterPool = sync.Pool{New: func() any { return new([ClusterSize]byte) }}
 
 // Size is the current virtual size of the volume.
@@ -75,14 +79,20 @@ func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
 	if o.readOnly() {
 		e = resolve(top, vc)
 	} else {
+		busy := o.busyLock(vc)
+		busy.RLock()
 		o.tab.RLock()
 		e = top.tab.get(vc)
+		o.tab.RUnlock()
 		if isPhys(e) {
+			if testHookIO != nil {
+				testHookIO()
+			}
 			_, err := d.ReadAt(p, int64(e-entPhys)<<clusterShift+in)
-			o.tab.RUnlock()
+			busy.RUnlock()
 			return err
 		}
-		o.tab.RUnlock()
+		busy.RUnlock()
 		if e == entNone {
 			e = resolve(top.parent, vc)
 		}
@@ -140,15 +150,21 @@ func (h *Handle) write(p []byte, off int64) error {
 func (h *Handle) writeCluster(vc uint64, in int64, data []byte) error {
 	o, d := h.o, h.m.dev
 	top := o.layer
+	busy := o.busyLock(vc)
 	for {
+		busy.RLock()
 		o.tab.RLock()
 		e := top.tab.get(vc)
+		o.tab.RUnlock()
 		if isPhys(e) {
+			if testHookIO != nil {
+				testHookIO()
+			}
 			_, err := d.WriteAt(data, int64(e-entPhys)<<clusterShift+in)
-			o.tab.RUnlock()
+			busy.RUnlock()
 			return err
 		}
-		o.tab.RUnlock()
+		busy.RUnlock()
 
 		o.tab.Lock()
 		e = top.tab.get(vc)
@@ -338,6 +354,10 @@ func (h *Handle) readsZero(vc uint64) bool {
 func (h *Handle) unmapCluster(vc uint64) {
 	o, m := h.o, h.m
 	top := o.layer
+	// Exclusive on the cluster's busy stripe: no I/O is using the cluster being freed.
+	busy := o.busyLock(vc)
+	busy.Lock()
+	defer busy.Unlock()
 	o.tab.Lock()
 	for {
 		ch := o.inflight[vc]

@@ -21,15 +21,28 @@ type object struct {
 	// io is held shared by every I/O request and exclusively by operations that change
 	// the layer structure under the volume (snapshot, resize, merge, checkpoint).
 	io sync.RWMutex
-	// tab guards the top layer's table and inflight while the object is writable.
-	// Readers hold it shared across device I/O on top-layer clusters, so a cluster
-	// cannot be freed (and later reused) under a request that is using it.
+	// tab guards the top layer's table and inflight while the object is writable; it
+	// is never held across device I/O.
 	tab      sync.RWMutex
 	inflight map[uint64]chan struct{}
+	// busy stripes (by virtual cluster) are held shared across device I/O on a
+	// top-layer cluster and exclusively to unmap one, so a cluster cannot be freed
+	// (and later reused) under a request that is using it.
+	busy [busyStripes]paddedRWMutex
 
 	opens   int  // open handles, under Manager.mu
 	deleted bool // under Manager.mu
 }
+
+const busyStripes = 64
+
+// paddedRWMutex keeps each stripe on its own cache line.
+type paddedRWMutex struct {
+	sync.RWMutex
+	_ [64 - 24]byte
+}
+
+func (o *object) busyLock(vc uint64) *paddedRWMutex { return &o.busy[vc%busyStripes] }
 
 func newObject(name, kind string, size, created int64, l *layer) *object {
 	o := &object{name: name, kind: kind, created: created, layer: l, inflight: make(map[uint64]chan struct{})}
