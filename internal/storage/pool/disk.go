@@ -158,11 +158,7 @@ func (p *Pool) checkSize(d *disk) error {
 	if d.block {
 		return nil
 	}
-	var sz int64
-	err := d.withFd(func(fd int) (err error) {
-		sz, err = unix.Seek(fd, 0, io.SeekEnd)
-		return err
-	})
+	sz, err := d.f.Seek(0, io.SeekEnd)
 	if err != nil || sz < p.l.diskBytes() {
 		return fmt.Errorf("disk shrank to %d bytes, the pool needs %d: truncated (%v)", sz, p.l.diskBytes(), err)
 	}
@@ -347,11 +343,7 @@ func (d *disk) nextData(off, end int64) int64 {
 	if d.block {
 		return off
 	}
-	var n int64
-	err := d.withFd(func(fd int) (err error) {
-		n, err = unix.Seek(fd, off, unix.SEEK_DATA)
-		return err
-	})
+	n, err := d.f.Seek(off, unix.SEEK_DATA)
 	if err != nil {
 		if errors.Is(err, unix.ENXIO) {
 			return end

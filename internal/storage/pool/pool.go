@@ -481,7 +481,7 @@ func (p *Pool) ReadAt(b []byte, off int64) (int, error) {
 	}
 	if pair, doff, n, du := p.l.locate(off, int64(len(b))); n == int64(len(b)) {
 		// The common case: the request lives on one pair.
-		if err := p.readPair(pair, [][]byte{b}, doff, du); err != nil {
+		if err := p.readPair(pair, b, nil, doff, du); err != nil {
 			return 0, fmt.Errorf("Failed to read %d bytes at %d: %w", len(b), off, err)
 		}
 		return len(b), nil
@@ -495,13 +495,13 @@ func (p *Pool) ReadAt(b []byte, off int64) (int, error) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs[i] = p.readPair(r.pair, r.iovs, r.doff, r.diskUnit)
+				errs[i] = p.readPair(r.pair, r.b, r.iovs, r.doff, r.diskUnit)
 			}()
 		}
 		wg.Wait()
 	} else {
 		for i, r := range runs {
-			errs[i] = p.readPair(r.pair, r.iovs, r.doff, r.diskUnit)
+			errs[i] = p.readPair(r.pair, r.b, r.iovs, r.doff, r.diskUnit)
 		}
 	}
 	for _, err := range errs {
@@ -512,10 +512,10 @@ func (p *Pool) ReadAt(b []byte, off int64) (int, error) {
 	return len(b), nil
 }
 
-// readPair reads consecutive disk bytes at doff of pair into iovs from one healthy
-// disk, trying the other one (and failing the first) on error. The starting disk
-// alternates with the stripe unit so both disks of a pair serve reads.
-func (p *Pool) readPair(pair int, iovs [][]byte, doff, du int64) error {
+// readPair reads consecutive disk bytes at doff of pair into b (or iovs when not nil)
+// from one healthy disk, trying the other one (and failing the first) on error. The
+// starting disk alternates with the stripe unit so both disks of a pair serve reads.
+func (p *Pool) readPair(pair int, b []byte, iovs [][]byte, doff, du int64) error {
 	first := 2*pair + int(du&1)
 	if len(p.disks) == 1 {
 		first = 0
@@ -526,7 +526,12 @@ func (p *Pool) readPair(pair int, iovs [][]byte, doff, du int64) error {
 		if d.state.Load() != stOK {
 			continue
 		}
-		err := p.readvDisk(d, iovs, doff)
+		var err error
+		if iovs != nil {
+			err = p.readvDisk(d, iovs, doff)
+		} else {
+			err = p.readDisk(d, b, doff)
+		}
 		if err == nil {
 			return nil
 		}

@@ -50,15 +50,17 @@ func (p *Pool) runlockSet(ls *lockSet) {
 	}
 }
 
-// run is the part of a request that lives on one pair: consecutive bytes on its disks
-// (the units of a pair are consecutive on disk), gathered from iovs, or n bytes to
-// discard when iovs is nil.
+// run is the part of a request that lives on one pair: n consecutive bytes on its disks
+// (the units of a pair are consecutive on disk), held in b when the run is one piece of
+// the caller's buffer and in iovs when it gathers several; a discard has neither.
 type run struct {
 	pair     int
 	doff     int64
 	n        int64
 	diskUnit int64 // stripe unit on the disk where the run starts (readers spread on it)
+	b        []byte
 	iovs     [][]byte
+	discard  bool
 }
 
 // split cuts the request [off, off+n) into one run per pair; b is nil for a discard.
@@ -73,7 +75,14 @@ func (p *Pool) split(runs []run, b []byte, off, n int64) []run {
 			runs = append(runs, run{pair: pair, doff: doff, diskUnit: du})
 			i = len(runs) - 1
 		}
-		if b != nil {
+		switch {
+		case b == nil:
+		case runs[i].b == nil && runs[i].iovs == nil:
+			runs[i].b = b[done : done+l]
+		case runs[i].iovs == nil:
+			runs[i].iovs = [][]byte{runs[i].b, b[done : done+l]}
+			runs[i].b = nil
+		default:
 			runs[i].iovs = append(runs[i].iovs, b[done:done+l])
 		}
 		runs[i].n += l
@@ -109,14 +118,23 @@ func (p *Pool) Discard(off, length int64) error {
 	}
 	var small [4]run
 	runs := p.split(small[:0], nil, off, length)
+	for i := range runs {
+		runs[i].discard = true
+	}
 	if err := p.mutate(runs, len(runs) > 1); err != nil {
 		return fmt.Errorf("Failed to discard %d bytes at %d: %w", length, off, err)
 	}
 	return nil
 }
 
-// mutate applies runs (writes, or discards when iovs is nil) to the live disks of their
-// pairs under the chunk locks that order them with the rebuild copy.
+// target is one disk a run goes to, and how that went.
+type target struct {
+	d   *disk
+	err error
+}
+
+// mutate applies runs (writes or discards) to the live disks of their pairs under the
+// chunk locks that order them with the rebuild copy.
 func (p *Pool) mutate(runs []run, parallel bool) error {
 	var ls lockSet
 	for _, r := range runs {
@@ -127,55 +145,38 @@ func (p *Pool) mutate(runs []run, parallel bool) error {
 
 	// Targets are read under the locks: a rebuild that starts later sees this write on
 	// its source; one that started earlier has the new disk among the targets.
-	type target struct {
-		d   *disk
-		err error
+	var small [4][2]target
+	targets := small[:0]
+	if len(runs) > len(small) {
+		targets = make([][2]target, 0, len(runs))
 	}
-	targets := make([][2]target, len(runs))
 	live := 0
-	for i, r := range runs {
+	for _, r := range runs {
+		var t [2]target
 		if len(p.disks) == 1 {
-			targets[i][0].d = p.disks[0].Load()
+			t[0].d = p.disks[0].Load()
 		} else {
-			targets[i][0].d = p.disks[2*r.pair].Load()
-			targets[i][1].d = p.disks[2*r.pair+1].Load()
+			t[0].d, t[1].d = p.disks[2*r.pair].Load(), p.disks[2*r.pair+1].Load()
 		}
-		for side := range targets[i] {
-			if d := targets[i][side].d; d != nil && !d.live() {
-				targets[i][side].d = nil
-			} else if d != nil {
+		for side := range t {
+			if t[side].d != nil && !t[side].d.live() {
+				t[side].d = nil
+			} else if t[side].d != nil {
 				live++
 			}
 		}
-	}
-	apply := func(d *disk, r run) error {
-		if r.iovs == nil {
-			return p.discardDisk(d, r.doff, r.n)
-		}
-		return p.writevDisk(d, r.iovs, r.doff)
+		targets = append(targets, t)
 	}
 	if !parallel || live < 2 {
-		for i, r := range runs {
+		for i := range runs {
 			for side := range targets[i] {
 				if t := &targets[i][side]; t.d != nil {
-					t.err = apply(t.d, r)
+					t.err = p.applyRun(t.d, &runs[i])
 				}
 			}
 		}
 	} else {
-		var wg sync.WaitGroup
-		for i, r := range runs {
-			for side := range targets[i] {
-				if t := &targets[i][side]; t.d != nil {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						t.err = apply(t.d, r)
-					}()
-				}
-			}
-		}
-		wg.Wait()
+		p.applyParallel(runs, targets)
 	}
 	var firstErr error
 	for i := range runs {
@@ -210,6 +211,44 @@ func (p *Pool) mutate(runs []run, parallel bool) error {
 		}
 	}
 	return nil
+}
+
+// applyRun writes or discards one run on one disk.
+func (p *Pool) applyRun(d *disk, r *run) error {
+	switch {
+	case r.discard:
+		return p.discardDisk(d, r.doff, r.n)
+	case r.iovs != nil:
+		return p.writevDisk(d, r.iovs, r.doff)
+	default:
+		return p.writeDisk(d, r.b, r.doff)
+	}
+}
+
+// applyParallel applies every run to every target disk concurrently and records the
+// errors in targets.
+func (p *Pool) applyParallel(runs []run, targets [][2]target) {
+	errs := make([]error, 2*len(runs))
+	var wg sync.WaitGroup
+	for i := range runs {
+		for side, t := range targets[i] {
+			if t.d == nil {
+				continue
+			}
+			r := runs[i] // a copy, so that runs itself stays on the caller's stack
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[2*i+side] = p.applyRun(t.d, &r)
+			}()
+		}
+	}
+	wg.Wait()
+	for i := range runs {
+		for side := range targets[i] {
+			targets[i][side].err = errs[2*i+side]
+		}
+	}
 }
 
 // Sync makes every completed write durable: it fdatasyncs all live disks in parallel
