@@ -87,21 +87,17 @@ func (c *cgroups) dirs(name string) []string {
 	return nil
 }
 
-// apply creates the VM's cgroup, writes its limits and moves pid into it. Without
-// cgroup support, it fails only if limits were asked for.
+// apply creates the VM's cgroup, writes its limits and moves pid into it. A VM without
+// limits stays in the agent's cgroup: a cgroup of its own would weigh like a single
+// process against everything else on the host (cgroup v1 CPU shares) and starve it.
 func (c *cgroups) apply(name string, pid int, lim hostapi.Limits) error {
-	limited := lim.CPUPercent > 0 || lim.MemoryMaxBytes > 0
-	if c.mode == "none" {
-		if limited {
-			return fmt.Errorf("No usable cgroup hierarchy (cpu and memory) on this host")
-		}
+	if lim.CPUPercent == 0 && lim.MemoryMaxBytes == 0 {
 		return nil
 	}
-	err := c.applyMode(name, pid, lim)
-	if err != nil && !limited {
-		return nil // accounting only: not worth failing the VM
+	if c.mode == "none" {
+		return fmt.Errorf("No usable cgroup hierarchy (cpu and memory) on this host")
 	}
-	return err
+	return c.applyMode(name, pid, lim)
 }
 
 func (c *cgroups) applyMode(name string, pid int, lim hostapi.Limits) error {
@@ -148,17 +144,19 @@ func (c *cgroups) path(name, controller string) string {
 	return filepath.Join(cgroupRoot, c.parent, name)
 }
 
-// remove deletes the VM's (empty) cgroups.
+// remove deletes the VM's cgroups; one still populated by an exiting QEMU is retried
+// in the background for a few seconds.
 func (c *cgroups) remove(name string) {
 	for _, d := range c.dirs(name) {
 		if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
-			// Still populated (QEMU exiting): try again shortly.
-			for i := 0; i < 50; i++ {
-				if os.Remove(d) == nil {
-					break
+			go func() {
+				for i := 0; i < 100; i++ {
+					sleepMS(50)
+					if err := os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+						return
+					}
 				}
-				sleepMS(20)
-			}
+			}()
 		}
 	}
 }

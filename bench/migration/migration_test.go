@@ -1,0 +1,300 @@
+// Package migration benchmarks live migration as `grow hostd` orchestrates it against
+// raw QMP `migrate` between two bare QEMU processes, for the same idle guest on the same
+// namespace bed in the same run. It runs only when GROW_BENCH_OUT names the Markdown file
+// to write (bench/migration.sh sets it); it never runs in `make test`.
+package migration
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/host/qemu"
+	"github.com/growserver/grow/test/e2e/host/hostbed"
+)
+
+// rounds is how many migrations each side makes (the medians are over these).
+const rounds = 10
+
+// Same migration settings on both sides, so the comparison isolates orchestration.
+const (
+	downtimeLimitMS = 50
+	maxBandwidth    = int64(100) << 30
+)
+
+type sample struct {
+	total, down int64         // as QEMU reports them (ms)
+	wall        time.Duration // request to "destination runs, source gone"
+}
+
+func TestMigrationBench(t *testing.T) {
+	out := os.Getenv("GROW_BENCH_OUT")
+	if out == "" {
+		t.Skip("set GROW_BENCH_OUT=FILE.md to run the migration benchmark")
+	}
+	b := hostbed.New(t, 2)
+	ctx := context.Background()
+	g := hostbed.NewGuest(t, "bench", 40, false, "responder")
+	h0 := b.Hosts[0]
+	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
+		t.Fatal(err)
+	}
+	if err := h0.API.Start(ctx, "bench"); err != nil {
+		t.Fatal(err)
+	}
+	b.WaitProbe(t, g.IP, 180*time.Second)
+	time.Sleep(3 * time.Second) // let the guest settle to idle
+
+	// Our agents.
+	var ours []sample
+	for i := 0; i < rounds; i++ {
+		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
+		t0 := time.Now()
+		op, err := src.API.Migrate(ctx, "bench", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token,
+			ListenHost: dst.IP, DowntimeLimitMS: downtimeLimitMS})
+		if err != nil {
+			t.Fatal(err)
+		}
+		op, err = src.API.Wait(ctx, op.ID, 20*time.Millisecond)
+		if err != nil {
+			t.Fatalf("agent migration %d: %v", i, err)
+		}
+		wall := time.Since(t0)
+		b.WaitProbe(t, g.IP, 20*time.Second)
+		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall})
+		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond))
+	}
+	vm, err := h0.API.Get(ctx, "bench")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := vm.Spec
+	if err := h0.API.Kill(ctx, "bench"); err != nil {
+		t.Fatal(err)
+	}
+
+	// Raw QMP between two bare QEMU processes with the same command line.
+	raw := rawBench(t, b, spec, g.IP)
+
+	writeReport(t, out, ours, raw)
+}
+
+// bareQEMU is one QEMU started by hand in a host's namespace.
+type bareQEMU struct {
+	cmd  *exec.Cmd
+	mon  *qemu.Monitor
+	done chan struct{}
+}
+
+func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO string, incoming bool) *bareQEMU {
+	t.Helper()
+	dir, err := os.MkdirTemp(b0Dir(t), "raw-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := qemu.Config{Spec: spec, Dir: dir, Accel: qemu.DetectAccel(), Taps: []string{tap}, SeedISO: seedISO, Incoming: incoming}
+	args, err := cfg.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.Create(cfg.LogPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	q := &bareQEMU{done: make(chan struct{})}
+	q.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.NS}, args...)...)
+	q.cmd.Stdout, q.cmd.Stderr = log, log
+	if err := q.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = q.cmd.Wait(); close(q.done) }()
+	t.Cleanup(func() { _ = q.cmd.Process.Kill(); <-q.done })
+	qctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	q.mon, err = qemu.DialQMP(qctx, cfg.QMPPath(), nil)
+	if err != nil {
+		b, _ := os.ReadFile(cfg.LogPath())
+		t.Fatalf("bare QEMU: %v: %s", err, b)
+	}
+	return q
+}
+
+var benchDir string
+
+func b0Dir(t *testing.T) string {
+	if benchDir == "" {
+		benchDir = t.TempDir()
+	}
+	return benchDir
+}
+
+func rawBench(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) []sample {
+	ctx := context.Background()
+	// The same seed, as an ISO the bare QEMUs share.
+	seedISO := filepath.Join(b0Dir(t), "seed.iso")
+	dir := filepath.Join(b0Dir(t), "seed")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{"meta-data": spec.Seed.MetaData, "user-data": spec.Seed.UserData, "network-config": spec.Seed.NetworkConfig} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := exec.Command("genisoimage", "-quiet", "-output", seedISO, "-volid", "cidata", "-joliet", "-rock", dir).CombinedOutput(); err != nil {
+		t.Fatalf("genisoimage: %v: %s", err, out)
+	}
+	tap := "gr" + b.ID + "-0"
+	for _, h := range b.Hosts {
+		for _, c := range [][]string{
+			{"-n", h.NS, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"},
+			{"-n", h.NS, "link", "set", tap, "address", "fe" + spec.NICs[0].MAC[2:]},
+			{"-n", h.NS, "link", "set", tap, "master", "br0", "up"},
+		} {
+			if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
+				t.Fatalf("ip %v: %v: %s", c, err, out)
+			}
+		}
+	}
+	src := startBare(t, b.Hosts[0], spec, tap, seedISO, false)
+	b.WaitProbe(t, ip, 180*time.Second)
+	time.Sleep(3 * time.Second)
+	var res []sample
+	for i := 0; i < rounds; i++ {
+		dh := b.Hosts[(i+1)%2]
+		t0 := time.Now()
+		dst := startBare(t, dh, spec, tap, seedISO, true)
+		if err := dst.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		l, err := hostbed.NSListen(dh.NS, dh.IP+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		uri := "tcp:" + net.JoinHostPort(dh.IP, strconv.Itoa(port))
+		if err := dst.mon.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.mon.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtimeLimitMS, "max-bandwidth": maxBandwidth}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.mon.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
+			t.Fatal(err)
+		}
+		var info qemu.MigrationInfo
+		for {
+			time.Sleep(20 * time.Millisecond)
+			if info, err = src.mon.QueryMigrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if info.Status == "completed" && info.TotalTime > 0 {
+				break // (a QEMU that came in by migration reports that one as completed, without times)
+			}
+			if info.Status == "failed" || info.Status == "cancelled" {
+				t.Fatalf("raw migration %d %s: %s", i, info.Status, info.ErrorDesc)
+			}
+		}
+		for {
+			st, err := dst.mon.Status(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st == "running" {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		_ = src.mon.Execute(ctx, "quit", nil, nil)
+		<-src.done
+		wall := time.Since(t0)
+		b.WaitProbe(t, ip, 20*time.Second)
+		res = append(res, sample{info.TotalTime, info.Downtime, wall})
+		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, info.TotalTime, info.Downtime, wall.Round(time.Millisecond))
+		src = dst
+	}
+	return res
+}
+
+func median[T int64 | time.Duration](xs []T) T {
+	s := append([]T(nil), xs...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func writeReport(t *testing.T, path string, ours, raw []sample) {
+	col := func(s []sample, f func(sample) int64) []int64 {
+		var out []int64
+		for _, x := range s {
+			out = append(out, f(x))
+		}
+		return out
+	}
+	total := func(x sample) int64 { return x.total }
+	down := func(x sample) int64 { return x.down }
+	wall := func(x sample) int64 { return x.wall.Milliseconds() }
+	oT, rT := median(col(ours, total)), median(col(raw, total))
+	oD, rD := median(col(ours, down)), median(col(raw, down))
+	oW, rW := median(col(ours, wall)), median(col(raw, wall))
+	pct := func(a, b int64) string {
+		if b == 0 {
+			return "n/a"
+		}
+		return fmt.Sprintf("%+.1f %%", 100*float64(a-b)/float64(b))
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT met"
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "# Live migration: grow hostd vs raw QMP\n\n")
+	fmt.Fprintf(&sb, "Run %s on %s, accelerator %s, QEMU as installed. Same idle guest (256 MiB, 1 vCPU, tiny test guest\n", time.Now().UTC().Format(time.RFC3339), hostname(), qemu.DetectAccel())
+	fmt.Fprintf(&sb, "with its responder), same NBD root disk, same two network-namespace hosts joined by a veth, same\n")
+	fmt.Fprintf(&sb, "migration settings (auto-converge, downtime limit %d ms, bandwidth unlimited). %d migrations each,\n", downtimeLimitMS, rounds)
+	fmt.Fprintf(&sb, "back and forth; medians. *QEMU total* and *downtime* are QEMU's own query-migrate figures. *Wall*\n")
+	fmt.Fprintf(&sb, "is from the request until the destination runs and the source QEMU is gone: for the agent, the\n")
+	fmt.Fprintf(&sb, "migrate API call until the operation succeeded (it starts the destination QEMU, checks it runs, quits\n")
+	fmt.Fprintf(&sb, "the source); for raw QMP, starting the destination QEMU by hand until the source has quit.\n\n")
+	fmt.Fprintf(&sb, "| | grow hostd | raw QMP | overhead |\n|---|---:|---:|---:|\n")
+	fmt.Fprintf(&sb, "| QEMU total time (ms), median | %d | %d | %s |\n", oT, rT, pct(oT, rT))
+	fmt.Fprintf(&sb, "| QEMU downtime (ms), median | %d | %d | %s |\n", oD, rD, pct(oD, rD))
+	fmt.Fprintf(&sb, "| wall time (ms), median | %d | %d | %s |\n\n", oW, rW, pct(oW, rW))
+	fmt.Fprintf(&sb, "Targets: overhead on total time at most 10 %% (QEMU total: %s, %s; wall: %s, %s); downtime median at most 50 ms (%d ms: %s).\n\n",
+		pct(oT, rT), verdict(float64(oT) <= 1.1*float64(rT)), pct(oW, rW), verdict(float64(oW) <= 1.1*float64(rW)), oD, verdict(oD <= 50))
+	fmt.Fprintf(&sb, "Samples (total/downtime/wall ms):\n\n")
+	for i := range ours {
+		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d, raw %d/%d/%d\n", i, ours[i].total, ours[i].down, ours[i].wall.Milliseconds(), raw[i].total, raw[i].down, raw[i].wall.Milliseconds())
+	}
+	fmt.Fprintf(&sb, "\nThe machine is shared (2 cores, other builds running): compare the two columns of one run, not runs.\n")
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(sb.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", sb.String())
+}
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
+}
