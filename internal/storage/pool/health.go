@@ -93,14 +93,27 @@ func (p *Pool) Status() Status {
 }
 
 // Close stops the health check and any rebuild (whose progress is kept for the next
-// Open) and closes the disks. I/O after Close returns ErrClosed.
+// Open), syncs the disks, records the clean shutdown and closes the disks. I/O after
+// Close returns ErrClosed.
 func (p *Pool) Close() error {
 	if p.closed.Swap(true) {
 		return nil
 	}
 	close(p.stop)
 	p.wg.Wait()
-	p.closeDisks()
+	defer p.closeDisks()
+	ds, errs := p.syncLive()
+	for i, err := range errs {
+		if err != nil {
+			return fmt.Errorf("Failed to sync disk %q at close (the next start after a machine restart will resync): %w", ds[i].path, err)
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.clean = true
+	if err := p.persistLocked(false); err != nil {
+		return fmt.Errorf("Failed to record the clean shutdown: %w", err)
+	}
 	return nil
 }
 

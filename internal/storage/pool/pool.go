@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,8 +51,11 @@ type Pool struct {
 	stop   chan struct{}
 	wg     sync.WaitGroup
 
-	mu        sync.Mutex // guards gen, persistence, disk replacement and the rebuild fields
+	bootID string
+
+	mu        sync.Mutex // guards gen, clean, persistence, disk replacement and the rebuild fields
 	gen       uint64
+	clean     bool // set by Close once every disk is synced
 	rbRunning bool
 	rbDone    chan struct{}
 	rbErr     error
@@ -142,33 +146,48 @@ func Open(stateDir string, disks []string, opts Options) (*Pool, error) {
 		pairs = 1
 	}
 	p := &Pool{
-		dir:   stateDir,
-		opts:  opts,
-		log:   log,
-		l:     layout{unit: st.StripeUnit, pairs: pairs, unitsPerDisk: st.UnitsPerDisk, dataOff: st.DataOffset},
-		uuid:  st.UUID,
-		chunk: max(1<<20, st.StripeUnit),
-		disks: make([]atomic.Pointer[disk], n),
-		stop:  make(chan struct{}),
-		gen:   st.Generation,
+		dir:    stateDir,
+		opts:   opts,
+		log:    log,
+		l:      layout{unit: st.StripeUnit, pairs: pairs, unitsPerDisk: st.UnitsPerDisk, dataOff: st.DataOffset},
+		uuid:   st.UUID,
+		chunk:  max(1<<20, st.StripeUnit),
+		disks:  make([]atomic.Pointer[disk], n),
+		stop:   make(chan struct{}),
+		gen:    st.Generation,
+		bootID: readBootID(),
 	}
 	changed, err := p.openDisks(st)
 	if err != nil {
 		p.closeDisks()
 		return nil, err
 	}
+	if st.Unclean && (p.bootID == "" || st.BootID != p.bootID) {
+		// The machine went down with the pool open: writes that were never flushed may
+		// be on one disk of a pair only. Copy each pair's first disk over the second
+		// (reading only the first meanwhile), so that reads cannot flip between versions.
+		for pair := 0; len(p.disks) > 1 && pair < len(p.disks)/2; pair++ {
+			a, b := p.disks[2*pair].Load(), p.disks[2*pair+1].Load()
+			if a.state.Load() == stOK && b.state.Load() == stOK {
+				b.state.Store(stRebuilding)
+				b.rebuildDone = 0
+				b.err = "resync after an unclean shutdown of the machine: unflushed writes may differ between the mirrors"
+				changed = true
+			}
+		}
+		p.log.Warn("Pool was not closed cleanly before the machine restarted; resyncing the mirrors")
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if changed {
-		if err := p.persistLocked(true); err != nil {
-			p.closeDisks()
-			return nil, err
-		}
+	// Always persisted: pool.json now says the pool is open (unclean) on this boot.
+	if err := p.persistLocked(changed); err != nil {
+		p.closeDisks()
+		return nil, err
 	}
 	for i := range p.disks {
 		if d := p.disks[i].Load(); d.state.Load() == stRebuilding {
-			p.log.Info("Resuming pool rebuild", "disk", d.path, "done", d.rebuildDone)
-			p.startRebuildLocked(d)
+			p.log.Info("Pool disk will be rebuilt", "disk", d.path, "from", d.rebuildDone, "reason", d.errString())
+			p.startRebuildLocked()
 		}
 	}
 	p.wg.Add(1)
@@ -358,6 +377,15 @@ func initState(paths []string, unit int64, log *slog.Logger) (*persisted, error)
 	return st, nil
 }
 
+// readBootID returns the kernel's boot ID, "" when it cannot be read.
+func readBootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
 func newUUID() string {
 	var b [16]byte
 	rand.Read(b[:])
@@ -380,7 +408,7 @@ func (p *Pool) persistLocked(bump bool) error {
 	if bump {
 		p.gen++
 	}
-	st := &persisted{UUID: p.uuid, StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff, Generation: p.gen}
+	st := &persisted{UUID: p.uuid, StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff, Generation: p.gen, Unclean: !p.clean, BootID: p.bootID}
 	for i := range p.disks {
 		d := p.disks[i].Load()
 		s := d.state.Load()

@@ -908,3 +908,77 @@ func TestCloseUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// setUnclean rewrites pool.json as a run that never reached Close on boot bootID.
+func setUnclean(t *testing.T, state, bootID string) {
+	t.Helper()
+	st, err := loadState(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Unclean, st.BootID = true, bootID
+	if err := saveState(state, st); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestResyncAfterMachineRestart: the pool was open when the machine went down, and a
+// write reached only one disk of each pair. The next Open copies each pair's first disk
+// over the second and reads only the first meanwhile, so no read flips between versions.
+func TestResyncAfterMachineRestart(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	if st, _ := loadState(state); !st.Unclean || st.BootID == "" {
+		t.Fatalf("an open pool is not recorded as open: %+v", st)
+	}
+	model := fill(t, p, 31)
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := loadState(state); st.Unclean {
+		t.Fatal("Close did not record a clean shutdown")
+	}
+	setUnclean(t, state, "a-previous-boot")
+	// The torn writes: different data on the second disk of each pair, in units that
+	// readers would otherwise serve from that disk (odd disk units).
+	for _, d := range []int{1, 3} {
+		f, err := os.OpenFile(paths[d], os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for u := int64(1); u < 128; u += 2 {
+			f.WriteAt(bytes.Repeat([]byte{0xEE}, 4096), (1<<20)+u*(64<<10))
+		}
+		f.Close()
+	}
+	p = openTestPool(t, state, paths, Options{RebuildRate: 16 << 20})
+	st := p.Status()
+	if st.Disks[1].State != DiskRebuilding && st.Disks[3].State != DiskRebuilding {
+		t.Fatalf("no resync started: %+v", st)
+	}
+	verify(t, p, model) // during the resync: only the first disks are read
+	if err := p.WaitRebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Status(); st.State != StateOK {
+		t.Fatalf("%+v", st)
+	}
+	compareSides(t, p, paths)
+	verify(t, p, model)
+}
+
+// TestNoResyncAfterProcessCrash: after a crash of the process alone (same boot), the
+// kernel still had every completed write, so no resync is needed.
+func TestNoResyncAfterProcessCrash(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	p.Close()
+	setUnclean(t, state, readBootID())
+	p = openTestPool(t, state, paths, Options{})
+	if st := p.Status(); st.State != StateOK {
+		t.Fatalf("resync after a process crash: %+v", st)
+	}
+	if err := p.WaitRebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -100,7 +100,7 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 	}
 	old.close()
 	p.log.Info("Replacing pool disk", "old", oldAbs, "new", newAbs, "pair", nd.pair, "source", src.path)
-	p.startRebuildLocked(nd)
+	p.startRebuildLocked()
 	return nil
 }
 
@@ -123,17 +123,54 @@ func (p *Pool) WaitRebuild(ctx context.Context) error {
 	}
 }
 
-// startRebuildLocked starts copying d's pair onto d; p.mu is held.
-func (p *Pool) startRebuildLocked(d *disk) {
+// startRebuildLocked starts the rebuild worker unless it runs already; it rebuilds every
+// disk in the rebuilding state, one after the other. p.mu is held.
+func (p *Pool) startRebuildLocked() {
+	if p.rbRunning {
+		return
+	}
 	p.rbRunning = true
 	p.rbErr = nil
 	p.rbDone = make(chan struct{})
 	p.wg.Add(1)
-	go p.runRebuild(d, p.partner(d))
+	go p.rebuildLoop()
 }
 
-func (p *Pool) runRebuild(d, src *disk) {
+func (p *Pool) rebuildLoop() {
 	defer p.wg.Done()
+	var firstErr error
+	for {
+		var d, src *disk
+		p.mu.Lock()
+		for i := range p.disks {
+			c := p.disks[i].Load()
+			if o := p.partner(c); c.state.Load() == stRebuilding && o != nil && o.state.Load() == stOK {
+				d, src = c, o
+				break
+			}
+		}
+		p.mu.Unlock()
+		if d == nil || p.closed.Load() {
+			break
+		}
+		err := p.rebuildOne(d, src)
+		if errors.Is(err, ErrClosed) {
+			firstErr = err
+			break
+		}
+		if err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	p.mu.Lock()
+	p.rbErr = firstErr
+	p.rbRunning = false
+	close(p.rbDone)
+	p.mu.Unlock()
+}
+
+// rebuildOne copies src onto d and makes d a healthy member.
+func (p *Pool) rebuildOne(d, src *disk) error {
 	start := time.Now()
 	// Barrier: a write that chose its target disks before d joined the pair holds its
 	// chunk locks until it is done. Waiting for every stripe once means such a write has
@@ -177,9 +214,7 @@ func (p *Pool) runRebuild(d, src *disk) {
 		}
 		p.log.Error("Pool rebuild failed", "disk", d.path, "error", err)
 	}
-	p.rbErr = err
-	p.rbRunning = false
-	close(p.rbDone)
+	return err
 }
 
 func (d *disk) errString() string {

@@ -14,12 +14,17 @@ const stateFile = "pool.json"
 // persisted is the content of pool.json: the authority on which disks are members and
 // which of them may be trusted. It is replaced atomically (write, fsync, rename, fsync dir).
 type persisted struct {
-	UUID         string          `json:"uuid"`
-	StripeUnit   int64           `json:"stripe_unit"`
-	UnitsPerDisk int64           `json:"units_per_disk"`
-	DataOffset   int64           `json:"data_offset"`
-	Generation   uint64          `json:"generation"`
-	Disks        []persistedDisk `json:"disks"`
+	UUID         string `json:"uuid"`
+	StripeUnit   int64  `json:"stripe_unit"`
+	UnitsPerDisk int64  `json:"units_per_disk"`
+	DataOffset   int64  `json:"data_offset"`
+	Generation   uint64 `json:"generation"`
+	// Unclean is true while the pool is open: found true at Open, the last run ended
+	// without Close. BootID tells whether the machine restarted since (then unflushed
+	// writes may have reached one disk of a pair and not the other).
+	Unclean bool            `json:"unclean,omitempty"`
+	BootID  string          `json:"boot_id,omitempty"`
+	Disks   []persistedDisk `json:"disks"`
 }
 
 type persistedDisk struct {

@@ -257,26 +257,7 @@ func (p *Pool) Sync() error {
 	if p.closed.Load() {
 		return ErrClosed
 	}
-	ds := make([]*disk, 0, len(p.disks))
-	for i := range p.disks {
-		if d := p.disks[i].Load(); d.live() {
-			ds = append(ds, d)
-		}
-	}
-	errs := make([]error, len(ds))
-	if len(ds) == 1 {
-		errs[0] = p.syncDisk(ds[0])
-	} else {
-		var wg sync.WaitGroup
-		for i, d := range ds {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs[i] = p.syncDisk(d)
-			}()
-		}
-		wg.Wait()
-	}
+	ds, errs := p.syncLive()
 	for i, err := range errs {
 		if err == nil {
 			continue
@@ -294,6 +275,31 @@ func (p *Pool) Sync() error {
 		}
 	}
 	return nil
+}
+
+// syncLive fdatasyncs every live disk in parallel and returns them with their errors.
+func (p *Pool) syncLive() ([]*disk, []error) {
+	ds := make([]*disk, 0, len(p.disks))
+	for i := range p.disks {
+		if d := p.disks[i].Load(); d.live() {
+			ds = append(ds, d)
+		}
+	}
+	errs := make([]error, len(ds))
+	if len(ds) == 1 {
+		errs[0] = p.syncDisk(ds[0])
+		return ds, errs
+	}
+	var wg sync.WaitGroup
+	for i, d := range ds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = p.syncDisk(d)
+		}()
+	}
+	wg.Wait()
+	return ds, errs
 }
 
 // pairOK reports whether pair has a healthy disk.
