@@ -256,3 +256,52 @@ func verifyCrashVolume(t *testing.T, c *ctl, model []slotModel, round int) {
 		t.Fatalf("round %d: flush: %v", round, err)
 	}
 }
+
+// TestMultiConnFlush checks what advertising MULTI_CONN promises: a FLUSH on one
+// connection makes durable the writes completed on every other connection to the same
+// volume, through a kill -9 of the controller.
+func TestMultiConnFlush(t *testing.T) {
+	needTools(t)
+	c := startCtl(t)
+	c.mustCLI("volume", "create", "mc", "--size", "8MiB")
+	buf := make([]byte, crashBlock)
+	slots := 8 << 20 / crashBlock
+	for round := 1; round <= 5; round++ {
+		writers := make([]*nbdConn, 3)
+		for i := range writers {
+			w, err := dialNBD("unix", c.Socket, "mc")
+			if err != nil {
+				t.Fatal(err)
+			}
+			writers[i] = w
+		}
+		flusher, err := dialNBD("unix", c.Socket, "mc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for slot := 0; slot < slots; slot++ {
+			blockFor(buf, slot, uint64(round*slots+slot))
+			if err := writers[slot%len(writers)].WriteAt(buf, int64(slot)*crashBlock, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := flusher.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		c.kill()
+		c.restart()
+		r, err := dialNBD("unix", c.Socket, "mc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for slot := 0; slot < slots; slot++ {
+			if err := r.ReadAt(buf, int64(slot)*crashBlock); err != nil {
+				t.Fatal(err)
+			}
+			if got, ok := seqOf(buf, slot); !ok || got != uint64(round*slots+slot) {
+				t.Fatalf("round %d: block %d written on connection %d and flushed on another holds %d (intact %v) after kill -9", round, slot, slot%len(writers), got, ok)
+			}
+		}
+		r.Close()
+	}
+}
