@@ -17,6 +17,7 @@ import (
 // TestLifecycle boots a guest from an NBD disk with a cloud-init seed and drives it as
 // an operator would: console, stop, start, reboot, agent restart, external death, kill.
 func TestLifecycle(t *testing.T) {
+	t.Parallel()
 	b := hostbed.New(t, 1)
 	h := b.Hosts[0]
 	ctx := context.Background()

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -91,6 +92,7 @@ var writerRe = regexp.MustCompile(`GROW-WRITER disk=\S+ slots=(\d+) start=\d+\r?
 // most one probe may be lost. Then a migration cancelled half-way must leave the
 // guest running on its source, and a migration to an agent that refuses us must too.
 func TestMigration(t *testing.T) {
+	t.Parallel()
 	b := hostbed.New(t, 2)
 	ctx := context.Background()
 	g := hostbed.NewGuest(t, "mover", 30, true, "counter", "diskwriter", "responder")
@@ -150,7 +152,13 @@ func TestMigration(t *testing.T) {
 			}
 			fdb0, _ := hostbed.InNS(b.Hosts[0].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
 			fdb1, _ := hostbed.InNS(b.Hosts[1].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
-			t.Fatalf("round %d: responder unreachable after the migration: %v\nconsole:\n%s\nfdb0:\n%s\nfdb1:\n%s", i, err, sb, fdb0, fdb1)
+			what := "responder unreachable after the migration"
+			if strings.Contains(string(sb), "Kernel panic") {
+				// Seen with QEMU 7.2 under TCG (see MACHINE.md): the guest crashes on
+				// the destination although QEMU reported the migration completed.
+				what = "the guest kernel panicked on the destination after a completed migration"
+			}
+			t.Fatalf("round %d: %s: %v\nconsole:\n%s\nfdb0:\n%s\nfdb1:\n%s", i, what, err, sb, fdb0, fdb1)
 		}
 		_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
 		deadline := time.Now().Add(10 * time.Second)

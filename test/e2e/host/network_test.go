@@ -64,6 +64,7 @@ add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
 // TestNetwork boots two guests on one host in parallel: one proves that a guest
 // cannot send with another MAC or IP address, the other that shaping holds its rates.
 func TestNetwork(t *testing.T) {
+	t.Parallel()
 	b := hostbed.New(t, 1)
 	h := b.Hosts[0]
 	ctx := context.Background()

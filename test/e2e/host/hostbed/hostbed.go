@@ -174,7 +174,7 @@ func (h *Host) Start(t testing.TB) {
 	case <-time.After(20 * time.Second):
 		t.Fatalf("hostd on %s did not start: %s", h.NS, h.Log())
 	}
-	tok, err := os.ReadFile(filepath.Join(h.Data, "admin.Token"))
+	tok, err := os.ReadFile(filepath.Join(h.Data, "admin.token"))
 	if err != nil {
 		t.Fatal(err)
 	}
