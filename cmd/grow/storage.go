@@ -504,6 +504,9 @@ not exist yet (a sparse file as large as the other disks is created). Without
 				return apiErr(err)
 			}
 			if !noWait {
+				if o.output != "json" {
+					fmt.Fprintf(cmd.ErrOrStderr(), "Rebuilding onto %s while I/O continues\n", args[1])
+				}
 				var bar *progressbar.ProgressBar
 				progress := func(done, total int64) {
 					if o.output == "json" || total <= 0 {
@@ -512,7 +515,7 @@ not exist yet (a sparse file as large as the other disks is created). Without
 					if bar == nil {
 						bar = progressbar.NewOptions64(total,
 							progressbar.OptionSetWriter(cmd.ErrOrStderr()),
-							progressbar.OptionSetDescription("Rebuilding onto "+args[1]),
+							progressbar.OptionSetDescription("Rebuild"),
 							progressbar.OptionShowBytes(true),
 							progressbar.OptionThrottle(200*time.Millisecond),
 						)

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -153,15 +154,17 @@ func samePairData(t *testing.T, a, b string) {
 
 // TestPoolLoseAndReplaceDisk4 deletes one disk of a 4-disk pool under load.
 func TestPoolLoseAndReplaceDisk4(t *testing.T) {
-	testPoolLoseAndReplace(t, 4, 1, func(path string) error { return os.Remove(path) })
+	testPoolLoseAndReplace(t, 4, 1, false, func(path string) error { return os.Remove(path) })
 }
 
 // TestPoolLoseAndReplaceDisk6 truncates one disk of a 6-disk pool under load.
 func TestPoolLoseAndReplaceDisk6(t *testing.T) {
-	testPoolLoseAndReplace(t, 6, 4, func(path string) error { return os.Truncate(path, 0) })
+	testPoolLoseAndReplace(t, 6, 4, true, func(path string) error { return os.Truncate(path, 0) })
 }
 
-func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, lose func(string) error) {
+// testPoolLoseAndReplace loses disk victim under load, then replaces it: following the
+// CLI's progress bar, or (noWait) polling the pool status for the rebuild's progress.
+func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, noWait bool, lose func(string) error) {
 	needTools(t, "nbdcopy")
 	ddir := t.TempDir()
 	var args []string
@@ -204,12 +207,33 @@ func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, lose func(string) 
 
 	// Replace it with a new disk while the load continues, following the progress.
 	newDisk := filepath.Join(ddir, "new.img")
-	r := c.cli("disk", "replace", old, newDisk)
-	if r.Code != 0 {
-		t.Fatalf("disk replace: exit %d\n%s%s\n%s", r.Code, r.Stdout, r.Stderr, c.log())
-	}
-	if !strings.Contains(r.Stderr, "Rebuilding onto") {
-		t.Errorf("disk replace showed no progress:\n%s", r.Stderr)
+	if noWait {
+		c.mustCLI("disk", "replace", "--no-wait", old, newDisk)
+		var seen []string
+		cl := c.client()
+		waitFor(t, 120*time.Second, "the rebuild to finish", func() bool {
+			st, err := cl.Pool(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := st.Disks[victim]
+			if d.State == "rebuilding" && d.RebuildTotal > 0 {
+				seen = append(seen, fmt.Sprintf("%d/%d", d.RebuildDone, d.RebuildTotal))
+			}
+			return d.State == "ok"
+		})
+		t.Logf("rebuild progress seen while polling: %v", seen)
+		if len(seen) == 0 {
+			t.Errorf("the pool status never showed the rebuild's progress")
+		}
+	} else {
+		r := c.cli("disk", "replace", old, newDisk)
+		if r.Code != 0 {
+			t.Fatalf("disk replace: exit %d\n%s%s\n%s", r.Code, r.Stdout, r.Stderr, c.log())
+		}
+		if !strings.Contains(r.Stderr, "Rebuilding onto") {
+			t.Errorf("disk replace showed no progress:\n%s", r.Stderr)
+		}
 	}
 	s := c.poolStatus()
 	if s.State != "ok" || s.Disks[victim].Path != newDisk || s.Disks[victim].State != "ok" {
