@@ -211,7 +211,8 @@ func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, noWait bool, lose 
 		c.mustCLI("disk", "replace", "--no-wait", old, newDisk)
 		var seen []string
 		cl := c.client()
-		waitFor(t, 120*time.Second, "the rebuild to finish", func() bool {
+		deadline := time.Now().Add(120 * time.Second)
+		for {
 			st, err := cl.Pool(context.Background())
 			if err != nil {
 				t.Fatal(err)
@@ -220,8 +221,14 @@ func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, noWait bool, lose 
 			if d.State == "rebuilding" && d.RebuildTotal > 0 {
 				seen = append(seen, fmt.Sprintf("%d/%d", d.RebuildDone, d.RebuildTotal))
 			}
-			return d.State == "ok"
-		})
+			if d.State == "ok" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the rebuild did not finish in 120 s: %+v", d)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 		t.Logf("rebuild progress seen while polling: %v", seen)
 		if len(seen) == 0 {
 			t.Errorf("the pool status never showed the rebuild's progress")
