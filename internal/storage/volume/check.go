@@ -57,7 +57,7 @@ func (r *Report) problem(format string, a ...any) {
 
 // checkDir replays the metadata files; it returns the replayed state (nil when it
 // could not be built) and the set of used clusters.
-func checkDir(dir string, total uint64) (Report, *state, []uint64, error) {
+func checkDir(dir string, total uint64) (Report, *state, bitmap, error) {
 	rep := Report{ClustersTotal: int64(total)}
 	b, err := os.ReadFile(filepath.Join(dir, checkpointName))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -103,10 +103,10 @@ func checkDir(dir string, total uint64) (Report, *state, []uint64, error) {
 }
 
 // validate cross-checks a state and returns the bitmap of used physical clusters.
-func validate(rep *Report, st *state, total uint64) ([]uint64, int64) {
+func validate(rep *Report, st *state, total uint64) (bitmap, int64) {
 	rep.Objects = len(st.objects)
 	rep.Layers = len(st.layers)
-	used := make([]uint64, (total+63)/64)
+	used := newBitmap(total)
 	var n int64
 	children := make(map[uint64]int)
 	for id, l := range st.layers {
@@ -140,11 +140,11 @@ func validate(rep *Report, st *state, total uint64) ([]uint64, int64) {
 				rep.problem("layer %d: cluster %d maps physical cluster %d beyond the device (%d clusters)", id, vc, p, total)
 				return
 			}
-			if used[p/64]&(1<<(p%64)) != 0 {
+			if used.has(p) {
 				rep.problem("physical cluster %d is mapped more than once (again by layer %d cluster %d)", p, id, vc)
 				return
 			}
-			used[p/64] |= 1 << (p % 64)
+			used.set(p)
 			n++
 		})
 	}
@@ -229,7 +229,7 @@ func compareStates(rep *Report, live, disk *state) {
 
 // checkAllocator verifies that the free list is exactly the complement of the used
 // clusters below the high-water mark; caller holds every lock and has synced.
-func (m *Manager) checkAllocator(rep *Report, used []uint64) {
+func (m *Manager) checkAllocator(rep *Report, used bitmap) {
 	m.amu.Lock()
 	defer m.amu.Unlock()
 	m.jmu.Lock()
@@ -238,22 +238,23 @@ func (m *Manager) checkAllocator(rep *Report, used []uint64) {
 	if m.pending != 0 || pendingNext != 0 {
 		rep.problem("%d clusters still pending free after a sync", m.pending)
 	}
-	seen := make(map[uint64]bool, len(m.free))
+	seen := newBitmap(m.total)
 	for _, p := range m.free {
 		p &^= knownZero
 		switch {
 		case p >= m.next:
 			rep.problem("free cluster %d is at or above the high-water mark %d", p, m.next)
-		case seen[p]:
+			continue
+		case seen.has(p):
 			rep.problem("cluster %d is on the free list twice", p)
-		case used[p/64]&(1<<(p%64)) != 0:
+		case used.has(p):
 			rep.problem("cluster %d is both free and mapped", p)
 		}
-		seen[p] = true
+		seen.set(p)
 	}
 	var inUse int64
 	for p := uint64(0); p < m.total; p++ {
-		if used[p/64]&(1<<(p%64)) != 0 {
+		if used.has(p) {
 			inUse++
 			if p >= m.next {
 				rep.problem("mapped cluster %d is above the high-water mark %d", p, m.next)

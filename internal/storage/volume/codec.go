@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"sort"
 )
 
@@ -329,8 +330,7 @@ func encodeCheckpoint(st *state, gen uint64) []byte {
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
 	e.u(uint64(len(ids)))
-	type kv struct{ vc, e uint64 }
-	var ents []kv
+	var keys []uint64
 	for _, id := range ids {
 		l := st.layers[id]
 		e.u(l.id)
@@ -339,15 +339,24 @@ func encodeCheckpoint(st *state, gen uint64) []byte {
 		} else {
 			e.u(0)
 		}
-		ents = ents[:0]
-		l.tab.each(func(vc, en uint64) { ents = append(ents, kv{vc, en}) })
-		sort.Slice(ents, func(i, j int) bool { return ents[i].vc < ents[j].vc })
-		e.u(uint64(len(ents)))
+		// Leaves in key order, entries in index order: sorted without sorting entries.
+		keys = keys[:0]
+		for k := range l.tab.leaves {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		e.u(uint64(l.tab.count))
 		prev := uint64(0)
-		for _, x := range ents {
-			e.u(x.vc - prev)
-			prev = x.vc
-			e.u(x.e)
+		for _, k := range keys {
+			for i, en := range l.tab.leaves[k].e {
+				if en == entNone {
+					continue
+				}
+				vc := k<<leafShift + uint64(i)
+				e.u(vc - prev)
+				prev = vc
+				e.u(en)
+			}
 		}
 	}
 	names := make([]string, 0, len(st.objects))

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -216,7 +217,7 @@ func TestCrashKill9(t *testing.T) {
 	totalOps, totalFlushes := 0, 0
 	const rounds = 25
 	for round := 0; round < rounds; round++ {
-		ops, flushes := runCrashChild(t, dir, seed+uint64(round), seq, time.Duration(20+rng.IntN(200))*time.Millisecond, cm, &seq)
+		ops, flushes := runCrashChild(t, dir, seed+uint64(round), seq, 20+rng.IntN(600), cm, &seq)
 		totalOps += ops
 		totalFlushes += flushes
 		verifyAfterCrash(t, dir, round, cm)
@@ -234,8 +235,9 @@ func TestCrashKill9(t *testing.T) {
 	}
 }
 
-// runCrashChild runs one child, kills it after d, and folds its report into the model.
-func runCrashChild(t *testing.T, dir string, seed, seq uint64, d time.Duration, cm *crashModel, next *uint64) (ops, flushes int) {
+// runCrashChild runs one child, kills it once it has begun killAfter operations (or
+// after a few seconds), and folds its report into the model.
+func runCrashChild(t *testing.T, dir string, seed, seq uint64, killAfter int, cm *crashModel, next *uint64) (ops, flushes int) {
 	t.Helper()
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -252,13 +254,11 @@ func runCrashChild(t *testing.T, dir string, seed, seq uint64, d time.Duration, 
 		t.Fatal(err)
 	}
 	pw.Close()
-	killed := make(chan struct{})
 	t.Cleanup(func() { cmd.Process.Kill() })
-	go func() {
-		time.Sleep(d)
-		cmd.Process.Signal(syscall.SIGKILL)
-		close(killed)
-	}()
+	var once sync.Once
+	kill := func() { once.Do(func() { cmd.Process.Signal(syscall.SIGKILL) }) }
+	timer := time.AfterFunc(5*time.Second, kill)
+	defer timer.Stop()
 	type op struct {
 		v       int
 		off, n  int64
@@ -281,7 +281,9 @@ func runCrashChild(t *testing.T, dir string, seed, seq uint64, d time.Duration, 
 			}
 			cm.begin(o.v, o.off, o.n, ver)
 			begun[s] = o
-			ops++
+			if ops++; ops >= killAfter {
+				kill()
+			}
 		case "U":
 			o := begun[s]
 			cm.durable(o.v, o.off, o.n)
@@ -292,7 +294,7 @@ func runCrashChild(t *testing.T, dir string, seed, seq uint64, d time.Duration, 
 			flushes++
 		}
 	}
-	<-killed
+	kill()
 	err = cmd.Wait()
 	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() {
 		t.Fatalf("child did not die by the signal (%v): %s", err, stderr.String())

@@ -19,7 +19,8 @@ import (
 
 // Manager owns every volume, image and snapshot on one device and its metadata directory.
 //
-// Lock order: ckptMu, mu, objects' io (by name), one object's tab, syncMu, jmu, amu.
+// Lock order: ckptMu, mu, objects' io (by name), a busy stripe, tab, syncMu, jmu, amu.
+// A checkpoint takes only ckptMu and, briefly, syncMu: it never pauses I/O.
 type Manager struct {
 	dir  string
 	dev  dev.Device
@@ -202,10 +203,9 @@ func (m *Manager) load() error {
 
 // buildAllocator derives the free list as the complement of every mapped cluster.
 func (m *Manager) buildAllocator() error {
-	var maxUsed uint64
-	var any bool
+	used := newBitmap(m.total)
+	var n, next uint64
 	var bad error
-	seen := make(map[uint64]struct{})
 	for _, l := range m.st.layers {
 		l.tab.each(func(vc, e uint64) {
 			if !isPhys(e) || bad != nil {
@@ -216,33 +216,36 @@ func (m *Manager) buildAllocator() error {
 				bad = fmt.Errorf("layer %d maps cluster %d beyond the device (%d clusters): %w", l.id, p, m.total, ErrCorrupt)
 				return
 			}
-			if _, dup := seen[p]; dup {
+			if used.has(p) {
 				bad = fmt.Errorf("physical cluster %d is mapped twice: %w", p, ErrCorrupt)
 				return
 			}
-			seen[p] = struct{}{}
-			if !any || p > maxUsed {
-				maxUsed, any = p, true
-			}
+			used.set(p)
+			n++
+			next = max(next, p+1)
 		})
 	}
 	if bad != nil {
 		return bad
 	}
-	m.next = 0
-	if any {
-		m.next = maxUsed + 1
-	}
+	m.next = next
 	m.free = m.free[:0]
 	for p := m.next; p > 0; p-- {
-		if _, ok := seen[p-1]; !ok {
+		if !used.has(p - 1) {
 			m.free = append(m.free, p-1)
 		}
 	}
-	m.used = int64(len(seen))
+	m.used = int64(n)
 	m.discardFree()
 	return nil
 }
+
+// bitmap is a set of physical clusters.
+type bitmap []uint64
+
+func newBitmap(n uint64) bitmap    { return make(bitmap, (n+63)/64) }
+func (b bitmap) has(p uint64) bool { return b[p/64]&(1<<(p%64)) != 0 }
+func (b bitmap) set(p uint64)      { b[p/64] |= 1 << (p % 64) }
 
 // discardFree gives every free cluster back to the device at open. Afterwards they
 // read as zeroes, so a first partial write into one need not write the rest of it
@@ -544,38 +547,71 @@ func (m *Manager) Checkpoint() error {
 func (m *Manager) checkpoint() error {
 	m.ckptMu.Lock()
 	defer m.ckptMu.Unlock()
-	m.mu.Lock()
-	unlock := m.lockAll()
+	// Close the current journal at a sync point; later records go to the next one.
+	// I/O never pauses: the new checkpoint is rebuilt from the files, not from the
+	// live state.
 	m.syncMu.Lock()
 	err := m.syncHeld()
-	var data []byte
-	newGen := m.jgen + 1
+	closed := m.jgen
 	if err == nil {
-		data = encodeCheckpoint(m.st, newGen)
-		err = m.switchJournal(newGen)
+		err = m.switchJournal(closed + 1)
 	}
 	m.syncMu.Unlock()
-	unlock()
-	m.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("Failed to checkpoint volume metadata: %w", err)
+	}
+	st, err := replayDir(m.dir, closed)
 	if err != nil {
 		return fmt.Errorf("Failed to checkpoint volume metadata: %w", err)
 	}
 	// Until the new checkpoint is in place, the old one plus every journal from its
 	// generation on still replays to the same state.
-	if err := writeFileSync(m.dir, checkpointName, data); err != nil {
+	if err := writeFileSync(m.dir, checkpointName, encodeCheckpoint(st, closed+1)); err != nil {
 		return fmt.Errorf("Failed to checkpoint volume metadata: %w", err)
 	}
 	old, _ := filepath.Glob(filepath.Join(m.dir, "journal.*"))
 	for _, p := range old {
 		var g uint64
-		if _, err := fmt.Sscanf(filepath.Base(p), "journal.%x", &g); err == nil && g < newGen {
+		if _, err := fmt.Sscanf(filepath.Base(p), "journal.%x", &g); err == nil && g <= closed {
 			os.Remove(p)
 		}
 	}
 	return nil
 }
 
-// switchJournal starts journal gen; caller holds syncMu with nothing buffered.
+// replayDir rebuilds the state from the checkpoint and the complete journals up to
+// generation last; any damage is an error.
+func replayDir(dir string, last uint64) (*state, error) {
+	st, gen, err := readCheckpoint(dir)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to read checkpoint in %q: %w", dir, err)
+	}
+	for g := gen; g <= last; g++ {
+		path := filepath.Join(dir, journalName(g))
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to read journal %q: %w", path, err)
+		}
+		jg, scan, err := scanJournal(b)
+		if err != nil || jg != g {
+			return nil, fmt.Errorf("Failed to read journal %q: bad header: %w", path, ErrCorrupt)
+		}
+		if scan.tail != "" {
+			return nil, fmt.Errorf("Failed to replay journal %q: %s: %w", path, scan.tail, ErrCorrupt)
+		}
+		for i := range scan.records {
+			if err := st.apply(&scan.records[i], func(uint64) {}); err != nil {
+				return nil, fmt.Errorf("Failed to replay journal %q record %d: %w", path, i, err)
+			}
+		}
+	}
+	if err := st.checkChains(); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// switchJournal starts journal gen; the caller holds syncMu and has just synced.
 func (m *Manager) switchJournal(gen uint64) error {
 	path := filepath.Join(m.dir, journalName(gen))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
