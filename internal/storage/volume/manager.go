@@ -254,8 +254,11 @@ func (m *Manager) discardFree() {
 	if m.disc == nil {
 		return
 	}
-	if m.next < m.total && m.disc.Discard(int64(m.next)*ClusterSize, int64(m.total-m.next)*ClusterSize) == nil {
-		m.hwZero = true
+	// The never-used tail, in bounded pieces so no single device call is huge.
+	const piece = 1 << 30
+	m.hwZero = m.next < m.total
+	for off, end := int64(m.next)*ClusterSize, int64(m.total)*ClusterSize; off < end && m.hwZero; off += piece {
+		m.hwZero = m.disc.Discard(off, min(piece, end-off)) == nil
 	}
 	m.free = m.discardRuns(m.free)
 }
