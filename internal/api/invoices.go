@@ -22,31 +22,23 @@ func (a *API) routeInvoices() {
 		if err != nil {
 			return invalid("%v", err)
 		}
+		periods, err := a.st.ListPeriods(r.Context(), c.ID, from, to)
+		if err != nil {
+			return err
+		}
 		var segs []billing.Segment
 		traffic := map[string]int64{}
-		p := store.Page{Limit: store.MaxLimit}
-		for {
-			svs, err := a.st.ListServers(r.Context(), store.ServerFilter{CustomerID: c.ID}, p)
+		for _, p := range periods {
+			segs = append(segs, billing.Segment{ServerID: p.ServerID, ServerName: p.ServerName, Plan: p.Plan, PriceYen: p.PriceYen,
+				TrafficBytes: p.TrafficBytes, From: p.StartedAt, To: p.EndedAt})
+			if _, done := traffic[p.ServerID]; done {
+				continue
+			}
+			rx, tx, err := a.st.TrafficTotal(r.Context(), p.ServerID, from, to)
 			if err != nil {
 				return err
 			}
-			for _, sv := range svs {
-				plan, err := a.st.GetPlan(r.Context(), sv.Plan)
-				if err != nil {
-					return err
-				}
-				segs = append(segs, billing.Segment{ServerID: sv.ID, ServerName: sv.Name, Plan: plan.Name, PriceYen: plan.PriceYen,
-					TrafficBytes: plan.TrafficBytes, From: sv.CreatedAt})
-				rx, tx, err := a.st.TrafficTotal(r.Context(), sv.ID, from, to)
-				if err != nil {
-					return err
-				}
-				traffic[sv.ID] = rx + tx
-			}
-			if len(svs) < p.Limit {
-				break
-			}
-			p.After = svs[len(svs)-1].ID
+			traffic[p.ServerID] = rx + tx
 		}
 		inv, err := billing.Compute(c.ID, month, segs, traffic, a.cfg.Rates)
 		if err != nil {

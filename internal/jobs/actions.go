@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/scheduler"
@@ -261,6 +262,9 @@ func (m *Manager) runDelete(r *opRun) error {
 	}
 	r.progress("release addresses", 90)
 	return m.st.InTx(ctx, func(tx *store.Store) error {
+		if err := tx.EndPeriod(ctx, sv.ID, time.Now().UTC()); err != nil {
+			return err
+		}
 		if err := tx.ReleaseIPs(ctx, sv.ID); err != nil {
 			return err
 		}
@@ -331,6 +335,9 @@ func (m *Manager) runResize(r *opRun) error {
 	sv.Plan, sv.VCPUs, sv.MemoryBytes = plan.Name, plan.VCPUs, plan.MemoryBytes
 	if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
 		return err
+	}
+	if err := m.st.StartPeriod(context.Background(), sv, plan, time.Now().UTC()); err != nil {
+		m.log.Error("Failed to start billing period", "server", sv.Name, "err", err)
 	}
 	if len(later) > 0 {
 		r.op.Message = fmt.Sprint(later)

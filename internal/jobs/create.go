@@ -207,8 +207,21 @@ func (m *Manager) runCreate(r *opRun) error {
 	if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
 		return err
 	}
+	m.startBilling(sv)
 	rev.Success()
 	return nil
+}
+
+// startBilling opens the server's billing period on its current plan.
+func (m *Manager) startBilling(sv store.Server) {
+	ctx := context.Background()
+	plan, err := m.st.GetPlan(ctx, sv.Plan)
+	if err == nil {
+		err = m.st.StartPeriod(ctx, sv, plan, time.Now().UTC())
+	}
+	if err != nil {
+		m.log.Error("Failed to start billing period", "server", sv.Name, "err", err)
+	}
 }
 
 // forgetServer releases a failed server's addresses and deletes its row.

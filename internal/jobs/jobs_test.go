@@ -213,6 +213,17 @@ func testLifecycle(t *testing.T, e *env) {
 		t.Fatalf("delete: %+v", dop)
 	}
 	e.nothingLeft()
+	// Billing remembers the deleted server's plans: E, then D, then C, all closed.
+	now := time.Now().UTC()
+	periods, err := e.st.ListPeriods(e.ctx, e.cust.ID, now.Add(-time.Hour), now.Add(time.Hour))
+	if err != nil || len(periods) != 3 || periods[0].Plan != "E" || periods[1].Plan != "D" || periods[2].Plan != "C" {
+		t.Fatalf("billing periods = %+v, %v", periods, err)
+	}
+	for _, p := range periods {
+		if p.EndedAt.IsZero() {
+			t.Fatalf("period %+v still open after delete", p)
+		}
+	}
 }
 
 func testFailures(t *testing.T, e *env) {

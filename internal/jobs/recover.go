@@ -68,6 +68,7 @@ func (m *Manager) recoverCreate(r *opRun) error {
 			if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
 				return err
 			}
+			m.startBilling(sv)
 			rev.Success()
 			return nil
 		}

@@ -136,6 +136,21 @@ CREATE TABLE traffic_samples (
 	PRIMARY KEY (server_id, at)
 );
 `,
+	// 2: billing periods, so deleted and resized servers are invoiced for the time they ran on each plan.
+	`
+CREATE TABLE plan_periods (
+	server_id     TEXT NOT NULL,
+	server_name   TEXT NOT NULL,
+	customer_id   TEXT NOT NULL,
+	plan          TEXT NOT NULL,
+	price_yen     BIGINT NOT NULL,
+	traffic_bytes BIGINT NOT NULL,
+	started_at    BIGINT NOT NULL,
+	ended_at      BIGINT NOT NULL DEFAULT 0,
+	PRIMARY KEY (server_id, started_at)
+);
+CREATE INDEX plan_periods_customer ON plan_periods (customer_id, started_at);
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.

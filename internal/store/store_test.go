@@ -34,6 +34,7 @@ func TestStore(t *testing.T) {
 		t.Run("ip leases", func(t *testing.T) { testLeases(ctx, t, s) })
 		t.Run("servers and operations", func(t *testing.T) { testServers(ctx, t, s) })
 		t.Run("traffic", func(t *testing.T) { testTraffic(ctx, t, s) })
+		t.Run("billing periods", func(t *testing.T) { testPeriods(ctx, t, s) })
 	})
 }
 
@@ -303,5 +304,26 @@ func TestReopen(t *testing.T) {
 	defer s.Close()
 	if _, err := s.GetCustomer(ctx, "kept"); err != nil {
 		t.Fatalf("customer lost across reopen: %v", err)
+	}
+}
+
+func testPeriods(ctx context.Context, t *testing.T, s *store.Store) {
+	nov := func(d int) time.Time { return time.Date(2026, 11, d, 0, 0, 0, 0, time.UTC) }
+	sv := store.Server{ID: "srv-p", Name: "p", CustomerID: "cus-p"}
+	if err := s.StartPeriod(ctx, sv, store.Plan{Name: "E", PriceYen: 30000}, nov(1).AddDate(0, -1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.StartPeriod(ctx, sv, store.Plan{Name: "C", PriceYen: 60000}, nov(10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.EndPeriod(ctx, sv.ID, nov(20)); err != nil {
+		t.Fatal(err)
+	}
+	ps, err := s.ListPeriods(ctx, "cus-p", nov(1), nov(1).AddDate(0, 1, 0))
+	if err != nil || len(ps) != 2 || ps[0].Plan != "E" || !ps[0].EndedAt.Equal(nov(10)) || ps[1].Plan != "C" || !ps[1].EndedAt.Equal(nov(20)) {
+		t.Fatalf("periods = %+v, %v", ps, err)
+	}
+	if ps, _ := s.ListPeriods(ctx, "cus-p", nov(1).AddDate(0, 1, 0), nov(1).AddDate(0, 2, 0)); len(ps) != 0 {
+		t.Fatalf("closed periods show up in the next month: %+v", ps)
 	}
 }
