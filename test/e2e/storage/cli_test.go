@@ -358,8 +358,18 @@ func TestGracefulShutdownFlushes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A second client stays connected (as a running VM would): SIGTERM must not wait for it.
+	idle, err := dialNBD("unix", c.Socket, "soft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.c.Close()
 	conn.Close()
+	start := time.Now()
 	c.stop()
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("SIGTERM took %s with an idle client connected", took)
+	}
 	if !strings.Contains(c.log(), "Storage controller stopped cleanly") {
 		t.Errorf("no clean stop in the log:\n%s", c.log())
 	}
