@@ -18,6 +18,23 @@ import (
 const maxJSONBody = 1 << 20
 
 // routes is the admin API; authtoken.Require wraps all of it, /metrics included.
+//
+//	GET    /v1/volumes                  list volumes, images and snapshots
+//	POST   /v1/volumes                  create {name, size}
+//	GET    /v1/volumes/{name}           one volume ("vol@snap" for a snapshot)
+//	DELETE /v1/volumes/{name}           delete (409 while clones or snapshots depend on it)
+//	POST   /v1/volumes/{name}/resize    {size}
+//	POST   /v1/volumes/{name}/clone     {name}: copy-on-write clone of an image or snapshot
+//	POST   /v1/volumes/{name}/snapshots {name}: read-only snapshot "vol@name"
+//	PUT    /v1/images/{name}?format=    body: raw bytes (Content-Length = size) or a qcow2 file
+//	POST   /v1/check                    consistency check of the on-disk state
+//	GET    /v1/pool                     pool state, disks, rebuild progress
+//	POST   /v1/pool/replace             {old, new}: 202, rebuild runs in the background
+//	GET    /v1/stats                    space, cache and NBD counters
+//	GET    /metrics                     the same for Prometheus
+//
+// Errors are {"code","message"} with 400 invalid, 401 unauthorized, 404 not_found,
+// 409 exists/in_use/read_only/conflict, 507 no_space, 500 internal.
 func (c *Controller) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/volumes", c.handleListVolumes)
