@@ -118,17 +118,18 @@ func main() {
 			out.printf("GROW-ERROR %v", err)
 		}
 	}
-	if cfg.run["diskwriter"] {
+	if cfg.run["diskwriter"] || cfg.run["verify"] {
+		// verify reports what is on the disk before the writer adds to it.
 		go func() {
-			if err := runWriter(st, cfg, sd.seedDisk); err != nil {
-				out.printf("GROW-WRITER-ERROR %v", err)
+			if cfg.run["verify"] {
+				if err := runVerify(cfg, sd.seedDisk); err != nil {
+					out.printf("GROW-VERIFY-ERROR %v", err)
+				}
 			}
-		}()
-	}
-	if cfg.run["verify"] {
-		go func() {
-			if err := runVerify(cfg, sd.seedDisk); err != nil {
-				out.printf("GROW-VERIFY-ERROR %v", err)
+			if cfg.run["diskwriter"] {
+				if err := runWriter(st, cfg, sd.seedDisk); err != nil {
+					out.printf("GROW-WRITER-ERROR %v", err)
+				}
 			}
 		}()
 	}
