@@ -222,6 +222,24 @@ func TestCloneIsConstantTime(t *testing.T) {
 	if tb > 3*ts+20*time.Millisecond {
 		t.Fatalf("cloning 10 GiB (%v) is much slower than 100 MiB (%v): not O(1)", tb, ts)
 	}
+	// Snapshots are O(1) too: an empty volume and one with 640 clusters of its own.
+	bh := mustOpen(t, b.m, "big-c1")
+	for c := int64(0); c < 640; c++ {
+		if err := bh.WriteAt([]byte{1}, c*16*MiB, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v := range []string{"big-c2", "big-c1"} {
+		start := time.Now()
+		if _, err := b.m.Snapshot(v, "s"); err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d > 100*time.Millisecond {
+			t.Fatalf("snapshot of %s took %v", v, d)
+		} else {
+			t.Logf("snapshot of %s: %v", v, d)
+		}
+	}
 	h := mustOpen(t, b.m, "big-c0")
 	p := make([]byte, 2*ClusterSize)
 	if err := h.ReadAt(p, 160*MiB-ClusterSize); err != nil {

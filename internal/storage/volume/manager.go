@@ -102,6 +102,7 @@ func Open(metaDir string, d dev.Device, opts Options) (*Manager, error) {
 	// An import that never finished leaves nothing behind.
 	for _, o := range m.st.objects {
 		if o.importing {
+			m.opts.Logger.Warn("Dropping an image import that did not finish", "image", o.name)
 			if err := m.commit(&record{typ: recDelete, name: o.name}); err != nil {
 				m.jf.Close()
 				lf.Close()
@@ -155,6 +156,7 @@ func (m *Manager) load() error {
 			if err := os.Truncate(path, scan.good); err != nil {
 				return fmt.Errorf("Failed to truncate torn journal %q: %w", path, err)
 			}
+			m.opts.Logger.Warn("Dropped the torn tail of the volume journal", "journal", path, "reason", scan.tail, "kept_bytes", scan.good)
 		}
 		for i := range scan.records {
 			if err := st.apply(&scan.records[i], func(uint64) {}); err != nil {
@@ -383,10 +385,13 @@ func (m *Manager) background() {
 		case <-m.kick:
 		}
 		if err := m.sync(); err != nil {
+			m.opts.Logger.Error("Background sync of volume metadata failed", "err", err)
 			continue
 		}
 		if m.jsize.Load() > m.opts.JournalLimit {
-			_ = m.checkpoint()
+			if err := m.checkpoint(); err != nil {
+				m.opts.Logger.Error("Volume journal compaction failed", "err", err)
+			}
 		}
 	}
 }

@@ -21,6 +21,7 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 )
@@ -113,6 +114,8 @@ type Options struct {
 	SyncInterval time.Duration
 	// NoCheckpointOnClose skips the checkpoint that Close normally writes.
 	NoCheckpointOnClose bool
+	// Logger receives recovery notes and background failures (default slog.Default()).
+	Logger *slog.Logger
 }
 
 func (o Options) withDefaults() Options {
@@ -121,6 +124,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.SyncInterval == 0 {
 		o.SyncInterval = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
 	return o
 }
