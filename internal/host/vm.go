@@ -207,12 +207,25 @@ func (v *vm) onEvent(ev qemu.Event) {
 		v.mu.Unlock()
 	case "RESUME":
 		v.mu.Lock()
+		cameIn := v.rec.State == hostapi.StateIncoming
 		if v.rec.State != hostapi.StateMigrating {
 			v.rec.State = hostapi.StateRunning
 			v.rec.Incoming = false
 			_ = v.persistLocked()
 		}
+		nics, taps := v.rec.Spec.NICs, v.rec.Taps
 		v.mu.Unlock()
+		if cameIn {
+			// The guest now runs here: say so on the network at once rather than
+			// when the (possibly slow) guest gets to it.
+			for i, n := range nics {
+				if i < len(taps) {
+					if err := network.Announce(n.Bridge, taps[i], n.MAC); err != nil {
+						v.a.log.Warn("Failed to announce a migrated NIC", "vm", v.name, "tap", taps[i], "err", err)
+					}
+				}
+			}
+		}
 	}
 }
 

@@ -117,3 +117,12 @@ func TestShapeCommands(t *testing.T) {
 		}
 	}
 }
+
+func TestRARPFrame(t *testing.T) {
+	mac, _ := net.ParseMAC("52:54:00:12:34:56")
+	f := rarpFrame(mac)
+	if len(f) != 60 || f[12] != 0x80 || f[13] != 0x35 || f[21] != 3 || net.HardwareAddr(f[6:12]).String() != "52:54:00:12:34:56" ||
+		net.HardwareAddr(f[22:28]).String() != "52:54:00:12:34:56" || f[0] != 0xff {
+		t.Errorf("frame % x", f)
+	}
+}

@@ -1,8 +1,11 @@
 package host_test
 
 import (
+	"os/exec"
+
 	"context"
 	"github.com/growserver/grow/test/e2e/host/hostbed"
+	"github.com/growserver/grow/test/testbed"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -22,6 +25,7 @@ func TestLifecycle(t *testing.T) {
 	h := b.Hosts[0]
 	ctx := context.Background()
 	g := hostbed.NewGuest(t, "life", 10, false, "counter", "responder")
+	g.Spec.MaxVCPUs = 2 // room for a vCPU hot-add
 
 	if _, err := h.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
@@ -70,6 +74,41 @@ func TestLifecycle(t *testing.T) {
 	// A second viewer gets the scrollback.
 	if sb, err := h.API.ConsoleLog(ctx, "life"); err != nil || !strings.Contains(string(sb), "GROW-READY") {
 		t.Fatalf("scrollback lacks the ready line (err %v)", err)
+	}
+
+	// The operator's CLI: list, show and a piped console session.
+	cli := func(stdin string, args ...string) string {
+		full := append([]string{"netns", "exec", h.NS, testbed.GrowBinary(t), "host"}, args...)
+		full = append(full, "--agent", h.URL, "--token", h.Token)
+		cmd := exec.Command("ip", full...)
+		cmd.Stdin = strings.NewReader(stdin)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("grow host %v: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	if out := cli("", "vm", "list"); !strings.Contains(out, "life") || !strings.Contains(out, "running") {
+		t.Fatalf("grow host vm list:\n%s", out)
+	}
+	if out := cli("", "vm", "show", "life"); !strings.Contains(out, `"state": "running"`) || !strings.Contains(out, `"rx_bytes"`) {
+		t.Fatalf("grow host vm show:\n%s", out)
+	}
+	if out := cli("echo cli-$((6*7))-ok\n", "console", "life"); !strings.Contains(out, "cli-42-ok") || !strings.Contains(out, "GROW-READY") {
+		t.Fatalf("grow host console (scrollback and round trip):\n%s", out)
+	}
+
+	// vCPU hot-add: the guest sees a second CPU.
+	if err := h.API.Resize(ctx, "life", hostapi.ResizeRequest{VCPUs: 2}); err != nil {
+		t.Fatal(err)
+	}
+	mark = con.Len()
+	_ = con.Type("ls -d /sys/devices/system/cpu/cpu1 && echo cpu1-$((0+1))-present\n")
+	if _, _, err := con.WaitFrom(mark, regexp.MustCompile(`cpu1-1-present`), 20*time.Second); err != nil {
+		t.Fatalf("hot-added vCPU not seen by the guest: %v\n%s", err, con.Tail(500))
+	}
+	if err := h.API.Resize(ctx, "life", hostapi.ResizeRequest{VCPUs: 3}); err == nil {
+		t.Fatal("resize beyond max_vcpus accepted")
 	}
 
 	// Counters move and are read through netlink in the host's namespace.

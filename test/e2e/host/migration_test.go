@@ -67,6 +67,17 @@ func (p *pinger) stop() {
 	}
 }
 
+// maxSeq returns the highest sequence number answered so far.
+func (p *pinger) maxSeq() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := -1
+	for s := range p.got {
+		m = max(m, s)
+	}
+	return m
+}
+
 // lost returns the sequence numbers missing between the first and last answered probe.
 func (p *pinger) lost() (missing []int, answered int) {
 	p.mu.Lock()
@@ -116,14 +127,16 @@ func TestMigration(t *testing.T) {
 
 	ping := startPing(t, b.Client, g.IP)
 	time.Sleep(time.Second)
-	type window struct{ from, to time.Duration }
+	// A migration's probes are those after the last answered one before it starts,
+	// up to the last answered one once the guest has shown progress afterwards.
+	type window struct{ from, to int }
 	var windows []window
 	var totals, downs []int64
 	const rounds = 20
 	for i := 0; i < rounds; i++ {
 		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
 		_, c0, s0 := b.WaitProbe(t, g.IP, 10*time.Second)
-		begin := time.Since(ping.start)
+		begin := ping.maxSeq()
 		op, err := src.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token, ListenHost: dst.IP})
 		if err != nil {
 			t.Fatalf("round %d: migrate: %v", i, err)
@@ -132,7 +145,6 @@ func TestMigration(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: %v", i, err)
 		}
-		windows = append(windows, window{begin, time.Since(ping.start)})
 		totals, downs = append(totals, op.TotalTimeMS), append(downs, op.DowntimeMS)
 		// The destination owns the VM; the source has neither record nor QEMU.
 		if _, err := src.API.Get(ctx, "mover"); err == nil {
@@ -175,6 +187,7 @@ func TestMigration(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: acknowledged blocks up to %d do not verify: %v", i, s2, err)
 		}
+		windows = append(windows, window{begin, ping.maxSeq()})
 		missing, _ := ping.lost()
 		t.Logf("round %d %s -> %s: total %d ms, downtime %d ms, counter %d, acked %d (verified %d), ping lost so far %d",
 			i, src.NS, dst.NS, op.TotalTimeMS, op.DowntimeMS, c2, s2, rep.Checked, len(missing))
@@ -185,10 +198,9 @@ func TestMigration(t *testing.T) {
 	perWindow := make([]int, len(windows))
 	outside := 0
 	for _, s := range missing {
-		at := time.Duration(s) * 50 * time.Millisecond
 		found := false
 		for i, w := range windows {
-			if at >= w.from-time.Second && at <= w.to+time.Second {
+			if s > w.from && s <= w.to {
 				perWindow[i]++
 				found = true
 				break
