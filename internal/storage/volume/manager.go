@@ -838,8 +838,10 @@ func (m *Manager) deleteLocked(name string, importing bool) error {
 	case KindSnapshot:
 		if n := o.layer.children; n > 0 {
 			vol, _, _ := strings.Cut(name, "@")
-			c := m.st.childOf(o.layer)
-			cvol, _, _ := strings.Cut(c.owner.name, "@")
+			cvol := ""
+			if c := m.st.childOf(o.layer); c != nil && c.owner != nil {
+				cvol, _, _ = strings.Cut(c.owner.name, "@")
+			}
 			if n > 1 || cvol != vol {
 				return fmt.Errorf("Failed to delete snapshot %q: %d clones or later layers depend on it: %w", name, n, ErrInUse)
 			}
