@@ -65,9 +65,12 @@ func (d *disk) setErr(msg string) {
 	d.mu.Unlock()
 }
 
-// openDisk opens path read-write and records its identity; exclusive asks the kernel to
-// refuse a block device that is mounted or otherwise in use.
-func openDisk(path string, exclusive bool) (*disk, error) {
+// errDiskBusy means another pool, process or mount holds the disk.
+var errDiskBusy = errors.New("the disk is in use (by another pool or process, or mounted)")
+
+// openDisk opens path read-write, takes it for this process alone (O_EXCL for a block
+// device, an exclusive flock for a file) and records its identity.
+func openDisk(path string) (*disk, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, err
@@ -77,12 +80,24 @@ func openDisk(path string, exclusive bool) (*disk, error) {
 	if !block && !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("%q is neither a regular file nor a block device", path)
 	}
-	if block && exclusive {
+	if block {
 		flags |= unix.O_EXCL
 	}
 	f, err := os.OpenFile(path, flags, 0)
+	if errors.Is(err, unix.EBUSY) {
+		return nil, errDiskBusy
+	}
 	if err != nil {
 		return nil, err
+	}
+	if !block {
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, errDiskBusy
+			}
+			return nil, fmt.Errorf("cannot lock: %w", err)
+		}
 	}
 	var fst unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &fst); err != nil {

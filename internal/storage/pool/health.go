@@ -101,6 +101,7 @@ func (p *Pool) Close() error {
 	}
 	close(p.stop)
 	p.wg.Wait()
+	defer p.lock.Close()
 	defer p.closeDisks()
 	ds, errs := p.syncLive()
 	for i, err := range errs {

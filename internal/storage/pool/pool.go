@@ -22,6 +22,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // lockStripes is the number of chunk locks that serialise writers with the rebuild copy.
@@ -52,6 +54,7 @@ type Pool struct {
 	wg     sync.WaitGroup
 
 	bootID string
+	lock   *os.File // flock on stateDir/pool.lock
 
 	mu        sync.Mutex // guards gen, clean, persistence, disk replacement and the rebuild fields
 	gen       uint64
@@ -112,6 +115,37 @@ func Open(stateDir string, disks []string, opts Options) (*Pool, error) {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("Failed to create pool state directory %q: %w", stateDir, err)
 	}
+	lock, err := lockStateDir(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	p, err := open(stateDir, paths, opts, log)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	p.lock = lock
+	return p, nil
+}
+
+// lockStateDir takes stateDir for this process alone, until the returned file is closed.
+func lockStateDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "pool.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to lock pool state in %q: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("The pool in %q is in use by another process", dir)
+		}
+		return nil, fmt.Errorf("Failed to lock pool state in %q: %w", dir, err)
+	}
+	return f, nil
+}
+
+func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Pool, error) {
+	n := len(paths)
 	st, err := loadState(stateDir)
 	if err != nil {
 		return nil, err
@@ -210,7 +244,10 @@ func (p *Pool) openDisks(st *persisted) (bool, error) {
 			d.state.Store(stMissing)
 			d.err = pd.Error
 		default:
-			od, err := openDisk(pd.Path, false)
+			od, err := openDisk(pd.Path)
+			if errors.Is(err, errDiskBusy) {
+				return false, fmt.Errorf("Failed to open disk %q: %w", pd.Path, err)
+			}
 			if err != nil {
 				d.state.Store(stMissing)
 				d.err = fmt.Sprintf("cannot open: %v", err)
@@ -291,7 +328,7 @@ func initState(paths []string, unit int64, log *slog.Logger) (*persisted, error)
 	headers := make([]header, n)
 	fresh := 0
 	for i, path := range paths {
-		d, err := openDisk(path, true)
+		d, err := openDisk(path)
 		if err != nil {
 			return nil, fmt.Errorf("Failed to open disk %q: %w", path, err)
 		}

@@ -982,3 +982,27 @@ func TestNoResyncAfterProcessCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestExclusive: a pool's state and disks belong to one process at a time.
+func TestExclusive(t *testing.T) {
+	state, paths := makeDisks(t, 2, testDiskSize)
+	p := openTestPool(t, state, paths, Options{})
+	before, _ := os.ReadFile(filepath.Join(state, stateFile))
+	if _, err := Open(state, paths, Options{Logger: testLogger(t)}); err == nil {
+		t.Fatal("a second Open of the same pool succeeded")
+	}
+	if _, err := Open(filepath.Join(t.TempDir(), "other"), paths, Options{Logger: testLogger(t)}); err == nil {
+		t.Fatal("a second pool on the same disks opened")
+	} else {
+		t.Log(err)
+	}
+	after, _ := os.ReadFile(filepath.Join(state, stateFile))
+	if !bytes.Equal(before, after) {
+		t.Fatal("a refused Open changed pool.json")
+	}
+	if st := p.Status(); st.State != StateOK {
+		t.Fatalf("%+v", st)
+	}
+	p.Close()
+	openTestPool(t, state, paths, Options{}) // free again after Close
+}

@@ -55,7 +55,11 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 	if src.state.Load() != stOK {
 		return fmt.Errorf("Failed to replace %q: its mirror %q is not healthy (%s), nothing to rebuild from", oldPath, src.path, stateName(src.state.Load()))
 	}
-	nd, err := openDisk(newAbs, true)
+	if newAbs == oldAbs {
+		// A new device at the old path: let go of the old one first (it is not live).
+		old.close()
+	}
+	nd, err := openDisk(newAbs)
 	if err != nil {
 		return fmt.Errorf("Failed to open new disk %q: %w", newPath, err)
 	}
