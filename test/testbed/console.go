@@ -195,7 +195,8 @@ type Ready struct {
 	Root       string // "vda" when running from a disk, "initramfs" otherwise
 }
 
-var readyRe = regexp.MustCompile(`GROW-READY ([^\r\n]*)`)
+// Console patterns include the line end, so a line still arriving is never half-read.
+var readyRe = regexp.MustCompile(`GROW-READY ([^\r\n]*)\r?\n`)
 
 // WaitReady waits for the guest's ready line (after offset from) and parses it.
 func (c *Console) WaitReady(from int, timeout time.Duration) (Ready, error) {
@@ -234,8 +235,8 @@ func ParseReady(fields string) Ready {
 }
 
 var (
-	counterRe = regexp.MustCompile(`GROW-COUNTER n=(\d+)`)
-	ackRe     = regexp.MustCompile(`GROW-ACK seq=(\d+)`)
+	counterRe = regexp.MustCompile(`GROW-COUNTER n=(\d+)\r?\n`)
+	ackRe     = regexp.MustCompile(`GROW-ACK seq=(\d+)\r?\n`)
 )
 
 func lastNumber(re *regexp.Regexp, s string) (uint64, bool) {

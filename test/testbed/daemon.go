@@ -189,9 +189,11 @@ func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	args := []string{"hostd", "--data", dir, "--api", addr, "--bridge", h.Bridge,
 		"--cgroup-parent", fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)}
 	args = append(args, opts.Extra...)
-	d := newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
-	t.Cleanup(func() { removeCgroups(fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)) })
-	return d
+	// The bed removes the cgroups at teardown, once the VMs in them are gone.
+	h.Bed.mu.Lock()
+	h.Bed.cgroups = append(h.Bed.cgroups, fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index))
+	h.Bed.mu.Unlock()
+	return newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
 }
 
 // removeCgroups removes an (empty) cgroup tree named parent under every hierarchy.

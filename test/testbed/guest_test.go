@@ -60,7 +60,7 @@ func TestGuestPowerOffAndWriterResume(t *testing.T) {
 
 	// Same disks again: the guest finds its history, checks it and goes on.
 	vm2 := StartVM(t, cfg)
-	m, err := vm2.Console.WaitFor(regexp.MustCompile(`GROW-WRITER disk=vdb slots=1024 start=(\d+)`), bootTimeout)
+	m, err := vm2.Console.WaitFor(regexp.MustCompile(`GROW-WRITER disk=vdb slots=1024 start=(\d+)\r?\n`), bootTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +68,7 @@ func TestGuestPowerOffAndWriterResume(t *testing.T) {
 	if start != rep.Newest+1 || start <= last {
 		t.Fatalf("writer resumed at %d; last acknowledged %d, newest on disk %d", start, last, rep.Newest)
 	}
-	if _, err := vm2.Console.WaitFor(regexp.MustCompile(`GROW-VERIFY ok disk=vdb slots=1024 newest=`+strconv.FormatUint(rep.Newest, 10)), 20*time.Second); err != nil {
+	if _, err := vm2.Console.WaitFor(regexp.MustCompile(`GROW-VERIFY ok disk=vdb slots=1024 newest=`+strconv.FormatUint(rep.Newest, 10)+`\r?\n`), 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := vm2.Console.WaitAckAbove(start, 30*time.Second); err != nil {

@@ -53,6 +53,7 @@ type Bed struct {
 	mu      sync.Mutex
 	storage int
 	nss     []string
+	cgroups []string // cgroup parents given to hostd
 }
 
 // Host is one hypervisor host: a network namespace with its guest bridge.
@@ -76,7 +77,7 @@ func New(t testing.TB, opts Options) *Bed {
 		t.Skip("the namespace test bed needs root, QEMU and time: skipped with -short")
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("the namespace test bed needs root")
+		t.Fatal("the namespace test bed needs root (run the tests as root, or with -short to skip them)")
 	}
 	if opts.Hosts < 1 {
 		opts.Hosts = 1
@@ -399,6 +400,12 @@ func (b *Bed) teardown() {
 		if err := removeNetns(nss[i]); err != nil {
 			b.t.Errorf("Failed to remove namespace %s: %v", nss[i], err)
 		}
+	}
+	b.mu.Lock()
+	cgs := append([]string(nil), b.cgroups...)
+	b.mu.Unlock()
+	for _, cg := range cgs {
+		removeCgroups(cg)
 	}
 }
 

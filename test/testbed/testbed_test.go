@@ -162,7 +162,7 @@ func TestTwoGuestsReachEachOther(t *testing.T) {
 	if err := a.Type("nc " + bIP + " 7777\n"); err != nil {
 		t.Fatal(err)
 	}
-	m, err := a.Expect(regexp.MustCompile(`GROW-RESP hostname=(\S+)`), 20*time.Second)
+	m, err := a.Expect(regexp.MustCompile(`GROW-RESP hostname=(\S+) counter=`), 20*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
