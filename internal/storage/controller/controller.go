@@ -133,13 +133,17 @@ func Open(cfg Config) (*Controller, error) {
 	if len(disks) == 0 {
 		disks = []string{filepath.Join(cfg.DataDir, "disk0.img")}
 	}
+	// File disks are created only for a new pool: once DATA/pool.json exists it names
+	// the members, and a missing path is a lost disk, not one to create empty.
+	_, statErr := os.Stat(filepath.Join(cfg.DataDir, "pool.json"))
+	newPool := errors.Is(statErr, os.ErrNotExist)
 	for _, d := range disks {
-		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) && newPool {
 			if err := pool.CreateFileDisk(d, cfg.PoolSize); err != nil {
 				return nil, fmt.Errorf("Failed to create disk %q: %w", d, err)
 			}
 			log.Info("Created file disk", "path", d, "size", cfg.PoolSize)
-		} else if err != nil {
+		} else if err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("Failed to inspect disk %q: %w", d, err)
 		}
 	}
