@@ -49,6 +49,7 @@ type conn struct {
 	vecArr     [2][]byte   // backing array of vec
 	writeErr   error       // writer-owned
 	hdr        [requestHeaderLen]byte
+	errLog     logLimiter
 }
 
 func newConn(s *Server, nc net.Conn) *conn {

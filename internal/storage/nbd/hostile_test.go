@@ -256,3 +256,26 @@ func TestBoundedMemory(t *testing.T) {
 		t.Errorf("peak concurrency %d, want between 2 and MaxInFlight=16", p)
 	}
 }
+
+// TestErrorLogLimited checks that a failing export cannot flood the log.
+func TestErrorLogLimited(t *testing.T) {
+	ex := newMemExports()
+	m := newMemExport(1 << 20)
+	m.failAt = 0
+	ex.add("bad", "", m)
+	s := startServer(t, ex, nil)
+	c := dialRaw(t, "unix", s.sock)
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.goExport("bad")
+	for i := range 500 {
+		c.request(0, cmdRead, uint64(i), 0, 512, nil)
+	}
+	for range 500 {
+		if e, _ := c.simpleReply(); e != errIO {
+			t.Fatalf("read of a failing export: err %d, want EIO", e)
+		}
+	}
+	if n := strings.Count(s.logs.String(), "NBD request failed"); n < 1 || n > 2*logBurst {
+		t.Errorf("%d error lines logged for 500 failures", n)
+	}
+}
