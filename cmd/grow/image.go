@@ -121,7 +121,7 @@ Images without a boot loader (such as the tiny test guest) boot directly with
 			return cpErr(c.DeleteImage(ctx, args[0]))
 		},
 	}
-	cmd.AddCommand(imp, list, del)
+	cmd.AddCommand(imp, list, del, newImageBuildCmd(o))
 	return cmd
 }
 

@@ -41,6 +41,9 @@ func (m *Manager) ServerAction(ctx context.Context, actor store.User, serverID, 
 	defer m.placeMu.Unlock()
 	var op store.Operation
 	err := m.st.InTx(ctx, func(tx *store.Store) error {
+		if err := tx.LockPlacement(ctx); err != nil {
+			return err
+		}
 		sv, err := tx.GetServer(ctx, serverID)
 		if err != nil {
 			return err

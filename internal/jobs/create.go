@@ -68,6 +68,9 @@ func (m *Manager) CreateServer(ctx context.Context, actor store.User, key string
 	defer m.placeMu.Unlock()
 	var op store.Operation
 	err := m.st.InTx(ctx, func(tx *store.Store) error {
+		if err := tx.LockPlacement(ctx); err != nil {
+			return err
+		}
 		cust, err := tx.GetCustomer(ctx, req.Customer)
 		if err != nil {
 			return err
@@ -386,7 +389,7 @@ func (m *Manager) seed(ctx context.Context, sv store.Server, mac string) (*hosta
 		user["ssh_authorized_keys"] = keys
 	}
 	runcmd, _ := user["runcmd"].([]any)
-	runcmd = append(runcmd, []any{"sh", "-c", `echo "` + ReadyPrefix + `hostname=$(hostname) ip=$(hostname -I 2>/dev/null | tr ' ' ',' | sed 's/,$//')" > /dev/ttyS0`})
+	runcmd = append(runcmd, []any{"sh", "-c", `echo "` + ReadyPrefix + `hostname=$(hostname) ip=$(hostname -I 2>/dev/null | tr ' ' ',' | sed 's/,$//') keys=$(cat /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys 2>/dev/null | grep -c '^ssh-')" > /dev/ttyS0`})
 	user["runcmd"] = runcmd
 	ud, err := yaml.Marshal(user)
 	if err != nil {

@@ -267,3 +267,19 @@ func (s *Store) ExecAdmin(ctx context.Context, stmt string) error {
 	}
 	return nil
 }
+
+// LockPlacement serialises placement decisions across control planes for the rest of
+// the transaction tx: a PostgreSQL advisory lock; SQLite transactions already take the
+// database's single write lock at BEGIN.
+func (s *Store) LockPlacement(ctx context.Context) error {
+	if !s.inTx {
+		return errors.New("LockPlacement needs a transaction")
+	}
+	if s.dialect != Postgres {
+		return nil
+	}
+	if _, err := s.exec(ctx, `SELECT pg_advisory_xact_lock(7471)`); err != nil {
+		return fmt.Errorf("Failed to take the placement lock: %w", err)
+	}
+	return nil
+}
