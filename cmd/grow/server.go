@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"strings"
@@ -84,7 +85,7 @@ progress bar unless --no-wait. The request carries an idempotency key (random un
 			if err != nil {
 				return cpErr(err)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "Server %s runs on %s with address %s\n", sv.Name, sv.HostID, dash(strings.Trim(sv.IPv4+" "+sv.IPv6, " ")))
+			fmt.Fprintf(cmd.OutOrStdout(), "Server %s runs on %s with address %s\n", sv.Name, hostNames(ctx, c)(sv.HostID), dash(strings.Trim(sv.IPv4+" "+sv.IPv6, " ")))
 			return nil
 		},
 	}
@@ -117,10 +118,14 @@ func newServerListCmd(o *cpOpts) *cobra.Command {
 			if err != nil {
 				return cpErr(err)
 			}
+			host := func(id string) string { return id }
+			if o.output == "table" {
+				host = hostNames(ctx, c)
+			}
 			return o.emit(cmd.OutOrStdout(), svs, func(tw *tabwriter.Writer) {
 				fmt.Fprintln(tw, "NAME\tSTATE\tPLAN\tIPV4\tIPV6\tHOST\tCUSTOMER")
 				for _, s := range svs {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, s.Plan, dash(s.IPv4), dash(s.IPv6), dash(s.HostID), s.CustomerID)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, s.Plan, dash(s.IPv4), dash(s.IPv6), dash(host(s.HostID)), s.CustomerID)
 				}
 			})
 		},
@@ -150,7 +155,7 @@ func newServerShowCmd(o *cpOpts) *cobra.Command {
 			return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) {
 				for _, kv := range [][2]string{{"Name", s.Name}, {"ID", s.ID}, {"State", s.State}, {"Customer", s.CustomerID},
 					{"Plan", s.Plan}, {"vCPUs", fmt.Sprint(s.VCPUs)}, {"Memory", size(s.MemoryBytes)}, {"Disk", size(s.DiskBytes)},
-					{"IPv4", dash(s.IPv4)}, {"IPv6", dash(s.IPv6)}, {"Host", dash(s.HostID)}, {"Volume", dash(s.Volume)},
+					{"IPv4", dash(s.IPv4)}, {"IPv6", dash(s.IPv6)}, {"Host", dash(hostNames(ctx, c)(s.HostID))}, {"Volume", dash(s.Volume)},
 					{"Group", dash(s.Group)}, {"SSH keys", fmt.Sprint(len(s.SSHKeys))}, {"Created", ago(s.CreatedAt)}} {
 					fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
 				}
@@ -293,5 +298,22 @@ func newServerConsoleCmd(o *cpOpts) *cobra.Command {
 			_, err = cmd.OutOrStdout().Write(b)
 			return err
 		},
+	}
+}
+
+// hostNames maps host IDs to names when the caller may list hosts (admins); otherwise
+// IDs are shown as they are.
+func hostNames(ctx context.Context, c *client.Client) func(string) string {
+	names := map[string]string{}
+	if hs, err := c.ListHosts(ctx); err == nil {
+		for _, h := range hs {
+			names[h.ID] = h.Name
+		}
+	}
+	return func(id string) string {
+		if n, ok := names[id]; ok {
+			return n
+		}
+		return id
 	}
 }
