@@ -27,9 +27,13 @@ func (m *Manager) Check() (Report, error) {
 	defer unlock()
 	m.syncMu.Lock()
 	defer m.syncMu.Unlock()
-	if err := m.syncHeld(); err != nil {
+	freed, err := m.syncHeld()
+	if err != nil {
 		return Report{}, fmt.Errorf("Failed to check: %w", err)
 	}
+	m.release(freed)
+	m.relMu.Lock() // every other release has finished too
+	defer m.relMu.Unlock()
 	rep, disk, used, err := checkDir(m.dir, m.total)
 	if err != nil {
 		return rep, err

@@ -19,7 +19,7 @@ import (
 
 // Manager owns every volume, image and snapshot on one device and its metadata directory.
 //
-// Lock order: ckptMu, mu, objects' io (by name), a busy stripe, tab, syncMu, jmu, amu.
+// Lock order: ckptMu, mu, objects' io (by name), a busy stripe, tab, syncMu, relMu, jmu, amu.
 // A checkpoint takes only ckptMu and, briefly, syncMu: it never pauses I/O.
 type Manager struct {
 	dir  string
@@ -54,6 +54,9 @@ type Manager struct {
 	syncStarted atomic.Uint64
 	syncDone    atomic.Uint64
 	dirty       atomic.Bool
+	// relMu is held shared while a sync releases the clusters it freed, exclusively
+	// by whoever must see every release finished.
+	relMu sync.RWMutex
 
 	closed atomic.Bool
 	stop   chan struct{}
@@ -433,15 +436,27 @@ func (m *Manager) commit(r *record) error {
 func (m *Manager) sync() error {
 	start := m.syncStarted.Load()
 	m.syncMu.Lock()
-	defer m.syncMu.Unlock()
 	if m.syncDone.Load() > start {
+		m.syncMu.Unlock()
 		return nil
 	}
-	return m.syncHeld()
+	freed, err := m.syncHeld()
+	m.unlockSyncAndRelease(freed)
+	return err
 }
 
-// syncHeld is sync with syncMu held.
-func (m *Manager) syncHeld() error {
+// unlockSyncAndRelease gives up syncMu, then returns the clusters a sync made free
+// (discarding them can take a while; other syncs need not wait for it).
+func (m *Manager) unlockSyncAndRelease(freed []uint64) {
+	m.relMu.RLock()
+	m.syncMu.Unlock()
+	m.release(freed)
+	m.relMu.RUnlock()
+}
+
+// syncHeld is sync with syncMu held; it returns the clusters whose freeing records it
+// made durable, for the caller to release.
+func (m *Manager) syncHeld() ([]uint64, error) {
 	id := m.syncStarted.Add(1)
 	dirty := m.dirty.Swap(false)
 	m.jmu.Lock()
@@ -451,7 +466,7 @@ func (m *Manager) syncHeld() error {
 	if !dirty && len(buf) == 0 && len(freed) == 0 {
 		// Nothing was written since the last sync began.
 		m.syncDone.Store(id)
-		return nil
+		return nil, nil
 	}
 	requeue := func() {
 		m.jmu.Lock()
@@ -462,7 +477,7 @@ func (m *Manager) syncHeld() error {
 	}
 	if err := m.dev.Sync(); err != nil {
 		requeue()
-		return fmt.Errorf("Failed to sync the data device: %w", err)
+		return nil, fmt.Errorf("Failed to sync the data device: %w", err)
 	}
 	if len(buf) > 0 {
 		off := m.jsize.Load()
@@ -473,13 +488,12 @@ func (m *Manager) syncHeld() error {
 		if err != nil {
 			_ = m.jf.Truncate(off)
 			requeue()
-			return fmt.Errorf("Failed to write the volume journal: %w", err)
+			return nil, fmt.Errorf("Failed to write the volume journal: %w", err)
 		}
 		m.jsize.Store(off + int64(len(buf)))
 	}
-	m.release(freed)
 	m.syncDone.Store(id)
-	return nil
+	return freed, nil
 }
 
 // release returns clusters whose freeing record is now durable to the free list,
@@ -527,10 +541,13 @@ func (m *Manager) alloc() (p uint64, zero bool, err error) {
 		if pending == 0 || attempt > 0 {
 			return 0, false, fmt.Errorf("Failed to allocate a cluster (%d clusters, all in use): %w", m.total, ErrNoSpace)
 		}
-		// Clusters are waiting for their freeing record to be durable: make it so.
+		// Clusters are waiting for their freeing record to be durable: make it so, and
+		// wait for syncs of other goroutines to finish releasing theirs.
 		if err := m.sync(); err != nil {
 			return 0, false, err
 		}
+		m.relMu.Lock()
+		m.relMu.Unlock()
 	}
 }
 
@@ -559,12 +576,12 @@ func (m *Manager) checkpoint() error {
 	// I/O never pauses: the new checkpoint is rebuilt from the files, not from the
 	// live state.
 	m.syncMu.Lock()
-	err := m.syncHeld()
+	freed, err := m.syncHeld()
 	closed := m.jgen
 	if err == nil {
 		err = m.switchJournal(closed + 1)
 	}
-	m.syncMu.Unlock()
+	m.unlockSyncAndRelease(freed)
 	if err != nil {
 		return fmt.Errorf("Failed to checkpoint volume metadata: %w", err)
 	}
