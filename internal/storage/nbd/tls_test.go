@@ -142,6 +142,10 @@ func TestTLS(t *testing.T) {
 			t.Errorf("nbdinfo --can %s over TLS: %v %s", c, err, out)
 		}
 	}
+	unixTLS := fmt.Sprintf("nbds+unix:///disk?socket=%s&tls-certificates=%s", s.sock, good)
+	if out := strings.TrimSpace(run(t, "nbdinfo", "--size", unixTLS)); out != "8388608" {
+		t.Errorf("nbdinfo over TLS on the unix socket: %q", out)
+	}
 	if !strings.Contains(s.logs.String(), "hypervisor-1") {
 		t.Error("the verified client certificate is not in the connection log")
 	}
