@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -107,6 +109,16 @@ func TestCleanStaleRemovesDeadOwnersLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	go func() { _ = sleeper.Wait() }()
+	// Wait until `ip netns exec` has entered the namespace and exec'd sleep.
+	inside := false
+	for deadline := time.Now().Add(5 * time.Second); !inside && time.Now().Before(deadline); {
+		out, _ := exec.Command("ip", "netns", "pids", stale).Output()
+		inside = slices.Contains(strings.Fields(string(out)), strconv.Itoa(sleeper.Process.Pid))
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !inside {
+		t.Fatal("the process never showed up in the stale namespace")
+	}
 
 	CleanStale()
 	if netnsExists(stale) {
