@@ -615,7 +615,7 @@ func TestBlankMemberAtOpen(t *testing.T) {
 	if err := p.WaitRebuild(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if st := p.Status(); st.State != StateOK {
+	if st := p.Status(); st.State != StateOK || st.Disks[1].Error != "" {
 		t.Fatalf("%+v", st)
 	}
 	compareSides(t, p, paths)
@@ -960,7 +960,7 @@ func TestResyncAfterMachineRestart(t *testing.T) {
 	if err := p.WaitRebuild(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if st := p.Status(); st.State != StateOK {
+	if st := p.Status(); st.State != StateOK || st.Disks[1].Error != "" {
 		t.Fatalf("%+v", st)
 	}
 	compareSides(t, p, paths)

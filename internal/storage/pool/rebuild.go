@@ -94,11 +94,11 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 		return fmt.Errorf("Failed to prepare new disk %q: %w", newPath, err)
 	}
 	// From here every write also goes to the new disk.
-	old.state.Store(stRemoved)
+	prev := old.state.Swap(stRemoved)
 	p.disks[old.index].Store(nd)
 	if err := p.persistLocked(true); err != nil {
 		p.disks[old.index].Store(old)
-		old.state.Store(stFailed)
+		old.state.Store(prev)
 		nd.close()
 		return fmt.Errorf("Failed to replace %q: %w", oldPath, err)
 	}
@@ -195,6 +195,7 @@ func (p *Pool) rebuildOne(d, src *disk) error {
 	switch {
 	case err == nil && d.state.Load() == stRebuilding:
 		d.state.Store(stOK)
+		d.setErr("")
 		if perr := p.persistLocked(true); perr != nil {
 			// Without the record the disk must not be trusted: keep rebuilding state on disk.
 			d.state.Store(stRebuilding)
