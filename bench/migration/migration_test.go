@@ -51,11 +51,15 @@ func TestMigrationBench(t *testing.T) {
 	if err := h0.API.Start(ctx, "bench"); err != nil {
 		t.Fatal(err)
 	}
+	// The raw side: the same kind of guest (own disk, MAC and address), run by hand.
+	rg := hostbed.NewGuest(t, "benchraw", 41, false, "responder")
+	raw := newRawSide(t, b, rg.Spec, rg.IP)
 	b.WaitProbe(t, g.IP, 180*time.Second)
-	time.Sleep(3 * time.Second) // let the guest settle to idle
+	b.WaitProbe(t, rg.IP, 180*time.Second)
+	time.Sleep(3 * time.Second) // let both guests settle to idle
 
-	// Our agents.
-	var ours []sample
+	// Interleaved, so that both sides see the same machine load.
+	var ours, raws []sample
 	for i := 0; i < rounds; i++ {
 		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
 		t0 := time.Now()
@@ -72,20 +76,12 @@ func TestMigrationBench(t *testing.T) {
 		b.WaitProbe(t, g.IP, 20*time.Second)
 		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall})
 		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond))
-	}
-	vm, err := h0.API.Get(ctx, "bench")
-	if err != nil {
-		t.Fatal(err)
-	}
-	spec := vm.Spec
-	if err := h0.API.Kill(ctx, "bench"); err != nil {
-		t.Fatal(err)
-	}
 
-	// Raw QMP between two bare QEMU processes with the same command line.
-	raw := rawBench(t, b, spec, g.IP)
-
-	writeReport(t, out, ours, raw)
+		r := raw.migrate(t, i)
+		raws = append(raws, r)
+		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, r.total, r.down, r.wall.Round(time.Millisecond))
+	}
+	writeReport(t, out, ours, raws)
 }
 
 // bareQEMU is one QEMU started by hand in a host's namespace.
@@ -138,10 +134,20 @@ func b0Dir(t *testing.T) string {
 	return benchDir
 }
 
-func rawBench(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) []sample {
-	ctx := context.Background()
+// rawSide is a guest run by bare QEMU processes, migrated with raw QMP commands.
+type rawSide struct {
+	b       *hostbed.Bed
+	spec    hostapi.VMSpec
+	ip      string
+	tap     string
+	seedISO string
+	src     *bareQEMU
+}
+
+func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *rawSide {
+	r := &rawSide{b: b, spec: spec, ip: ip, tap: "gr" + b.ID + "-0"}
 	// The same seed, as an ISO the bare QEMUs share.
-	seedISO := filepath.Join(b0Dir(t), "seed.iso")
+	r.seedISO = filepath.Join(b0Dir(t), "seed.iso")
 	dir := filepath.Join(b0Dir(t), "seed")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -151,83 +157,83 @@ func rawBench(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) []sa
 			t.Fatal(err)
 		}
 	}
-	if out, err := exec.Command("genisoimage", "-quiet", "-output", seedISO, "-volid", "cidata", "-joliet", "-rock", dir).CombinedOutput(); err != nil {
+	if out, err := exec.Command("genisoimage", "-quiet", "-output", r.seedISO, "-volid", "cidata", "-joliet", "-rock", dir).CombinedOutput(); err != nil {
 		t.Fatalf("genisoimage: %v: %s", err, out)
 	}
-	tap := "gr" + b.ID + "-0"
 	for _, h := range b.Hosts {
 		for _, c := range [][]string{
-			{"-n", h.NS, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"},
-			{"-n", h.NS, "link", "set", tap, "address", "fe" + spec.NICs[0].MAC[2:]},
-			{"-n", h.NS, "link", "set", tap, "master", "br0", "up"},
+			{"-n", h.NS, "tuntap", "add", "dev", r.tap, "mode", "tap", "vnet_hdr"},
+			{"-n", h.NS, "link", "set", r.tap, "address", "fe" + spec.NICs[0].MAC[2:]},
+			{"-n", h.NS, "link", "set", r.tap, "master", "br0", "up"},
 		} {
 			if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v: %s", c, err, out)
 			}
 		}
 	}
-	src := startBare(t, b.Hosts[0], spec, tap, seedISO, false)
-	b.WaitProbe(t, ip, 180*time.Second)
-	time.Sleep(3 * time.Second)
-	var res []sample
-	for i := 0; i < rounds; i++ {
-		dh := b.Hosts[(i+1)%2]
-		t0 := time.Now()
-		dst := startBare(t, dh, spec, tap, seedISO, true)
-		if err := dst.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
+	r.src = startBare(t, b.Hosts[0], spec, r.tap, r.seedISO, false)
+	return r
+}
+
+// migrate moves the raw guest to the other host: start the destination QEMU, migrate,
+// wait until it runs, quit the source (what the agent does, minus its bookkeeping).
+func (r *rawSide) migrate(t *testing.T, i int) sample {
+	ctx := context.Background()
+	dh := r.b.Hosts[(i+1)%2]
+	src := r.src
+	t0 := time.Now()
+	dst := startBare(t, dh, r.spec, r.tap, r.seedISO, true)
+	if err := dst.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	l, err := hostbed.NSListen(dh.NS, dh.IP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	uri := "tcp:" + net.JoinHostPort(dh.IP, strconv.Itoa(port))
+	if err := dst.mon.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.mon.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtimeLimitMS, "max-bandwidth": maxBandwidth}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.mon.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var info qemu.MigrationInfo
+	for {
+		time.Sleep(20 * time.Millisecond)
+		if info, err = src.mon.QueryMigrate(ctx); err != nil {
 			t.Fatal(err)
 		}
-		l, err := hostbed.NSListen(dh.NS, dh.IP+":0")
+		if info.Status == "completed" && info.TotalTime > 0 {
+			break // (a QEMU that came in by migration reports that one as completed, without times)
+		}
+		if info.Status == "failed" || info.Status == "cancelled" {
+			t.Fatalf("raw migration %d %s: %s", i, info.Status, info.ErrorDesc)
+		}
+	}
+	for {
+		st, err := dst.mon.Status(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		uri := "tcp:" + net.JoinHostPort(dh.IP, strconv.Itoa(port))
-		if err := dst.mon.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
-			t.Fatal(err)
+		if st == "running" {
+			break
 		}
-		if err := src.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
-			t.Fatal(err)
-		}
-		if err := src.mon.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtimeLimitMS, "max-bandwidth": maxBandwidth}, nil); err != nil {
-			t.Fatal(err)
-		}
-		if err := src.mon.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
-			t.Fatal(err)
-		}
-		var info qemu.MigrationInfo
-		for {
-			time.Sleep(20 * time.Millisecond)
-			if info, err = src.mon.QueryMigrate(ctx); err != nil {
-				t.Fatal(err)
-			}
-			if info.Status == "completed" && info.TotalTime > 0 {
-				break // (a QEMU that came in by migration reports that one as completed, without times)
-			}
-			if info.Status == "failed" || info.Status == "cancelled" {
-				t.Fatalf("raw migration %d %s: %s", i, info.Status, info.ErrorDesc)
-			}
-		}
-		for {
-			st, err := dst.mon.Status(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st == "running" {
-				break
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		_ = src.mon.Execute(ctx, "quit", nil, nil)
-		<-src.done
-		wall := time.Since(t0)
-		b.WaitProbe(t, ip, 20*time.Second)
-		res = append(res, sample{info.TotalTime, info.Downtime, wall})
-		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, info.TotalTime, info.Downtime, wall.Round(time.Millisecond))
-		src = dst
+		time.Sleep(5 * time.Millisecond)
 	}
-	return res
+	_ = src.mon.Execute(ctx, "quit", nil, nil)
+	<-src.done
+	wall := time.Since(t0)
+	r.b.WaitProbe(t, r.ip, 20*time.Second)
+	r.src = dst
+	return sample{info.TotalTime, info.Downtime, wall}
 }
 
 func median[T int64 | time.Duration](xs []T) T {
@@ -267,8 +273,10 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	}
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "# Live migration: grow hostd vs raw QMP\n\n")
-	fmt.Fprintf(&sb, "Run %s on %s, accelerator %s, QEMU as installed. Same idle guest (256 MiB, 1 vCPU, tiny test guest\n", time.Now().UTC().Format(time.RFC3339), hostname(), qemu.DetectAccel())
-	fmt.Fprintf(&sb, "with its responder), same NBD root disk, same two network-namespace hosts joined by a veth, same\n")
+	fmt.Fprintf(&sb, "Run %s on %s, accelerator %s, QEMU as installed. Two identical idle guests (256 MiB, 1 vCPU, the tiny\n", time.Now().UTC().Format(time.RFC3339), hostname(), qemu.DetectAccel())
+	fmt.Fprintf(&sb, "test guest with its responder, NBD root disk, same QEMU command line), one run by the agents, one by\n")
+	fmt.Fprintf(&sb, "bare QEMU processes, on the same two network-namespace hosts joined by a veth; migrations interleaved\n")
+	fmt.Fprintf(&sb, "(agent, raw, agent, ...) so both see the same load; same\n")
 	fmt.Fprintf(&sb, "migration settings (auto-converge, downtime limit %d ms, bandwidth unlimited). %d migrations each,\n", downtimeLimitMS, rounds)
 	fmt.Fprintf(&sb, "back and forth; medians. *QEMU total* and *downtime* are QEMU's own query-migrate figures. *Wall*\n")
 	fmt.Fprintf(&sb, "is from the request until the destination runs and the source QEMU is gone: for the agent, the\n")

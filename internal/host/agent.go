@@ -155,7 +155,7 @@ func (a *Agent) define(spec hostapi.VMSpec, base hostapi.Counters) (hostapi.VM, 
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
 		return hostapi.VM{}, fmt.Errorf("Failed to create directory of VM %q: %w", spec.Name, err)
 	}
-	if err := v.persistLocked(); err != nil {
+	if err := v.persistDurableLocked(); err != nil {
 		_ = os.RemoveAll(v.dir)
 		return hostapi.VM{}, err
 	}
@@ -288,7 +288,9 @@ func (a *Agent) ConsoleLog(name string) ([]byte, error) {
 	return v.console.scrollback(), nil
 }
 
-func writeJSONFile(path string, x any) error {
+// writeJSONFile replaces path with x as JSON through a rename; with durable, the data
+// is fsynced first (for records a restarted agent needs, such as a new QEMU's pid).
+func writeJSONFile(path string, x any, durable bool) error {
 	b, err := json.MarshalIndent(x, "", "  ")
 	if err != nil {
 		return fmt.Errorf("Failed to encode %q: %w", path, err)
@@ -302,9 +304,11 @@ func writeJSONFile(path string, x any) error {
 		f.Close()
 		return fmt.Errorf("Failed to write %q: %w", tmp, err)
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("Failed to sync %q: %w", tmp, err)
+	if durable {
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return fmt.Errorf("Failed to sync %q: %w", tmp, err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("Failed to close %q: %w", tmp, err)

@@ -71,8 +71,14 @@ func (a *Agent) loadVM(name string) (*vm, error) {
 	return v, nil
 }
 
+// persistLocked writes the record (without fsync: for state changes that QEMU itself
+// can tell again after a crash); persistDurableLocked also fsyncs it.
 func (v *vm) persistLocked() error {
-	return writeJSONFile(filepath.Join(v.dir, "vm.json"), v.rec)
+	return writeJSONFile(filepath.Join(v.dir, "vm.json"), v.rec, false)
+}
+
+func (v *vm) persistDurableLocked() error {
+	return writeJSONFile(filepath.Join(v.dir, "vm.json"), v.rec, true)
 }
 
 func (v *vm) persist() error {
@@ -181,7 +187,7 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 	} else {
 		v.rec.State = hostapi.StateRunning
 	}
-	err = v.persistLocked()
+	err = v.persistDurableLocked()
 	v.mu.Unlock()
 	if err != nil {
 		v.mu.Lock()
@@ -261,7 +267,7 @@ func (v *vm) cleanupHost() {
 	taps := v.rec.Taps
 	v.rec.Taps = nil
 	v.rec.TapSeen = nil
-	_ = v.persistLocked()
+	_ = v.persistDurableLocked() // the folded counters must survive
 	v.mu.Unlock()
 	for _, t := range taps {
 		if err := network.RemoveFilter(t); err != nil {

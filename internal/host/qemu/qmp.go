@@ -64,7 +64,7 @@ func DialQMP(ctx context.Context, path string, onEvent func(Event)) (*Monitor, e
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("Failed to connect to QMP socket %q: %w", path, err)
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(5 * time.Millisecond):
 		}
 	}
 	if onEvent == nil {
