@@ -12,6 +12,7 @@ import (
 
 type bed struct {
 	t    *testing.T
+	wrap func(*dev.File) dev.Device // nil: the file itself
 	dir  string
 	path string
 	size int64
@@ -20,10 +21,13 @@ type bed struct {
 }
 
 // newBed makes a sparse device file of size bytes and opens a Manager on it.
-func newBed(t *testing.T, size int64) *bed {
+func newBed(t *testing.T, size int64) *bed { return newBedWith(t, size, nil) }
+
+// newBedWith is newBed with the device wrapped (for example to hide its Discarder).
+func newBedWith(t *testing.T, size int64, wrap func(*dev.File) dev.Device) *bed {
 	t.Helper()
 	dir := t.TempDir()
-	b := &bed{t: t, dir: filepath.Join(dir, "meta"), path: filepath.Join(dir, "disk.img"), size: size}
+	b := &bed{t: t, wrap: wrap, dir: filepath.Join(dir, "meta"), path: filepath.Join(dir, "disk.img"), size: size}
 	b.open()
 	t.Cleanup(func() {
 		if b.m != nil {
@@ -42,7 +46,11 @@ func (b *bed) open() {
 	if err != nil {
 		b.t.Fatal(err)
 	}
-	m, err := Open(b.dir, d, Options{SyncInterval: -1})
+	var dd dev.Device = d
+	if b.wrap != nil {
+		dd = b.wrap(d)
+	}
+	m, err := Open(b.dir, dd, Options{SyncInterval: -1})
 	if err != nil {
 		d.Close()
 		b.t.Fatalf("Open: %v", err)

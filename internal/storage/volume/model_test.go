@@ -9,16 +9,26 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/growserver/grow/internal/storage/dev"
 )
 
 // TestRandomizedModel runs random operations on volumes, images, snapshots and clones,
 // compares every object with an in-memory byte model after each step, runs Check after
 // each step and reopens the Manager (with and without a checkpoint) now and then.
 func TestRandomizedModel(t *testing.T) {
+	t.Run("discard", func(t *testing.T) { runModel(t, nil) })
+	// Without a Discarder no cluster is known to read as zeroes.
+	t.Run("no-discard", func(t *testing.T) {
+		runModel(t, func(f *dev.File) dev.Device { return plainDevice{f} })
+	})
+}
+
+func runModel(t *testing.T, wrap func(*dev.File) dev.Device) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 2))
-	b := newBed(t, 128*MiB)
+	b := newBedWith(t, 128*MiB, wrap)
 	model := map[string][]byte{}
 	parent := map[string]string{}
 	steps := 300
@@ -239,6 +249,14 @@ func compareModel(t *testing.T, m *Manager, model map[string][]byte, what string
 	list := m.List()
 	if len(list) != len(model) {
 		t.Fatalf("%s: %d objects, model has %d", what, len(list), len(model))
+	}
+	// After a Check (which syncs), every used cluster belongs to exactly one object.
+	var alloc int64
+	for _, i := range list {
+		alloc += i.Allocated
+	}
+	if st := m.Stats(); st.ClustersPendingFree == 0 && st.BytesUsed != alloc {
+		t.Fatalf("%s: %d bytes used on the device, objects own %d", what, st.BytesUsed, alloc)
 	}
 	for _, i := range list {
 		if want, ok := model[i.Name]; !ok || i.Size != int64(len(want)) {
