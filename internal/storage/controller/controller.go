@@ -129,6 +129,41 @@ func Open(cfg Config) (*Controller, error) {
 	}
 	c.token = tok
 
+	// Certificates and listeners first: they fail for operator mistakes (a bad path, a
+	// busy port) and cost nothing to undo, unlike a pool created on fresh disks.
+	tlsCfg, err := c.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	if cfg.NBDAddr != "" {
+		l, err := net.Listen("tcp", cfg.NBDAddr)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to listen for NBD on %q: %w", cfg.NBDAddr, err)
+		}
+		r.Add(func() { _ = l.Close() })
+		c.nbdTCP = l
+	}
+	if cfg.NBDSocket != "none" {
+		// A stale socket from a crash is removed; a live one belongs to another controller.
+		if conn, err := net.DialTimeout("unix", cfg.NBDSocket, time.Second); err == nil {
+			conn.Close()
+			return nil, fmt.Errorf("Failed to listen for NBD on %q: another process is serving it", cfg.NBDSocket)
+		}
+		_ = os.Remove(cfg.NBDSocket)
+		l, err := net.Listen("unix", cfg.NBDSocket)
+		if err != nil {
+			return nil, fmt.Errorf("Failed to listen for NBD on %q: %w", cfg.NBDSocket, err)
+		}
+		r.Add(func() { _ = l.Close() })
+		c.nbdUnix = l
+	}
+	l, err := net.Listen("tcp", cfg.APIAddr)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to listen for the admin API on %q: %w", cfg.APIAddr, err)
+	}
+	r.Add(func() { _ = l.Close() })
+	c.apiLn = l
+
 	disks := cfg.Disks
 	if len(disks) == 0 {
 		disks = []string{filepath.Join(cfg.DataDir, "disk0.img")}
@@ -142,6 +177,7 @@ func Open(cfg Config) (*Controller, error) {
 			if err := pool.CreateFileDisk(d, cfg.PoolSize); err != nil {
 				return nil, fmt.Errorf("Failed to create disk %q: %w", d, err)
 			}
+			r.Add(func() { _ = os.Remove(d) })
 			log.Info("Created file disk", "path", d, "size", cfg.PoolSize)
 		} else if err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("Failed to inspect disk %q: %w", d, err)
@@ -151,7 +187,13 @@ func Open(cfg Config) (*Controller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to open pool: %w", err)
 	}
-	r.Add(func() { _ = p.Close() })
+	r.Add(func() {
+		_ = p.Close()
+		if newPool {
+			// Forget the pool whose fresh disks are being removed again.
+			_ = os.Remove(filepath.Join(cfg.DataDir, "pool.json"))
+		}
+	})
 	c.pool = p
 
 	var d dev.Device = p
@@ -167,35 +209,8 @@ func Open(cfg Config) (*Controller, error) {
 	c.mgr = mgr
 	c.exports = &exports{mgr: mgr, io: &c.io}
 
-	tlsCfg, err := c.tlsConfig()
-	if err != nil {
-		return nil, err
-	}
 	c.nbd = &nbd.Server{Exports: c.exports, TLSConfig: tlsCfg, RequireTLS: cfg.RequireTLS, Logger: log.With("component", "nbd")}
 
-	if cfg.NBDAddr != "" {
-		l, err := net.Listen("tcp", cfg.NBDAddr)
-		if err != nil {
-			return nil, fmt.Errorf("Failed to listen for NBD on %q: %w", cfg.NBDAddr, err)
-		}
-		r.Add(func() { _ = l.Close() })
-		c.nbdTCP = l
-	}
-	if cfg.NBDSocket != "none" {
-		_ = os.Remove(cfg.NBDSocket)
-		l, err := net.Listen("unix", cfg.NBDSocket)
-		if err != nil {
-			return nil, fmt.Errorf("Failed to listen for NBD on %q: %w", cfg.NBDSocket, err)
-		}
-		r.Add(func() { _ = l.Close() })
-		c.nbdUnix = l
-	}
-	l, err := net.Listen("tcp", cfg.APIAddr)
-	if err != nil {
-		return nil, fmt.Errorf("Failed to listen for the admin API on %q: %w", cfg.APIAddr, err)
-	}
-	r.Add(func() { _ = l.Close() })
-	c.apiLn = l
 	c.metrics = newMetrics(c)
 	c.api = &http.Server{
 		Handler:           authtoken.Require(c.token, c.routes()),

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -222,5 +223,48 @@ func TestOpenFailuresLeaveNothingOpen(t *testing.T) {
 	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSecondControllerOnSameDataRefused starts a second controller on a data directory
+// in use: it must fail without disturbing the first (its socket keeps working).
+func TestSecondControllerOnSameDataRefused(t *testing.T) {
+	dir := t.TempDir()
+	c, cl := startTest(t, dir)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if _, err := Open(Config{DataDir: dir, APIAddr: "127.0.0.1:0", PoolSize: 64 << 20, Logger: quiet}); err == nil {
+		t.Fatal("a second controller opened a data directory in use")
+	}
+	if _, err := Open(Config{DataDir: dir, APIAddr: "127.0.0.1:0", NBDSocket: "none", PoolSize: 64 << 20, Logger: quiet}); err == nil {
+		t.Fatal("a second controller opened the pool of a running one")
+	}
+	if _, err := cl.ListVolumes(context.Background()); err != nil {
+		t.Fatalf("the first controller stopped answering: %v", err)
+	}
+	conn, err := net.Dial("unix", c.NBDSocket())
+	if err != nil {
+		t.Fatalf("the first controller's NBD socket is gone: %v", err)
+	}
+	conn.Close()
+}
+
+// TestFailedFirstStartLeavesNoDisks fails a first start (an odd number of disks) and
+// checks that the disk files it created are gone again.
+func TestFailedFirstStartLeavesNoDisks(t *testing.T) {
+	dir := t.TempDir()
+	disks := []string{filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img"), filepath.Join(dir, "c.img")}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	c, err := Open(Config{DataDir: filepath.Join(dir, "data"), APIAddr: "127.0.0.1:0", Disks: disks, PoolSize: 64 << 20, Logger: quiet})
+	if err == nil {
+		c.Close()
+		t.Skip("the pool accepts an odd number of disks")
+	}
+	for _, d := range disks {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("failed start left %s behind (%v)", d, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "data", "pool.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed start left pool.json behind")
 	}
 }
