@@ -116,7 +116,11 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	if err := ensureAdmin(ctx, st, token); err != nil {
 		return err
 	}
-	m := jobs.New(jobs.Config{Store: st, Connector: jobs.Clients{}, ReadyTimeout: cfg.readyTimeout, Logger: log,
+	instance, err := instanceID(cfg.data)
+	if err != nil {
+		return err
+	}
+	m := jobs.New(jobs.Config{Store: st, Connector: jobs.Clients{}, ReadyTimeout: cfg.readyTimeout, Logger: log, Instance: instance,
 		Policy: scheduler.Policy{CPUOvercommit: cfg.cpuOvercommit, NPlusOne: cfg.nPlusOne}})
 	defer m.Close()
 
@@ -154,6 +158,20 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	defer cancel()
 	_ = srv.Shutdown(sctx)
 	return nil
+}
+
+// instanceID names this control plane in operation leases, kept in DATA/instance.id so
+// that a restarted grow serve takes its own unfinished operations back at once.
+func instanceID(data string) (string, error) {
+	p := filepath.Join(data, "instance.id")
+	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	id := store.NewID("cp")
+	if err := os.WriteFile(p, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("Failed to write %s: %w", p, err)
+	}
+	return id, nil
 }
 
 // ensureAdmin makes the admin.token file's token the "admin" user's.

@@ -61,7 +61,7 @@ func (m *Manager) ServerAction(ctx context.Context, actor store.User, serverID, 
 		if err := m.admitAction(ctx, tx, sv, kind, &req); err != nil {
 			return err
 		}
-		op = store.Operation{Kind: kind, ServerID: sv.ID, CustomerID: sv.CustomerID, UserID: actor.ID, Request: encodeAction(req)}
+		op = store.Operation{Kind: kind, ServerID: sv.ID, CustomerID: sv.CustomerID, UserID: actor.ID, Request: encodeAction(req), Owner: m.cfg.Instance}
 		if kind == KindDelete {
 			// Deleting is announced at once so nothing new is started on the server.
 			if err := tx.SetServerState(ctx, sv.ID, store.ServerDeleting); err != nil {

@@ -122,7 +122,7 @@ func (m *Manager) CreateServer(ctx context.Context, actor store.User, key string
 		if err := tx.CreateServer(ctx, &sv); err != nil {
 			return err
 		}
-		op = store.Operation{Kind: KindCreate, ServerID: sv.ID, CustomerID: cust.ID, UserID: actor.ID, Step: "admitted", Progress: 5}
+		op = store.Operation{Kind: KindCreate, ServerID: sv.ID, CustomerID: cust.ID, UserID: actor.ID, Step: "admitted", Progress: 5, Owner: m.cfg.Instance}
 		if key != "" {
 			op.IdempotencyKey = actor.ID + ":" + key
 		}

@@ -51,7 +51,14 @@ type Config struct {
 	ReadyTimeout time.Duration
 	// StopTimeout is how long a guest gets to power off before QEMU is killed (default 30 s).
 	StopTimeout time.Duration
-	Logger      *slog.Logger
+	// Instance names this control plane in operation leases; keep it across restarts
+	// (grow serve stores it in its data directory) so a restarted instance takes its own
+	// operations back at once. Empty means a random one.
+	Instance string
+	// Lease is how long an operation whose owner stopped renewing it waits before another
+	// control plane takes it over (default 15 s).
+	Lease  time.Duration
+	Logger *slog.Logger
 }
 
 // Manager starts, follows, cancels and recovers operations.
@@ -82,6 +89,12 @@ func New(cfg Config) *Manager {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	if cfg.Instance == "" {
+		cfg.Instance = store.NewID("cp")
+	}
+	if cfg.Lease <= 0 {
+		cfg.Lease = 15 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{cfg: cfg, st: cfg.Store, log: cfg.Logger, running: map[string]context.CancelFunc{}, baseCtx: ctx, shutdown: cancel}
@@ -156,10 +169,13 @@ func (r *opRun) progress(step string, pct int) {
 	}
 }
 
+// Instance is the name this control plane uses in operation leases.
+func (m *Manager) Instance() string { return m.cfg.Instance }
+
 // launch runs fn for op in the background; fn's error fails the operation.
 func (m *Manager) launch(op store.Operation, fn func(r *opRun) error) {
 	m.mu.Lock()
-	if m.closing {
+	if m.closing || m.running[op.ID] != nil {
 		m.mu.Unlock()
 		return
 	}

@@ -69,7 +69,8 @@ func newEnv(t *testing.T, backend string) *env {
 func (e *env) manager() *Manager { return e.managerWith(5 * time.Second) }
 
 func (e *env) managerWith(ready time.Duration) *Manager {
-	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: ready,
+	// The same instance name across "restarts", as grow serve keeps it in its data directory.
+	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: ready, Instance: "cp-test",
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	e.t.Cleanup(m.Close)
 	return m
@@ -116,6 +117,7 @@ func TestJobs(t *testing.T) {
 			t.Run("failure at each step leaves nothing", func(t *testing.T) { testFailures(t, newEnv(t, b)) })
 			t.Run("admission", func(t *testing.T) { testAdmission(t, newEnv(t, b)) })
 			t.Run("restart mid-create", func(t *testing.T) { testRestart(t, newEnv(t, b)) })
+			t.Run("two control planes", func(t *testing.T) { testTwoControlPlanes(t, newEnv(t, b)) })
 		})
 	}
 }
@@ -417,4 +419,40 @@ func (e *env) vmState(name string) string {
 		return v.State
 	}
 	return ""
+}
+
+// testTwoControlPlanes runs a second control plane on the same database: it must leave
+// the first one's operations alone while that one renews its lease, and take them over
+// once it died.
+func testTwoControlPlanes(t *testing.T, e *env) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	mk := func(name string) *Manager {
+		m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: 20 * time.Second,
+			Instance: name, Lease: 900 * time.Millisecond, Logger: quiet})
+		t.Cleanup(m.Close)
+		if err := m.Recover(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	a, b := mk("cp-a"), mk("cp-b")
+	e.c.ReadyAfter = 2500 * time.Millisecond
+	op, _, err := a.CreateServer(e.ctx, e.admin, "", CreateServerRequest{Name: "shared", Customer: "acme", Plan: "E", Image: "tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// While a lives, b never claims its operation.
+	time.Sleep(1800 * time.Millisecond)
+	if got, _ := e.st.GetOperation(e.ctx, op.ID); got.Owner != "cp-a" {
+		t.Fatalf("operation taken from a live control plane: owner %q", got.Owner)
+	}
+	// a dies mid-create (its VM is running, the guest not ready yet): b takes over and finishes.
+	a.Close()
+	got, err := b.Wait(context.Background(), op.ID)
+	if err != nil || got.State != store.OpSucceeded || got.Owner != "cp-b" {
+		t.Fatalf("after a died: %+v, %v", got, err)
+	}
+	if sv, err := e.st.GetServer(e.ctx, "shared"); err != nil || sv.State != store.ServerRunning {
+		t.Fatalf("server after takeover: %+v, %v", sv, err)
+	}
 }

@@ -4,24 +4,70 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/revert"
 	"github.com/growserver/grow/internal/store"
 )
 
-// Recover settles every operation a previous run of the control plane left unfinished:
-// a create whose VM is running is followed to its ready report, any other create is
-// undone completely; a delete is redone; power actions and resizes are marked failed
-// after the server's state is read back from its host; a migration records the host
-// the VM actually runs on.
+// Recover settles the operations this control plane may take: its own from before a
+// restart, unowned ones, and those whose owner stopped renewing its lease (a dead
+// control plane). A create whose VM is running is followed to its ready report, any
+// other create is undone completely; a delete is redone; power actions and resizes are
+// marked failed after the server's state is read back from its host; a migration
+// records the host the VM actually runs on. Recover then keeps renewing this instance's
+// leases and taking over stale operations until ctx ends or the manager is closed.
 func (m *Manager) Recover(ctx context.Context) error {
+	if err := m.recoverOnce(ctx); err != nil {
+		return err
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		t := time.NewTicker(m.cfg.Lease / 3)
+		defer t.Stop()
+		for n := 1; ; n++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-m.baseCtx.Done():
+				return
+			case <-t.C:
+			}
+			if err := m.st.Heartbeat(ctx, m.cfg.Instance); err != nil {
+				m.log.Warn("Failed to renew operation leases", "err", err)
+			}
+			if n%3 == 0 {
+				if err := m.recoverOnce(ctx); err != nil {
+					m.log.Warn("Failed to look for stale operations", "err", err)
+				}
+			}
+		}
+	}()
+	return nil
+}
+
+func (m *Manager) recoverOnce(ctx context.Context) error {
 	ops, err := m.st.ListOperations(ctx, store.OperationFilter{Unfinished: true}, store.Page{Limit: store.MaxLimit})
 	if err != nil {
 		return fmt.Errorf("Failed to list unfinished operations: %w", err)
 	}
 	for _, op := range ops {
-		m.log.Info("Recovering operation", "op", op.ID, "kind", op.Kind, "step", op.Step)
+		m.mu.Lock()
+		mine := m.running[op.ID] != nil
+		m.mu.Unlock()
+		if mine {
+			continue
+		}
+		ok, err := m.st.ClaimOperation(ctx, op.ID, m.cfg.Instance, time.Now().Add(-m.cfg.Lease))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			continue // a live control plane runs it
+		}
+		m.log.Info("Recovering operation", "op", op.ID, "kind", op.Kind, "step", op.Step, "previous_owner", op.Owner)
 		switch op.Kind {
 		case KindCreate:
 			m.launch(op, m.recoverCreate)

@@ -151,6 +151,11 @@ CREATE TABLE plan_periods (
 );
 CREATE INDEX plan_periods_customer ON plan_periods (customer_id, started_at);
 `,
+	// 3: operation leases, so several control planes on one database never run one operation twice.
+	`
+ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE operations ADD COLUMN heartbeat BIGINT NOT NULL DEFAULT 0
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.
