@@ -128,4 +128,22 @@ func TestDaemonsBootGuestFromStoraged(t *testing.T) {
 		t.Fatalf("blocks up to %d do not verify on the controller: %v", resp.Seq, err)
 	}
 	t.Logf("guest %+v; responder %+v; verified %d blocks on the controller", ready, resp, rep.Checked)
+
+	// Restarting the agent leaves the guest running and the agent finds it again.
+	if err := hd.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	hc2, err := agentclient.New(hd.URL, hd.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm, err := hc2.Get(ctx, "web1")
+	if err != nil || vm.State != hostapi.StateRunning {
+		t.Fatalf("after an agent restart: %+v, %v", vm, err)
+	}
+	after, err := bed.Query(ip+":7777", 10*time.Second)
+	if err != nil || after.Counter < resp.Counter {
+		t.Fatalf("after an agent restart the guest answers %+v, %v (before: %+v)", after, err, resp)
+	}
+	phase("agent restarted, guest untouched")
 }

@@ -77,6 +77,10 @@ func TestGuestBootsFromNBDDisk(t *testing.T) {
 	if resp.Hostname != "web1" {
 		t.Fatalf("responder says hostname %q, want web1", resp.Hostname)
 	}
+	ip6 := strings.TrimSuffix(GuestIP6(0), "/64")
+	if r6, err := bed.Query("["+ip6+"]:7777", 10*time.Second); err != nil || r6.Hostname != "web1" {
+		t.Fatalf("responder over IPv6: %+v, %v", r6, err)
+	}
 	c1, err := vm.Console.WaitCounterAbove(resp.Counter, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -156,6 +160,15 @@ func TestTwoGuestsReachEachOther(t *testing.T) {
 	}
 	if _, err := a.Expect(regexp.MustCompile(`sum=42`), 20*time.Second); err != nil {
 		t.Fatal(err)
+	}
+	// What the seed configured, seen from inside: route, resolver, key, hostname.
+	if err := a.Type("ip route; cat /etc/resolv.conf /root/.ssh/authorized_keys; echo host=$(hostname)\n"); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`default via 10\.77\.0\.1 dev eth0`, `ssh-ed25519 \S+ test@bed`, `host=alpha`} {
+		if _, err := a.Expect(regexp.MustCompile(want), 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Guest to guest across hosts, at L2 through the switch namespace.
 	bIP := strings.TrimSuffix(GuestIP(1), "/24")
