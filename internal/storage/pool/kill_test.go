@@ -20,16 +20,23 @@ func TestHelperReplaceForever(t *testing.T) {
 		t.Skip("helper process only")
 	}
 	paths := strings.Split(os.Getenv("POOL_HELPER_DISKS"), ",")
-	p, err := Open(filepath.Join(dir, "state"), paths, Options{RebuildRate: 8 << 20, Logger: testLogger(t)})
+	p, err := Open(filepath.Join(dir, "state"), paths, Options{RebuildRate: 8 << 20, Logger: testLogger(t), HealthInterval: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Replace(paths[1], filepath.Join(dir, "new.img")); err != nil {
+	// Lose disk 2 the way an operator would notice it: its file is deleted.
+	if err := os.Remove(paths[2]); err != nil {
+		t.Fatal(err)
+	}
+	for p.Status().Disks[2].State != DiskFailed {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := p.Replace(paths[2], filepath.Join(dir, "new.img")); err != nil {
 		t.Fatal(err)
 	}
 	for {
 		os.Stdout.WriteString("progress " + time.Now().String() + "\n")
-		if p.Status().Disks[1].RebuildDone > 3<<20 {
+		if p.Status().Disks[2].RebuildDone > 3<<20 {
 			os.Stdout.WriteString("ready\n")
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -45,7 +52,7 @@ func TestKillDuringRebuild(t *testing.T) {
 	}
 	dir := t.TempDir()
 	var paths []string
-	for i := 0; i < 2; i++ {
+	for i := 0; i < 4; i++ {
 		p := filepath.Join(dir, "disk"+string(rune('0'+i))+".img")
 		if err := CreateFileDisk(p, 33<<20+tailSize); err != nil {
 			t.Fatal(err)
@@ -99,15 +106,15 @@ func TestKillDuringRebuild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("state after the kill: %+v", st.Disks[1])
+	t.Logf("state after the kill: %+v", st.Disks[2])
+	// Restarted with the original disk list, which still names the deleted disk.
 	p = openTestPool(t, state, paths, Options{RebuildRate: -1})
-	if s := p.Status().Disks[1]; s.State != DiskRebuilding && s.State != DiskOK {
+	if s := p.Status().Disks[2]; s.State != DiskRebuilding && s.State != DiskOK {
 		t.Fatalf("after the kill: %+v", s)
 	}
-	verify(t, p, model)
 	if err := p.WaitRebuild(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	verify(t, p, model)
-	compareSides(t, p, []string{paths[0], filepath.Join(dir, "new.img")})
+	compareSides(t, p, []string{paths[0], paths[1], filepath.Join(dir, "new.img"), paths[3]})
 }
