@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -447,7 +448,7 @@ func (b *Bed) Namespaces() []string {
 }
 
 // CleanStale removes namespaces (and their processes) left by test processes that
-// no longer exist.
+// no longer exist, and the bed's temporary directories older than six hours.
 func CleanStale() {
 	out, err := exec.Command("ip", "netns", "list").Output()
 	if err != nil {
@@ -467,5 +468,15 @@ func CleanStale() {
 			continue // its owner is alive
 		}
 		_ = removeNetns(f[0])
+	}
+	// Temporary directories of crashed runs (VM sockets and logs, daemon data): by
+	// age, since their owner is not recorded; no test lives for hours.
+	for _, pat := range []string{"gvm-*", "gnbd-*", "gtb-*"} {
+		dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), pat))
+		for _, d := range dirs {
+			if st, err := os.Lstat(d); err == nil && st.IsDir() && time.Since(st.ModTime()) > 6*time.Hour {
+				_ = os.RemoveAll(d)
+			}
+		}
 	}
 }
