@@ -46,6 +46,7 @@ machine) the controller's token file, DATA/admin.token.`,
 			return nil
 		},
 	}
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(err) })
 	pf := cmd.PersistentFlags()
 	pf.StringVar(&o.controller, "controller", adminclient.DefaultURL, "admin API URL of the storage controller")
 	pf.StringVar(&o.token, "token", "", "admin API bearer token (default $GROW_TOKEN)")
@@ -69,6 +70,16 @@ machine) the controller's token file, DATA/admin.token.`,
 func init() { rootCmd.AddCommand(newStorageCmd()) }
 
 func usageErr(err error) error { return &ExitError{Code: exitUsage, Err: err} }
+
+// storageArgs wants exactly n arguments and reports a mismatch as a usage error (exit 2).
+func storageArgs(n int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := cobra.ExactArgs(n)(cmd, args); err != nil {
+			return usageErr(fmt.Errorf("%w (usage: %s)", err, cmd.UseLine()))
+		}
+		return nil
+	}
+}
 
 // client builds the admin client, finding the token.
 func (o *storageOpts) client() (*adminclient.Client, error) {
@@ -176,7 +187,7 @@ func newVolumeCreateCmd(o *storageOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "create NAME --size SIZE",
 		Short: "Create an empty thin volume",
-		Args:  cobra.ExactArgs(1),
+		Args:  storageArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			n, err := parseSizeFlag("size", size)
 			if err != nil {
@@ -202,7 +213,7 @@ func newVolumeListCmd(o *storageOpts) *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List volumes, images and snapshots",
-		Args:    cobra.NoArgs,
+		Args:    storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -221,7 +232,7 @@ func newVolumeShowCmd(o *storageOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "show NAME",
 		Short: "Show one volume, image or snapshot",
-		Args:  cobra.ExactArgs(1),
+		Args:  storageArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -244,7 +255,7 @@ func newVolumeDeleteCmd(o *storageOpts) *cobra.Command {
 		Use:     "delete NAME",
 		Aliases: []string{"rm"},
 		Short:   "Delete a volume, image or snapshot (refused while clones depend on it)",
-		Args:    cobra.ExactArgs(1),
+		Args:    storageArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -267,7 +278,7 @@ func newVolumeResizeCmd(o *storageOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "resize NAME --size SIZE",
 		Short: "Change a volume's virtual size",
-		Args:  cobra.ExactArgs(1),
+		Args:  storageArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			n, err := parseSizeFlag("size", size)
 			if err != nil {
@@ -300,7 +311,7 @@ func newVolumeCloneCmd(o *storageOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "clone SOURCE NEW",
 		Short: "Create a copy-on-write clone of an image or snapshot (O(1))",
-		Args:  cobra.ExactArgs(2),
+		Args:  storageArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -319,7 +330,7 @@ func newVolumeSnapshotCmd(o *storageOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "snapshot NAME SNAP",
 		Short: "Freeze a volume's content as the read-only snapshot NAME@SNAP (O(1))",
-		Args:  cobra.ExactArgs(2),
+		Args:  storageArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -339,7 +350,7 @@ func newImageImportCmd(o *storageOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "import NAME FILE",
 		Short: "Upload a raw or qcow2 file as a read-only image (gold master)",
-		Args:  cobra.ExactArgs(2),
+		Args:  storageArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name, path := args[0], args[1]
 			f, err := os.Open(path)
@@ -413,7 +424,7 @@ func newStorageCheckCmd(o *storageOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "check",
 		Short: "Check the consistency of the controller's on-disk state",
-		Args:  cobra.NoArgs,
+		Args:  storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -469,7 +480,7 @@ func newDiskListCmd(o *storageOpts) *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "Show the pool's state and its disks",
-		Args:    cobra.NoArgs,
+		Args:    storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -493,7 +504,7 @@ func newDiskReplaceCmd(o *storageOpts) *cobra.Command {
 it in the background. NEW may be a block device, an existing file, or a path that does
 not exist yet (a sparse file as large as the other disks is created). Without
 --no-wait the command follows the rebuild with a progress bar.`,
-		Args: cobra.ExactArgs(2),
+		Args: storageArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
@@ -547,7 +558,7 @@ func newStorageStatsCmd(o *storageOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "stats",
 		Short: "Show space, cache and I/O counters",
-		Args:  cobra.NoArgs,
+		Args:  storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {

@@ -32,7 +32,7 @@ meta/), stripes data over mirrored pairs of the --disk paths (none: DATA/disk0.i
 keeps a shared read cache of --cache bytes, serves every volume over NBD on --nbd and
 on the unix socket --nbd-socket (default DATA/nbd.sock; "none" disables it), and
 offers its admin API on --api, guarded by the token in DATA/admin.token.`,
-		Args: cobra.NoArgs,
+		Args: storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var err error
 			if cfg.PoolSize, err = units.ParseSize(poolSize); err != nil || cfg.PoolSize <= 0 {
@@ -55,6 +55,7 @@ offers its admin API on --api, guarded by the token in DATA/admin.token.`,
 			return c.Serve(ctx)
 		},
 	}
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(err) })
 	f := cmd.Flags()
 	f.StringVar(&cfg.DataDir, "data", defaultStorageDataDir, "state directory (token, pool state, volume metadata)")
 	f.StringVar(&cfg.NBDAddr, "nbd", controller.DefaultNBDAddr, `NBD TCP listen address ("" disables TCP)`)

@@ -164,7 +164,8 @@ func TestCLIBadInput(t *testing.T) {
 	wantCode(t, "resize of a missing volume", c.cli("volume", "resize", "nope", "--size", "2GiB"), 3, "")
 	wantCode(t, "resize with a bad size", c.cli("volume", "resize", "keep", "--size", "2XB"), 2, "")
 	wantCode(t, "snapshot with a bad name", c.cli("volume", "snapshot", "keep", "Bad@Snap"), 2, "")
-	wantCode(t, "too few arguments", c.cli("volume", "clone", "keep"), 1, "")
+	wantCode(t, "too few arguments", c.cli("volume", "clone", "keep"), 2, "usage")
+	wantCode(t, "unknown flag", c.cli("volume", "list", "--colour"), 2, "unknown flag")
 	wantCode(t, "bad output format", c.cli("volume", "list", "--output", "yaml"), 2, "output")
 	wantCode(t, "replace of an unknown disk", c.cli("disk", "replace", "/nonexistent/disk", filepath.Join(t.TempDir(), "new.img")), 3, "")
 
