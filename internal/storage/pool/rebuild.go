@@ -301,6 +301,7 @@ func (p *Pool) copyPair(d, src *disk) error {
 			if err != nil {
 				return err
 			}
+			p.log.Info("Pool rebuild progress", "disk", d.path, "done", pos, "total", total)
 		}
 	}
 	return nil
