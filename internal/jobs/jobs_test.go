@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/growserver/grow/internal/billing"
+	"github.com/growserver/grow/internal/host/hostapi"
 	. "github.com/growserver/grow/internal/jobs"
 	"github.com/growserver/grow/internal/jobs/jobstest"
 	"github.com/growserver/grow/internal/scheduler"
@@ -118,6 +119,7 @@ func TestJobs(t *testing.T) {
 			t.Run("admission", func(t *testing.T) { testAdmission(t, newEnv(t, b)) })
 			t.Run("restart mid-create", func(t *testing.T) { testRestart(t, newEnv(t, b)) })
 			t.Run("two control planes", func(t *testing.T) { testTwoControlPlanes(t, newEnv(t, b)) })
+			t.Run("traffic metering", func(t *testing.T) { testTraffic(t, newEnv(t, b)) })
 		})
 	}
 }
@@ -454,5 +456,40 @@ func testTwoControlPlanes(t *testing.T, e *env) {
 	}
 	if sv, err := e.st.GetServer(e.ctx, "shared"); err != nil || sv.State != store.ServerRunning {
 		t.Fatalf("server after takeover: %+v, %v", sv, err)
+	}
+}
+
+// testTraffic checks that cumulative counters become per-interval samples: the first
+// reading is only a baseline, later ones add what moved since.
+func testTraffic(t *testing.T, e *env) {
+	op := e.wait(e.create("metered", ""))
+	if op.State != store.OpSucceeded {
+		t.Fatalf("create: %+v", op)
+	}
+	sv, _ := e.st.GetServer(e.ctx, "metered")
+	set := func(rx, tx uint64) {
+		e.c.Mu.Lock()
+		e.c.Traffic[sv.ID] = hostapi.Counters{RxBytes: rx, TxBytes: tx}
+		e.c.Mu.Unlock()
+	}
+	set(100, 200)
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan struct{})
+	go func() { e.m.CollectTraffic(ctx, 50*time.Millisecond); close(done) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(300 * time.Millisecond)
+	set(1100, 5200)
+	from, to := time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		rx, tx, err := e.st.TrafficTotal(e.ctx, sv.ID, from, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rx == 1000 && tx == 5000 {
+			return
+		}
+		if rx > 1000 || tx > 5000 || time.Now().After(deadline) {
+			t.Fatalf("metered %d received and %d sent, want 1000 and 5000 (the baseline must not count)", rx, tx)
+		}
 	}
 }

@@ -28,6 +28,8 @@ type Cluster struct {
 	ReadyAfter time.Duration
 	// Calls lists the injectable steps in the order they were attempted.
 	Calls []string
+	// Traffic holds each VM's cumulative traffic counters.
+	Traffic map[string]hostapi.Counters
 }
 
 // VM is one fake VM.
@@ -40,7 +42,7 @@ type VM struct {
 
 // NewCluster returns an empty cluster.
 func NewCluster() *Cluster {
-	return &Cluster{Volumes: map[string]int64{}, VMs: map[string]map[string]*VM{}, Fail: map[string]error{}}
+	return &Cluster{Volumes: map[string]int64{}, VMs: map[string]map[string]*VM{}, Fail: map[string]error{}, Traffic: map[string]hostapi.Counters{}}
 }
 
 // Storage returns the fake controller.
@@ -251,7 +253,12 @@ func (h *fakeHost) ConsoleLog(ctx context.Context, name string) ([]byte, error) 
 }
 
 func (h *fakeHost) Counters(ctx context.Context, name string) (hostapi.Counters, error) {
-	return hostapi.Counters{}, nil
+	h.c.Mu.Lock()
+	defer h.c.Mu.Unlock()
+	if _, err := h.vm(name); err != nil {
+		return hostapi.Counters{}, err
+	}
+	return h.c.Traffic[name], nil
 }
 
 func (h *fakeHost) Migrate(ctx context.Context, name string, target store.Host) error {
