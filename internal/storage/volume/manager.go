@@ -850,7 +850,7 @@ func (m *Manager) deleteLocked(name string, importing bool) error {
 		}
 	case KindImage:
 		if n := o.layer.children; n > 0 {
-			return fmt.Errorf("Failed to delete image %q: %d clones depend on it: %w", name, n, ErrInUse)
+			return fmt.Errorf("Failed to delete image %q: %d clone(s) depend on it: %w", name, n, ErrInUse)
 		}
 	case KindSnapshot:
 		if n := o.layer.children; n > 0 {
@@ -860,7 +860,7 @@ func (m *Manager) deleteLocked(name string, importing bool) error {
 				cvol, _, _ = strings.Cut(c.owner.name, "@")
 			}
 			if n > 1 || cvol != vol {
-				return fmt.Errorf("Failed to delete snapshot %q: %d clones or later layers depend on it: %w", name, n, ErrInUse)
+				return fmt.Errorf("Failed to delete snapshot %q: %d clone(s) or later layers depend on it: %w", name, n, ErrInUse)
 			}
 			r.typ = recMerge
 		}
