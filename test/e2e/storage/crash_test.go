@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
@@ -193,12 +194,30 @@ func testCrashDurability(t *testing.T, crashes int, extra ...string) *ctl {
 			}()
 		}
 		// Every few rounds a snapshot (metadata change) races with the writes.
-		if round%4 == 3 {
-			go func(r int) { _ = c.cli("volume", "snapshot", "crash", fmt.Sprintf("r%d", r)) }(round)
-		}
+		// Metadata changes race with the writes and the kill: a snapshot every few
+		// rounds, clones of the snapshots, deletes of older clones, a 1 GiB volume
+		// created and deleted again.
+		meta := make(chan struct{})
+		go func(r int) {
+			defer close(meta)
+			cl := c.client()
+			ctx := context.Background()
+			if r%4 == 3 {
+				_, _ = cl.Snapshot(ctx, "crash", fmt.Sprintf("r%d", r))
+			}
+			if r >= 4 {
+				_, _ = cl.CloneVolume(ctx, fmt.Sprintf("crash@r%d", (r/4)*4-1), fmt.Sprintf("clone%d", r))
+			}
+			if r >= 6 {
+				_ = cl.DeleteVolume(ctx, fmt.Sprintf("clone%d", r-2))
+			}
+			_, _ = cl.CreateVolume(ctx, fmt.Sprintf("tmp%d", r), 1<<30)
+			_ = cl.DeleteVolume(ctx, fmt.Sprintf("tmp%d", r))
+		}(round)
 		time.Sleep(time.Duration(50+rng.IntN(400)) * time.Millisecond)
 		c.kill()
 		wg.Wait()
+		<-meta
 		for _, w := range ws {
 			totalWrites += w.writes
 			totalFlushes += w.flushes
@@ -209,9 +228,20 @@ func testCrashDurability(t *testing.T, crashes int, extra ...string) *ctl {
 		if !strings.Contains(out, "OK") {
 			t.Fatalf("round %d: check after the crash: %s", round, out)
 		}
+		// Every volume the controller lists after the crash can be opened and read.
+		for name := range c.listVolumes() {
+			conn, err := dialNBD("unix", c.Socket, name)
+			if err != nil {
+				t.Fatalf("round %d: volume %q is listed but cannot be opened: %v", round, name, err)
+			}
+			if err := conn.ReadAt(make([]byte, 65536), 0); err != nil {
+				t.Fatalf("round %d: volume %q cannot be read: %v", round, name, err)
+			}
+			conn.Close()
+		}
 	}
 	verifyCrashVolume(t, c, model, crashes)
-	t.Logf("%d crashes survived: %d writes (%d with FUA), %d flushes", crashes, totalWrites, totalFUA, totalFlushes)
+	t.Logf("%d crashes survived: %d writes (%d with FUA), %d flushes; %d volumes, snapshots and clones at the end", crashes, totalWrites, totalFUA, totalFlushes, len(c.listVolumes()))
 	if totalFlushes < crashes {
 		t.Errorf("only %d flushes in %d rounds: the test did not exercise durability", totalFlushes, crashes)
 	}
