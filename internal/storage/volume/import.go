@@ -39,10 +39,14 @@ func (m *Manager) ImportImage(name string, size int64, r io.Reader, progress fun
 	}
 	if err := m.importData(o, size, r, progress); err != nil {
 		m.mu.Lock()
-		if derr := m.deleteLocked(name, true); derr != nil {
+		derr := m.deleteLocked(name, true)
+		m.mu.Unlock()
+		if derr == nil {
+			derr = m.sync()
+		}
+		if derr != nil {
 			err = fmt.Errorf("%w (and cleaning up failed: %v)", err, derr)
 		}
-		m.mu.Unlock()
 		return Info{}, fmt.Errorf("Failed to import image %q: %w", name, err)
 	}
 	m.mu.Lock()

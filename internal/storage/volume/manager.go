@@ -823,10 +823,21 @@ func (m *Manager) Delete(name string) error {
 		return fmt.Errorf("Failed to delete: %w", err)
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.deleteLocked(name, false)
+	err := m.deleteLocked(name, false)
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	// Outside mu: releasing a big volume's clusters (discards) must not hold up other
+	// operations.
+	if err := m.sync(); err != nil {
+		return fmt.Errorf("Failed to delete %q: %w", name, err)
+	}
+	return nil
 }
 
+// deleteLocked removes the object from the state and logs it; the caller holds mu and
+// syncs afterwards.
 func (m *Manager) deleteLocked(name string, importing bool) error {
 	o := m.st.objects[name]
 	if o == nil || o.importing != importing {
@@ -874,10 +885,6 @@ func (m *Manager) deleteLocked(name string, importing bool) error {
 		err = m.commit(r)
 	}
 	if err != nil {
-		return fmt.Errorf("Failed to delete %q: %w", name, err)
-	}
-	o.deleted = true
-	if err := m.sync(); err != nil {
 		return fmt.Errorf("Failed to delete %q: %w", name, err)
 	}
 	return nil

@@ -30,8 +30,7 @@ type object struct {
 	// (and later reused) under a request that is using it.
 	busy [busyStripes]paddedRWMutex
 
-	opens   int  // open handles, under Manager.mu
-	deleted bool // under Manager.mu
+	opens int // open handles, under Manager.mu
 }
 
 const busyStripes = 64
