@@ -2,10 +2,13 @@ package client
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 // Whoami returns the user the token belongs to.
@@ -291,4 +294,20 @@ func (c *Client) WaitOperation(ctx context.Context, id string, every time.Durati
 func (c *Client) OpenAPI(ctx context.Context) ([]byte, error) {
 	var out []byte
 	return out, c.do(ctx, http.MethodGet, "/v1/openapi.yaml", nil, nil, &out)
+}
+
+// AttachConsole opens the serial console websocket of a server (binary messages both
+// ways, the scrollback first). The caller closes it.
+func (c *Client) AttachConsole(ctx context.Context, id string) (*websocket.Conn, error) {
+	hdr := http.Header{}
+	hdr.Set("Authorization", "Bearer "+c.token)
+	ws, resp, err := websocket.Dial(ctx, c.base+p("/v1/servers/", id, "/console/ws"), &websocket.DialOptions{HTTPHeader: hdr, HTTPClient: c.http})
+	if err != nil {
+		if resp != nil && resp.StatusCode >= 400 {
+			return nil, &APIError{Status: resp.StatusCode, Code: "http_" + fmt.Sprint(resp.StatusCode), Message: fmt.Sprintf("Failed to attach to the console of %q: HTTP %d", id, resp.StatusCode)}
+		}
+		return nil, fmt.Errorf("Failed to attach to the console of %q: %w", id, err)
+	}
+	ws.SetReadLimit(1 << 20)
+	return ws, nil
 }

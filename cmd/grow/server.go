@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
 
+	"github.com/coder/websocket"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/growserver/grow/client"
 )
@@ -279,9 +283,10 @@ func newServerDeleteCmd(o *cpOpts) *cobra.Command {
 }
 
 func newServerConsoleCmd(o *cpOpts) *cobra.Command {
-	return &cobra.Command{
+	var logOnly bool
+	cmd := &cobra.Command{
 		Use:               "console NAME",
-		Short:             "Print the recent console output of a server",
+		Short:             "Attach to a server's serial console (Ctrl-] to leave); with --log or without a terminal, print its recent output",
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -291,13 +296,72 @@ func newServerConsoleCmd(o *cpOpts) *cobra.Command {
 			}
 			ctx, cancel := cpCtx()
 			defer cancel()
-			b, err := c.Console(ctx, args[0])
+			if logOnly || !term.IsTerminal(int(os.Stdin.Fd())) {
+				b, err := c.Console(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				_, err = cmd.OutOrStdout().Write(b)
+				return err
+			}
+			ws, err := c.AttachConsole(ctx, args[0])
 			if err != nil {
 				return cpErr(err)
 			}
-			_, err = cmd.OutOrStdout().Write(b)
-			return err
+			defer ws.CloseNow()
+			return attachTerminal(ctx, ws, args[0], cmd.OutOrStdout())
 		},
+	}
+	cmd.Flags().BoolVar(&logOnly, "log", false, "print the recent console output and return")
+	return cmd
+}
+
+// attachTerminal joins the terminal (in raw mode) and a console websocket until Ctrl-]
+// or the console closes.
+func attachTerminal(ctx context.Context, ws *websocket.Conn, name string, out io.Writer) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	fd := int(os.Stdin.Fd())
+	old, err := term.MakeRaw(fd)
+	if err != nil {
+		return fmt.Errorf("Failed to put the terminal in raw mode: %w", err)
+	}
+	defer term.Restore(fd, old)
+	fmt.Fprintf(out, "Connected to the console of %s (Ctrl-] to leave)\r\n", name)
+	go func() {
+		defer cancel()
+		b := make([]byte, 1024)
+		for {
+			n, err := os.Stdin.Read(b)
+			if n > 0 {
+				p := b[:n]
+				if i := bytes.IndexByte(p, 0x1d); i >= 0 {
+					if i > 0 {
+						_ = ws.Write(ctx, websocket.MessageBinary, p[:i])
+					}
+					return
+				}
+				if ws.Write(ctx, websocket.MessageBinary, p) != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for {
+		_, b, err := ws.Read(ctx)
+		if err != nil {
+			if ctx.Err() != nil || websocket.CloseStatus(err) == websocket.StatusNormalClosure {
+				fmt.Fprint(out, "\r\n")
+				return nil
+			}
+			return fmt.Errorf("Console of %q closed: %w", name, err)
+		}
+		if _, err := out.Write(b); err != nil {
+			return err
+		}
 	}
 }
 

@@ -97,6 +97,7 @@ func New(cfg Config) *API {
 	a.routeServers()
 	a.routeOperations()
 	a.routeInvoices()
+	a.routeConsole()
 	a.routeOpenAPI()
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("No endpoint %s %s", r.Method, r.URL.Path))

@@ -196,6 +196,7 @@ func endpoints(f *fixture) []endpoint {
 		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/resize", `{"plan":"D"}`, true},
 		{"POST /v1/servers/{id}/{action}", "POST", "/v1/servers/" + srv + "/migrate", `{"to":"h2"}`, true},
 		{"GET /v1/servers/{id}/console", "GET", "/v1/servers/" + srv + "/console", "", true},
+		{"GET /v1/servers/{id}/console/ws", "GET", "/v1/servers/" + srv + "/console/ws", "", true},
 		{"GET /v1/operations", "GET", "/v1/operations?server=" + srv, "", true},
 		{"GET /v1/operations/{id}", "GET", "/v1/operations/" + op, "", true},
 		{"POST /v1/operations/{id}/cancel", "POST", "/v1/operations/" + op + "/cancel", "", true},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/scheduler"
 	"github.com/growserver/grow/internal/store"
@@ -381,4 +382,22 @@ func (m *Manager) Console(ctx context.Context, sv store.Server) ([]byte, error) 
 		return nil, err
 	}
 	return agent.ConsoleLog(ctx, sv.ID)
+}
+
+// ConsoleEndpoint returns the websocket URL of a server's serial console on its host
+// agent and the token to present there; only internal/api uses it, after checking the
+// caller may see the server.
+func (m *Manager) ConsoleEndpoint(ctx context.Context, sv store.Server) (string, string, error) {
+	if sv.HostID == "" {
+		return "", "", fmt.Errorf("Server %q has no host yet: %w", sv.Name, ErrConflict)
+	}
+	h, err := m.st.GetHost(ctx, sv.HostID)
+	if err != nil {
+		return "", "", err
+	}
+	c, err := agentclient.New(h.URL, h.Token)
+	if err != nil {
+		return "", "", fmt.Errorf("Failed to reach host %q: %w", h.Name, err)
+	}
+	return c.ConsoleURL(sv.ID), h.Token, nil
 }
