@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/growserver/grow/client"
 	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/storage/adminclient"
@@ -252,6 +254,7 @@ func runScenario(t *testing.T, backend string) {
 	phase("web1 created")
 	resp := c.query(t, "web1", testbed.GuestPrefix+"10")
 	web1 := c.server(t, "web1")
+	c.console(t, "web1")
 	if web1.IPv4 != testbed.GuestPrefix+"10" {
 		t.Fatalf("web1 has address %s", web1.IPv4)
 	}
@@ -423,4 +426,34 @@ func (c *cluster) gone(t *testing.T, sv client.Server) {
 	if out, err := exec.Command("pgrep", "-f", "qemu-system.*"+sv.ID).Output(); err == nil && len(out) > 0 {
 		t.Fatalf("QEMU of %s still runs: pid %s", sv.ID, out)
 	}
+}
+
+// console attaches to a server's serial console through the control plane, expects the
+// scrollback with the ready line, and runs a command in the guest's shell.
+func (c *cluster) console(t *testing.T, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ws, err := c.s.client().AttachConsole(ctx, name)
+	if err != nil {
+		t.Fatalf("attach console of %s: %v", name, err)
+	}
+	defer ws.CloseNow()
+	var seen strings.Builder
+	until := func(want string) {
+		t.Helper()
+		for !strings.Contains(seen.String(), want) {
+			_, b, err := ws.Read(ctx)
+			if err != nil {
+				t.Fatalf("console of %s: waiting for %q: %v; got %q", name, want, err, tail(seen.String(), 5))
+			}
+			seen.Write(b)
+		}
+	}
+	until("GROW-READY hostname=" + name)
+	// The arithmetic makes the answer differ from the echoed input.
+	if err := ws.Write(ctx, websocket.MessageBinary, []byte("\necho console-ok-$((40+2))\n")); err != nil {
+		t.Fatal(err)
+	}
+	until("console-ok-42")
 }
