@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -82,6 +83,9 @@ func TestMigrationBench(t *testing.T) {
 		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, r.total, r.down, r.wall.Round(time.Millisecond))
 	}
 	writeReport(t, out, ours, raws)
+	for _, h := range b.Hosts {
+		t.Logf("hostd %d log (tail):\n%s", h.Idx, h.Log())
+	}
 }
 
 // bareQEMU is one QEMU started by hand in a host's namespace.
@@ -110,6 +114,9 @@ func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO 
 	q := &bareQEMU{done: make(chan struct{})}
 	q.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.NS}, args...)...)
 	q.cmd.Stdout, q.cmd.Stderr = log, log
+	// A session of its own, as the agent starts QEMU: with the scheduler's autogroups,
+	// the session decides how much CPU a process gets on a busy machine.
+	q.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := q.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

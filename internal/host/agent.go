@@ -134,6 +134,12 @@ func (a *Agent) Define(spec hostapi.VMSpec) (hostapi.VM, error) {
 }
 
 func (a *Agent) define(spec hostapi.VMSpec, base hostapi.Counters) (hostapi.VM, error) {
+	return a.defineAs(spec, base, true)
+}
+
+// defineAs registers a VM; durable fsyncs its record (an incoming VM's need not be:
+// after a crash its QEMU is gone and the source still owns the guest).
+func (a *Agent) defineAs(spec hostapi.VMSpec, base hostapi.Counters, durable bool) (hostapi.VM, error) {
 	if err := spec.Validate(); err != nil {
 		return hostapi.VM{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
@@ -155,7 +161,11 @@ func (a *Agent) define(spec hostapi.VMSpec, base hostapi.Counters) (hostapi.VM, 
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
 		return hostapi.VM{}, fmt.Errorf("Failed to create directory of VM %q: %w", spec.Name, err)
 	}
-	if err := v.persistDurableLocked(); err != nil {
+	persist := v.persistLocked
+	if durable {
+		persist = v.persistDurableLocked
+	}
+	if err := persist(); err != nil {
 		_ = os.RemoveAll(v.dir)
 		return hostapi.VM{}, err
 	}

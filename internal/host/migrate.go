@@ -72,14 +72,16 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest
 	if net.ParseIP(req.ListenHost) == nil {
 		return hostapi.IncomingReply{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
 	}
-	if _, err := a.define(req.Spec, req.Counters); err != nil {
+	if _, err := a.defineAs(req.Spec, req.Counters, false); err != nil {
 		return hostapi.IncomingReply{}, err
 	}
 	v, err := a.get(req.Spec.Name)
 	if err != nil {
 		return hostapi.IncomingReply{}, err
 	}
+	t0 := time.Now()
 	uri, err := v.listenIncoming(ctx, req.ListenHost)
+	a.log.Info("Incoming migration prepared", "vm", req.Spec.Name, "uri", uri, "ms", time.Since(t0).Milliseconds(), "err", err)
 	if err != nil {
 		_ = a.Delete(context.Background(), req.Spec.Name, true)
 		return hostapi.IncomingReply{}, err
@@ -200,10 +202,19 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	bg := context.Background()
 	spec := v.info().Spec
 	o.update(func(op *hostapi.Operation) { op.Message = "preparing destination" })
+	t0 := time.Now()
+	var tPrepared, tCompleted time.Time
+	defer func() {
+		if err == nil {
+			v.a.log.Info("Migration timing", "vm", v.name, "prepare_ms", tPrepared.Sub(t0).Milliseconds(),
+				"migrate_ms", tCompleted.Sub(tPrepared).Milliseconds(), "finish_ms", time.Since(tCompleted).Milliseconds())
+		}
+	}()
 	reply, err := target.PrepareIncoming(ctx, hostapi.IncomingRequest{Spec: spec, ListenHost: req.ListenHost, Counters: v.counters()})
 	if err != nil {
 		return fmt.Errorf("Failed to prepare the destination: %w", err)
 	}
+	tPrepared = time.Now()
 	destOwns := false
 	defer func() {
 		if err != nil && !destOwns {
@@ -278,6 +289,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 					info = again
 				}
 			}
+			tCompleted = time.Now()
 			o.update(func(op *hostapi.Operation) { op.TotalTimeMS, op.DowntimeMS = info.TotalTime, info.Downtime })
 			return v.finishMigration(bg, o, target, spec.Name, &destOwns)
 		case "failed", "cancelled":
@@ -339,7 +351,7 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 			}
 			return fmt.Errorf("The destination VM is %s, not running, 15 s after the migration", vmi.State)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	*destOwns = true
 	o.update(func(op *hostapi.Operation) { op.Message = "destination running; removing the source" })

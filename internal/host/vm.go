@@ -133,37 +133,68 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 	spec := v.rec.Spec
 	r := revert.New()
 	defer r.Fail()
+	// The seed ISO is written while the taps are made.
+	seedErr := make(chan error, 1)
 	if spec.Seed != nil {
-		if err := writeSeedISO(filepath.Join(v.dir, "seed.iso"), *spec.Seed); err != nil {
-			return fmt.Errorf("Failed to write cloud-init seed of VM %q: %w", v.name, err)
-		}
+		go func() { seedErr <- writeSeedISO(filepath.Join(v.dir, "seed.iso"), *spec.Seed) }()
+	} else {
+		seedErr <- nil
 	}
 	taps := make([]string, len(spec.NICs))
 	for i, n := range spec.NICs {
 		tap := network.TapName(v.name, i)
 		taps[i] = tap
 		if err := network.EnsureBridge(n.Bridge); err != nil {
+			<-seedErr
 			return err
 		}
 		if err := network.CreateTap(tap, n.Bridge, n.MAC); err != nil {
+			<-seedErr
 			return err
 		}
 		r.Add(func() { _ = network.DeleteTap(tap) })
-		if err := network.ApplyFilter(network.FilterSpec{Tap: tap, MAC: n.MAC, IPv4: n.IPv4, IPv6: n.IPv6}); err != nil {
-			return err
-		}
 		r.Add(func() { _ = network.RemoveFilter(tap) })
-		if n.InRate > 0 || n.OutRate > 0 {
-			if err := network.Shape(tap, n.InRate, n.OutRate); err != nil {
-				return err
+	}
+	if err := <-seedErr; err != nil {
+		return fmt.Errorf("Failed to write cloud-init seed of VM %q: %w", v.name, err)
+	}
+	// Filters and shaping: before QEMU for a booting guest; for an incoming one (whose
+	// guest cannot send before the migration that only starts after we return) while
+	// QEMU starts.
+	netErr := make(chan error, 1)
+	applyNet := func() {
+		for i, n := range spec.NICs {
+			if err := network.ApplyFilter(network.FilterSpec{Tap: taps[i], MAC: n.MAC, IPv4: n.IPv4, IPv6: n.IPv6}); err != nil {
+				netErr <- err
+				return
+			}
+			if n.InRate > 0 || n.OutRate > 0 {
+				if err := network.Shape(taps[i], n.InRate, n.OutRate); err != nil {
+					netErr <- err
+					return
+				}
 			}
 		}
+		netErr <- nil
+	}
+	if incoming {
+		go applyNet()
+	} else {
+		applyNet()
+		if err := <-netErr; err != nil {
+			return err
+		}
+		netErr <- nil
 	}
 	cfg := v.qemuConfig(taps, incoming)
 	if v.console == nil {
 		v.console = newConsole(cfg.ConsolePath(), cfg.ConsoleLog())
 	}
 	inst, err := qemu.Start(ctx, cfg, v.onEvent)
+	if nerr := <-netErr; err == nil && nerr != nil {
+		_ = inst.Kill()
+		return nerr
+	}
 	if err != nil {
 		return err
 	}
