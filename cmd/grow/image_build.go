@@ -25,7 +25,7 @@ const debianCloudCfg = `# Written by grow image build.
 datasource_list: [NoCloud, None]
 ssh_genkeytypes: [ed25519, ecdsa]
 manage_etc_hosts: true
-locale: C.UTF-8
+locale: false
 resize_rootfs: true
 growpart:
   mode: "off"
@@ -158,6 +158,10 @@ func buildDebian(ctx context.Context, cmd *cobra.Command, work, mirror, cacheDir
 		if err := os.WriteFile(full, []byte(content), 0o644); err != nil {
 			return "", "", "", fmt.Errorf("Failed to write %s: %w", p, err)
 		}
+	}
+	// cloud-init renders network-config for systemd-networkd, which minbase leaves disabled.
+	if err := run("chroot", rootfs, "systemctl", "enable", "systemd-networkd.service"); err != nil {
+		return "", "", "", err
 	}
 	_ = os.Remove(filepath.Join(rootfs, "var/lib/dbus/machine-id"))
 	for _, d := range []string{"var/cache/apt/archives", "var/lib/apt/lists"} {

@@ -46,7 +46,7 @@ func TestDebianGoldMaster(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := testbed.NetnsCommand(ns, bin, "serve", "--data", data, "--api", serveAddr, "--guest-dir", "",
-		"--bridge", "grow0", "--bridge-cidr", "10.78.0.1/24", "--pool-size", "8GiB", "--cache", "64MiB", "--ready-timeout", "8m")
+		"--bridge", "grow0", "--bridge-cidr", "10.78.0.1/24", "--pool-size", "8GiB", "--cache", "64MiB", "--ready-timeout", "12m")
 	srv.Stdout, srv.Stderr = log, log
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
@@ -73,7 +73,7 @@ func TestDebianGoldMaster(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.mustGrow("customer", "create", "deb")
-	out := s.mustGrow("server", "create", "deb1", "--customer", "deb", "--plan", "C", "--image", "deb12", "--ssh-key", key)
+	out := s.mustGrow("server", "create", "deb1", "--customer", "deb", "--plan", "D", "--image", "deb12", "--ssh-key", key)
 	t.Logf("%6.1fs %s", time.Since(t0).Seconds(), strings.TrimSpace(out))
 	if !strings.Contains(out, "GROW-READY hostname=deb1 ip=10.78.0.2") || !strings.Contains(out, "keys=1") {
 		t.Fatalf("the Debian guest did not report hostname, address and key from cloud-init:\n%s", out)
