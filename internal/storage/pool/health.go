@@ -124,4 +124,5 @@ func (p *Pool) closeDisks() {
 			d.close()
 		}
 	}
+	p.dirty.close()
 }

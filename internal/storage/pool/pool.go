@@ -54,7 +54,8 @@ type Pool struct {
 	wg     sync.WaitGroup
 
 	bootID string
-	lock   *os.File // flock on stateDir/pool.lock
+	lock   *os.File  // flock on stateDir/pool.lock
+	dirty  *dirtyMap // write-intent bitmap; nil for a single-disk pool
 
 	mu        sync.Mutex // guards gen, clean, persistence, disk replacement and the rebuild fields
 	gen       uint64
@@ -196,7 +197,33 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 		p.closeDisks()
 		return nil, err
 	}
-	if st.Unclean && (p.bootID == "" || st.BootID != p.bootID) {
+	var marked []int64
+	sameBoot := false
+	if n > 1 {
+		perPair := (p.l.unitsPerDisk*p.l.unit + p.chunk - 1) / p.chunk
+		m, mk, complete, err := openDirty(stateDir, pairs, perPair)
+		if err != nil {
+			p.closeDisks()
+			return nil, err
+		}
+		p.dirty, marked = m, mk
+		sameBoot = complete && p.bootID != "" && st.BootID == p.bootID
+	}
+	if st.Unclean && sameBoot {
+		// Only the process died: the chunks it was writing may differ between the
+		// sides of their pair. Resync them before serving anything.
+		if err := p.resyncMarked(marked); err != nil {
+			p.closeDisks()
+			return nil, err
+		}
+	}
+	if p.dirty != nil {
+		if err := p.dirty.reset(); err != nil {
+			p.closeDisks()
+			return nil, err
+		}
+	}
+	if st.Unclean && !sameBoot && n > 1 {
 		// The machine went down with the pool open: writes that were never flushed may
 		// be on one disk of a pair only. Copy each pair's first disk over the second
 		// (reading only the first meanwhile), so that reads cannot flip between versions.
@@ -226,6 +253,10 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 	}
 	p.wg.Add(1)
 	go p.healthLoop()
+	if p.dirty != nil {
+		p.wg.Add(1)
+		go p.cleanLoop(5 * opts.HealthInterval)
+	}
 	return p, nil
 }
 

@@ -142,6 +142,9 @@ func (p *Pool) mutate(runs []run, parallel bool) error {
 	}
 	p.rlockSet(&ls)
 	defer p.runlockSet(&ls)
+	if err := p.markWrite(runs); err != nil {
+		return err
+	}
 
 	// Targets are read under the locks: a rebuild that starts later sees this write on
 	// its source; one that started earlier has the new disk among the targets.
