@@ -103,9 +103,13 @@ func StatusOf(err error) int {
 	return 0
 }
 
-func (c *Client) endpoint(path string, q url.Values) string {
+// endpoint builds the URL of an API path whose segments are already escaped.
+func (c *Client) endpoint(escapedPath string, q url.Values) string {
 	u := *c.base
-	u.Path = strings.TrimSuffix(u.Path, "/") + path
+	u.RawPath = strings.TrimSuffix(u.EscapedPath(), "/") + escapedPath
+	if p, err := url.PathUnescape(u.RawPath); err == nil {
+		u.Path = p
+	}
 	u.RawQuery = q.Encode()
 	return u.String()
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -54,6 +55,12 @@ func TestErrorsAreDecoded(t *testing.T) {
 	_, err = c.GetVolume(ctx, "weird")
 	if StatusOf(err) != http.StatusBadGateway || !bytes.Contains([]byte(err.Error()), []byte("proxy error")) {
 		t.Errorf("non-JSON error: %v", err)
+	}
+	if _, err := c.GetVolume(ctx, "a b/c"); StatusOf(err) != http.StatusTeapot {
+		t.Errorf("escaped name: %v", err)
+	}
+	if got := c.endpoint("/v1/volumes/"+url.PathEscape("a b/c"), nil); got != srv.URL+"/v1/volumes/a%20b%2Fc" {
+		t.Errorf("endpoint escaping: %s", got)
 	}
 	v, err := c.GetVolume(ctx, "a@b")
 	if err != nil || v.Kind != "snapshot" || v.Size != 1024 {

@@ -31,8 +31,12 @@ func (c *Controller) handleImportImage(w http.ResponseWriter, r *http.Request) {
 		c.fail(w, r, fmt.Errorf("%w: unknown image format %q (want raw or qcow2)", errBadRequest, format))
 		return
 	}
+	// Refuse a taken or malformed name before receiving anything.
 	if _, err := c.mgr.Get(name); err == nil {
 		c.fail(w, r, fmt.Errorf("Failed to import image %q: %w", name, volume.ErrExists))
+		return
+	} else if errors.Is(err, volume.ErrInvalid) {
+		c.fail(w, r, err)
 		return
 	}
 	start := time.Now()
