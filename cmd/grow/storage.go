@@ -403,8 +403,12 @@ func newImageImportCmd(o *storageOpts) *cobra.Command {
 			start := time.Now()
 			v, err := c.ImportImage(cmd.Context(), name, adminclient.NewSparseReader(f, fi.Size()), fi.Size(), format, progress)
 			if bar != nil {
-				_ = bar.Exit()
-				fmt.Fprintln(cmd.ErrOrStderr())
+				if err == nil {
+					_ = bar.Finish()
+				} else {
+					_ = bar.Exit()
+					fmt.Fprintln(cmd.ErrOrStderr())
+				}
 			}
 			if err != nil {
 				return apiErr(err)
