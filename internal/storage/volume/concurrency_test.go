@@ -229,15 +229,22 @@ func TestCloneIsConstantTime(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if err := bh.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	for _, v := range []string{"big-c2", "big-c1"} {
-		start := time.Now()
-		if _, err := b.m.Snapshot(v, "s"); err != nil {
-			t.Fatal(err)
+		var d []time.Duration
+		for i := 0; i < 5; i++ {
+			start := time.Now()
+			if _, err := b.m.Snapshot(v, fmt.Sprintf("s%d", i)); err != nil {
+				t.Fatal(err)
+			}
+			d = append(d, time.Since(start))
 		}
-		if d := time.Since(start); d > 100*time.Millisecond {
-			t.Fatalf("snapshot of %s took %v", v, d)
-		} else {
-			t.Logf("snapshot of %s: %v", v, d)
+		sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+		t.Logf("median snapshot time of %s: %v", v, d[2])
+		if d[2] > 100*time.Millisecond {
+			t.Fatalf("snapshot of %s took %v (median of 5)", v, d[2])
 		}
 	}
 	h := mustOpen(t, b.m, "big-c0")

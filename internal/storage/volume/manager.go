@@ -377,19 +377,16 @@ func (m *Manager) background() {
 		case <-m.stop:
 			return
 		case <-tick:
-			if !m.dirty.Load() {
-				m.jmu.Lock()
-				idle := len(m.jbuf) == 0
-				m.jmu.Unlock()
-				if idle {
-					continue
-				}
-			}
 		case <-m.kick:
 		}
-		if err := m.sync(); err != nil {
-			m.opts.Logger.Error("Background sync of volume metadata failed", "err", err)
-			continue
+		m.jmu.Lock()
+		idle := len(m.jbuf) == 0
+		m.jmu.Unlock()
+		if !idle || m.dirty.Load() {
+			if err := m.sync(); err != nil {
+				m.opts.Logger.Error("Background sync of volume metadata failed", "err", err)
+				continue
+			}
 		}
 		if m.jsize.Load() > m.opts.JournalLimit {
 			if err := m.checkpoint(); err != nil {
@@ -413,10 +410,7 @@ func (m *Manager) log(r *record, freed ...uint64) {
 	big := len(m.jbuf) >= kickBytes
 	m.jmu.Unlock()
 	if big {
-		select {
-		case m.kick <- struct{}{}:
-		default:
-		}
+		m.wake()
 	}
 }
 
@@ -442,7 +436,18 @@ func (m *Manager) sync() error {
 	}
 	freed, err := m.syncHeld()
 	m.unlockSyncAndRelease(freed)
+	if m.jsize.Load() > m.opts.JournalLimit {
+		m.wake() // compaction runs in the background, never in an I/O path
+	}
 	return err
+}
+
+// wake asks the background loop to sync and, if the journal is too big, compact it.
+func (m *Manager) wake() {
+	select {
+	case m.kick <- struct{}{}:
+	default:
+	}
 }
 
 // unlockSyncAndRelease gives up syncMu, then returns the clusters a sync made free

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/growserver/grow/internal/storage/dev"
 )
@@ -139,8 +140,7 @@ func TestSecondOpenIsRefused(t *testing.T) {
 }
 
 func TestCheckpointCompactsJournal(t *testing.T) {
-	b := newBed(t, 64*MiB)
-	b.m.opts.JournalLimit = 64 << 10
+	b := newBed(t, 64*MiB) // default 64 MiB journal limit: no compaction on its own here
 	if _, err := b.m.Create("v", 32*MiB); err != nil {
 		t.Fatal(err)
 	}
@@ -235,5 +235,48 @@ func TestMetadataMemoryFollowsAllocation(t *testing.T) {
 	}
 	if leaves != 3 {
 		t.Fatalf("%d table leaves for 3 clusters in three 1 PiB volumes", leaves)
+	}
+}
+
+// TestBackgroundCompaction checks that the journal is compacted on its own once it
+// passes the limit when clients flush, even without a timed sync.
+func TestBackgroundCompaction(t *testing.T) {
+	dir := t.TempDir()
+	d, err := dev.OpenFile(filepath.Join(dir, "disk.img"), 64*MiB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	m, err := Open(filepath.Join(dir, "meta"), d, Options{SyncInterval: -1, JournalLimit: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := m.Create("v", 32*MiB); err != nil {
+		t.Fatal(err)
+	}
+	h := mustOpen(t, m, "v")
+	_, gen0, err := readCheckpoint(filepath.Join(dir, "meta"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for round := 0; ; round++ {
+		if err := h.WriteAt(pattern(32*MiB, byte(round)), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Trim(0, 32*MiB, true); err != nil {
+			t.Fatal(err)
+		}
+		if _, gen, err := readCheckpoint(filepath.Join(dir, "meta")); err == nil && gen > gen0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no compaction after %d rounds; journal %d bytes", round, m.Stats().JournalBytes)
+		}
+	}
+	rep, err := m.Check()
+	if err != nil || !rep.Clean() {
+		t.Fatalf("check: %v %q", err, rep.Problems)
 	}
 }
