@@ -96,6 +96,34 @@ func startServer(t testing.TB, exports *memExports, srv *Server) *testServer {
 	return &testServer{srv: srv, exports: exports, sock: sock, tcp: tl.Addr().String(), logs: logs}
 }
 
+// startServerWith serves srv (with its own Exports) on a unix socket until the test ends.
+func startServerWith(t testing.TB, srv *Server) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", fmt.Sprintf("nbdtest-%d-", os.Getpid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if srv.Logger == nil {
+		srv.Logger = slog.New(slog.DiscardHandler)
+	}
+	done := make(chan struct{})
+	go func() {
+		srv.Serve(l)
+		close(done)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+		os.RemoveAll(dir)
+	})
+	return sock
+}
+
 func (s *testServer) unixURI(name string) string {
 	return "nbd+unix:///" + name + "?socket=" + s.sock
 }

@@ -402,8 +402,8 @@ func (c *conn) blockStatus(r *request) uint32 {
 			}
 			if n := len(r.desc); n >= 2 && r.desc[n-1] == flags {
 				r.desc[n-2] += uint32(l)
-			} else if reqOne && n >= 2 {
-				return 0 // REQ_ONE: exactly one descriptor
+			} else if (reqOne && n >= 2) || n/2 >= maxStatusDescriptors {
+				return 0 // REQ_ONE asks for one descriptor; others are capped
 			} else {
 				r.desc = append(r.desc, uint32(l), flags)
 			}
