@@ -207,15 +207,8 @@ func TestBoundedMemory(t *testing.T) {
 	inner := newMemExports()
 	inner.add("big", "", newMemExport(64<<20))
 	ex := &countingExports{memExports: inner}
-	srv := &Server{Exports: ex, MaxInFlight: 16, MaxBufferBytes: 64 << 20}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-
-	c := dialRaw(t, "tcp", l.Addr().String())
+	sock := startServerWith(t, &Server{Exports: ex, MaxInFlight: 16, MaxBufferBytes: 64 << 20})
+	c := dialRaw(t, "unix", sock)
 	c.greet(flagFixedNewstyle | flagNoZeroes)
 	c.goExport("big")
 	// 12 reads of 32 MiB: at most 2 may be in memory at once.

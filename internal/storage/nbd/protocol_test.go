@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"net"
 	"strings"
 	"testing"
@@ -396,14 +397,7 @@ func (d describedExports) Open(name string) (Export, error) {
 func TestDescriber(t *testing.T) {
 	inner := newMemExports()
 	inner.add("disk", "from the list", newMemExport(1<<20))
-	srv := &Server{Exports: describedExports{inner}}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	c := dialRaw(t, "tcp", l.Addr().String())
+	c := dialRaw(t, "unix", startServerWith(t, &Server{Exports: describedExports{inner}}))
 	c.greet(flagFixedNewstyle | flagNoZeroes)
 	c.option(optInfo, goData("disk", infoDescription))
 	var desc string
@@ -423,7 +417,7 @@ func TestDescriber(t *testing.T) {
 
 // TestServeReturns checks what Serve returns after Shutdown and when its listener is closed.
 func TestServeReturns(t *testing.T) {
-	srv := &Server{Exports: newMemExports()}
+	srv := &Server{Exports: newMemExports(), Logger: slog.New(slog.DiscardHandler)}
 	l1, _ := net.Listen("tcp", "127.0.0.1:0")
 	l2, _ := net.Listen("tcp", "127.0.0.1:0")
 	errs := make(chan error, 2)
