@@ -192,3 +192,13 @@ func Open(t testing.TB, backend string) *store.Store {
 	t.Cleanup(func() { _ = s.Close() })
 	return s
 }
+
+// Attach returns a handle on a server StartPostgres started earlier (possibly in another
+// process), so that it can be stopped.
+func Attach(dir string, port int, dsn string) *Postgres {
+	p := &Postgres{Dir: dir, Port: port, DSN: dsn}
+	if os.Geteuid() == 0 {
+		p.run = []string{"runuser", "-u", "nobody", "--"}
+	}
+	return p
+}
