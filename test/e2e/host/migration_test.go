@@ -173,14 +173,25 @@ func TestMigration(t *testing.T) {
 			t.Fatalf("round %d: %s: %v\nconsole:\n%s\nfdb0:\n%s\nfdb1:\n%s", i, what, err, sb, fdb0, fdb1)
 		}
 		_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
-		deadline := time.Now().Add(10 * time.Second)
+		deadline := time.Now().Add(20 * time.Second)
 		c2, s2 := c1, s1
 		for (c2 <= c1 || s2 <= s1) && time.Now().Before(deadline) {
 			time.Sleep(300 * time.Millisecond)
 			_, c2, s2 = b.WaitProbe(t, g.IP, 5*time.Second)
 		}
 		if c1 < c0 || c2 <= c1 || s1 < s0 || s2 <= s1 {
-			t.Fatalf("round %d: guest not progressing after migration: counter %d -> %d -> %d, acked %d -> %d -> %d", i, c0, c1, c2, s0, s1, s2)
+			sb, _ := dst.API.ConsoleLog(ctx, "mover")
+			var keep []string
+			for _, l := range strings.Split(string(sb), "\n") {
+				if !strings.Contains(l, "GROW-COUNTER") && !strings.Contains(l, "GROW-ACK") {
+					keep = append(keep, l)
+				}
+			}
+			if len(keep) > 30 {
+				keep = keep[len(keep)-30:]
+			}
+			t.Fatalf("round %d: guest not progressing after migration: counter %d -> %d -> %d, acked %d -> %d -> %d\nconsole (without counter and ack lines):\n%s",
+				i, c0, c1, c2, s0, s1, s2, strings.Join(keep, "\n"))
 		}
 		// Every block acknowledged so far verifies on the shared disk.
 		rep, err := testbed.VerifyBlocksFile(g.DataFile, slots, s2)
