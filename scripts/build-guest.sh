@@ -65,15 +65,42 @@ if [ -z "$deb" ]; then
 	# Keep only the package in use.
 	find "$DIR/cache" -name 'linux-image-*.deb' ! -path "$deb" -delete
 fi
-dpkg-deb -x "$deb" "$WORK/kernel"
-kdir=$(ls -d "$WORK"/kernel/lib/modules/* | head -1)
-vmlinuz=$(ls "$WORK"/kernel/boot/vmlinuz-* | head -1)
 
-# 2. vmlinux: the xz stream inside vmlinuz, decompressed (boots about twice as fast under TCG).
-off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1)
-[ -n "$off" ] || die "no xz stream in $vmlinuz"
-tail -c +$((off + 1)) "$vmlinuz" | xz -dc --single-stream >"$WORK/vmlinux" 2>/dev/null || true
-head -c 4 "$WORK/vmlinux" | grep -q 'ELF' || die "decompressing $vmlinuz gave no ELF kernel"
+# 2. vmlinux (the xz stream inside vmlinuz, decompressed: boots about twice as fast
+#    under TCG) and the modules the guest loads, stripped; kept per kernel version so
+#    that rebuilding after a change under guest/ does not unpack the package again.
+modsum=$(sha256sum <"$REPO/guest/rootfs/etc/modules" | cut -c1-12)
+KC="$DIR/cache/kernel-$kver-$modsum"
+if [ ! -f "$KC/done" ]; then
+	rm -rf "$KC" "$KC.tmp" "$WORK/kernel"
+	mkdir -p "$KC.tmp/modules"
+	dpkg-deb -x "$deb" "$WORK/kernel"
+	vmlinuz=$(ls "$WORK"/kernel/boot/vmlinuz-* | head -1)
+	off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$vmlinuz" | head -1 | cut -d: -f1)
+	[ -n "$off" ] || die "no xz stream in $vmlinuz"
+	tail -c +$((off + 1)) "$vmlinuz" | xz -dc --single-stream >"$KC.tmp/vmlinux" 2>/dev/null || true
+	head -c 4 "$KC.tmp/vmlinux" | grep -q 'ELF' || die "decompressing $vmlinuz gave no ELF kernel"
+	declare -A kmod
+	while read -r f; do
+		b=${f##*/}
+		kmod[${b%.ko}]=$f
+	done < <(find "$WORK"/kernel/lib/modules -name '*.ko')
+	while read -r m; do
+		[ -n "$m" ] || continue
+		f=${kmod[$m]:-}
+		[ -n "$f" ] || die "module $m not found in $kpkg"
+		if command -v strip >/dev/null 2>&1; then
+			strip --strip-debug -o "$KC.tmp/modules/$m.ko" "$f"
+		else
+			cp "$f" "$KC.tmp/modules/$m.ko"   # binutils missing: bigger, same behaviour
+		fi
+	done <"$REPO/guest/rootfs/etc/modules"
+	rm -rf "$WORK/kernel"
+	touch "$KC.tmp/done"
+	find "$DIR/cache" -maxdepth 1 -name 'kernel-*' ! -name "${KC##*/}.tmp" -exec rm -rf {} +
+	mv "$KC.tmp" "$KC"
+fi
+cp "$KC/vmlinux" "$WORK/vmlinux"
 
 # 3. The guest agent, a static Go binary.
 (cd "$REPO" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -ldflags='-s -w -buildid=' \
@@ -85,20 +112,16 @@ mkdir -p "$T"/{bin,sbin,usr/bin,usr/sbin,etc,lib/modules,proc,sys,dev,run,tmp,ro
 cp "$BUSYBOX" "$T/bin/busybox"
 for applet in $("$BUSYBOX" --list-full); do
 	[ "$applet" = bin/busybox ] && continue
-	rel=$(dirname "$applet" | sed -e 's#[^/]*#..#g')
-	ln -sf "$rel/bin/busybox" "$T/$applet"
+	dir=${applet%/*} rel=..
+	[ "$dir" = "${dir#*/}" ] || rel=../..   # usr/bin, usr/sbin
+	ln -s "$rel/bin/busybox" "$T/$applet"
 done
 cp -r "$REPO"/guest/rootfs/. "$T/"
 cp "$WORK/growguest" "$T/bin/growguest"
 while read -r m; do
 	[ -n "$m" ] || continue
-	f=$(find "$kdir" -name "$m.ko" | head -1)
-	[ -n "$f" ] || die "module $m not found in $kpkg"
-	if command -v strip >/dev/null 2>&1; then
-		strip --strip-debug -o "$T/lib/modules/$m.ko" "$f"
-	else
-		cp "$f" "$T/lib/modules/$m.ko"   # binutils missing: bigger, same behaviour
-	fi
+	[ -f "$KC/modules/$m.ko" ] || die "module $m is missing from $KC (remove it to rebuild)"
+	cp "$KC/modules/$m.ko" "$T/lib/modules/$m.ko"
 done <"$REPO/guest/rootfs/etc/modules"
 echo "$kpkg $kver" >"$T/etc/grow-guest-kernel"
 chmod 0755 "$T/init" "$T/etc/rc.sysinit" "$T/bin/growguest"
@@ -109,7 +132,7 @@ find "$T" -exec touch -h -d "@$EPOCH" {} +
 # 5. initrd.img: newc cpio, sorted, owned by root, fixed times, xz with the CRC32 check
 #    the kernel's decompressor requires (20 % smaller than gzip -9).
 (cd "$T" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --reproducible --quiet) |
-	xz -9 --check=crc32 -T1 >"$WORK/initrd.img"
+	xz -6 --check=crc32 -T1 >"$WORK/initrd.img"
 
 # 6. disk.raw: the same tree as an ext4 root filesystem; stage 1 switches into it when it
 #    is the first virtio disk.
