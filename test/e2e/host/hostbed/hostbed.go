@@ -227,15 +227,24 @@ func (b *Bed) teardown() {
 		_ = exec.Command("ip", "netns", "del", h.NS).Run()
 	}
 	_ = exec.Command("ip", "netns", "del", b.Client).Run()
+	// Cgroups of VMs with limits: QEMU is gone, but the kernel may need a moment
+	// before the directories can be removed.
+	deadline = time.Now().Add(5 * time.Second)
 	for _, c := range []string{"cpu", "memory"} {
 		p := filepath.Join("/sys/fs/cgroup", c, "grow-e2e-"+b.ID)
-		entries, _ := os.ReadDir(p)
-		for _, e := range entries {
-			if e.IsDir() {
-				_ = os.Remove(filepath.Join(p, e.Name()))
+		for {
+			entries, _ := os.ReadDir(p)
+			for _, e := range entries {
+				if e.IsDir() {
+					_ = os.Remove(filepath.Join(p, e.Name()))
+				}
 			}
+			err := os.Remove(p)
+			if err == nil || os.IsNotExist(err) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
-		_ = os.Remove(p)
 	}
 }
 
