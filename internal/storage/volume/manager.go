@@ -147,6 +147,17 @@ func (m *Manager) load() error {
 		if err != nil {
 			return fmt.Errorf("Failed to read journal %q: %w", path, err)
 		}
+		_, nextErr := os.Stat(filepath.Join(m.dir, journalName(g+1)))
+		if newest := errors.Is(nextErr, fs.ErrNotExist); newest && len(b) <= journalHeader && allZeroOrShort(b) {
+			// A crash while starting this journal left it without a complete header:
+			// it holds no records. Start it again.
+			if err := os.Truncate(path, 0); err != nil {
+				return fmt.Errorf("Failed to reset journal %q: %w", path, err)
+			}
+			m.opts.Logger.Warn("Reset a volume journal whose header was never completed", "journal", path)
+			last = g
+			break
+		}
 		jg, scan, err := scanJournal(b)
 		if err != nil || jg != g {
 			return fmt.Errorf("Failed to read journal %q: bad header: %w", path, ErrCorrupt)
@@ -204,6 +215,16 @@ func (m *Manager) load() error {
 	m.jf, m.jgen = f, last
 	m.jsize.Store(size)
 	return nil
+}
+
+// allZeroOrShort tells whether b (at most a journal header long) is not a complete
+// valid header: shorter than one, or all zeroes.
+func allZeroOrShort(b []byte) bool {
+	if len(b) < journalHeader {
+		return true
+	}
+	_, err := decodeJournalHeader(b)
+	return err != nil && allZero(b)
 }
 
 // buildAllocator derives the free list as the complement of every mapped cluster.

@@ -2,6 +2,8 @@ package volume
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -278,5 +280,54 @@ func TestBackgroundCompaction(t *testing.T) {
 	rep, err := m.Check()
 	if err != nil || !rep.Clean() {
 		t.Fatalf("check: %v %q", err, rep.Problems)
+	}
+}
+
+// TestCrashWhileStartingJournal leaves the next journal empty or with a partial
+// header, as a crash inside a checkpoint's journal switch would, and reopens.
+func TestCrashWhileStartingJournal(t *testing.T) {
+	for name, content := range map[string][]byte{
+		"empty":          nil,
+		"partial header": []byte(journalMagic)[:5],
+		"zero header":    make([]byte, journalHeader),
+	} {
+		t.Run(name, func(t *testing.T) {
+			b := newBed(t, 16*MiB)
+			want := writeSome(t, b)
+			gen := uint64(0)
+			l, _ := filepath.Glob(filepath.Join(b.dir, "journal.*"))
+			fmt.Sscanf(filepath.Base(l[0]), "journal.%x", &gen)
+			if err := os.WriteFile(filepath.Join(b.dir, journalName(gen+1)), content, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			b.open()
+			b.check()
+			h := mustOpen(t, b.m, "v")
+			mustEqual(t, "after reopen", readAll(t, h), want)
+			if err := h.WriteAt([]byte("more"), 0, true); err != nil {
+				t.Fatal(err)
+			}
+			copy(want, "more")
+			h.Close()
+			b.reopen(false)
+			b.check()
+			h = mustOpen(t, b.m, "v")
+			mustEqual(t, "after writing to the reset journal", readAll(t, h), want)
+		})
+	}
+	// A damaged header with records behind it is not a crash artefact: refused.
+	b := newBed(t, 16*MiB)
+	writeSome(t, b)
+	jp := journalPath(t, b.dir)
+	j, _ := os.ReadFile(jp)
+	j[3] ^= 1
+	os.WriteFile(jp, j, 0o600)
+	d, err := dev.OpenFile(b.path, b.size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if _, err := Open(b.dir, d, Options{SyncInterval: -1}); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Open with a damaged journal header: %v", err)
 	}
 }
