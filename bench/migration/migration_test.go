@@ -5,15 +5,18 @@
 package migration
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,6 +38,7 @@ const (
 type sample struct {
 	total, down int64         // as QEMU reports them (ms)
 	wall        time.Duration // request to "destination runs, source gone"
+	lost        int           // probes of the 50 ms ping stream lost around this migration
 }
 
 func TestMigrationBench(t *testing.T) {
@@ -59,10 +63,14 @@ func TestMigrationBench(t *testing.T) {
 	b.WaitProbe(t, rg.IP, 180*time.Second)
 	time.Sleep(3 * time.Second) // let both guests settle to idle
 
-	// Interleaved, so that both sides see the same machine load.
+	// Interleaved, so that both sides see the same machine load. Each guest is pinged
+	// every 50 ms from the client throughout.
+	pingOurs, pingRaw := startPing(t, b.Client, g.IP), startPing(t, b.Client, rg.IP)
+	time.Sleep(time.Second)
 	var ours, raws []sample
 	for i := 0; i < rounds; i++ {
 		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
+		from := pingOurs.maxSeq()
 		t0 := time.Now()
 		op, err := src.API.Migrate(ctx, "bench", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token,
 			ListenHost: dst.IP, DowntimeLimitMS: downtimeLimitMS})
@@ -75,10 +83,14 @@ func TestMigrationBench(t *testing.T) {
 		}
 		wall := time.Since(t0)
 		b.WaitProbe(t, g.IP, 20*time.Second)
-		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall})
+		time.Sleep(500 * time.Millisecond)
+		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.lostBetween(from, pingOurs.maxSeq())})
 		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond))
 
+		from = pingRaw.maxSeq()
 		r := raw.migrate(t, i)
+		time.Sleep(500 * time.Millisecond)
+		r.lost = pingRaw.lostBetween(from, pingRaw.maxSeq())
 		raws = append(raws, r)
 		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, r.total, r.down, r.wall.Round(time.Millisecond))
 	}
@@ -240,7 +252,67 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	wall := time.Since(t0)
 	r.b.WaitProbe(t, r.ip, 20*time.Second)
 	r.src = dst
-	return sample{info.TotalTime, info.Downtime, wall}
+	return sample{total: info.TotalTime, down: info.Downtime, wall: wall}
+}
+
+// pinger is a 50 ms ping stream from the client namespace (busybox ping).
+type pinger struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	got  map[int]bool
+	done chan struct{}
+}
+
+var pingSeqRe = regexp.MustCompile(`seq=(\d+)`)
+
+func startPing(t *testing.T, ns, ip string) *pinger {
+	p := &pinger{got: map[int]bool{}, done: make(chan struct{})}
+	p.cmd = exec.Command("ip", "netns", "exec", ns, "busybox", "ping", "-i", "0.05", ip)
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("Failed to start ping: %v", err)
+	}
+	t.Cleanup(func() { _ = p.cmd.Process.Kill(); <-p.done; _ = p.cmd.Wait() })
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if m := pingSeqRe.FindStringSubmatch(sc.Text()); m != nil {
+				n, _ := strconv.Atoi(m[1])
+				p.mu.Lock()
+				p.got[n] = true
+				p.mu.Unlock()
+			}
+		}
+	}()
+	return p
+}
+
+func (p *pinger) maxSeq() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := -1
+	for s := range p.got {
+		m = max(m, s)
+	}
+	return m
+}
+
+// lostBetween counts the unanswered probes after from up to to.
+func (p *pinger) lostBetween(from, to int) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for s := from + 1; s < to; s++ {
+		if !p.got[s] {
+			n++
+		}
+	}
+	return n
 }
 
 func median[T int64 | time.Duration](xs []T) T {
@@ -292,12 +364,23 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	fmt.Fprintf(&sb, "| | grow hostd | raw QMP | overhead |\n|---|---:|---:|---:|\n")
 	fmt.Fprintf(&sb, "| QEMU total time (ms), median | %d | %d | %s |\n", oT, rT, pct(oT, rT))
 	fmt.Fprintf(&sb, "| QEMU downtime (ms), median | %d | %d | %s |\n", oD, rD, pct(oD, rD))
-	fmt.Fprintf(&sb, "| wall time (ms), median | %d | %d | %s |\n\n", oW, rW, pct(oW, rW))
+	fmt.Fprintf(&sb, "| wall time (ms), median | %d | %d | %s |\n", oW, rW, pct(oW, rW))
+	lost := func(s []sample) (sum, worst int) {
+		for _, x := range s {
+			sum += x.lost
+			worst = max(worst, x.lost)
+		}
+		return sum, worst
+	}
+	oL, oM := lost(ours)
+	rL, rM := lost(raw)
+	fmt.Fprintf(&sb, "| 50 ms pings lost, total (worst migration) | %d (%d) | %d (%d) | |\n\n", oL, oM, rL, rM)
 	fmt.Fprintf(&sb, "Targets: overhead on total time at most 10 %% (QEMU total: %s, %s; wall: %s, %s); downtime median at most 50 ms (%d ms: %s).\n\n",
 		pct(oT, rT), verdict(float64(oT) <= 1.1*float64(rT)), pct(oW, rW), verdict(float64(oW) <= 1.1*float64(rW)), oD, verdict(oD <= 50))
-	fmt.Fprintf(&sb, "Samples (total/downtime/wall ms):\n\n")
+	fmt.Fprintf(&sb, "Samples (total ms / downtime ms / wall ms / pings lost):\n\n")
 	for i := range ours {
-		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d, raw %d/%d/%d\n", i, ours[i].total, ours[i].down, ours[i].wall.Milliseconds(), raw[i].total, raw[i].down, raw[i].wall.Milliseconds())
+		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d/%d, raw %d/%d/%d/%d\n", i, ours[i].total, ours[i].down, ours[i].wall.Milliseconds(), ours[i].lost,
+			raw[i].total, raw[i].down, raw[i].wall.Milliseconds(), raw[i].lost)
 	}
 	fmt.Fprintf(&sb, "\nThe machine is shared (2 cores, other builds running): compare the two columns of one run, not runs.\n")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
