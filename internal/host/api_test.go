@@ -1,0 +1,127 @@
+package host
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/growserver/grow/internal/host/agentclient"
+	"github.com/growserver/grow/internal/host/hostapi"
+)
+
+// newTestAgent runs an agent with an HTTP API on a temporary directory; the calls used
+// here never start QEMU.
+func newTestAgent(t *testing.T) (*Agent, *agentclient.Client, string) {
+	t.Helper()
+	dir := t.TempDir()
+	a, err := New(context.Background(), Config{DataDir: dir, Bridge: "br-test", Accel: "tcg",
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	srv := httptest.NewServer(a.Handler("s3cret"))
+	t.Cleanup(srv.Close)
+	c, err := agentclient.New(srv.URL, "s3cret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a, c, srv.URL
+}
+
+func spec(name string) hostapi.VMSpec {
+	return hostapi.VMSpec{Name: name, VCPUs: 1, MemoryMiB: 128,
+		Disks: []hostapi.Disk{{ID: "root", Socket: "/run/x.sock", Export: "v"}},
+		NICs:  []hostapi.NIC{{MAC: "52:54:00:00:00:01"}}}
+}
+
+func TestAPIDefineListDelete(t *testing.T) {
+	a, c, _ := newTestAgent(t)
+	ctx := context.Background()
+	vm, err := c.Define(ctx, spec("one"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vm.State != hostapi.StateDefined || vm.Spec.NICs[0].Bridge != "br-test" || vm.Spec.CPUModel != hostapi.DefaultCPUModel {
+		t.Fatalf("defined VM %+v", vm)
+	}
+	if _, err := c.Define(ctx, spec("one")); !agentclient.IsConflict(err) {
+		t.Fatalf("second define: %v", err)
+	}
+	bad := spec("two")
+	bad.VCPUs = 0
+	if _, err := c.Define(ctx, bad); err == nil {
+		t.Fatal("invalid spec accepted")
+	}
+	if vms, err := c.List(ctx); err != nil || len(vms) != 1 {
+		t.Fatalf("list: %v %v", vms, err)
+	}
+	if _, err := c.Get(ctx, "nope"); !agentclient.IsNotFound(err) {
+		t.Fatalf("get missing: %v", err)
+	}
+	for name, call := range map[string]func() error{
+		"stop":   func() error { return c.Stop(ctx, "one", 0) },
+		"reboot": func() error { return c.Reboot(ctx, "one") },
+		"kill":   func() error { return c.Kill(ctx, "one") },
+		"resize": func() error { return c.Resize(ctx, "one", hostapi.ResizeRequest{VCPUs: 2}) },
+	} {
+		if err := call(); !agentclient.IsConflict(err) {
+			t.Errorf("%s of a defined VM: %v", name, err)
+		}
+	}
+	if _, err := c.Migrate(ctx, "one", hostapi.MigrateRequest{TargetURL: "http://127.0.0.1:1", TargetToken: "x", ListenHost: "127.0.0.1"}); !agentclient.IsConflict(err) {
+		t.Errorf("migrating a stopped VM: %v", err)
+	}
+	if _, err := c.Migrate(ctx, "one", hostapi.MigrateRequest{TargetURL: "nope", ListenHost: "127.0.0.1"}); err == nil {
+		t.Error("migration to a bad URL accepted")
+	}
+	// The record survives an agent restart.
+	a.Close()
+	a2, err := New(ctx, Config{DataDir: a.cfg.DataDir, Accel: "tcg", Logger: a.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a2.Close()
+	if vm, err := a2.Get("one"); err != nil || vm.State != hostapi.StateDefined {
+		t.Fatalf("after restart: %+v %v", vm, err)
+	}
+	if err := c.Delete(ctx, "one", false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(a.cfg.DataDir, "vms", "one")); !os.IsNotExist(err) {
+		t.Fatalf("VM directory left: %v", err)
+	}
+	if err := c.Delete(ctx, "one", false); !agentclient.IsNotFound(err) {
+		t.Fatalf("second delete: %v", err)
+	}
+}
+
+func TestAPIAuthAndErrors(t *testing.T) {
+	_, _, url := newTestAgent(t)
+	bad, _ := agentclient.New(url, "wrong")
+	if _, err := bad.List(context.Background()); !agentclient.IsUnauthorized(err) {
+		t.Fatalf("wrong token: %v", err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, url+"/v1/vms", nil)
+	req.Header.Set("Authorization", "Bearer s3cret")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("empty body: %d %s", resp.StatusCode, body)
+	}
+	if _, err := agentclient.New("ftp://x", "t"); err == nil {
+		t.Error("bad URL accepted")
+	}
+	if _, err := agentclient.New("http://x", ""); err == nil {
+		t.Error("empty token accepted")
+	}
+}
