@@ -208,9 +208,17 @@ func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, noWait bool, lose 
 	// Replace it with a new disk while the load continues, following the progress.
 	newDisk := filepath.Join(ddir, "new.img")
 	if noWait {
-		c.mustCLI("disk", "replace", "--no-wait", old, newDisk)
-		var seen []string
+		// Through the API rather than the CLI: a rebuild of little data can finish
+		// before a CLI process has even exited.
 		cl := c.client()
+		var seen []string
+		started, err := cl.ReplaceDisk(context.Background(), old, newDisk)
+		if err != nil {
+			t.Fatalf("replace: %v", err)
+		}
+		if d := started.Disks[victim]; d.Path == newDisk && d.State == "rebuilding" {
+			seen = append(seen, fmt.Sprintf("%d/%d", d.RebuildDone, d.RebuildTotal))
+		}
 		deadline := time.Now().Add(120 * time.Second)
 		for {
 			st, err := cl.Pool(context.Background())
