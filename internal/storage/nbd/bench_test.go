@@ -24,7 +24,9 @@ import (
 //
 // NBD_BENCH_RUNTIME (seconds per job, default 8), NBD_BENCH_ROUNDS (alternating
 // rounds, best of which is reported, default 3) and NBD_BENCH_TRANSPORT (tcp or
-// unix, default tcp) tune it; NBD_BENCH_JOBS=randread,seqwrite picks jobs.
+// unix, default tcp) tune it; NBD_BENCH_JOBS=randread,seqwrite picks jobs;
+// NBD_BENCH_NBDKIT_THREADS sets nbdkit's --threads (a diagnostic: on a loaded
+// machine a server with more threads gets a larger share of the CPUs).
 func BenchmarkFioVsNbdkit(b *testing.B) {
 	for _, tool := range []string{"fio", "nbdkit"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -197,6 +199,9 @@ func startNbdkit(b *testing.B, transport string, size int) (string, int) {
 		uri = "nbd://127.0.0.1:" + port + "/"
 	}
 	args = append([]string{"--foreground", "--exit-with-parent"}, args...)
+	if t := os.Getenv("NBD_BENCH_NBDKIT_THREADS"); t != "" {
+		args = append(args, "--threads="+t)
+	}
 	args = append(args, "memory", strconv.Itoa(size))
 	cmd := exec.Command("nbdkit", args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
