@@ -10,9 +10,10 @@ import (
 
 // TestBareMigrationKeepsAddress migrates a bare QEMU guest (counter, disk writer,
 // responder) from host 0 to host 1 and back over the bed's storage network, with both
-// disks on qemu-nbd. The guest keeps its address on the shared guest network: at most
-// one probe of the 50 ms ping stream is lost per migration, its counter goes on
-// increasing on the destination, and every acknowledged block verifies.
+// disks on qemu-nbd. The guest keeps its address on the shared guest network: beyond
+// the probes of the 50 ms ping stream that fall into QEMU's downtime at most one is
+// lost per migration, its counter goes on increasing on the destination, and every
+// acknowledged block verifies.
 func TestBareMigrationKeepsAddress(t *testing.T) {
 	bed := New(t, Options{Hosts: 2})
 	dir := t.TempDir()
@@ -53,7 +54,12 @@ func TestBareMigrationKeepsAddress(t *testing.T) {
 		dst := StartVM(t, config(h, uri))
 		// QMP answers once QEMU listens for the stream (never probe the incoming port:
 		// QEMU takes the first connection as the migration).
-		if _, err := dst.QMP(); err != nil {
+		dq, err := dst.QMP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Announce the guest's MAC on the destination at once, so the switch learns the new port.
+		if _, err := dq.Execute("migrate-set-parameters", map[string]any{"announce-initial": 1, "announce-step": 50}); err != nil {
 			t.Fatal(err)
 		}
 		before := ping.Stats()
@@ -87,8 +93,10 @@ func TestBareMigrationKeepsAddress(t *testing.T) {
 		}
 		t.Logf("round %d to host %d: total %d ms, downtime %d ms, %d probes lost, responder %+v, %d blocks verified",
 			round, to, res.TotalMS, res.DowntimeMS, lost, resp, rep.Checked)
-		if lost > 1 {
-			t.Fatalf("round %d: %d probes lost, want at most 1", round, lost)
+		// Probes that fall into the guest's pause are lost whatever the network does;
+		// beyond those, at most one more (the bridge learning the guest's new port).
+		if allowed := 1 + int(res.DowntimeMS/50); lost > allowed {
+			t.Fatalf("round %d: %d probes lost with %d ms downtime, want at most %d", round, lost, res.DowntimeMS, allowed)
 		}
 		if resp.Counter <= counter {
 			t.Fatalf("round %d: responder counter %d did not pass %d", round, resp.Counter, counter)
