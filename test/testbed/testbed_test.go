@@ -12,7 +12,9 @@ import (
 	"github.com/growserver/grow/guest/seed"
 )
 
-const bootTimeout = 60 * time.Second
+// bootTimeout is generous: a guest boots in about 3 s under TCG on an idle machine,
+// but `make test` runs it next to other packages' QEMUs on 2 cores.
+const bootTimeout = 120 * time.Second
 
 // guestSeed is the seed of guest i on the bed's guest network.
 func guestSeed(name string, i int, run ...string) Seed {
