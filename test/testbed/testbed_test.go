@@ -1,6 +1,10 @@
 package testbed
 
 import (
+	"context"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -78,6 +82,20 @@ func TestGuestBootsFromNBDDisk(t *testing.T) {
 	}
 	if resp.Hostname != "web1" {
 		t.Fatalf("responder says hostname %q, want web1", resp.Hostname)
+	}
+	// The same line over HTTP, through a client whose sockets live in the client namespace.
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return DialContext(ctx, bed.Client, network, addr)
+		}}}
+	hr, err := hc.Get("http://" + ip + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(hr.Body)
+	hr.Body.Close()
+	if r, err := ParseResponse(string(body)); hr.StatusCode != 200 || err != nil || r.Hostname != "web1" {
+		t.Fatalf("HTTP responder: %d %q %v", hr.StatusCode, body, err)
 	}
 	ip6 := strings.TrimSuffix(GuestIP6(0), "/64")
 	if r6, err := bed.Query("["+ip6+"]:7777", 10*time.Second); err != nil || r6.Hostname != "web1" {
