@@ -272,3 +272,25 @@ func TestErrorLogLimited(t *testing.T) {
 		t.Errorf("%d error lines logged for 500 failures", n)
 	}
 }
+
+// TestUnreadReplies checks that a client which stops reading its replies is dropped
+// after WriteTimeout instead of holding its buffers for ever.
+func TestUnreadReplies(t *testing.T) {
+	ex := newMemExports()
+	ex.add("disk", "", newMemExport(8<<20))
+	s := startServer(t, ex, &Server{WriteTimeout: 300 * time.Millisecond})
+	c := dialRaw(t, "tcp", s.tcp)
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.goExport("disk")
+	for i := range 64 {
+		c.request(0, cmdRead, uint64(i), 0, 4<<20, nil)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(s.logs.String(), "did not read its replies") {
+		if time.Now().After(deadline) {
+			t.Fatal("a client that reads no replies was not dropped")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.expectClosed()
+}

@@ -15,6 +15,7 @@ import (
 // Defaults for Server fields left zero.
 const (
 	defaultHandshakeTimeout = 30 * time.Second
+	defaultWriteTimeout     = 60 * time.Second
 	defaultMaxInFlight      = 128
 	defaultMaxBufferBytes   = 64 << 20
 )
@@ -35,6 +36,8 @@ type Server struct {
 	Logger *slog.Logger
 	// HandshakeTimeout bounds option negotiation (and the TLS handshake); zero means 30 s.
 	HandshakeTimeout time.Duration
+	// WriteTimeout drops a client that leaves replies unread this long; zero means 60 s.
+	WriteTimeout time.Duration
 	// MaxInFlight bounds concurrent requests per connection; zero means 128.
 	MaxInFlight int
 	// MaxBufferBytes bounds payload memory held per connection; zero means 64 MiB.
@@ -60,6 +63,13 @@ func (s *Server) handshakeTimeout() time.Duration {
 		return s.HandshakeTimeout
 	}
 	return defaultHandshakeTimeout
+}
+
+func (s *Server) writeTimeout() time.Duration {
+	if s.WriteTimeout > 0 {
+		return s.WriteTimeout
+	}
+	return defaultWriteTimeout
 }
 
 // Serve accepts connections on l until l is closed or Shutdown/Close is called.

@@ -74,7 +74,8 @@ func (c *conn) transmit() error {
 	close(c.replies)
 	<-c.writerDone
 	c.closeExport()
-	if err == nil && c.writeErr != nil {
+	if c.writeErr != nil {
+		// The failed write is the cause; the reader only saw its consequence.
 		err = fmt.Errorf("Failed to send replies: %w", c.writeErr)
 	}
 	return err
@@ -441,6 +442,7 @@ func (c *conn) flush() {
 		return
 	}
 	c.srv.stats.writes.Add(1)
+	c.nc.SetWriteDeadline(time.Now().Add(c.srv.writeTimeout()))
 	if _, err := c.nc.Write(c.out); err != nil {
 		c.writeFailed(err)
 	}
@@ -453,6 +455,7 @@ func (c *conn) flushWith(p []byte) {
 		return
 	}
 	c.srv.stats.writes.Add(1)
+	c.nc.SetWriteDeadline(time.Now().Add(c.srv.writeTimeout()))
 	c.vec = append(c.vecArr[:0], c.out, p)
 	if _, err := c.vec.WriteTo(c.nc); err != nil {
 		c.writeFailed(err)
@@ -461,6 +464,9 @@ func (c *conn) flushWith(p []byte) {
 }
 
 func (c *conn) writeFailed(err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = violation("client did not read its replies for %v", c.srv.writeTimeout())
+	}
 	c.writeErr = err
 	// Unblock the reader; the connection is unusable.
 	c.raw.Close()
