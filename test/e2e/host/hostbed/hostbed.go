@@ -143,8 +143,12 @@ func (h *Host) Start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.NS, testbed.GrowBinary(t), "hostd",
-		"--data", h.Data, "--api", h.IP+":0", "--bridge", "br0", "--cgroup-parent", "grow-e2e-"+h.bed.ID)
+	args := []string{"--net=/run/netns/" + h.NS, testbed.GrowBinary(t), "hostd",
+		"--data", h.Data, "--api", h.IP + ":0", "--bridge", "br0", "--cgroup-parent", "grow-e2e-" + h.bed.ID}
+	if q := os.Getenv("GROW_QEMU"); q != "" { // another QEMU build to test with
+		args = append(args, "--qemu", q)
+	}
+	cmd := exec.Command("nsenter", args...)
 	cmd.Stderr = logf
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
