@@ -184,3 +184,30 @@ func BenchmarkCheckpointEncodeDecode(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkSeq1M measures 1 MiB sequential reads and writes of allocated data (one
+// device call per run of contiguous clusters) against the raw device file.
+func BenchmarkSeq1M(b *testing.B) {
+	for _, mode := range []string{"raw", "volume"} {
+		for _, op := range []string{"read", "write"} {
+			b.Run(mode+"/"+op, func(b *testing.B) {
+				t := benchSetup(b, mode)
+				buf := make([]byte, MiB)
+				b.SetBytes(MiB)
+				off := int64(0)
+				for b.Loop() {
+					var err error
+					if op == "read" {
+						err = t.ReadAt(buf, off)
+					} else {
+						err = t.WriteAt(buf, off, false)
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+					off = (off + MiB) % benchVol
+				}
+			})
+		}
+	}
+}

@@ -62,14 +62,91 @@ func (h *Handle) ReadAt(p []byte, off int64) error {
 	for len(p) > 0 {
 		vc := uint64(off >> clusterShift)
 		in := off & (ClusterSize - 1)
-		n := min(int64(len(p)), ClusterSize-in)
-		if err := h.readCluster(vc, in, p[:n]); err != nil {
+		n, err := h.run(vc, in, p, false)
+		if err == nil && n == 0 {
+			n = min(int64(len(p)), ClusterSize-in)
+			err = h.readCluster(vc, in, p[:n])
+		}
+		if err != nil {
 			return fmt.Errorf("Failed to read %q at %d: %w", o.name, off, err)
 		}
 		p = p[n:]
 		off += n
 	}
 	return nil
+}
+
+// maxRun bounds how many clusters one device call covers (distinct busy stripes).
+const maxRun = busyStripes
+
+// run does the I/O for the longest run of clusters from vc that map to consecutive
+// physical clusters (in the top layer of a writable volume, anywhere in the chain of
+// a frozen one) with one device call, and returns the bytes it covered: 0 when vc
+// itself is not mapped that way, and the caller falls back to one cluster at a time.
+func (h *Handle) run(vc uint64, in int64, p []byte, write bool) (int64, error) {
+	o, d := h.o, h.m.dev
+	top := o.layer
+	var e uint64
+	var n int64
+	if o.readOnly() {
+		// Frozen layers do not change under I/O: no locks.
+		if e = resolve(top, vc); !isPhys(e) {
+			return 0, nil
+		}
+		n = min(int64(len(p)), ClusterSize-in)
+		for k := uint64(1); k < maxRun && n < int64(len(p)); k++ {
+			if resolve(top, vc+k) != e+k {
+				break
+			}
+			n += min(int64(len(p))-n, ClusterSize)
+		}
+	} else {
+		var held [maxRun]*paddedRWMutex
+		nheld := 0
+		defer func() {
+			for _, b := range held[:nheld] {
+				b.RUnlock()
+			}
+		}()
+		b := o.busyLock(vc)
+		b.RLock()
+		held[0], nheld = b, 1
+		o.tab.RLock()
+		e = top.tab.get(vc)
+		o.tab.RUnlock()
+		if !isPhys(e) {
+			return 0, nil
+		}
+		n = min(int64(len(p)), ClusterSize-in)
+		for k := uint64(1); k < maxRun && n < int64(len(p)); k++ {
+			// Never wait for a further stripe while holding one: no lock cycles.
+			b := o.busyLock(vc + k)
+			if !b.TryRLock() {
+				break
+			}
+			o.tab.RLock()
+			ek := top.tab.get(vc + k)
+			o.tab.RUnlock()
+			if ek != e+k {
+				b.RUnlock()
+				break
+			}
+			held[nheld] = b
+			nheld++
+			n += min(int64(len(p))-n, ClusterSize)
+		}
+		if testHookIO != nil {
+			testHookIO()
+		}
+	}
+	at := int64(e-entPhys)<<clusterShift + in
+	var err error
+	if write {
+		_, err = d.WriteAt(p[:n], at)
+	} else {
+		_, err = d.ReadAt(p[:n], at)
+	}
+	return n, err
 }
 
 func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
@@ -135,8 +212,16 @@ func (h *Handle) write(p []byte, off int64) error {
 	for len(p) > 0 {
 		vc := uint64(off >> clusterShift)
 		in := off & (ClusterSize - 1)
-		n := min(int64(len(p)), ClusterSize-in)
-		if err := h.writeCluster(vc, in, p[:n]); err != nil {
+		var n int64
+		var err error
+		if !h.o.readOnly() { // an import writes into its image's own layer cluster by cluster
+			n, err = h.run(vc, in, p, true)
+		}
+		if err == nil && n == 0 {
+			n = min(int64(len(p)), ClusterSize-in)
+			err = h.writeCluster(vc, in, p[:n])
+		}
+		if err != nil {
 			return fmt.Errorf("Failed to write %q at %d: %w", h.o.name, off, err)
 		}
 		p = p[n:]
