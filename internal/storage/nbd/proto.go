@@ -101,7 +101,7 @@ const (
 
 // Limits the server enforces on every connection.
 const (
-	// MaxPayload is the largest READ or WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum).
+	// MaxPayload (32 MiB) is the largest READ or WRITE the server accepts (NBD_INFO_BLOCK_SIZE maximum).
 	MaxPayload = 1 << maxPayloadShift
 	// maxPayloadShift is log2(MaxPayload): 32 MiB.
 	maxPayloadShift = 25
