@@ -231,9 +231,9 @@ func (b *Bed) teardown() {
 		_ = exec.Command("ip", "netns", "del", h.NS).Run()
 	}
 	_ = exec.Command("ip", "netns", "del", b.Client).Run()
-	// Cgroups of VMs with limits: QEMU is gone, but the kernel may need a moment
-	// before the directories can be removed.
-	deadline = time.Now().Add(5 * time.Second)
+	// Cgroups of VMs with limits: QEMU is gone, but an orphaned QEMU stays a zombie
+	// until PID 1 reaps it, and until then its cgroup cannot be removed.
+	deadline = time.Now().Add(15 * time.Second)
 	for _, c := range []string{"cpu", "memory"} {
 		p := filepath.Join("/sys/fs/cgroup", c, "grow-e2e-"+b.ID)
 		for {
