@@ -84,7 +84,6 @@ profile_grow() {
 	wait "$fpid" || true
 	if [ -s "$work/cpu.pprof" ]; then
 		go tool pprof -top -nodecount=40 "$GROW" "$work/cpu.pprof" >"$work/pprof-top.txt" 2>/dev/null || true
-		cp "$work/pprof-top.txt" "$REPO/bench/results/storage-pprof-randwrite.txt" 2>/dev/null || true
 	fi
 }
 
