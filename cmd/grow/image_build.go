@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -136,6 +137,16 @@ func buildDebian(ctx context.Context, cmd *cobra.Command, work, mirror, cacheDir
 			return "", "", "", fmt.Errorf("Failed to create %q: %w", cacheDir, err)
 		}
 		args = append(args, "--cache-dir="+cacheDir)
+		// Concurrent builds would write the same package files: one debootstrap at a time per cache.
+		lock, err := os.OpenFile(filepath.Join(cacheDir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+		if err != nil {
+			return "", "", "", fmt.Errorf("Failed to open the cache lock: %w", err)
+		}
+		defer lock.Close()
+		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+			return "", "", "", fmt.Errorf("Failed to lock %q: %w", cacheDir, err)
+		}
+		defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
 	}
 	say("debootstrap bookworm from %s (a few minutes)", mirror)
 	if err := run("debootstrap", append(args, "bookworm", rootfs, mirror)...); err != nil {
