@@ -43,7 +43,7 @@ if [ -z "$kver" ] || [ "$kver" = "(none)" ]; then
 fi
 bbver=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || "$BUSYBOX" | head -1)
 gover=$("$GO" env GOVERSION)
-srcsum=$(cd "$REPO" && { find guest scripts/build-guest.sh -type f ! -name README.md -print0 | sort -z | xargs -0 sha256sum; grep -h 'go.yaml.in/yaml' go.mod; } | sha256sum | cut -d' ' -f1)
+srcsum=$(cd "$REPO" && { find guest scripts/build-guest.sh -type f ! -name README.md ! -name '*_test.go' ! -path '*/testdata/*' -print0 | sort -z | xargs -0 sha256sum; grep -h 'go.yaml.in/yaml' go.mod; } | sha256sum | cut -d' ' -f1)
 fingerprint="$kpkg $kver busybox $bbver $gover src $srcsum"
 
 if [ -f "$DIR/VERSION" ] && grep -qxF "fingerprint: $fingerprint" "$DIR/VERSION" &&
