@@ -14,10 +14,10 @@
 //
 // This package must never: write into a cluster that a read-only layer (image or
 // snapshot) maps, hand out a physical cluster that another layer maps or whose freeing
-// record is not yet durable, hold a manager-wide lock on the data path (reads, writes,
-// trims and flushes take per-volume locks only; Check and snapshot deletion are the
-// admin operations that briefly pause I/O), or keep metadata in memory in proportion
-// to virtual (rather than allocated) size.
+// record is not yet durable, hold a manager-wide lock on the data path (reads, writes
+// and trims take per-volume locks only, a flush waits only for other flushes; Check
+// and snapshot deletion are the admin operations that briefly pause I/O), or keep
+// metadata in memory in proportion to virtual (rather than allocated) size.
 package volume
 
 import (
