@@ -39,6 +39,9 @@ type sample struct {
 	total, down int64         // as QEMU reports them (ms)
 	wall        time.Duration // request to "destination runs, source gone"
 	lost        int           // probes of the 50 ms ping stream lost around this migration
+	setup       int64         // QEMU's setup time (ms)
+	mib         int64         // RAM sent (MiB)
+	syncs       int64         // dirty-bitmap passes
 }
 
 func TestMigrationBench(t *testing.T) {
@@ -84,7 +87,8 @@ func TestMigrationBench(t *testing.T) {
 		wall := time.Since(t0)
 		b.WaitProbe(t, g.IP, 20*time.Second)
 		time.Sleep(500 * time.Millisecond)
-		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.lostBetween(from, pingOurs.maxSeq())})
+		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.lostBetween(from, pingOurs.maxSeq()),
+			op.SetupTimeMS, op.TransferredBytes >> 20, op.DirtySyncs})
 		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond))
 
 		from = pingRaw.maxSeq()
@@ -252,7 +256,11 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	wall := time.Since(t0)
 	r.b.WaitProbe(t, r.ip, 20*time.Second)
 	r.src = dst
-	return sample{total: info.TotalTime, down: info.Downtime, wall: wall}
+	smp := sample{total: info.TotalTime, down: info.Downtime, wall: wall, setup: info.SetupTime}
+	if info.RAM != nil {
+		smp.mib, smp.syncs = info.RAM.Transferred>>20, info.RAM.DirtySync
+	}
+	return smp
 }
 
 // pinger is a 50 ms ping stream from the client namespace (busybox ping).
@@ -377,10 +385,12 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	fmt.Fprintf(&sb, "| 50 ms pings lost, total (worst migration) | %d (%d) | %d (%d) | |\n\n", oL, oM, rL, rM)
 	fmt.Fprintf(&sb, "Targets: overhead on total time at most 10 %% (QEMU total: %s, %s; wall: %s, %s); downtime median at most 50 ms (%d ms: %s).\n\n",
 		pct(oT, rT), verdict(float64(oT) <= 1.1*float64(rT)), pct(oW, rW), verdict(float64(oW) <= 1.1*float64(rW)), oD, verdict(oD <= 50))
-	fmt.Fprintf(&sb, "Samples (total ms / downtime ms / wall ms / pings lost):\n\n")
+	fmt.Fprintf(&sb, "Samples (total ms / downtime ms / wall ms / pings lost / setup ms / MiB sent / dirty passes):\n\n")
 	for i := range ours {
-		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d/%d, raw %d/%d/%d/%d\n", i, ours[i].total, ours[i].down, ours[i].wall.Milliseconds(), ours[i].lost,
-			raw[i].total, raw[i].down, raw[i].wall.Milliseconds(), raw[i].lost)
+		o, r := ours[i], raw[i]
+		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d/%d/%d/%d/%d, raw %d/%d/%d/%d/%d/%d/%d\n", i,
+			o.total, o.down, o.wall.Milliseconds(), o.lost, o.setup, o.mib, o.syncs,
+			r.total, r.down, r.wall.Milliseconds(), r.lost, r.setup, r.mib, r.syncs)
 	}
 	fmt.Fprintf(&sb, "\nThe machine is shared (2 cores, other builds running): compare the two columns of one run, not runs.\n")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {

@@ -290,7 +290,12 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 				}
 			}
 			tCompleted = time.Now()
-			o.update(func(op *hostapi.Operation) { op.TotalTimeMS, op.DowntimeMS = info.TotalTime, info.Downtime })
+			o.update(func(op *hostapi.Operation) {
+				op.TotalTimeMS, op.DowntimeMS, op.SetupTimeMS = info.TotalTime, info.Downtime, info.SetupTime
+				if info.RAM != nil {
+					op.TransferredBytes, op.DirtySyncs = info.RAM.Transferred, info.RAM.DirtySync
+				}
+			})
 			return v.finishMigration(bg, o, target, spec.Name, &destOwns)
 		case "failed", "cancelled":
 			return fmt.Errorf("Migration %s: %s", info.Status, info.ErrorDesc)

@@ -163,6 +163,10 @@ type Operation struct {
 	// Migration statistics as QEMU reports them (milliseconds).
 	TotalTimeMS int64 `json:"total_time_ms,omitempty"`
 	DowntimeMS  int64 `json:"downtime_ms,omitempty"`
+	SetupTimeMS int64 `json:"setup_time_ms,omitempty"`
+	// TransferredBytes is the RAM QEMU sent, DirtySyncs how many passes it made.
+	TransferredBytes int64 `json:"transferred_bytes,omitempty"`
+	DirtySyncs       int64 `json:"dirty_syncs,omitempty"`
 }
 
 // Error is the JSON error body of every failed request.
