@@ -59,6 +59,7 @@ offers its admin API on --api, guarded by the token in DATA/admin.token.`,
 	f := cmd.Flags()
 	f.StringVar(&cfg.DataDir, "data", defaultStorageDataDir, "state directory (token, pool state, volume metadata)")
 	f.StringVar(&cfg.NBDAddr, "nbd", controller.DefaultNBDAddr, `NBD TCP listen address ("" disables TCP)`)
+	f.StringVar(&cfg.NBDAdvertise, "nbd-advertise", "", "host:port that hypervisor hosts use to reach NBD, if not the --nbd address (e.g. with --nbd 0.0.0.0:10809)")
 	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", `NBD unix socket (default DATA/nbd.sock, "none" disables it)`)
 	f.StringVar(&cfg.APIAddr, "api", controller.DefaultAPIAddr, "admin API listen address")
 	f.StringArrayVar(&cfg.Disks, "disk", nil, "pool disk, file or block device (repeat; 2N disks make N mirrored pairs; none: DATA/disk0.img)")

@@ -47,6 +47,9 @@ type Config struct {
 	DataDir string
 	// NBDAddr is the NBD TCP listen address ("" disables TCP).
 	NBDAddr string
+	// NBDAdvertise is the host:port that hosts should use to reach NBD, reported in the
+	// stats (needed when NBDAddr is a wildcard such as 0.0.0.0:10809); "" means NBDAddr.
+	NBDAdvertise string
 	// NBDSocket is the NBD unix socket path ("" means DATA/nbd.sock, "none" disables it).
 	NBDSocket string
 	// APIAddr is the admin API listen address.
@@ -104,6 +107,11 @@ func Open(cfg Config) (*Controller, error) {
 	}
 	if cfg.PoolSize <= 0 {
 		cfg.PoolSize = DefaultPoolSize
+	}
+	if cfg.NBDAdvertise != "" {
+		if _, _, err := net.SplitHostPort(cfg.NBDAdvertise); err != nil {
+			return nil, fmt.Errorf("Invalid NBD address to advertise %q (want host:port): %w", cfg.NBDAdvertise, err)
+		}
 	}
 	if cfg.CacheSize < 0 {
 		return nil, fmt.Errorf("Invalid cache size %d", cfg.CacheSize)
@@ -266,6 +274,14 @@ func (c *Controller) NBDAddr() string {
 		return ""
 	}
 	return c.nbdTCP.Addr().String()
+}
+
+// advertisedNBD is the NBD address reported to clients of the admin API.
+func (c *Controller) advertisedNBD() string {
+	if c.cfg.NBDAdvertise != "" {
+		return c.cfg.NBDAdvertise
+	}
+	return c.NBDAddr()
 }
 
 // NBDSocket is the NBD unix socket path ("" if disabled).

@@ -268,3 +268,19 @@ func TestFailedFirstStartLeavesNoDisks(t *testing.T) {
 		t.Errorf("failed start left pool.json behind")
 	}
 }
+
+// TestAdvertisedNBDAddress checks what the stats tell hosts about reaching NBD.
+func TestAdvertisedNBDAddress(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if _, err := Open(Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", NBDAdvertise: "no-port", PoolSize: 64 << 20, Logger: quiet}); err == nil {
+		t.Fatal("an advertised address without a port was accepted")
+	}
+	c, err := Open(Config{DataDir: t.TempDir(), NBDAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", NBDAdvertise: "storage1.example:10809", PoolSize: 64 << 20, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := c.stats().NBDAddress; got != "storage1.example:10809" {
+		t.Errorf("stats report NBD at %q", got)
+	}
+}

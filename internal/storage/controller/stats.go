@@ -34,7 +34,7 @@ func (c *Controller) stats() adminclient.Stats {
 		TrimOps:      c.io.trimOps.Load(),
 		ZeroOps:      c.io.zeroOps.Load(),
 		Uptime:       time.Since(c.started).Round(time.Second).String(),
-		NBDAddress:   c.NBDAddr(),
+		NBDAddress:   c.advertisedNBD(),
 		NBDSocket:    c.NBDSocket(),
 	}
 	if c.cache != nil {
