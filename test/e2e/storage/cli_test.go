@@ -44,7 +44,7 @@ func wantCode(t *testing.T, what string, r cliResult, code int, msg string) {
 
 // TestCLIVolumeLifecycle is the operator's flow: images, clones, snapshots, resize, delete.
 func TestCLIVolumeLifecycle(t *testing.T) {
-	needTools(t, "qemu-io", "qemu-img")
+	needTools(t, "qemu-io", "qemu-img", "nbdinfo")
 	c := startCtl(t)
 	dir := t.TempDir()
 

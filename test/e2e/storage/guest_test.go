@@ -91,7 +91,7 @@ func (s *serialLog) ack() uint64 {
 // with SIGKILL and restarted under it; every block the guest saw acknowledged must be
 // on the disk afterwards.
 func TestGuestDiskOverNBD(t *testing.T) {
-	needTools(t, "qemu-system-x86_64", "nbdcopy")
+	needTools(t, "qemu-system-x86_64", "nbdcopy", "qemu-img")
 	guest := testbed.GuestDir(t)
 	c := startCtl(t)
 	// A private copy of the gold master: `make guest` may rebuild the original meanwhile.

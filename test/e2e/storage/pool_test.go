@@ -165,7 +165,7 @@ func TestPoolLoseAndReplaceDisk6(t *testing.T) {
 // testPoolLoseAndReplace loses disk victim under load, then replaces it: following the
 // CLI's progress bar, or (noWait) polling the pool status for the rebuild's progress.
 func testPoolLoseAndReplace(t *testing.T, ndisks, victim int, noWait bool, lose func(string) error) {
-	needTools(t, "nbdcopy")
+	needTools(t, "nbdcopy", "qemu-io")
 	ddir := t.TempDir()
 	var args []string
 	var disks []string
