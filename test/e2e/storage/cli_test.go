@@ -110,6 +110,17 @@ func TestCLIVolumeLifecycle(t *testing.T) {
 		t.Errorf("nbdinfo --size after resize: %s", out)
 	}
 
+	// A volume in use by an NBD client (a running VM) cannot be deleted under it.
+	busy, err := dialNBD("unix", c.Socket, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, "delete of a volume open over NBD", c.cli("volume", "delete", "vm1"), 4, "")
+	if err := busy.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Errorf("the client of a volume whose delete was refused: %v", err)
+	}
+	busy.Close()
+
 	// Deleting an image with clones is refused and changes nothing.
 	r := c.cli("volume", "delete", "gold")
 	wantCode(t, "delete of an image with clones", r, 4, "")
