@@ -101,7 +101,20 @@ func TestCLIVolumeLifecycle(t *testing.T) {
 	c.mustCLI("volume", "clone", "vm2@before", "vm2-restore")
 	mustRun(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0xee 0 1M", c.uri("vm2-restore"))
 
-	// Resize grows the volume as seen over NBD.
+	// Resize grows the volume as seen over NBD; a client connected meanwhile keeps working.
+	before, err := dialNBD("unix", c.Socket, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.cli("volume", "resize", "vm1", "--size", "20GiB")
+	t.Logf("resize with a client connected: exit %d %s", r0.Code, strings.TrimSpace(r0.Stderr))
+	if r0.Code != 0 && r0.Code != 4 {
+		t.Errorf("resize with a client connected: exit %d, want success or a conflict\n%s", r0.Code, r0.Stderr)
+	}
+	if err := before.WriteAt(make([]byte, 4096), 0, true); err != nil {
+		t.Errorf("a client connected across a resize: %v", err)
+	}
+	before.Close()
 	c.mustCLI("volume", "resize", "vm1", "--size", "20GiB")
 	if v := c.listVolumes()["vm1"]; v.Size != 20<<30 {
 		t.Errorf("after resize vm1 has size %d", v.Size)
