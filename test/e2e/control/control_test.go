@@ -187,6 +187,7 @@ func TestControlPlane(t *testing.T) {
 	if testing.Short() {
 		t.Skip("needs root, network namespaces and QEMU")
 	}
+	t.Parallel()
 	for _, backend := range []string{"sqlite", "postgres"} {
 		t.Run(backend, func(t *testing.T) { runScenario(t, backend) })
 	}

@@ -24,6 +24,8 @@ func TestDebianGoldMaster(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
+	// Mostly downloading and unpacking at first: overlap it with the two-host scenario.
+	t.Parallel()
 	bin := testbed.GrowBinary(t)
 	ns := fmt.Sprintf("growdeb-%d", os.Getpid())
 	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
