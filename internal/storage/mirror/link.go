@@ -1,0 +1,566 @@
+package mirror
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/nbd"
+)
+
+// Wire format of the mirror link (all integers big endian):
+//
+//	hello   client->server: "GROWMIRH" | epoch u64 | size u64 | name length u16 | name
+//	welcome server->client: magic u32 | status u32 | role u32 | 0 u32 | epoch u64 | size u64
+//	request client->server: magic u32 | op u16 | flags u16 | cookie u64 | offset u64 | length u32 | epoch u64 | payload (writes)
+//	reply   server->client: magic u32 | status u32 | cookie u64
+//
+// Replies may come in any order. Status stale carries no state; the client learns the
+// server's state from a new hello.
+const (
+	helloMagic    = "GROWMIRH"
+	welcomeMagic  = 0x474d5257 // "GMRW"
+	requestMagic  = 0x474d5251 // "GMRQ"
+	replyMagic    = 0x474d5250 // "GMRP"
+	requestLen    = 36
+	replyLen      = 16
+	welcomeLen    = 32
+	maxNameLen    = 1024
+	maxPayloadLen = 32 << 20
+	maxServerJobs = 64
+)
+
+// Operations of the mirror link.
+const (
+	opWrite      = 1
+	opFlush      = 2
+	opTrim       = 3
+	opZero       = 4
+	opResyncDone = 5
+)
+
+// Request flags of the mirror link.
+const (
+	flagFUA    = 1
+	flagNoHole = 2
+)
+
+// Status codes of the mirror link.
+const (
+	statusOK      = 0
+	statusIO      = 1
+	statusStale   = 2
+	statusInvalid = 3
+	statusUnknown = 4
+	statusNoSpace = 5
+)
+
+// Errors of the mirror link.
+var (
+	// ErrPeerLost means the link to the peer failed; the caller must treat the peer as gone.
+	ErrPeerLost = errors.New("mirror peer lost")
+	// ErrPeerIO means the peer answered with an error for one request.
+	ErrPeerIO = errors.New("mirror peer I/O error")
+)
+
+// StaleError is returned when the peer refuses this side's epoch; Peer is the peer's state.
+type StaleError struct{ Peer State }
+
+func (e *StaleError) Error() string {
+	return fmt.Sprintf("mirror peer is %v at epoch %d and refuses this epoch", e.Peer.Role, e.Peer.Epoch)
+}
+
+// Peer is the primary's view of the secondary: what the replicating export sends it.
+type Peer interface {
+	WriteAt(p []byte, off int64, fua bool) error
+	Trim(off, length int64, fua bool) error
+	WriteZeroes(off, length int64, noHole, fua bool) error
+	Flush() error
+	// ResyncDone tells the peer it now holds every write of this side's epoch.
+	ResyncDone() error
+	Close() error
+}
+
+// Target is the secondary side of one volume: the local export the link writes to and
+// its role/epoch, which gate every request.
+type Target struct {
+	export nbd.Export
+	mu     sync.Mutex
+	state  State
+	// BytesWritten counts payload bytes applied through the link.
+	BytesWritten atomic.Int64
+}
+
+// NewTarget makes export reachable over the link in state s.
+func NewTarget(export nbd.Export, s State) *Target {
+	return &Target{export: export, state: s}
+}
+
+// State returns the target's current role and epoch.
+func (t *Target) State() State {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.state
+}
+
+// SetState replaces the target's role and epoch (after the controller persisted it).
+func (t *Target) SetState(s State) {
+	t.mu.Lock()
+	t.state = s
+	t.mu.Unlock()
+}
+
+func (t *Target) admits(epoch uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.state.AcceptsPeerWrite(epoch)
+}
+
+// LinkServer serves the secondary side of the mirror link.
+type LinkServer struct {
+	// Lookup finds the target of a volume name.
+	Lookup func(name string) (*Target, bool)
+	// Logger receives connection errors; nil means slog.Default().
+	Logger *slog.Logger
+
+	mu     sync.Mutex
+	lns    map[net.Listener]struct{}
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (s *LinkServer) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+// Serve accepts link connections on l until Close.
+func (s *LinkServer) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errors.New("mirror link server is closed")
+	}
+	if s.lns == nil {
+		s.lns, s.conns = map[net.Listener]struct{}{}, map[net.Conn]struct{}{}
+	}
+	s.lns[l] = struct{}{}
+	s.mu.Unlock()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return nil
+			}
+			return fmt.Errorf("Failed to accept mirror link connection: %w", err)
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			c.Close()
+			return nil
+		}
+		s.conns[c] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			if err := s.serveConn(c); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				s.logger().Warn("mirror link connection ended", "remote", c.RemoteAddr().String(), "err", err)
+			}
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+			c.Close()
+		}()
+	}
+}
+
+// Close stops every listener and connection at once, as a crash of the secondary would.
+func (s *LinkServer) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.lns {
+		l.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *LinkServer) welcome(w io.Writer, status uint32, st State, size int64) error {
+	var b [welcomeLen]byte
+	binary.BigEndian.PutUint32(b[0:], welcomeMagic)
+	binary.BigEndian.PutUint32(b[4:], status)
+	binary.BigEndian.PutUint32(b[8:], uint32(st.Role))
+	binary.BigEndian.PutUint64(b[16:], st.Epoch)
+	binary.BigEndian.PutUint64(b[24:], uint64(size))
+	_, err := w.Write(b[:])
+	return err
+}
+
+func (s *LinkServer) serveConn(c net.Conn) error {
+	r := bufio.NewReaderSize(c, 256<<10)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var h [26]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return fmt.Errorf("Failed to read mirror hello: %w", err)
+	}
+	if string(h[:8]) != helloMagic {
+		return errors.New("mirror hello has a bad magic")
+	}
+	epoch := binary.BigEndian.Uint64(h[8:])
+	size := int64(binary.BigEndian.Uint64(h[16:]))
+	nl := int(binary.BigEndian.Uint16(h[24:]))
+	if nl == 0 || nl > maxNameLen {
+		return fmt.Errorf("mirror hello names a volume of %d bytes", nl)
+	}
+	name := make([]byte, nl)
+	if _, err := io.ReadFull(r, name); err != nil {
+		return fmt.Errorf("Failed to read mirror hello: %w", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	t, ok := s.Lookup(string(name))
+	if !ok {
+		s.welcome(c, statusUnknown, State{}, 0)
+		return fmt.Errorf("mirror hello for unknown volume %q", name)
+	}
+	st := t.State()
+	if t.export.Size() != size {
+		s.welcome(c, statusInvalid, st, t.export.Size())
+		return fmt.Errorf("mirror hello for volume %q of %d bytes, local size is %d", name, size, t.export.Size())
+	}
+	if !st.AcceptsPeerWrite(epoch) {
+		s.welcome(c, statusStale, st, size)
+		return fmt.Errorf("mirror hello for volume %q at epoch %d refused: this side is %v at epoch %d", name, epoch, st.Role, st.Epoch)
+	}
+	if err := s.welcome(c, statusOK, st, size); err != nil {
+		return fmt.Errorf("Failed to answer mirror hello: %w", err)
+	}
+
+	var wmu sync.Mutex
+	w := bufio.NewWriterSize(c, 4096)
+	reply := func(cookie uint64, status uint32) {
+		var b [replyLen]byte
+		binary.BigEndian.PutUint32(b[0:], replyMagic)
+		binary.BigEndian.PutUint32(b[4:], status)
+		binary.BigEndian.PutUint64(b[8:], cookie)
+		wmu.Lock()
+		defer wmu.Unlock()
+		if _, err := w.Write(b[:]); err == nil {
+			if err := w.Flush(); err != nil {
+				c.Close()
+			}
+		}
+	}
+	sem := make(chan struct{}, maxServerJobs)
+	var jobs sync.WaitGroup
+	defer jobs.Wait()
+	for {
+		var q [requestLen]byte
+		if _, err := io.ReadFull(r, q[:]); err != nil {
+			return err
+		}
+		if binary.BigEndian.Uint32(q[0:]) != requestMagic {
+			return errors.New("mirror request has a bad magic")
+		}
+		op := binary.BigEndian.Uint16(q[4:])
+		flags := binary.BigEndian.Uint16(q[6:])
+		cookie := binary.BigEndian.Uint64(q[8:])
+		off := int64(binary.BigEndian.Uint64(q[16:]))
+		n := int64(binary.BigEndian.Uint32(q[24:]))
+		reqEpoch := binary.BigEndian.Uint64(q[28:])
+		var payload []byte
+		if op == opWrite {
+			if n > maxPayloadLen {
+				return fmt.Errorf("mirror write of %d bytes exceeds %d", n, maxPayloadLen)
+			}
+			payload = make([]byte, n)
+			if _, err := io.ReadFull(r, payload); err != nil {
+				return err
+			}
+		}
+		sem <- struct{}{}
+		jobs.Add(1)
+		go func() {
+			defer func() { <-sem; jobs.Done() }()
+			reply(cookie, s.execute(t, op, flags, off, n, reqEpoch, payload))
+		}()
+	}
+}
+
+func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch uint64, payload []byte) uint32 {
+	if !t.admits(epoch) {
+		return statusStale
+	}
+	size := t.export.Size()
+	if op != opFlush && op != opResyncDone && (off < 0 || n < 0 || off > size || n > size-off) {
+		return statusInvalid
+	}
+	fua := flags&flagFUA != 0
+	var err error
+	switch op {
+	case opWrite:
+		err = t.export.WriteAt(payload, off, fua)
+		if err == nil {
+			t.BytesWritten.Add(int64(len(payload)))
+		}
+	case opFlush:
+		err = t.export.Flush()
+	case opTrim:
+		err = t.export.Trim(off, n, fua)
+	case opZero:
+		err = t.export.WriteZeroes(off, n, nbd.ZeroFlags{NoHole: flags&flagNoHole != 0, FUA: fua})
+	case opResyncDone:
+		// The caller flushed before; this side now holds every write of epoch.
+		t.mu.Lock()
+		t.state, _ = Step(t.state, Event{Kind: EvResyncDone, Epoch: epoch})
+		t.mu.Unlock()
+	default:
+		return statusInvalid
+	}
+	switch {
+	case err == nil:
+		return statusOK
+	case errors.Is(err, nbd.ErrNoSpace):
+		return statusNoSpace
+	case errors.Is(err, nbd.ErrInvalid):
+		return statusInvalid
+	}
+	s.logger().Warn("mirror link request failed", "op", op, "offset", off, "length", n, "err", err)
+	return statusIO
+}
+
+// Link is the primary's client side of the mirror link for one volume; safe for concurrent use.
+type Link struct {
+	conn    net.Conn
+	name    string
+	epoch   uint64
+	timeout time.Duration
+
+	wmu sync.Mutex
+	w   *bufio.Writer
+
+	mu      sync.Mutex
+	pending map[uint64]chan uint32
+	next    uint64
+	err     error // set once the link is dead
+	done    chan struct{}
+	// BytesSent counts write payload bytes sent over the link.
+	BytesSent atomic.Int64
+}
+
+// DialLink connects to the peer's link server at addr for volume name of size bytes at epoch.
+// A refusal of the epoch returns a *StaleError carrying the peer's state. timeout bounds every
+// request; a request that takes longer kills the link (the peer is then treated as lost).
+func DialLink(ctx context.Context, addr, name string, size int64, epoch uint64, timeout time.Duration) (*Link, error) {
+	if name == "" || len(name) > maxNameLen {
+		return nil, fmt.Errorf("Failed to dial mirror peer %s: invalid volume name %q", addr, name)
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to dial mirror peer %s: %w: %w", addr, ErrPeerLost, err)
+	}
+	hello := make([]byte, 26+len(name))
+	copy(hello, helloMagic)
+	binary.BigEndian.PutUint64(hello[8:], epoch)
+	binary.BigEndian.PutUint64(hello[16:], uint64(size))
+	binary.BigEndian.PutUint16(hello[24:], uint16(len(name)))
+	copy(hello[26:], name)
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	} else {
+		c.SetDeadline(time.Now().Add(timeout))
+	}
+	var wb [welcomeLen]byte
+	if _, err = c.Write(hello); err == nil {
+		_, err = io.ReadFull(c, wb[:])
+	}
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("Failed mirror hello with %s for %q: %w: %w", addr, name, ErrPeerLost, err)
+	}
+	c.SetDeadline(time.Time{})
+	if binary.BigEndian.Uint32(wb[0:]) != welcomeMagic {
+		c.Close()
+		return nil, fmt.Errorf("Failed mirror hello with %s for %q: bad answer magic", addr, name)
+	}
+	peer := State{Role: Role(binary.BigEndian.Uint32(wb[8:])), Epoch: binary.BigEndian.Uint64(wb[16:])}
+	switch status := binary.BigEndian.Uint32(wb[4:]); status {
+	case statusOK:
+	case statusStale:
+		c.Close()
+		return nil, fmt.Errorf("Failed mirror hello with %s for %q: %w", addr, name, &StaleError{Peer: peer})
+	case statusUnknown:
+		c.Close()
+		return nil, fmt.Errorf("Failed mirror hello with %s: the peer has no volume %q", addr, name)
+	default:
+		c.Close()
+		return nil, fmt.Errorf("Failed mirror hello with %s for %q: refused with status %d (peer size %d, ours %d)", addr, name, status, binary.BigEndian.Uint64(wb[24:]), size)
+	}
+	l := &Link{conn: c, name: name, epoch: epoch, timeout: timeout, w: bufio.NewWriterSize(c, 256<<10),
+		pending: map[uint64]chan uint32{}, done: make(chan struct{})}
+	go l.readLoop()
+	return l, nil
+}
+
+// Epoch is the epoch this link sends with every request.
+func (l *Link) Epoch() uint64 { return l.epoch }
+
+func (l *Link) readLoop() {
+	r := bufio.NewReaderSize(l.conn, 64<<10)
+	var b [replyLen]byte
+	for {
+		if _, err := io.ReadFull(r, b[:]); err != nil {
+			l.kill(err)
+			return
+		}
+		if binary.BigEndian.Uint32(b[0:]) != replyMagic {
+			l.kill(errors.New("bad reply magic"))
+			return
+		}
+		cookie := binary.BigEndian.Uint64(b[8:])
+		l.mu.Lock()
+		ch, ok := l.pending[cookie]
+		delete(l.pending, cookie)
+		l.mu.Unlock()
+		if !ok {
+			l.kill(fmt.Errorf("reply for unknown request %d", cookie))
+			return
+		}
+		ch <- binary.BigEndian.Uint32(b[4:])
+	}
+}
+
+// kill marks the link dead and fails every request in flight.
+func (l *Link) kill(err error) {
+	l.mu.Lock()
+	if l.err == nil {
+		l.err = err
+		close(l.done)
+	}
+	l.mu.Unlock()
+	l.conn.Close()
+}
+
+func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
+	ch := make(chan uint32, 1)
+	l.mu.Lock()
+	if l.err != nil {
+		err := l.err
+		l.mu.Unlock()
+		return fmt.Errorf("%w: %w", ErrPeerLost, err)
+	}
+	l.next++
+	cookie := l.next
+	l.pending[cookie] = ch
+	l.mu.Unlock()
+
+	var h [requestLen]byte
+	binary.BigEndian.PutUint32(h[0:], requestMagic)
+	binary.BigEndian.PutUint16(h[4:], op)
+	binary.BigEndian.PutUint16(h[6:], flags)
+	binary.BigEndian.PutUint64(h[8:], cookie)
+	binary.BigEndian.PutUint64(h[16:], uint64(off))
+	binary.BigEndian.PutUint32(h[24:], uint32(n))
+	binary.BigEndian.PutUint64(h[28:], l.epoch)
+	l.wmu.Lock()
+	l.conn.SetWriteDeadline(time.Now().Add(l.timeout))
+	_, err := l.w.Write(h[:])
+	if err == nil && len(payload) > 0 {
+		_, err = l.w.Write(payload)
+	}
+	if err == nil {
+		err = l.w.Flush()
+	}
+	l.wmu.Unlock()
+	if err != nil {
+		l.kill(err)
+		return fmt.Errorf("%w: %w", ErrPeerLost, err)
+	}
+	if op == opWrite {
+		l.BytesSent.Add(int64(len(payload)))
+	}
+	timer := time.NewTimer(l.timeout)
+	defer timer.Stop()
+	select {
+	case st := <-ch:
+		switch st {
+		case statusOK:
+			return nil
+		case statusStale:
+			return &StaleError{Peer: State{Role: RoleStale, Epoch: 0}}
+		case statusNoSpace:
+			return fmt.Errorf("%w: %w", ErrPeerIO, nbd.ErrNoSpace)
+		default:
+			return fmt.Errorf("%w: status %d", ErrPeerIO, st)
+		}
+	case <-l.done:
+		l.mu.Lock()
+		err := l.err
+		l.mu.Unlock()
+		return fmt.Errorf("%w: %w", ErrPeerLost, err)
+	case <-timer.C:
+		l.kill(fmt.Errorf("request timed out after %v", l.timeout))
+		return fmt.Errorf("%w: request timed out after %v", ErrPeerLost, l.timeout)
+	}
+}
+
+func fuaFlag(fua bool) uint16 {
+	if fua {
+		return flagFUA
+	}
+	return 0
+}
+
+// WriteAt writes p at off on the peer.
+func (l *Link) WriteAt(p []byte, off int64, fua bool) error {
+	if len(p) > maxPayloadLen {
+		return fmt.Errorf("mirror write of %d bytes exceeds %d: %w", len(p), maxPayloadLen, nbd.ErrInvalid)
+	}
+	return l.call(opWrite, fuaFlag(fua), off, int64(len(p)), p)
+}
+
+// Trim discards a range on the peer.
+func (l *Link) Trim(off, length int64, fua bool) error {
+	return l.call(opTrim, fuaFlag(fua), off, length, nil)
+}
+
+// WriteZeroes zeroes a range on the peer.
+func (l *Link) WriteZeroes(off, length int64, noHole, fua bool) error {
+	f := fuaFlag(fua)
+	if noHole {
+		f |= flagNoHole
+	}
+	return l.call(opZero, f, off, length, nil)
+}
+
+// Flush makes every write the peer acknowledged durable on the peer.
+func (l *Link) Flush() error { return l.call(opFlush, 0, 0, 0, nil) }
+
+// ResyncDone tells the peer it holds every write of this link's epoch.
+func (l *Link) ResyncDone() error { return l.call(opResyncDone, 0, 0, 0, nil) }
+
+// Close ends the link; requests in flight fail with ErrPeerLost.
+func (l *Link) Close() error {
+	l.kill(net.ErrClosed)
+	return nil
+}

@@ -1,0 +1,476 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/nbd"
+)
+
+// Mode is how the replicating export currently treats writes.
+type Mode int
+
+// The modes of a Volume.
+const (
+	// ModeDegraded: writes go to the local export only and mark the bitmap.
+	ModeDegraded Mode = iota
+	// ModeResyncing: writes go to both sides while dirty regions are copied to the peer.
+	ModeResyncing
+	// ModeSynced: writes go to both sides and the bitmap is empty.
+	ModeSynced
+	// ModeFenced: the peer holds a newer epoch; every write is refused.
+	ModeFenced
+)
+
+var modeNames = [...]string{"degraded", "resyncing", "synced", "fenced"}
+
+// String is the mode's name as shown to operators.
+func (m Mode) String() string {
+	if m < 0 || int(m) >= len(modeNames) {
+		return fmt.Sprintf("mode(%d)", int(m))
+	}
+	return modeNames[m]
+}
+
+// ErrFenced is returned for writes on a side that learned its peer holds a newer epoch.
+var ErrFenced = errors.New("volume is fenced: the mirror peer holds a newer epoch")
+
+// Volume is the primary side of one mirrored volume: it wraps the local export and a
+// peer and implements the data path of nbd.Export (see Export for one connection's view).
+type Volume struct {
+	local nbd.Export
+	bm    *Bitmap
+	locks *rangeLock
+
+	// modeMu is held shared by every data operation and exclusively by mode changes
+	// that need no operation in flight (attaching a peer, declaring the pair synced).
+	modeMu sync.RWMutex
+	mu     sync.Mutex // guards peer, mode, pending
+	peer   Peer
+	mode   Mode
+	// pending holds regions written to the peer since its last successful FLUSH began,
+	// cur for new writes and one set per FLUSH in flight: a peer crash can lose them.
+	pendingCur      *regionSet
+	pendingFlushing []*regionSet
+
+	resyncMu     sync.Mutex
+	resyncBytes  atomic.Int64
+	resyncDone   atomic.Uint64
+	resyncTotal  atomic.Uint64
+	peerFailures atomic.Int64
+}
+
+// regionSet is a set of region numbers, compared by identity.
+type regionSet struct{ m map[uint64]struct{} }
+
+func newRegionSet() *regionSet { return &regionSet{m: map[uint64]struct{}{}} }
+
+// NewVolume wraps local with the dirty-region bitmap bm (which must match local's size).
+// The volume starts degraded; Resync attaches a peer and brings the pair in sync.
+func NewVolume(local nbd.Export, bm *Bitmap) (*Volume, error) {
+	if bm.size != local.Size() {
+		return nil, fmt.Errorf("Failed to create mirrored volume: bitmap is for %d bytes, export has %d", bm.size, local.Size())
+	}
+	return &Volume{local: local, bm: bm, locks: newRangeLock(), mode: ModeDegraded, pendingCur: newRegionSet()}, nil
+}
+
+// Mode returns the current mode.
+func (v *Volume) Mode() Mode {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.mode
+}
+
+// Bitmap returns the volume's dirty-region bitmap.
+func (v *Volume) Bitmap() *Bitmap { return v.bm }
+
+// ResyncProgress is how far the current or last resync got.
+type ResyncProgress struct {
+	// Done and Total count dirty regions of this pass.
+	Done, Total uint64
+	// Bytes counts bytes copied to the peer by resync since the volume was made.
+	Bytes int64
+}
+
+// Progress returns the resync progress.
+func (v *Volume) Progress() ResyncProgress {
+	return ResyncProgress{Done: v.resyncDone.Load(), Total: v.resyncTotal.Load(), Bytes: v.resyncBytes.Load()}
+}
+
+// PeerFailures counts how many times the peer was declared lost.
+func (v *Volume) PeerFailures() int64 { return v.peerFailures.Load() }
+
+func (v *Volume) currentPeer() (Peer, Mode) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.peer, v.mode
+}
+
+// markPending records that regions of [off, off+n) were sent to the peer and are not yet flushed there.
+func (v *Volume) markPending(off, n int64) {
+	first, last, ok := v.bm.span(off, n)
+	if !ok {
+		return
+	}
+	v.mu.Lock()
+	for r := first; r <= last; r++ {
+		v.pendingCur.m[r] = struct{}{}
+	}
+	v.mu.Unlock()
+}
+
+// absorbPendingLocked moves every pending region into the bitmap; v.mu is held.
+func (v *Volume) absorbPendingLocked() error {
+	regs := make([]uint64, 0, len(v.pendingCur.m))
+	for r := range v.pendingCur.m {
+		regs = append(regs, r)
+	}
+	for _, set := range v.pendingFlushing {
+		for r := range set.m {
+			regs = append(regs, r)
+		}
+	}
+	if err := v.bm.MarkRegions(regs); err != nil {
+		return err
+	}
+	v.pendingCur = newRegionSet()
+	v.pendingFlushing = nil
+	return nil
+}
+
+// peerFailed detaches p after err and goes degraded (or fenced on a stale answer); the
+// regions the peer may have lost are marked durably before it returns.
+func (v *Volume) peerFailed(p Peer, err error) error {
+	v.mu.Lock()
+	if v.peer == p {
+		v.peer = nil
+		v.peerFailures.Add(1)
+		var stale *StaleError
+		if errors.As(err, &stale) {
+			v.mode = ModeFenced
+		} else if v.mode != ModeFenced {
+			v.mode = ModeDegraded
+		}
+		p.Close()
+	}
+	aerr := v.absorbPendingLocked()
+	v.mu.Unlock()
+	if aerr != nil {
+		return aerr
+	}
+	if err := v.bm.Persist(); err != nil {
+		return fmt.Errorf("Failed to record dirty regions after losing the mirror peer: %w", err)
+	}
+	return nil
+}
+
+// mutate runs one write-like operation on both sides (or locally with the bitmap marked).
+func (v *Volume) mutate(off, n int64, local func() error, remote func(Peer) error) error {
+	if n == 0 {
+		return local()
+	}
+	lr := v.locks.lock(off, n)
+	defer v.locks.unlock(lr)
+	v.modeMu.RLock()
+	defer v.modeMu.RUnlock()
+	peer, mode := v.currentPeer()
+	if mode == ModeFenced {
+		return ErrFenced
+	}
+	if peer == nil {
+		// Degraded: the region is durably marked before the local disk can see the write.
+		if err := v.bm.MarkDurable(off, n); err != nil {
+			return fmt.Errorf("Failed to mark dirty region of a degraded mirrored volume: %w", err)
+		}
+		return local()
+	}
+	v.markPending(off, n)
+	perrc := make(chan error, 1)
+	go func() { perrc <- remote(peer) }()
+	lerr := local()
+	if perr := <-perrc; perr != nil {
+		if err := v.peerFailed(peer, perr); err != nil {
+			return err
+		}
+		if err := v.bm.MarkDurable(off, n); err != nil {
+			return fmt.Errorf("Failed to mark dirty region of a degraded mirrored volume: %w", err)
+		}
+		if v.Mode() == ModeFenced {
+			return ErrFenced
+		}
+	}
+	return lerr
+}
+
+// Size is the volume size.
+func (v *Volume) Size() int64 { return v.local.Size() }
+
+// ReadOnly reports whether the local export refuses writes.
+func (v *Volume) ReadOnly() bool { return v.local.ReadOnly() }
+
+// ReadAt reads from the local side only.
+func (v *Volume) ReadAt(p []byte, off int64) error { return v.local.ReadAt(p, off) }
+
+// WriteAt writes p on both sides (or locally while degraded).
+func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
+	return v.mutate(off, int64(len(p)),
+		func() error { return v.local.WriteAt(p, off, fua) },
+		func(pr Peer) error { return pr.WriteAt(p, off, fua) })
+}
+
+// Trim discards a range on both sides.
+func (v *Volume) Trim(off, length int64, fua bool) error {
+	return v.mutate(off, length,
+		func() error { return v.local.Trim(off, length, fua) },
+		func(pr Peer) error { return pr.Trim(off, length, fua) })
+}
+
+// WriteZeroes zeroes a range on both sides; a fast zero is tried locally first so a
+// refusal changes neither side.
+func (v *Volume) WriteZeroes(off, length int64, f nbd.ZeroFlags) error {
+	if f.Fast {
+		lr := v.locks.lock(off, length)
+		err := v.local.WriteZeroes(off, length, f)
+		v.locks.unlock(lr)
+		if err != nil {
+			return err
+		}
+		// Locally done; now the same (not necessarily fast) on the peer under the normal rules.
+		f.Fast = false
+		return v.mutate(off, length,
+			func() error { return nil },
+			func(pr Peer) error { return pr.WriteZeroes(off, length, f.NoHole, f.FUA) })
+	}
+	return v.mutate(off, length,
+		func() error { return v.local.WriteZeroes(off, length, f) },
+		func(pr Peer) error { return pr.WriteZeroes(off, length, f.NoHole, f.FUA) })
+}
+
+// Flush makes every completed write durable on both sides (locally, with the bitmap, while degraded).
+func (v *Volume) Flush() error {
+	v.modeMu.RLock()
+	defer v.modeMu.RUnlock()
+	v.mu.Lock()
+	peer := v.peer
+	if peer == nil {
+		err := v.absorbPendingLocked()
+		v.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if err := v.bm.Persist(); err != nil {
+			return err
+		}
+		return v.local.Flush()
+	}
+	gen := v.pendingCur
+	v.pendingCur = newRegionSet()
+	v.pendingFlushing = append(v.pendingFlushing, gen)
+	v.mu.Unlock()
+
+	perrc := make(chan error, 1)
+	go func() { perrc <- peer.Flush() }()
+	lerr := v.local.Flush()
+	if perr := <-perrc; perr != nil {
+		if err := v.peerFailed(peer, perr); err != nil {
+			return err
+		}
+		return lerr
+	}
+	v.mu.Lock()
+	for i, s := range v.pendingFlushing {
+		if s == gen {
+			v.pendingFlushing = append(v.pendingFlushing[:i], v.pendingFlushing[i+1:]...)
+			break
+		}
+	}
+	v.mu.Unlock()
+	return lerr
+}
+
+// Cache passes the prefetch hint to the local side.
+func (v *Volume) Cache(off, length int64) error { return v.local.Cache(off, length) }
+
+// Extents describes the local side's allocation.
+func (v *Volume) Extents(off, length int64) ([]nbd.Extent, error) {
+	return v.local.Extents(off, length)
+}
+
+// Export returns the view of the volume one NBD connection opens; its Close does not
+// close the volume.
+func (v *Volume) Export() nbd.Export { return connExport{v} }
+
+type connExport struct{ *Volume }
+
+func (connExport) Close() error { return nil }
+
+var _ nbd.Export = connExport{}
+
+// Detach drops the peer (if any) and goes degraded, marking whatever it may lack.
+func (v *Volume) Detach() error {
+	peer, _ := v.currentPeer()
+	if peer == nil {
+		return nil
+	}
+	return v.peerFailed(peer, errors.New("detached"))
+}
+
+// ResyncOptions tune Resync.
+type ResyncOptions struct {
+	// Rate limits copied bytes per second; 0 means unlimited.
+	Rate int64
+	// BatchRegions is how many regions are copied between peer FLUSHes (and bitmap
+	// updates); 0 means 16. It bounds the work redone after an interruption.
+	BatchRegions int
+}
+
+// Resync attaches peer and copies every dirty region to it while client writes go to
+// both sides; when no region is left the pair is synced and the peer is told so. On
+// error or cancellation the peer is detached again and the bitmap keeps every region
+// not yet copied and flushed, so a later Resync resumes there.
+func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) error {
+	if !v.resyncMu.TryLock() {
+		return errors.New("Failed to start resync: a resync is already running")
+	}
+	defer v.resyncMu.Unlock()
+	if opt.Rate < 0 || opt.BatchRegions < 0 {
+		return fmt.Errorf("Failed to start resync: invalid options %+v", opt)
+	}
+	if opt.BatchRegions == 0 {
+		opt.BatchRegions = 16
+	}
+	v.modeMu.Lock()
+	v.mu.Lock()
+	if v.mode == ModeFenced {
+		v.mu.Unlock()
+		v.modeMu.Unlock()
+		return fmt.Errorf("Failed to start resync: %w", ErrFenced)
+	}
+	if v.peer != nil {
+		v.mu.Unlock()
+		v.modeMu.Unlock()
+		return errors.New("Failed to start resync: a peer is already attached")
+	}
+	err := v.absorbPendingLocked()
+	if err == nil {
+		v.peer, v.mode = peer, ModeResyncing
+	}
+	v.mu.Unlock()
+	v.modeMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("Failed to start resync: %w", err)
+	}
+	if err := v.bm.Persist(); err != nil {
+		v.Detach()
+		return fmt.Errorf("Failed to start resync: %w", err)
+	}
+	if err := v.copyDirty(ctx, peer, opt); err != nil {
+		if derr := v.detachPeer(peer); derr != nil {
+			return errors.Join(err, derr)
+		}
+		return err
+	}
+	return nil
+}
+
+func (v *Volume) detachPeer(p Peer) error {
+	cur, _ := v.currentPeer()
+	if cur != p {
+		return nil
+	}
+	return v.peerFailed(p, errors.New("resync stopped"))
+}
+
+func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) error {
+	region := v.bm.RegionSize()
+	size := v.Size()
+	buf := make([]byte, region)
+	start := time.Now()
+	var copied int64
+	for {
+		dirty := v.bm.Dirty()
+		v.resyncDone.Store(0)
+		v.resyncTotal.Store(uint64(len(dirty)))
+		for i := 0; i < len(dirty); i += opt.BatchRegions {
+			batch := dirty[i:min(i+opt.BatchRegions, len(dirty))]
+			for _, r := range batch {
+				if err := ctx.Err(); err != nil {
+					return fmt.Errorf("Resync interrupted: %w", err)
+				}
+				off := int64(r) * region
+				n := min(region, size-off)
+				if err := v.copyRegion(peer, buf[:n], off); err != nil {
+					return err
+				}
+				copied += n
+				v.resyncBytes.Add(n)
+				if opt.Rate > 0 {
+					due := start.Add(time.Duration(float64(copied) / float64(opt.Rate) * float64(time.Second)))
+					if d := time.Until(due); d > 0 {
+						t := time.NewTimer(d)
+						select {
+						case <-ctx.Done():
+							t.Stop()
+							return fmt.Errorf("Resync interrupted: %w", ctx.Err())
+						case <-t.C:
+						}
+					}
+				}
+			}
+			// Bits are cleared only once the peer has made the copies durable.
+			if err := peer.Flush(); err != nil {
+				v.peerFailed(peer, err)
+				return fmt.Errorf("Resync failed to flush the peer: %w", err)
+			}
+			for _, r := range batch {
+				v.bm.Clear(r)
+			}
+			if err := v.bm.Persist(); err != nil {
+				return fmt.Errorf("Resync failed to record progress: %w", err)
+			}
+			v.resyncDone.Add(uint64(len(batch)))
+		}
+		// Declare the pair synced with no write in flight, if nothing new got dirty.
+		v.modeMu.Lock()
+		v.mu.Lock()
+		if v.peer != peer {
+			v.mu.Unlock()
+			v.modeMu.Unlock()
+			return fmt.Errorf("Resync failed: %w", ErrPeerLost)
+		}
+		if v.bm.Count() == 0 {
+			v.mode = ModeSynced
+			v.mu.Unlock()
+			v.modeMu.Unlock()
+			if err := peer.ResyncDone(); err != nil {
+				v.peerFailed(peer, err)
+				return fmt.Errorf("Resync failed to hand over the epoch: %w", err)
+			}
+			return nil
+		}
+		v.mu.Unlock()
+		v.modeMu.Unlock()
+	}
+}
+
+// copyRegion copies one region to the peer under the range lock, so a client write to
+// it cannot be overtaken by older data.
+func (v *Volume) copyRegion(peer Peer, buf []byte, off int64) error {
+	lr := v.locks.lock(off, int64(len(buf)))
+	defer v.locks.unlock(lr)
+	if cur, _ := v.currentPeer(); cur != peer {
+		return fmt.Errorf("Resync failed: %w", ErrPeerLost)
+	}
+	if err := v.local.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("Resync failed to read region at %d: %w", off, err)
+	}
+	if err := peer.WriteAt(buf, off, false); err != nil {
+		v.peerFailed(peer, err)
+		return fmt.Errorf("Resync failed to write region at %d to the peer: %w", off, err)
+	}
+	return nil
+}
