@@ -120,9 +120,6 @@ func Compute(customerID, month string, segments []Segment, traffic map[string]in
 		if s.TrafficBytes > allowance[s.ServerID] {
 			allowance[s.ServerID] = s.TrafficBytes
 		}
-		if _, ok := allowance[s.ServerID]; !ok {
-			allowance[s.ServerID] = 0
-		}
 		names[s.ServerID] = s.ServerName
 	}
 	ids := make([]string, 0, len(traffic))
