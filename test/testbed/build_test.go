@@ -12,6 +12,8 @@ import (
 // directory (reusing the downloaded kernel package) and checks that every output is
 // byte for byte the one in GuestDir, and that a second run skips the build.
 func TestGuestBuildIsReproducible(t *testing.T) {
+	// Mostly waiting (or unrelated to the others): overlap with the other parallel tests.
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("builds the guest: skipped with -short")
 	}

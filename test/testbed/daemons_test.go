@@ -19,6 +19,8 @@ import (
 // reaches the guest on the guest network and verifies its disk writer's blocks on the
 // controller's export.
 func TestDaemonsBootGuestFromStoraged(t *testing.T) {
+	// Mostly waiting (or unrelated to the others): overlap with the other parallel tests.
+	t.Parallel()
 	t0 := time.Now()
 	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(t0).Seconds(), what) }
 	bed := New(t, Options{Hosts: 1})
@@ -98,7 +100,7 @@ func TestDaemonsBootGuestFromStoraged(t *testing.T) {
 			seen = len(b)
 		}
 	}()
-	ready, err := con.WaitReady(0, 90*time.Second)
+	ready, err := con.WaitReady(0, bootTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,8 @@ import (
 // QEMU exits by itself; and after a restart on the same disks the disk writer verifies
 // the blocks already written and resumes after the last acknowledged one.
 func TestGuestPowerOffAndWriterResume(t *testing.T) {
+	// Mostly waiting (or unrelated to the others): overlap with the other parallel tests.
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("boots QEMU guests: skipped with -short")
 	}
