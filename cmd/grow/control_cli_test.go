@@ -131,6 +131,16 @@ func TestControlPlaneCLI(t *testing.T) {
 	expect(alice, 0, "server", "stop", "web1")
 	expect(alice, exitAuth, "server", "resize", "web1", "--plan", "D")
 	expect(alice, exitAuth, "customer", "list")
+	// Evacuating web1's host moves it to the other host and leaves the first in maintenance.
+	expect(admin, 0, "host", "add", "h1", "--agent-url", "http://127.0.0.1:1", "--agent-token", "x", "--cpus", "4", "--memory", "4GiB")
+	expect(alice, 0, "server", "start", "web1")
+	expect(admin, 0, "host", "evacuate", "h0")
+	if err := json.Unmarshal([]byte(expect(admin, 0, "server", "list", "--host", "h1", "-o", "json")), &svs); err != nil || len(svs) != 1 {
+		t.Fatalf("after evacuating h0, h1 carries %+v (%v)", svs, err)
+	}
+	if out := expect(admin, 0, "host", "list"); !strings.Contains(out, "maintenance") {
+		t.Fatalf("host list after evacuate:\n%s", out)
+	}
 	expect(admin, 0, "server", "delete", "web1")
 	expect(admin, exitNotFound, "server", "show", "web1")
 	if out := expect(admin, 0, "completion", "bash"); !strings.Contains(out, "grow") {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -122,8 +123,50 @@ func init() {
 			return cpErr(c.DeleteHost(ctx, args[0]))
 		},
 	}
+	o4 := &cpOpts{}
+	evacuate := &cobra.Command{
+		Use:   "evacuate NAME",
+		Short: "Put a host in maintenance and live-migrate every server off it (placement picks the targets)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o4.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := cpCtx()
+			defer cancel()
+			h, err := c.UpdateHost(ctx, args[0], client.HostRequest{State: "maintenance"})
+			if err != nil {
+				return cpErr(err)
+			}
+			svs, err := c.ListServers(ctx, client.ServerFilter{Host: h.ID})
+			if err != nil {
+				return cpErr(err)
+			}
+			var failed []string
+			for _, s := range svs {
+				if s.State != "running" {
+					failed = append(failed, fmt.Sprintf("%s (%s, not running: move it after starting it)", s.Name, s.State))
+					continue
+				}
+				op, err := c.ServerAction(ctx, s.ID, "migrate", client.ActionRequest{})
+				if err == nil {
+					err = o4.follow(ctx, c, cmd, op)
+				}
+				if err != nil {
+					failed = append(failed, fmt.Sprintf("%s (%v)", s.Name, err))
+				}
+			}
+			if len(failed) > 0 {
+				return &ExitError{Code: exitConflict, Err: fmt.Errorf("Host %s is in maintenance but still carries: %s", h.Name, strings.Join(failed, "; "))}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "Host %s is in maintenance and carries no server\n", h.Name)
+			return nil
+		},
+	}
+	o4.addFlags(evacuate)
 	lo.addFlags(list)
 	o2.addFlags(maint)
 	o3.addFlags(remove)
-	hostCmd.AddCommand(add, list, maint, remove)
+	hostCmd.AddCommand(add, list, maint, remove, evacuate)
 }
