@@ -350,10 +350,10 @@ func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) error
 		v.modeMu.Unlock()
 		return fmt.Errorf("Failed to start resync: %w", ErrFenced)
 	}
-	if v.peer != nil {
+	if v.peer != nil || peer == nil {
 		v.mu.Unlock()
 		v.modeMu.Unlock()
-		return errors.New("Failed to start resync: a peer is already attached")
+		return errors.New("Failed to start resync: a peer is already attached, or none was given")
 	}
 	err := v.absorbPendingLocked()
 	if err == nil {

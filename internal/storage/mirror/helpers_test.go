@@ -1,0 +1,179 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/nbd"
+)
+
+// fileExport is a real file used as a controller's local export in tests.
+type fileExport struct {
+	f         *os.File
+	size      int64
+	syncs     atomic.Int64
+	fuaWrites atomic.Int64
+}
+
+func newFileExport(t *testing.T, name string, size int64) *fileExport {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return &fileExport{f: f, size: size}
+}
+
+func (x *fileExport) Size() int64    { return x.size }
+func (x *fileExport) ReadOnly() bool { return false }
+func (x *fileExport) ReadAt(p []byte, off int64) error {
+	_, err := x.f.ReadAt(p, off)
+	return err
+}
+func (x *fileExport) WriteAt(p []byte, off int64, fua bool) error {
+	if _, err := x.f.WriteAt(p, off); err != nil {
+		return err
+	}
+	if fua {
+		x.fuaWrites.Add(1)
+		return x.Flush()
+	}
+	return nil
+}
+func (x *fileExport) Flush() error {
+	x.syncs.Add(1)
+	return x.f.Sync()
+}
+func (x *fileExport) zero(off, n int64, fua bool) error {
+	return x.WriteAt(make([]byte, n), off, fua)
+}
+func (x *fileExport) Trim(off, n int64, fua bool) error { return x.zero(off, n, fua) }
+func (x *fileExport) WriteZeroes(off, n int64, f nbd.ZeroFlags) error {
+	if f.Fast {
+		return nbd.ErrFastZeroUnsupported
+	}
+	return x.zero(off, n, f.FUA)
+}
+func (x *fileExport) Cache(off, n int64) error { return nil }
+func (x *fileExport) Extents(off, n int64) ([]nbd.Extent, error) {
+	return []nbd.Extent{{Length: n}}, nil
+}
+func (x *fileExport) Close() error { return nil }
+
+// secondary is the peer controller of a test: a target on a file, served over loopback TCP.
+type secondary struct {
+	t      *testing.T
+	disk   *fileExport
+	target *Target
+	srv    *LinkServer
+	addr   string
+	done   chan error
+}
+
+func startSecondary(t *testing.T, disk *fileExport, s State) *secondary {
+	sec := &secondary{t: t, disk: disk, target: NewTarget(disk, s)}
+	sec.start()
+	t.Cleanup(sec.kill)
+	return sec
+}
+
+// start serves the target on a new ephemeral port (a restarted controller).
+func (s *secondary) start() {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.srv = &LinkServer{Lookup: func(name string) (*Target, bool) { return s.target, name == "vol" }}
+	s.addr = l.Addr().String()
+	s.done = make(chan error, 1)
+	go func() { s.done <- s.srv.Serve(l) }()
+}
+
+// kill drops the listener and every connection at once, like kill -9 of the controller.
+func (s *secondary) kill() {
+	if s.srv == nil {
+		return
+	}
+	s.srv.Close()
+	if err := <-s.done; err != nil {
+		s.t.Errorf("link server: %v", err)
+	}
+	s.srv = nil
+}
+
+func (s *secondary) dial(epoch uint64) *Link {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, err := DialLink(ctx, s.addr, "vol", s.disk.size, epoch, 5*time.Second)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return l
+}
+
+// newPrimary makes a degraded volume over a new file with its bitmap in a temp dir.
+func newPrimary(t *testing.T, size int64) (*Volume, *fileExport, string) {
+	t.Helper()
+	disk := newFileExport(t, "primary.img", size)
+	path := filepath.Join(t.TempDir(), "vol.bitmap")
+	bm, err := OpenBitmap(path, size, DefaultRegionSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bm.Close() })
+	v, err := NewVolume(disk, bm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Detach() })
+	return v, disk, path
+}
+
+// sameContent compares two exports region by region and returns the regions that differ.
+func sameContent(t *testing.T, a, b *fileExport, region int64) []uint64 {
+	t.Helper()
+	var diff []uint64
+	ba, bb := make([]byte, region), make([]byte, region)
+	for off := int64(0); off < a.size; off += region {
+		n := min(region, a.size-off)
+		if err := a.ReadAt(ba[:n], off); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.ReadAt(bb[:n], off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(ba[:n], bb[:n]) {
+			diff = append(diff, uint64(off/region))
+		}
+	}
+	return diff
+}
+
+func pattern(seed, n int) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(seed*131 + i*7 + i>>9)
+	}
+	return p
+}
+
+func mustMode(t *testing.T, v *Volume, want Mode) {
+	t.Helper()
+	if got := v.Mode(); got != want {
+		t.Fatalf("mode %v, want %v", got, want)
+	}
+}
+
+func fmtRegions(r []uint64) string { return fmt.Sprint(r) }

@@ -1,0 +1,423 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/nbd"
+)
+
+const testSize = 64 << 20
+
+// syncedPair builds a primary volume and a secondary controller in sync at epoch 1.
+func syncedPair(t *testing.T) (*Volume, *fileExport, *secondary, string) {
+	v, disk, path := newPrimary(t, testSize)
+	sec := startSecondary(t, newFileExport(t, "secondary.img", testSize), State{RoleSecondary, 1})
+	if err := v.Resync(context.Background(), sec.dial(1), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	mustMode(t, v, ModeSynced)
+	if got := v.Progress().Bytes; got != 0 {
+		t.Fatalf("resync of a new pair copied %d bytes", got)
+	}
+	return v, disk, sec, path
+}
+
+func TestMirroredWritesLandOnBoth(t *testing.T) {
+	v, disk, sec, _ := syncedPair(t)
+	ex := v.Export()
+	var wg sync.WaitGroup
+	var sent, fuas atomic.Int64
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 9))
+			for i := 0; i < 150; i++ {
+				// Small window so concurrent writes overlap often: both sides must still agree.
+				off := rng.Int64N(4<<20) + int64(g%2)*(32<<20)
+				n := 1 + rng.Int64N(256<<10)
+				var err error
+				switch rng.IntN(10) {
+				case 0:
+					err = ex.Trim(off, n, false)
+				case 1:
+					err = ex.WriteZeroes(off, n, nbd.ZeroFlags{NoHole: true})
+				case 2:
+					err = ex.WriteZeroes(off, n, nbd.ZeroFlags{Fast: true})
+					if errors.Is(err, nbd.ErrFastZeroUnsupported) {
+						err = nil
+					}
+				case 3:
+					err = ex.WriteAt(pattern(g*1000+i, int(n)), off, true)
+					fuas.Add(1)
+					sent.Add(n)
+				default:
+					err = ex.WriteAt(pattern(g*1000+i, int(n)), off, false)
+					sent.Add(n)
+				}
+				if err != nil {
+					t.Errorf("op %d of writer %d: %v", i, g, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	syncsBefore := sec.disk.syncs.Load()
+	if err := ex.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if sec.disk.syncs.Load() <= syncsBefore {
+		t.Fatal("FLUSH did not reach the secondary's disk")
+	}
+	if got := sec.disk.fuaWrites.Load(); got != fuas.Load() {
+		t.Fatalf("secondary saw %d FUA writes, the client sent %d", got, fuas.Load())
+	}
+	if got := sec.target.BytesWritten.Load(); got != sent.Load() {
+		t.Fatalf("secondary applied %d write bytes, the client wrote %d", got, sent.Load())
+	}
+	mustMode(t, v, ModeSynced)
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in regions %v", d)
+	}
+	if v.Bitmap().Count() != 0 {
+		t.Fatalf("a synced pair marked regions %v", v.Bitmap().Dirty())
+	}
+	// Reads are local: corrupt the secondary and the client still reads the primary's data.
+	want := make([]byte, 4096)
+	disk.ReadAt(want, 1<<20)
+	sec.disk.WriteAt(make([]byte, 4096), 1<<20, false)
+	got := make([]byte, 4096)
+	if err := ex.ReadAt(got, 1<<20); err != nil || !slices.Equal(got, want) {
+		t.Fatalf("read did not come from the primary (err %v)", err)
+	}
+}
+
+func TestPeerLossDegradesAndResyncCopiesOnlyDirty(t *testing.T) {
+	v, disk, sec, path := syncedPair(t)
+	ex := v.Export()
+	for i := 0; i < 64; i++ {
+		if err := ex.WriteAt(pattern(i, 64<<10), int64(i)<<20, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ex.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sec.kill()
+
+	// Writes go on without an error and mark exactly the regions they touch.
+	want := []uint64{0, 3, 4, 17, 18, 40, 63}
+	writes := [][2]int64{{10, 100}, {3<<20 + 5, 1<<20 - 5}, {4 << 20, 4096}, {18<<20 - 1, 2}, {40<<20 + 999, 64 << 10}, {testSize - 4096, 4096}}
+	for i, w := range writes {
+		if err := ex.WriteAt(pattern(100+i, int(w[1])), w[0], false); err != nil {
+			t.Fatalf("write %d after the peer died: %v", i, err)
+		}
+	}
+	if err := ex.Flush(); err != nil {
+		t.Fatalf("flush while degraded: %v", err)
+	}
+	mustMode(t, v, ModeDegraded)
+	if got := v.Bitmap().Dirty(); !slices.Equal(got, want) {
+		t.Fatalf("dirty regions %v, want %v", got, want)
+	}
+	// The marks are on disk.
+	bm2, err := OpenBitmap(path, testSize, DefaultRegionSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := bm2.Dirty(); !slices.Equal(got, want) {
+		t.Fatalf("persisted dirty regions %v, want %v", got, want)
+	}
+	bm2.Close()
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); !slices.Equal(d, want) {
+		t.Fatalf("sides differ in %v, want exactly %v", d, want)
+	}
+
+	// The secondary comes back stale at epoch 1; the primary went on at epoch 2.
+	sec.target.SetState(State{RoleStale, 1})
+	sec.start()
+	before := sec.target.BytesWritten.Load()
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	mustMode(t, v, ModeSynced)
+	copied := sec.target.BytesWritten.Load() - before
+	if wantBytes := int64(len(want)) * DefaultRegionSize; copied != wantBytes || v.Progress().Bytes != wantBytes {
+		t.Fatalf("resync copied %d bytes (progress says %d), want %d", copied, v.Progress().Bytes, wantBytes)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("after resync sides differ in %v", d)
+	}
+	if st := sec.target.State(); st != (State{RoleSecondary, 2}) {
+		t.Fatalf("secondary is %v@%d after resync, want secondary@2", st.Role, st.Epoch)
+	}
+	if v.Bitmap().Count() != 0 {
+		t.Fatalf("bitmap still marks %v", v.Bitmap().Dirty())
+	}
+	// Mirrored again.
+	if err := ex.WriteAt(pattern(7, 4096), 9<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("write after resync not mirrored: %v", d)
+	}
+}
+
+func TestPeerKilledMidStream(t *testing.T) {
+	v, disk, sec, _ := syncedPair(t)
+	ex := v.Export()
+	var written sync.Map // regions any writer touched
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var ops atomic.Int64
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 77))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := rng.Int64N(testSize - 128<<10)
+				n := 4096 + rng.Int64N(124<<10)
+				for r := off >> 20; r <= (off+n-1)>>20; r++ {
+					written.Store(uint64(r), true)
+				}
+				if err := ex.WriteAt(pattern(g*100000+i, int(n)), off, false); err != nil {
+					t.Errorf("writer %d: %v", g, err)
+					return
+				}
+				if i%50 == 0 {
+					if err := ex.Flush(); err != nil {
+						t.Errorf("flush: %v", err)
+						return
+					}
+				}
+				ops.Add(1)
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	killedAt := ops.Load()
+	sec.kill()
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if ops.Load() <= killedAt+20 {
+		t.Fatalf("writes stalled after the peer died: %d before, %d in all", killedAt, ops.Load())
+	}
+	mustMode(t, v, ModeDegraded)
+	if v.PeerFailures() != 1 {
+		t.Fatalf("%d peer failures, want 1", v.PeerFailures())
+	}
+	dirty := v.Bitmap().Dirty()
+	// Every region that differs is marked; nothing is marked that no one wrote.
+	for _, r := range sameContent(t, disk, sec.disk, DefaultRegionSize) {
+		if !slices.Contains(dirty, r) {
+			t.Fatalf("region %d differs between the sides but is not marked (dirty %s)", r, fmtRegions(dirty))
+		}
+	}
+	for _, r := range dirty {
+		if _, ok := written.Load(r); !ok {
+			t.Fatalf("region %d marked but never written", r)
+		}
+	}
+	sec.target.SetState(State{RoleStale, 1})
+	sec.start()
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("after resync sides differ in %v", d)
+	}
+	t.Logf("%d ops, %d dirty regions of %d resynced", ops.Load(), len(dirty), testSize>>20)
+}
+
+// degradedWith returns a synced pair whose peer died after n regions were written.
+func degradedWith(t *testing.T, n int) (*Volume, *fileExport, *secondary, string) {
+	v, disk, sec, path := syncedPair(t)
+	sec.kill()
+	for i := 0; i < n; i++ {
+		if err := v.WriteAt(pattern(i, 8192), int64(i)<<20+100, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustMode(t, v, ModeDegraded)
+	if got := v.Bitmap().Count(); got != uint64(n) {
+		t.Fatalf("%d dirty regions, want %d", got, n)
+	}
+	sec.target.SetState(State{RoleStale, 1})
+	sec.start()
+	return v, disk, sec, path
+}
+
+func TestResyncResumesAfterInterruption(t *testing.T) {
+	const n = 40
+	v, disk, sec, path := degradedWith(t, n)
+	// 20 MiB/s: 40 regions take 2 s; stop after about a third.
+	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := v.Resync(ctx, sec.dial(2), ResyncOptions{Rate: 20 << 20, BatchRegions: 4})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("interrupted resync returned %v", err)
+	}
+	mustMode(t, v, ModeDegraded)
+	left := v.Bitmap().Count()
+	if left == 0 || left >= n {
+		t.Fatalf("%d of %d regions left after an interrupted resync", left, n)
+	}
+	// The rate limit held: no more than about 0.7 s worth was copied.
+	if b := v.Progress().Bytes; float64(b) > 1.2*20*(1<<20)*time.Since(start).Seconds()+float64(DefaultRegionSize) {
+		t.Fatalf("copied %d bytes in %v at a 20 MiB/s limit", b, time.Since(start))
+	}
+	bm2, err := OpenBitmap(path, testSize, DefaultRegionSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bm2.Count() != left {
+		t.Fatalf("persisted bitmap has %d regions, memory %d", bm2.Count(), left)
+	}
+	bm2.Close()
+
+	// A write while degraded marks a region already copied again.
+	if err := v.WriteAt(pattern(99, 100), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	firstPass := v.Progress().Bytes
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{BatchRegions: 4}); err != nil {
+		t.Fatal(err)
+	}
+	mustMode(t, v, ModeSynced)
+	total := v.Progress().Bytes
+	second := total - firstPass
+	if second > int64(left+1)*DefaultRegionSize {
+		t.Fatalf("resumed resync copied %d bytes for %d regions left: it did not resume", second, left+1)
+	}
+	// At most one batch is copied twice.
+	if total > int64(n+1+4)*DefaultRegionSize {
+		t.Fatalf("resync copied %d bytes in all for %d dirty regions", total, n+1)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("after resumed resync sides differ in %v", d)
+	}
+}
+
+func TestResyncInterruptedByPeerLoss(t *testing.T) {
+	const n = 30
+	v, disk, sec, _ := degradedWith(t, n)
+	errc := make(chan error, 1)
+	go func() {
+		errc <- v.Resync(context.Background(), sec.dial(2), ResyncOptions{Rate: 30 << 20, BatchRegions: 2})
+	}()
+	time.Sleep(300 * time.Millisecond)
+	sec.kill()
+	if err := <-errc; !errors.Is(err, ErrPeerLost) {
+		t.Fatalf("resync with a dead peer returned %v, want ErrPeerLost", err)
+	}
+	mustMode(t, v, ModeDegraded)
+	left := v.Bitmap().Count()
+	if left == 0 || left >= n {
+		t.Fatalf("%d of %d regions left", left, n)
+	}
+	sec.start()
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+}
+
+// Writes racing with a resync of the same regions never leave old data on the peer.
+func TestWritesDuringResync(t *testing.T) {
+	const n = 48
+	v, disk, sec, _ := degradedWith(t, n)
+	errc := make(chan error, 1)
+	go func() { errc <- v.Resync(context.Background(), sec.dial(2), ResyncOptions{Rate: 100 << 20}) }()
+	rng := rand.New(rand.NewPCG(5, 5))
+	for i := 0; i < 300; i++ {
+		off := rng.Int64N(int64(n) << 20)
+		if err := v.WriteAt(pattern(1000+i, 3000), off, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	mustMode(t, v, ModeSynced)
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+}
+
+// A primary whose peer moved to a newer epoch is fenced: its write reaches neither disk.
+func TestDeposedPrimaryIsFenced(t *testing.T) {
+	v, disk, sec, _ := syncedPair(t)
+	if err := v.WriteAt(pattern(1, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	sec.target.SetState(State{RolePrimaryDegraded, 2}) // the partner took over at epoch 2
+	before := make([]byte, 4096)
+	sec.disk.ReadAt(before, 8192)
+	if err := v.WriteAt(pattern(2, 4096), 8192, false); !errors.Is(err, ErrFenced) {
+		t.Fatalf("write of a deposed primary returned %v, want ErrFenced", err)
+	}
+	mustMode(t, v, ModeFenced)
+	after := make([]byte, 4096)
+	sec.disk.ReadAt(after, 8192)
+	if !slices.Equal(before, after) {
+		t.Fatal("the new primary's disk took a write from the deposed one")
+	}
+	if err := v.WriteAt(pattern(3, 10), 0, false); !errors.Is(err, ErrFenced) {
+		t.Fatalf("second write: %v, want ErrFenced", err)
+	}
+	if err := v.Resync(context.Background(), nil, ResyncOptions{}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("resync from a fenced side: %v, want ErrFenced", err)
+	}
+	_ = disk
+}
+
+func TestLinkHelloRefusals(t *testing.T) {
+	sec := startSecondary(t, newFileExport(t, "s.img", 8<<20), State{RoleSecondary, 3})
+	ctx := context.Background()
+	for _, e := range []uint64{2, 4} {
+		_, err := DialLink(ctx, sec.addr, "vol", 8<<20, e, time.Second)
+		var stale *StaleError
+		if !errors.As(err, &stale) || stale.Peer != (State{RoleSecondary, 3}) {
+			t.Fatalf("epoch %d against secondary@3: %v", e, err)
+		}
+	}
+	if _, err := DialLink(ctx, sec.addr, "other", 8<<20, 3, time.Second); err == nil {
+		t.Fatal("hello for an unknown volume succeeded")
+	}
+	if _, err := DialLink(ctx, sec.addr, "vol", 4<<20, 3, time.Second); err == nil {
+		t.Fatal("hello with the wrong size succeeded")
+	}
+	if _, err := DialLink(ctx, sec.addr, "", 8<<20, 3, time.Second); err == nil {
+		t.Fatal("hello with no name succeeded")
+	}
+	l, err := DialLink(ctx, sec.addr, "vol", 8<<20, 3, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.WriteAt(make([]byte, 10), 8<<20-5, false); !errors.Is(err, ErrPeerIO) {
+		t.Fatalf("out-of-range write over the link: %v", err)
+	}
+	sec.kill()
+	if err := l.Flush(); !errors.Is(err, ErrPeerLost) {
+		t.Fatalf("flush over a dead link: %v, want ErrPeerLost", err)
+	}
+}
