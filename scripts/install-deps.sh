@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(qemu-system-x86 qemu-utils libnbd-bin nbdkit fio busybox-static socat iproute2 nftables
-      cpio xz-utils zstd kmod ca-certificates openssl debootstrap e2fsprogs fdisk genisoimage)
+      cpio xz-utils zstd kmod ca-certificates openssl debootstrap e2fsprogs fdisk genisoimage binutils)
 if [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
 	pkgs+=(postgresql-15)
 fi
