@@ -255,7 +255,7 @@ func runScenario(t *testing.T, backend string) {
 	phase("web1 created")
 	resp := c.query(t, "web1", testbed.GuestPrefix+"10")
 	web1 := c.server(t, "web1")
-	c.console(t, "web1")
+	c.console(t, "web1", "echo console-ok-$((40+2))", "console-ok-42")
 	if web1.IPv4 != testbed.GuestPrefix+"10" {
 		t.Fatalf("web1 has address %s", web1.IPv4)
 	}
@@ -273,6 +273,8 @@ func runScenario(t *testing.T, backend string) {
 		phase("web1 restarted to see its new disk")
 	}
 	resp = c.query(t, "web1", testbed.GuestPrefix+"10")
+	// The guest itself sees the 20 GiB disk (41943040 sectors of 512 bytes).
+	c.console(t, "web1", "echo vda-sectors=$(cat /sys/block/vda/size)-end", "vda-sectors=41943040-end")
 
 	// Migrate: the server moves to the other host and the guest keeps counting.
 	src := c.hostIndex(t, web1.HostID)
@@ -430,8 +432,9 @@ func (c *cluster) gone(t *testing.T, sv client.Server) {
 }
 
 // console attaches to a server's serial console through the control plane, expects the
-// scrollback with the ready line, and runs a command in the guest's shell.
-func (c *cluster) console(t *testing.T, name string) {
+// scrollback with the ready line, runs command in the guest's shell and waits for want
+// (which must differ from the echoed command line).
+func (c *cluster) console(t *testing.T, name, command, want string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -452,9 +455,8 @@ func (c *cluster) console(t *testing.T, name string) {
 		}
 	}
 	until("GROW-READY hostname=" + name)
-	// The arithmetic makes the answer differ from the echoed input.
-	if err := ws.Write(ctx, websocket.MessageBinary, []byte("\necho console-ok-$((40+2))\n")); err != nil {
+	if err := ws.Write(ctx, websocket.MessageBinary, []byte("\n"+command+"\n")); err != nil {
 		t.Fatal(err)
 	}
-	until("console-ok-42")
+	until(want)
 }
