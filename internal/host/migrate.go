@@ -240,11 +240,24 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	if err := mon.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
 		return fmt.Errorf("Failed to set migration parameters: %w", err)
 	}
-	v.setState(hostapi.StateMigrating)
+	// Remember where the guest is going, so that a restarted agent can settle it.
+	v.mu.Lock()
+	v.rec.State = hostapi.StateMigrating
+	v.rec.MigratingTo = &migrationTarget{URL: req.TargetURL, Token: req.TargetToken}
+	perr := v.persistDurableLocked()
+	v.mu.Unlock()
+	if perr != nil {
+		v.setState(hostapi.StateRunning)
+		return perr
+	}
 	defer func() {
 		if err != nil && !destOwns {
 			v.resumeAfterFailedMigration()
 		}
+		v.mu.Lock()
+		v.rec.MigratingTo = nil
+		_ = v.persistLocked()
+		v.mu.Unlock()
 	}()
 	o.update(func(op *hostapi.Operation) { op.Message = "migrating to " + reply.URI })
 	if err := mon.Execute(ctx, "migrate", map[string]any{"uri": reply.URI}, nil); err != nil {
@@ -360,6 +373,13 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 	}
 	*destOwns = true
 	o.update(func(op *hostapi.Operation) { op.Message = "destination running; removing the source" })
+	v.dropMigrated(ctx)
+	return nil
+}
+
+// dropMigrated ends the local QEMU of a VM that now runs on another host and forgets it.
+func (v *vm) dropMigrated(ctx context.Context) {
+	name := v.name
 	inst := v.instance()
 	v.mu.Lock()
 	v.expectExit = "migrated away"
@@ -379,5 +399,59 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 	if err := removeAll(v.dir); err != nil {
 		a.log.Warn("Failed to remove files of migrated VM", "vm", name, "err", err)
 	}
-	return nil
+}
+
+// recoverMigration settles a migration that a previous agent left in flight (the record
+// names its destination): if the destination runs the guest, the local QEMU goes;
+// otherwise the migration is cancelled, the destination's copy removed and the guest
+// runs here.
+func (v *vm) recoverMigration() {
+	v.mu.Lock()
+	mt := v.rec.MigratingTo
+	v.mu.Unlock()
+	inst := v.instance()
+	if mt == nil || inst == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	log := v.a.log.With("vm", v.name, "target", mt.URL)
+	target, err := agentclient.New(mt.URL, mt.Token)
+	if err != nil {
+		log.Error("Cannot settle an interrupted migration", "err", err)
+		return
+	}
+	info, err := inst.Monitor.QueryMigrate(ctx)
+	if err == nil && info.Status != "completed" && info.Status != "failed" && info.Status != "cancelled" && info.Status != "none" {
+		_ = inst.Monitor.Execute(ctx, "migrate_cancel", nil, nil)
+		v.waitMigrationEnd(ctx)
+		info, err = inst.Monitor.QueryMigrate(ctx)
+	}
+	if err == nil && info.Status == "completed" {
+		// The guest may already run there: wait a little for the destination to say so.
+		for i := 0; i < 100; i++ {
+			vmi, gerr := target.Get(ctx, v.name)
+			if gerr == nil && vmi.State == hostapi.StateRunning {
+				log.Info("Interrupted migration had completed; the destination owns the VM")
+				v.dropMigrated(ctx)
+				return
+			}
+			if gerr != nil || vmi.State != hostapi.StateIncoming {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if err := target.Delete(ctx, v.name, true); err != nil && !agentclient.IsNotFound(err) {
+		// Never resume here while a copy that might run is left there.
+		log.Error("Cannot remove the destination's copy of an interrupted migration; the VM stays paused here", "err", err)
+		v.setState(hostapi.StatePaused)
+		return
+	}
+	v.resumeAfterFailedMigration()
+	v.mu.Lock()
+	v.rec.MigratingTo = nil
+	_ = v.persistDurableLocked()
+	v.mu.Unlock()
+	log.Info("Interrupted migration rolled back; the VM runs here")
 }

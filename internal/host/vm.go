@@ -31,6 +31,14 @@ type record struct {
 	// read from the live taps (to notice a tap recreated behind our back).
 	Counters hostapi.Counters   `json:"counters"`
 	TapSeen  []hostapi.Counters `json:"tap_seen,omitempty"`
+	// MigratingTo names the destination while the VM migrates out (the file is 0600).
+	MigratingTo *migrationTarget `json:"migrating_to,omitempty"`
+}
+
+// migrationTarget is the destination agent of a migration in flight.
+type migrationTarget struct {
+	URL   string `json:"url"`
+	Token string `json:"token"`
 }
 
 // vm is one VM of the agent. opMu serialises lifecycle operations; mu guards rec and inst.
@@ -444,6 +452,17 @@ func (v *vm) recover(ctx context.Context) {
 	v.console.attach(inst.Exited())
 	go v.watch(inst)
 	v.a.log.Info("Reattached to running VM", "vm", v.name, "pid", pid, "status", st)
+	v.mu.Lock()
+	migrating := v.rec.MigratingTo != nil
+	v.mu.Unlock()
+	if migrating {
+		// Settled in the background, holding the VM's operation lock.
+		go func() {
+			v.opMu.Lock()
+			defer v.opMu.Unlock()
+			v.recoverMigration()
+		}()
+	}
 }
 
 // detach drops the agent's connections to QEMU without touching the process.

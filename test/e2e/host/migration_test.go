@@ -3,6 +3,7 @@ package host_test
 import (
 	"bufio"
 	"context"
+	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"os/exec"
 	"regexp"
@@ -300,4 +301,64 @@ func TestMigration(t *testing.T) {
 	if _, err := testbed.VerifyBlocksFile(g.DataFile, slots, s2); err != nil {
 		t.Fatalf("acknowledged blocks up to %d do not verify after the kill: %v", s2, err)
 	}
+}
+
+// TestMigrationAgentRestart kills the source agent half-way through a migration: the
+// restarted agent finds the migration in its record, rolls it back, and the guest keeps
+// running on the source with nothing left on the destination.
+func TestMigrationAgentRestart(t *testing.T) {
+	t.Parallel()
+	b := hostbed.New(t, 2)
+	ctx := context.Background()
+	g := hostbed.NewGuest(t, "restarter", 31, false, "counter", "responder")
+	h0, h1 := b.Hosts[0], b.Hosts[1]
+	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
+		t.Fatal(err)
+	}
+	if err := h0.API.Start(ctx, "restarter"); err != nil {
+		t.Fatal(err)
+	}
+	b.WaitProbe(t, g.IP, 180*time.Second)
+	// The source agent dies half-way through a migration and comes back: it settles the
+	// migration it left (here: rolls it back), the guest runs on the source, nothing is
+	// left on the destination.
+	op, err := h0.API.Migrate(ctx, "restarter", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: h1.Token, ListenHost: h1.IP, BandwidthMiBps: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		cur, err := h0.API.Operation(ctx, op.ID)
+		if err != nil || cur.Status != hostapi.OpRunning {
+			t.Fatalf("throttled migration: %+v %v", cur, err)
+		}
+		if cur.Progress > 0.02 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("throttled migration made no progress: %+v", cur)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	h0.Stop(syscall.SIGKILL)
+	h0.Start(t)
+	hostbed.WaitState(t, h0, "restarter", hostapi.StateRunning, 60*time.Second)
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		_, err := h1.API.Get(ctx, "restarter")
+		if agentclient.IsNotFound(err) && len(hostbed.QEMUPIDsUnder(h1.Data)) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the destination still has the VM after the source agent settled the migration: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_, c3, s3 := b.WaitProbe(t, g.IP, 20*time.Second)
+	time.Sleep(time.Second)
+	_, c4, s4 := b.WaitProbe(t, g.IP, 10*time.Second)
+	if c4 <= c3 || s4 < s3 {
+		t.Fatalf("guest not progressing on the source after the agent restart: counter %d -> %d, acked %d -> %d", c3, c4, s3, s4)
+	}
+
 }
