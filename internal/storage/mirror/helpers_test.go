@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -177,3 +178,84 @@ func mustMode(t *testing.T, v *Volume, want Mode) {
 }
 
 func fmtRegions(r []uint64) string { return fmt.Sprint(r) }
+
+// volatileExport keeps writes in a volatile cache until Flush, like a controller's page
+// cache: crash drops what was not flushed.
+type volatileExport struct {
+	*fileExport
+	mu    sync.Mutex
+	queue []queuedWrite
+}
+
+type queuedWrite struct {
+	off  int64
+	data []byte
+}
+
+func (x *volatileExport) WriteAt(p []byte, off int64, fua bool) error {
+	x.mu.Lock()
+	x.queue = append(x.queue, queuedWrite{off, bytes.Clone(p)})
+	x.mu.Unlock()
+	if fua {
+		return x.Flush()
+	}
+	return nil
+}
+
+func (x *volatileExport) Trim(off, n int64, fua bool) error {
+	return x.WriteAt(make([]byte, n), off, fua)
+}
+func (x *volatileExport) WriteZeroes(off, n int64, f nbd.ZeroFlags) error {
+	return x.WriteAt(make([]byte, n), off, f.FUA)
+}
+
+func (x *volatileExport) ReadAt(p []byte, off int64) error {
+	if err := x.fileExport.ReadAt(p, off); err != nil {
+		return err
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for _, w := range x.queue {
+		lo, hi := max(off, w.off), min(off+int64(len(p)), w.off+int64(len(w.data)))
+		if lo < hi {
+			copy(p[lo-off:hi-off], w.data[lo-w.off:hi-w.off])
+		}
+	}
+	return nil
+}
+
+func (x *volatileExport) Flush() error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for _, w := range x.queue {
+		if _, err := x.f.WriteAt(w.data, w.off); err != nil {
+			return err
+		}
+	}
+	x.queue = nil
+	return x.fileExport.Flush()
+}
+
+// crash drops every write not yet flushed.
+func (x *volatileExport) crash() {
+	x.mu.Lock()
+	x.queue = nil
+	x.mu.Unlock()
+}
+
+// slowPeer delays full-region writes (resync copies) by delay, after signalling started.
+type slowPeer struct {
+	Peer
+	region  int
+	delay   time.Duration
+	started chan struct{}
+	once    sync.Once
+}
+
+func (s *slowPeer) WriteAt(p []byte, off int64, fua bool) error {
+	if len(p) == s.region {
+		s.once.Do(func() { close(s.started) })
+		time.Sleep(s.delay)
+	}
+	return s.Peer.WriteAt(p, off, fua)
+}

@@ -421,3 +421,68 @@ func TestLinkHelloRefusals(t *testing.T) {
 		t.Fatalf("flush over a dead link: %v, want ErrPeerLost", err)
 	}
 }
+
+// Writes the secondary acknowledged but had not flushed when it crashed are marked dirty,
+// and writes covered by a completed FLUSH are not.
+func TestUnflushedPeerWritesAreMarkedOnPeerCrash(t *testing.T) {
+	v, disk, _ := newPrimary(t, testSize)
+	vol := &volatileExport{fileExport: newFileExport(t, "secondary.img", testSize)}
+	target := NewTarget(vol, State{RoleSecondary, 1})
+	sec := &secondary{t: t, disk: vol.fileExport, target: target}
+	sec.start()
+	t.Cleanup(sec.kill)
+	if err := v.Resync(context.Background(), sec.dial(1), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ex := v.Export()
+	write := func(region int64, seed int) {
+		t.Helper()
+		if err := ex.WriteAt(pattern(seed, 4096), region<<20+512, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(2, 1)
+	if err := ex.Flush(); err != nil { // region 2 is durable on both
+		t.Fatal(err)
+	}
+	write(5, 2)
+	write(6, 3) // acknowledged by the secondary, in its volatile cache only
+	sec.kill()
+	vol.crash()
+	write(9, 4) // the peer is gone: degraded
+	mustMode(t, v, ModeDegraded)
+	want := []uint64{5, 6, 9}
+	if got := v.Bitmap().Dirty(); !slices.Equal(got, want) {
+		t.Fatalf("dirty %v, want %v", got, want)
+	}
+	if d := sameContent(t, disk, vol.fileExport, DefaultRegionSize); !slices.Equal(d, want) {
+		t.Fatalf("sides differ in %v, want %v", d, want)
+	}
+	target.SetState(State{RoleStale, 1})
+	sec.start()
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, vol.fileExport, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("after resync sides differ in %v", d)
+	}
+}
+
+// A client write into a region while resync copies it waits, so older data from the
+// copy can never land on the peer after the newer write.
+func TestResyncCopyDoesNotOverwriteNewerWrite(t *testing.T) {
+	v, disk, sec, _ := degradedWith(t, 4)
+	slow := &slowPeer{Peer: sec.dial(2), region: DefaultRegionSize, delay: 200 * time.Millisecond, started: make(chan struct{})}
+	errc := make(chan error, 1)
+	go func() { errc <- v.Resync(context.Background(), slow, ResyncOptions{}) }()
+	<-slow.started // region 0 has been read and is on its way to the peer
+	if err := v.WriteAt(pattern(42, 4096), 1000, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+}
