@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/host/qemu"
 	"github.com/growserver/grow/internal/network"
@@ -425,6 +426,10 @@ func (v *vm) recover(ctx context.Context) {
 	inst, err := qemu.Attach(ctx, cfg, pid, v.onEvent)
 	if err != nil {
 		v.a.log.Warn("QEMU of VM gone while the agent was down", "vm", v.name, "err", err)
+		if mt := v.rec.MigratingTo; mt != nil {
+			// It may have gone because the migration completed: the VM then lives on.
+			go v.forgetIfMigrated(*mt)
+		}
 		v.cleanupHost()
 		v.mu.Lock()
 		v.rec.State, v.rec.PID, v.rec.Incoming = hostapi.StateStopped, 0, false
@@ -463,6 +468,26 @@ func (v *vm) recover(ctx context.Context) {
 			v.recoverMigration()
 		}()
 	}
+}
+
+// forgetIfMigrated drops the record of a VM whose QEMU vanished while it migrated out,
+// if the destination reports that it runs the guest.
+func (v *vm) forgetIfMigrated(mt migrationTarget) {
+	target, err := agentclient.New(mt.URL, mt.Token)
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	vmi, err := target.Get(ctx, v.name)
+	if err != nil || vmi.State != hostapi.StateRunning {
+		v.a.log.Warn("VM stopped during a migration and the destination does not run it", "vm", v.name, "err", err)
+		return
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.a.log.Info("VM migrated while the agent was down; forgetting it here", "vm", v.name, "target", mt.URL)
+	v.dropMigrated(ctx)
 }
 
 // detach drops the agent's connections to QEMU without touching the process.
