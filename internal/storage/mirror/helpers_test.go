@@ -259,3 +259,41 @@ func (s *slowPeer) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	return s.Peer.WriteAt(p, off, fua)
 }
+
+func newFileExportB(b *testing.B, name string, size int64) *fileExport {
+	f, err := os.Create(filepath.Join(b.TempDir(), name))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	return &fileExport{f: f, size: size}
+}
+
+func newPrimaryB(b *testing.B, size int64) (*Volume, *fileExport) {
+	disk := newFileExportB(b, "primary.img", size)
+	bm, err := OpenBitmap(filepath.Join(b.TempDir(), "vol.bitmap"), size, DefaultRegionSize)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { bm.Close() })
+	v, err := NewVolume(disk, bm)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { v.Detach() })
+	return v, disk
+}
+
+func (s *secondary) startB(b *testing.B) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	s.srv = &LinkServer{Lookup: func(name string) (*Target, bool) { return s.target, name == "vol" }}
+	s.addr = l.Addr().String()
+	s.done = make(chan error, 1)
+	go func() { s.done <- s.srv.Serve(l) }()
+}

@@ -256,18 +256,23 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 	}
 
 	var wmu sync.Mutex
+	var senders atomic.Int32
 	w := bufio.NewWriterSize(c, 4096)
 	reply := func(cookie uint64, status uint32) {
 		var b [replyLen]byte
 		binary.BigEndian.PutUint32(b[0:], replyMagic)
 		binary.BigEndian.PutUint32(b[4:], status)
 		binary.BigEndian.PutUint64(b[8:], cookie)
+		senders.Add(1)
 		wmu.Lock()
 		defer wmu.Unlock()
-		if _, err := w.Write(b[:]); err == nil {
-			if err := w.Flush(); err != nil {
-				c.Close()
-			}
+		_, err := w.Write(b[:])
+		// Replies queued behind this one will flush; only the last one pays the syscall.
+		if senders.Add(-1) == 0 && err == nil {
+			err = w.Flush()
+		}
+		if err != nil {
+			c.Close()
 		}
 	}
 	sem := make(chan struct{}, maxServerJobs)
@@ -355,8 +360,9 @@ type Link struct {
 	epoch   uint64
 	timeout time.Duration
 
-	wmu sync.Mutex
-	w   *bufio.Writer
+	wmu     sync.Mutex
+	w       *bufio.Writer
+	senders atomic.Int32 // requests waiting to write; the last one flushes the buffer
 
 	mu      sync.Mutex
 	pending map[uint64]chan uint32
@@ -482,13 +488,15 @@ func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
 	binary.BigEndian.PutUint64(h[16:], uint64(off))
 	binary.BigEndian.PutUint32(h[24:], uint32(n))
 	binary.BigEndian.PutUint64(h[28:], l.epoch)
+	l.senders.Add(1)
 	l.wmu.Lock()
 	l.conn.SetWriteDeadline(time.Now().Add(l.timeout))
 	_, err := l.w.Write(h[:])
 	if err == nil && len(payload) > 0 {
 		_, err = l.w.Write(payload)
 	}
-	if err == nil {
+	// Requests queued behind this one will flush; only the last sender pays the syscall.
+	if l.senders.Add(-1) == 0 && err == nil {
 		err = l.w.Flush()
 	}
 	l.wmu.Unlock()

@@ -1,0 +1,70 @@
+package mirror
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/nbd"
+)
+
+// benchTargets returns the unmirrored local export and a mirrored volume over loopback,
+// each on its own file, so one run compares them side by side.
+func benchTargets(b *testing.B) map[string]nbd.Export {
+	size := int64(256 << 20)
+	plain := newFileExportB(b, "plain.img", size)
+	v, _ := newPrimaryB(b, size)
+	sec := newFileExportB(b, "secondary.img", size)
+	s := &secondary{t: nil, disk: sec, target: NewTarget(sec, State{RoleSecondary, 1})}
+	s.startB(b)
+	b.Cleanup(func() { s.srv.Close(); <-s.done })
+	l, err := DialLink(context.Background(), s.addr, "vol", size, 1, 30*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := v.Resync(context.Background(), l, ResyncOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	return map[string]nbd.Export{"local": plain, "mirrored": v.Export()}
+}
+
+func benchWrites(b *testing.B, n int, random bool) {
+	for _, name := range []string{"local", "mirrored"} {
+		b.Run(name, func(b *testing.B) {
+			ex := benchTargets(b)[name]
+			size := ex.Size()
+			var seq atomic.Int64
+			b.SetBytes(int64(n))
+			b.SetParallelism(8) // 8 x GOMAXPROCS requests in flight, like a guest's queue
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := pattern(1, n)
+				rng := rand.New(rand.NewPCG(rand.Uint64(), 1))
+				for pb.Next() {
+					var off int64
+					if random {
+						off = rng.Int64N(size/int64(n)) * int64(n)
+					} else {
+						off = (seq.Add(1) * int64(n)) % size
+					}
+					if err := ex.WriteAt(buf, off, false); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			if err := ex.Flush(); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// BenchmarkWrite4KRandom compares 4 KiB random writes, mirrored against unmirrored.
+func BenchmarkWrite4KRandom(b *testing.B) { benchWrites(b, 4096, true) }
+
+// BenchmarkWrite1MSequential compares 1 MiB sequential writes, mirrored against unmirrored.
+func BenchmarkWrite1MSequential(b *testing.B) { benchWrites(b, 1<<20, false) }
