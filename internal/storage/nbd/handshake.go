@@ -42,6 +42,8 @@ type conn struct {
 	readOnly   bool
 	budget     *budget
 	handlers   sync.WaitGroup
+	work       chan *request // hands a request to an idle worker (unbuffered)
+	workers    sync.WaitGroup
 	replies    chan *request
 	writerDone chan struct{}
 	out        []byte      // writer-owned output buffer

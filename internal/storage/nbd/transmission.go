@@ -65,12 +65,15 @@ func (c *conn) transmit() error {
 	n := c.maxInFlight()
 	c.budget = newBudget(n, c.maxBufferBytes())
 	c.replies = make(chan *request, n)
+	c.work = make(chan *request)
 	c.writerDone = make(chan struct{})
 	c.out = make([]byte, 0, outBufferSize)
 	go c.writer()
 	err := c.readLoop()
 	// Every request already read is served and answered before the connection closes.
 	c.handlers.Wait()
+	close(c.work)
+	c.workers.Wait()
 	close(c.replies)
 	<-c.writerDone
 	c.closeExport()
@@ -127,7 +130,28 @@ func (c *conn) readLoop() error {
 			}
 		}
 		c.handlers.Add(1)
-		go r.serve()
+		c.dispatch(r)
+	}
+}
+
+// dispatch hands r to an idle worker of the connection, or starts a new worker when
+// none is idle. Workers live as long as the connection, so their stacks, grown once
+// by the deep export call chain, are reused instead of being grown again (copied) for
+// every request; their number never exceeds the requests in flight (the budget).
+func (c *conn) dispatch(r *request) {
+	select {
+	case c.work <- r:
+	default:
+		c.workers.Add(1)
+		go c.worker(r)
+	}
+}
+
+// worker serves r, then every request handed to it, until the connection ends.
+func (c *conn) worker(r *request) {
+	defer c.workers.Done()
+	for ok := true; ok; r, ok = <-c.work {
+		r.serve()
 	}
 }
 
