@@ -36,6 +36,8 @@ const (
 	maxNameLen    = 1024
 	maxPayloadLen = 32 << 20
 	maxServerJobs = 64
+	// maxServerBytes bounds the write payload one connection holds in memory at once.
+	maxServerBytes = 64 << 20
 )
 
 // Operations of the mirror link.
@@ -276,6 +278,7 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 		}
 	}
 	sem := make(chan struct{}, maxServerJobs)
+	mem := newByteBudget(maxServerBytes)
 	var jobs sync.WaitGroup
 	defer jobs.Wait()
 	for {
@@ -297,15 +300,17 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 			if n > maxPayloadLen {
 				return fmt.Errorf("mirror write of %d bytes exceeds %d", n, maxPayloadLen)
 			}
+			mem.acquire(n)
 			payload = make([]byte, n)
 			if _, err := io.ReadFull(r, payload); err != nil {
+				mem.release(n)
 				return err
 			}
 		}
 		sem <- struct{}{}
 		jobs.Add(1)
 		go func() {
-			defer func() { <-sem; jobs.Done() }()
+			defer func() { mem.release(int64(len(payload))); <-sem; jobs.Done() }()
 			reply(cookie, s.execute(t, op, flags, off, n, reqEpoch, payload))
 		}()
 	}
@@ -547,13 +552,26 @@ func (l *Link) WriteAt(p []byte, off int64, fua bool) error {
 	return l.call(opWrite, fuaFlag(fua), off, int64(len(p)), p)
 }
 
+func checkLength(op string, length int64) error {
+	if length < 0 || length > 0xffffffff {
+		return fmt.Errorf("mirror %s of %d bytes does not fit a request: %w", op, length, nbd.ErrInvalid)
+	}
+	return nil
+}
+
 // Trim discards a range on the peer.
 func (l *Link) Trim(off, length int64, fua bool) error {
+	if err := checkLength("trim", length); err != nil {
+		return err
+	}
 	return l.call(opTrim, fuaFlag(fua), off, length, nil)
 }
 
 // WriteZeroes zeroes a range on the peer.
 func (l *Link) WriteZeroes(off, length int64, noHole, fua bool) error {
+	if err := checkLength("zero", length); err != nil {
+		return err
+	}
 	f := fuaFlag(fua)
 	if noHole {
 		f |= flagNoHole
@@ -571,4 +589,37 @@ func (l *Link) ResyncDone() error { return l.call(opResyncDone, 0, 0, 0, nil) }
 func (l *Link) Close() error {
 	l.kill(net.ErrClosed)
 	return nil
+}
+
+// byteBudget bounds bytes held at once; one request larger than the budget waits for all others.
+type byteBudget struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	max  int64
+	used int64
+}
+
+func newByteBudget(max int64) *byteBudget {
+	b := &byteBudget{max: max}
+	b.cond = sync.NewCond(&b.mu)
+	return b
+}
+
+func (b *byteBudget) acquire(n int64) {
+	b.mu.Lock()
+	for b.used > 0 && b.used+n > b.max {
+		b.cond.Wait()
+	}
+	b.used += n
+	b.mu.Unlock()
+}
+
+func (b *byteBudget) release(n int64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.used -= n
+	b.mu.Unlock()
+	b.cond.Broadcast()
 }
