@@ -23,7 +23,7 @@ import (
 //	POST   /v1/vms                        define (body: VMSpec)
 //	GET    /v1/vms/{name}                 status
 //	DELETE /v1/vms/{name}[?force=1]       delete
-//	POST   /v1/vms/{name}/start|stop|reboot|kill|resize|migrate
+//	POST   /v1/vms/{name}/start|stop|reboot|kill|resize|migrate|announce
 //	GET    /v1/vms/{name}/counters        traffic counters
 //	GET    /v1/vms/{name}/console         websocket: serial console (scrollback first)
 //	GET    /v1/vms/{name}/console/log     console scrollback as text
@@ -82,6 +82,8 @@ func (a *Agent) Handler(token string) http.Handler {
 				return
 			}
 			reply(w, http.StatusOK, nil, a.Resize(ctx, name, req))
+		case "announce":
+			reply(w, http.StatusOK, nil, a.Announce(name))
 		case "migrate":
 			var req hostapi.MigrateRequest
 			if !readJSON(w, r, &req) {

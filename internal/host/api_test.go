@@ -65,10 +65,11 @@ func TestAPIDefineListDelete(t *testing.T) {
 		t.Fatalf("get missing: %v", err)
 	}
 	for name, call := range map[string]func() error{
-		"stop":   func() error { return c.Stop(ctx, "one", 0) },
-		"reboot": func() error { return c.Reboot(ctx, "one") },
-		"kill":   func() error { return c.Kill(ctx, "one") },
-		"resize": func() error { return c.Resize(ctx, "one", hostapi.ResizeRequest{VCPUs: 2}) },
+		"stop":     func() error { return c.Stop(ctx, "one", 0) },
+		"reboot":   func() error { return c.Reboot(ctx, "one") },
+		"kill":     func() error { return c.Kill(ctx, "one") },
+		"resize":   func() error { return c.Resize(ctx, "one", hostapi.ResizeRequest{VCPUs: 2}) },
+		"announce": func() error { return c.Announce(ctx, "one") },
 	} {
 		if err := call(); !agentclient.IsConflict(err) {
 			t.Errorf("%s of a defined VM: %v", name, err)

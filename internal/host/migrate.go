@@ -118,6 +118,22 @@ func (v *vm) listenIncoming(ctx context.Context, host string) (string, error) {
 	return uri, nil
 }
 
+// Announce points the network at this host for a VM that is arriving (its QEMU
+// waits for or runs after a migration): frames for it then queue at its taps here
+// until the guest runs.
+func (a *Agent) Announce(name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	info := v.info()
+	if v.instance() == nil || (info.State != hostapi.StateIncoming && info.State != hostapi.StateRunning) {
+		return fmt.Errorf("VM %q is %s: %w", name, info.State, ErrConflict)
+	}
+	v.announce(info.Spec.NICs, info.Taps)
+	return nil
+}
+
 // setMigrationCaps sets the capabilities both ends of a migration must agree on.
 func setMigrationCaps(ctx context.Context, exec func(context.Context, string, any, any) error) error {
 	caps := []map[string]any{
@@ -250,9 +266,22 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 		v.setState(hostapi.StateRunning)
 		return perr
 	}
+	events := make(chan string, 16)
+	v.mu.Lock()
+	v.migEvents = events
+	v.mu.Unlock()
+	announced := false
 	defer func() {
+		v.mu.Lock()
+		v.migEvents = nil
+		v.mu.Unlock()
 		if err != nil && !destOwns {
 			v.resumeAfterFailedMigration()
+			if announced {
+				// The network was pointed at the destination: point it back here.
+				info := v.info()
+				v.announce(info.Spec.NICs, info.Taps)
+			}
 		}
 		v.mu.Lock()
 		v.rec.MigratingTo = nil
@@ -272,6 +301,22 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 			return fmt.Errorf("Migration cancelled")
 		case <-inst.Exited():
 			return fmt.Errorf("QEMU exited during migration: %s", inst.ExitReason())
+		case st := <-events:
+			// "device": the guest has just stopped here for the switch-over. Point the
+			// network at the destination now, so that frames for the guest wait in its
+			// taps there (QEMU reads them once the guest runs) instead of being lost
+			// in ours.
+			if st == "device" && !announced {
+				announced = true
+				go func() {
+					actx, cancel := context.WithTimeout(bg, 5*time.Second)
+					defer cancel()
+					if err := target.Announce(actx, spec.Name); err != nil {
+						v.a.log.Warn("Early announce on the destination failed", "vm", v.name, "err", err)
+					}
+				}()
+			}
+			continue
 		case <-time.After(20 * time.Millisecond):
 		}
 		info, err := mon.QueryMigrate(bg)

@@ -56,6 +56,8 @@ type vm struct {
 	expectExit string
 	// hotplugged is set once memory or vCPUs were added to the running QEMU.
 	hotplugged bool
+	// migEvents, while this VM migrates out, receives QEMU's migration states.
+	migEvents chan string
 }
 
 func (v *vm) markHotplugged() {
@@ -244,6 +246,17 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 // onEvent follows QEMU's run state from QMP events.
 func (v *vm) onEvent(ev qemu.Event) {
 	switch ev.Event {
+	case "MIGRATION":
+		st, _ := ev.Data["status"].(string)
+		v.mu.Lock()
+		ch := v.migEvents
+		v.mu.Unlock()
+		if ch != nil {
+			select {
+			case ch <- st:
+			default:
+			}
+		}
 	case "STOP":
 		v.mu.Lock()
 		if v.rec.State == hostapi.StateRunning {
@@ -264,12 +277,17 @@ func (v *vm) onEvent(ev qemu.Event) {
 		if cameIn {
 			// The guest now runs here: say so on the network at once rather than
 			// when the (possibly slow) guest gets to it.
-			for i, n := range nics {
-				if i < len(taps) {
-					if err := network.Announce(n.Bridge, taps[i], n.MAC); err != nil {
-						v.a.log.Warn("Failed to announce a migrated NIC", "vm", v.name, "tap", taps[i], "err", err)
-					}
-				}
+			v.announce(nics, taps)
+		}
+	}
+}
+
+// announce points the network at this host's taps for the VM's NICs.
+func (v *vm) announce(nics []hostapi.NIC, taps []string) {
+	for i, n := range nics {
+		if i < len(taps) {
+			if err := network.Announce(n.Bridge, taps[i], n.MAC); err != nil {
+				v.a.log.Warn("Failed to announce a NIC", "vm", v.name, "tap", taps[i], "err", err)
 			}
 		}
 	}

@@ -203,6 +203,11 @@ func (c *Client) Migrate(ctx context.Context, name string, req hostapi.MigrateRe
 	return out, c.do(ctx, http.MethodPost, vmPath(name, "/migrate"), req, &out)
 }
 
+// Announce makes the agent point the network at its taps for an arriving VM.
+func (c *Client) Announce(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodPost, vmPath(name, "/announce"), nil, nil)
+}
+
 // PrepareIncoming makes the agent start a VM waiting for a migration; it returns the URI to migrate to.
 func (c *Client) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest) (hostapi.IncomingReply, error) {
 	var out hostapi.IncomingReply
