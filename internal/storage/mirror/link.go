@@ -382,13 +382,21 @@ type Link struct {
 // A refusal of the epoch returns a *StaleError carrying the peer's state. timeout bounds every
 // request; a request that takes longer kills the link (the peer is then treated as lost).
 func DialLink(ctx context.Context, addr, name string, size int64, epoch uint64, timeout time.Duration) (*Link, error) {
-	if name == "" || len(name) > maxNameLen {
-		return nil, fmt.Errorf("Failed to dial mirror peer %s: invalid volume name %q", addr, name)
-	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("Failed to dial mirror peer %s: %w: %w", addr, ErrPeerLost, err)
+	}
+	return NewLink(ctx, c, name, size, epoch, timeout)
+}
+
+// NewLink runs the hello on an established connection c (plain TCP, or TLS from
+// tls.Client for a link that must be encrypted) and returns the link; on error c is closed.
+func NewLink(ctx context.Context, c net.Conn, name string, size int64, epoch uint64, timeout time.Duration) (*Link, error) {
+	addr := c.RemoteAddr().String()
+	if name == "" || len(name) > maxNameLen || timeout <= 0 {
+		c.Close()
+		return nil, fmt.Errorf("Failed to open mirror link to %s: invalid volume name %q or timeout %v", addr, name, timeout)
 	}
 	hello := make([]byte, 26+len(name))
 	copy(hello, helloMagic)
@@ -402,7 +410,8 @@ func DialLink(ctx context.Context, addr, name string, size int64, epoch uint64, 
 		c.SetDeadline(time.Now().Add(timeout))
 	}
 	var wb [welcomeLen]byte
-	if _, err = c.Write(hello); err == nil {
+	_, err := c.Write(hello)
+	if err == nil {
 		_, err = io.ReadFull(c, wb[:])
 	}
 	if err != nil {

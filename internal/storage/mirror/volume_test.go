@@ -486,3 +486,39 @@ func TestResyncCopyDoesNotOverwriteNewerWrite(t *testing.T) {
 		t.Fatalf("sides differ in %v", d)
 	}
 }
+
+// A primary that crashed while degraded restarts with its bitmap and resyncs only the
+// regions marked before the crash.
+func TestRestartWhileDegradedKeepsDirtyRegions(t *testing.T) {
+	v, disk, sec, path := degradedWith(t, 5)
+	if err := v.WriteAt(pattern(1, 10), 50<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	want := v.Bitmap().Dirty()
+	// Crash: the process is gone without Detach, Flush or Close.
+	bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bm.Close()
+	if got := bm.Dirty(); !slices.Equal(got, want) {
+		t.Fatalf("after restart dirty %v, want %v", got, want)
+	}
+	v2, err := NewVolume(disk, bm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustMode(t, v2, ModeDegraded)
+	if err := v2.Resync(context.Background(), sec.dial(2), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got, wantB := v2.Progress().Bytes, int64(len(want))*DefaultRegionSize; got != wantB {
+		t.Fatalf("resync after restart copied %d bytes, want %d", got, wantB)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+	if _, err := NewVolume(newFileExport(t, "small.img", 1<<20), bm); err == nil {
+		t.Fatal("NewVolume accepted a bitmap of another size")
+	}
+}
