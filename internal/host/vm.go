@@ -229,7 +229,8 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 	} else {
 		v.rec.State = hostapi.StateRunning
 	}
-	err = v.persistDurableLocked()
+	// No fsync: the pid only matters while QEMU runs, which a power loss ends too.
+	err = v.persistLocked()
 	v.mu.Unlock()
 	if err != nil {
 		v.mu.Lock()
