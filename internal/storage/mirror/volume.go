@@ -169,7 +169,8 @@ func (v *Volume) peerFailed(p Peer, err error) error {
 }
 
 // mutate runs one write-like operation on both sides (or locally with the bitmap marked).
-func (v *Volume) mutate(off, n int64, local func() error, remote func(Peer) error) error {
+// With localFirst the peer is only asked once the local side succeeded.
+func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remote func(Peer) error) error {
 	if n == 0 {
 		return local()
 	}
@@ -189,10 +190,19 @@ func (v *Volume) mutate(off, n int64, local func() error, remote func(Peer) erro
 		return local()
 	}
 	v.markPending(off, n)
-	perrc := make(chan error, 1)
-	go func() { perrc <- remote(peer) }()
-	lerr := local()
-	if perr := <-perrc; perr != nil {
+	var lerr, perr error
+	if localFirst {
+		if lerr = local(); lerr != nil {
+			return lerr
+		}
+		perr = remote(peer)
+	} else {
+		perrc := make(chan error, 1)
+		go func() { perrc <- remote(peer) }()
+		lerr = local()
+		perr = <-perrc
+	}
+	if perr != nil {
 		if err := v.peerFailed(peer, perr); err != nil {
 			return err
 		}
@@ -217,37 +227,27 @@ func (v *Volume) ReadAt(p []byte, off int64) error { return v.local.ReadAt(p, of
 
 // WriteAt writes p on both sides (or locally while degraded).
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
-	return v.mutate(off, int64(len(p)),
+	return v.mutate(off, int64(len(p)), false,
 		func() error { return v.local.WriteAt(p, off, fua) },
 		func(pr Peer) error { return pr.WriteAt(p, off, fua) })
 }
 
 // Trim discards a range on both sides.
 func (v *Volume) Trim(off, length int64, fua bool) error {
-	return v.mutate(off, length,
+	return v.mutate(off, length, false,
 		func() error { return v.local.Trim(off, length, fua) },
 		func(pr Peer) error { return pr.Trim(off, length, fua) })
 }
 
-// WriteZeroes zeroes a range on both sides; a fast zero is tried locally first so a
-// refusal changes neither side.
+// WriteZeroes zeroes a range on both sides; a fast zero is tried locally first and
+// sent to the peer (as an ordinary zero) only if it succeeded, so a refusal changes
+// neither side.
 func (v *Volume) WriteZeroes(off, length int64, f nbd.ZeroFlags) error {
-	if f.Fast {
-		lr := v.locks.lock(off, length)
-		err := v.local.WriteZeroes(off, length, f)
-		v.locks.unlock(lr)
-		if err != nil {
-			return err
-		}
-		// Locally done; now the same (not necessarily fast) on the peer under the normal rules.
-		f.Fast = false
-		return v.mutate(off, length,
-			func() error { return nil },
-			func(pr Peer) error { return pr.WriteZeroes(off, length, f.NoHole, f.FUA) })
-	}
-	return v.mutate(off, length,
+	pf := f
+	pf.Fast = false
+	return v.mutate(off, length, f.Fast,
 		func() error { return v.local.WriteZeroes(off, length, f) },
-		func(pr Peer) error { return pr.WriteZeroes(off, length, f.NoHole, f.FUA) })
+		func(pr Peer) error { return pr.WriteZeroes(off, length, pf.NoHole, pf.FUA) })
 }
 
 // Flush makes every completed write durable on both sides (locally, with the bitmap, while degraded).
@@ -323,6 +323,9 @@ func (v *Volume) Detach() error {
 type ResyncOptions struct {
 	// Rate limits copied bytes per second; 0 means unlimited.
 	Rate int64
+	// PeerDirty lists regions the peer itself marked (writes it applied that this side
+	// may lack, e.g. on a deposed primary); they are copied too, so the peer converges.
+	PeerDirty []uint64
 	// BatchRegions is how many regions are copied between peer FLUSHes (and bitmap
 	// updates); 0 means 16. It bounds the work redone after an interruption.
 	BatchRegions int
@@ -331,8 +334,16 @@ type ResyncOptions struct {
 // Resync attaches peer and copies every dirty region to it while client writes go to
 // both sides; when no region is left the pair is synced and the peer is told so. On
 // error or cancellation the peer is detached again and the bitmap keeps every region
-// not yet copied and flushed, so a later Resync resumes there.
-func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) error {
+// not yet copied and flushed, so a later Resync resumes there. Resync owns peer: it is
+// closed whenever it is not left attached.
+func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) (err error) {
+	defer func() {
+		if err != nil && peer != nil {
+			if cur, _ := v.currentPeer(); cur != peer {
+				peer.Close()
+			}
+		}
+	}()
 	if !v.resyncMu.TryLock() {
 		return errors.New("Failed to start resync: a resync is already running")
 	}
@@ -355,7 +366,10 @@ func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) error
 		v.modeMu.Unlock()
 		return errors.New("Failed to start resync: a peer is already attached, or none was given")
 	}
-	err := v.absorbPendingLocked()
+	err = v.absorbPendingLocked()
+	if err == nil {
+		err = v.bm.MarkRegions(opt.PeerDirty)
+	}
 	if err == nil {
 		v.peer, v.mode = peer, ModeResyncing
 	}

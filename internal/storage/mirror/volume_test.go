@@ -522,3 +522,60 @@ func TestRestartWhileDegradedKeepsDirtyRegions(t *testing.T) {
 		t.Fatal("NewVolume accepted a bitmap of another size")
 	}
 }
+
+// A fast zero the local side refuses changes neither side; a fenced side zeroes nothing.
+func TestFastZeroRefusalChangesNeitherSide(t *testing.T) {
+	v, disk, sec, _ := syncedPair(t)
+	data := pattern(9, 1<<20)
+	if err := v.WriteAt(data, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteZeroes(0, 1<<20, nbd.ZeroFlags{Fast: true}); !errors.Is(err, nbd.ErrFastZeroUnsupported) {
+		t.Fatalf("fast zero: %v, want ErrFastZeroUnsupported", err)
+	}
+	got := make([]byte, 1<<20)
+	sec.disk.ReadAt(got, 0)
+	if !slices.Equal(got, data) {
+		t.Fatal("a refused fast zero zeroed the secondary")
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+	sec.target.SetState(State{RolePrimaryDegraded, 2})
+	v.WriteAt(data[:10], 0, false) // learns it is fenced
+	mustMode(t, v, ModeFenced)
+	if err := v.WriteZeroes(0, 4096, nbd.ZeroFlags{}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("zero on a fenced side: %v", err)
+	}
+	disk.ReadAt(got[:4096], 0)
+	if !slices.Equal(got[:4096], data[:4096]) {
+		t.Fatal("a fenced side zeroed its local disk")
+	}
+	// The write that raced with the fence may have reached the local disk: it is marked,
+	// so the new primary's resync (given this side's bitmap as PeerDirty) overwrites it.
+	if got := v.Bitmap().Dirty(); !slices.Equal(got, []uint64{0}) {
+		t.Fatalf("fenced side marked %v, want [0]", got)
+	}
+}
+
+// Regions the peer marked itself are copied too.
+func TestResyncCopiesPeerDirtyRegions(t *testing.T) {
+	v, disk, sec, _ := degradedWith(t, 2)
+	sec.disk.WriteAt(pattern(5, 100), 33<<20, false) // the peer applied a write we never saw
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{PeerDirty: []uint64{33}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := v.Progress().Bytes; got != 3*DefaultRegionSize {
+		t.Fatalf("copied %d bytes, want 3 regions", got)
+	}
+	if d := sameContent(t, disk, sec.disk, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("sides differ in %v", d)
+	}
+	if err := v.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Resync(context.Background(), sec.dial(2), ResyncOptions{PeerDirty: []uint64{64}}); err == nil {
+		t.Fatal("resync accepted a peer region outside the volume")
+	}
+	mustMode(t, v, ModeDegraded)
+}
