@@ -53,7 +53,8 @@
 // # Resync
 //
 // When the peer is back and its epoch is older (it is stale), the primary copies only
-// the marked regions to it: region by region under the range lock, so client writes
+// the marked regions to it, together with the regions the stale side marked itself
+// (writes a deposed primary applied locally while learning it was fenced): region by region under the range lock, so client writes
 // (which now go to both sides again) cannot be overwritten by older data, with an
 // operator-set rate limit and a progress counter. Bits are cleared only after a FLUSH
 // on the peer succeeded for the copied regions, and the cleared bitmap is persisted,
@@ -74,6 +75,17 @@
 // after an operator override) is frozen-split and reported for `grow storage volume
 // resolve`, which names the side to keep; the other side's differing regions are kept
 // as a snapshot, never silently discarded. See State and Step for the pure rules.
+//
+// # What is here and what is not yet
+//
+// Here: Bitmap, State/Step/Witness, Link/LinkServer/Target (plain TCP or any net.Conn,
+// e.g. TLS, via NewLink) and Volume (the replicating export with Resync). Not yet: the
+// controller wiring (persisting State per volume, dialling the peer, re-dialling and
+// resyncing when it returns, the witness in the control plane), the host path manager,
+// and write-intent logging while synced: a primary that crashes while synced does not
+// know which of its in-flight writes reached only its own disk, so after such a crash
+// it must be resynced from its partner with a full compare until intent bits (set
+// before the first write to a region, cleared lazily after FLUSH on both) exist.
 //
 // # Hosts follow the primary
 //
