@@ -579,3 +579,77 @@ func TestResyncCopiesPeerDirtyRegions(t *testing.T) {
 	}
 	mustMode(t, v, ModeDegraded)
 }
+
+// The secondary crashes (losing its unflushed writes) and returns again and again while
+// clients keep writing and flushing; every resync leaves the sides identical.
+func TestRepeatedSecondaryCrashesUnderLoad(t *testing.T) {
+	v, disk, _ := newPrimary(t, testSize)
+	vol := &volatileExport{fileExport: newFileExport(t, "secondary.img", testSize)}
+	target := NewTarget(vol, State{RoleSecondary, 1})
+	sec := &secondary{t: t, disk: vol.fileExport, target: target}
+	sec.start()
+	t.Cleanup(sec.kill)
+	if err := v.Resync(context.Background(), sec.dial(1), ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := 0; g < 3; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 3))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := rng.Int64N(testSize - 64<<10)
+				var err error
+				if i%7 == 0 {
+					err = v.Flush()
+				} else {
+					err = v.WriteAt(pattern(g*1000000+i, 4096+rng.IntN(60<<10)), off, i%11 == 0)
+				}
+				if err != nil {
+					t.Errorf("writer %d: %v", g, err)
+					return
+				}
+			}
+		}()
+	}
+	rng := rand.New(rand.NewPCG(8, 8))
+	epoch := uint64(1)
+	const cycles = 8
+	for c := 0; c < cycles; c++ {
+		time.Sleep(time.Duration(50+rng.IntN(100)) * time.Millisecond)
+		sec.kill()
+		vol.crash()
+		time.Sleep(time.Duration(20+rng.IntN(80)) * time.Millisecond)
+		if v.Mode() != ModeDegraded {
+			// No write reached the dead peer yet; a flush notices it.
+			v.Flush()
+		}
+		mustMode(t, v, ModeDegraded)
+		target.SetState(State{RoleStale, epoch})
+		epoch++
+		sec.start()
+		if err := v.Resync(context.Background(), sec.dial(epoch), ResyncOptions{BatchRegions: 4}); err != nil {
+			t.Fatalf("cycle %d: %v", c, err)
+		}
+		mustMode(t, v, ModeSynced)
+	}
+	close(stop)
+	wg.Wait()
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if d := sameContent(t, disk, vol.fileExport, DefaultRegionSize); len(d) != 0 {
+		t.Fatalf("after %d crashes the sides differ in %v", cycles, d)
+	}
+	if v.PeerFailures() != cycles {
+		t.Fatalf("%d peer failures recorded, want %d", v.PeerFailures(), cycles)
+	}
+	t.Logf("%d crashes, %d MiB resynced in all", cycles, v.Progress().Bytes>>20)
+}
