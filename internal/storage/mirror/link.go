@@ -73,10 +73,17 @@ var (
 	ErrPeerIO = errors.New("mirror peer I/O error")
 )
 
-// StaleError is returned when the peer refuses this side's epoch; Peer is the peer's state.
-type StaleError struct{ Peer State }
+// StaleError is returned when the peer refuses this side's epoch; Peer is the peer's
+// state when Known (a hello tells it, a refused request does not).
+type StaleError struct {
+	Peer  State
+	Known bool
+}
 
 func (e *StaleError) Error() string {
+	if !e.Known {
+		return "mirror peer refuses this epoch"
+	}
 	return fmt.Sprintf("mirror peer is %v at epoch %d and refuses this epoch", e.Peer.Role, e.Peer.Epoch)
 }
 
@@ -428,7 +435,7 @@ func NewLink(ctx context.Context, c net.Conn, name string, size int64, epoch uin
 	case statusOK:
 	case statusStale:
 		c.Close()
-		return nil, fmt.Errorf("Failed mirror hello with %s for %q: %w", addr, name, &StaleError{Peer: peer})
+		return nil, fmt.Errorf("Failed mirror hello with %s for %q: %w", addr, name, &StaleError{Peer: peer, Known: true})
 	case statusUnknown:
 		c.Close()
 		return nil, fmt.Errorf("Failed mirror hello with %s: the peer has no volume %q", addr, name)
@@ -529,7 +536,7 @@ func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
 		case statusOK:
 			return nil
 		case statusStale:
-			return &StaleError{Peer: State{Role: RoleStale, Epoch: 0}}
+			return &StaleError{}
 		case statusNoSpace:
 			return fmt.Errorf("%w: %w", ErrPeerIO, nbd.ErrNoSpace)
 		default:

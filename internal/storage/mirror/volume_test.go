@@ -395,7 +395,7 @@ func TestLinkHelloRefusals(t *testing.T) {
 	for _, e := range []uint64{2, 4} {
 		_, err := DialLink(ctx, sec.addr, "vol", 8<<20, e, time.Second)
 		var stale *StaleError
-		if !errors.As(err, &stale) || stale.Peer != (State{RoleSecondary, 3}) {
+		if !errors.As(err, &stale) || !stale.Known || stale.Peer != (State{RoleSecondary, 3}) {
 			t.Fatalf("epoch %d against secondary@3: %v", e, err)
 		}
 	}
