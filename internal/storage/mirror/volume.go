@@ -56,6 +56,12 @@ type Volume struct {
 	// cur for new writes and one set per FLUSH in flight: a peer crash can lose them.
 	pendingCur      *regionSet
 	pendingFlushing []*regionSet
+	// Write intent while synced: a region's bit is durable before a write to it is
+	// issued, and cleared after a FLUSH on both sides that began after its last write
+	// started, so a crash of this side leaves every region it may have changed alone marked.
+	intentSeq      uint64
+	intentInflight map[uint64]int
+	intentLast     map[uint64]uint64
 
 	resyncMu     sync.Mutex
 	resyncBytes  atomic.Int64
@@ -75,7 +81,8 @@ func NewVolume(local nbd.Export, bm *Bitmap) (*Volume, error) {
 	if bm.size != local.Size() {
 		return nil, fmt.Errorf("Failed to create mirrored volume: bitmap is for %d bytes, export has %d", bm.size, local.Size())
 	}
-	return &Volume{local: local, bm: bm, locks: newRangeLock(), mode: ModeDegraded, pendingCur: newRegionSet()}, nil
+	return &Volume{local: local, bm: bm, locks: newRangeLock(), mode: ModeDegraded, pendingCur: newRegionSet(),
+		intentInflight: map[uint64]int{}, intentLast: map[uint64]uint64{}}, nil
 }
 
 // Mode returns the current mode.
@@ -142,6 +149,69 @@ func (v *Volume) absorbPendingLocked() error {
 	return nil
 }
 
+// beginIntent marks the regions of [off, off+n) as being written while synced and
+// makes the marks durable; it reports whether endIntent must be called.
+func (v *Volume) beginIntent(off, n int64) (bool, error) {
+	first, last, ok := v.bm.span(off, n)
+	if !ok {
+		return false, nil
+	}
+	v.mu.Lock()
+	if v.mode != ModeSynced {
+		v.mu.Unlock()
+		return false, nil
+	}
+	v.intentSeq++
+	for r := first; r <= last; r++ {
+		v.intentInflight[r]++
+		v.intentLast[r] = v.intentSeq
+	}
+	v.mu.Unlock()
+	if err := v.bm.MarkDurable(off, n); err != nil {
+		v.endIntent(off, n)
+		return false, fmt.Errorf("Failed to record write intent: %w", err)
+	}
+	return true, nil
+}
+
+func (v *Volume) endIntent(off, n int64) {
+	first, last, _ := v.bm.span(off, n)
+	v.mu.Lock()
+	// The completion time counts: a FLUSH covers only writes completed before it began.
+	v.intentSeq++
+	for r := first; r <= last; r++ {
+		v.intentLast[r] = v.intentSeq
+		if v.intentInflight[r]--; v.intentInflight[r] <= 0 {
+			delete(v.intentInflight, r)
+		}
+	}
+	v.mu.Unlock()
+}
+
+// clearIntent drops the intent marks of regions whose writes all completed before the
+// FLUSH that began at sequence upTo and succeeded on both sides.
+func (v *Volume) clearIntent(upTo uint64) error {
+	cleared := false
+	v.mu.Lock()
+	if v.mode == ModeSynced {
+		for r, s := range v.intentLast {
+			if s <= upTo && v.intentInflight[r] == 0 {
+				v.bm.Clear(r)
+				delete(v.intentLast, r)
+				cleared = true
+			}
+		}
+	}
+	v.mu.Unlock()
+	if !cleared {
+		return nil
+	}
+	if err := v.bm.Persist(); err != nil {
+		return fmt.Errorf("Failed to clear write intent: %w", err)
+	}
+	return nil
+}
+
 // peerFailed detaches p after err and goes degraded (or fenced on a stale answer); the
 // regions the peer may have lost are marked durably before it returns.
 func (v *Volume) peerFailed(p Peer, err error) error {
@@ -190,6 +260,15 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 		return local()
 	}
 	v.markPending(off, n)
+	if mode == ModeSynced {
+		began, err := v.beginIntent(off, n)
+		if err != nil {
+			return err
+		}
+		if began {
+			defer v.endIntent(off, n)
+		}
+	}
 	var lerr, perr error
 	if localFirst {
 		if lerr = local(); lerr != nil {
@@ -268,6 +347,7 @@ func (v *Volume) Flush() error {
 		return v.local.Flush()
 	}
 	gen := v.pendingCur
+	upTo := v.intentSeq
 	v.pendingCur = newRegionSet()
 	v.pendingFlushing = append(v.pendingFlushing, gen)
 	v.mu.Unlock()
@@ -289,7 +369,10 @@ func (v *Volume) Flush() error {
 		}
 	}
 	v.mu.Unlock()
-	return lerr
+	if lerr != nil {
+		return lerr
+	}
+	return v.clearIntent(upTo)
 }
 
 // Cache passes the prefetch hint to the local side.
@@ -458,6 +541,7 @@ func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) er
 		}
 		if v.bm.Count() == 0 {
 			v.mode = ModeSynced
+			clear(v.intentLast)
 			v.mu.Unlock()
 			v.modeMu.Unlock()
 			if err := peer.ResyncDone(); err != nil {

@@ -653,3 +653,84 @@ func TestRepeatedSecondaryCrashesUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d crashes, %d MiB resynced in all", cycles, v.Progress().Bytes>>20)
 }
+
+// While synced, a region is marked durably before a write to it is issued and cleared
+// by a FLUSH on both sides, so a primary crash leaves its possibly divergent regions marked.
+func TestWriteIntentWhileSynced(t *testing.T) {
+	v, _, _, path := syncedPair(t)
+	onDisk := func() []uint64 {
+		t.Helper()
+		bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer bm.Close()
+		return bm.Dirty()
+	}
+	if err := v.WriteAt(pattern(1, 4096), 7<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(pattern(2, 8192), 12<<20-4096, false); err != nil {
+		t.Fatal(err)
+	}
+	// A crash now: the restarted side must know regions 7, 11 and 12 may differ.
+	if got := onDisk(); !slices.Equal(got, []uint64{7, 11, 12}) {
+		t.Fatalf("intent on disk %v, want [7 11 12]", got)
+	}
+	mustMode(t, v, ModeSynced)
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk(); len(got) != 0 {
+		t.Fatalf("intent on disk after FLUSH on both sides: %v", got)
+	}
+	// A write still in flight while a FLUSH completes keeps its mark.
+	release := make(chan struct{})
+	cur, _ := v.currentPeer()
+	cur.Close() // swap in a peer that holds the write to region 30
+	v.WriteAt(pattern(0, 10), 0, false)
+	mustMode(t, v, ModeDegraded)
+	sec := startSecondary(t, newFileExport(t, "s2.img", testSize), State{RoleStale, 1})
+	bp := &blockingPeer{Peer: sec.dial(2), at: 30 << 20, release: release, entered: make(chan struct{})}
+	if err := v.Resync(context.Background(), bp, ResyncOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- v.WriteAt(pattern(3, 4096), 30<<20, false) }()
+	<-bp.entered
+	if err := v.WriteAt(pattern(4, 4096), 40<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk(); !slices.Equal(got, []uint64{30}) {
+		t.Fatalf("intent on disk with a write in flight across a FLUSH: %v, want [30]", got)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk(); len(got) != 0 {
+		t.Fatalf("intent on disk after FLUSH: %v", got)
+	}
+}
+
+// blockingPeer holds the write at offset at until release is closed.
+type blockingPeer struct {
+	Peer
+	at      int64
+	release chan struct{}
+	entered chan struct{}
+}
+
+func (b *blockingPeer) WriteAt(p []byte, off int64, fua bool) error {
+	if off == b.at {
+		close(b.entered)
+		<-b.release
+	}
+	return b.Peer.WriteAt(p, off, fua)
+}
