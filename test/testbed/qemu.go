@@ -39,6 +39,7 @@ type NIC struct {
 type VMConfig struct {
 	Name      string // short name, used in paths
 	MemoryMiB int    // default 256
+	MemoryArg string // verbatim -m value instead of MemoryArgFor(MemoryMiB, accel) (experiments only)
 	CPUs      int    // default 1
 	Kernel    string // default GuestDir/vmlinux
 	Initrd    string // default GuestDir/initrd.img
@@ -88,6 +89,24 @@ func Accel() string {
 	return "kvm"
 }
 
+// MemoryArgFor returns QEMU's -m value for a guest of mib MiB under accel. Under TCG
+// the RAM block is made 8 KiB smaller, so that its size is not a multiple of 256 KiB:
+// QEMU before 9.0 syncs the migration dirty bitmap of a block whose size is a multiple
+// of 64 pages through a fast path that clears the dirty bits without re-arming the
+// vCPUs' TLB write tracking (fixed upstream in 2024 by "physmem: Fix migration dirty
+// bitmap coherency with TCG memory access"). Guest writes made after a bitmap sync are
+// then never sent, and the destination guest crashes although QEMU reports the
+// migration completed (measured here with QEMU 7.2 and a guest rewriting 48 MiB: about
+// half of the migrations with 256 MiB, none with 256 MiB - 8 KiB; see
+// TestTCGMigrationExperiment). The other path resets the TLBs.
+// KVM tracks dirty pages itself and gets the size asked for.
+func MemoryArgFor(mib int, accel string) string {
+	if accel == "tcg" || strings.HasPrefix(accel, "tcg,") {
+		return fmt.Sprintf("%dk", mib*1024-8)
+	}
+	return fmt.Sprint(mib)
+}
+
 // Args returns QEMU's arguments (without the binary) for a VM whose sockets live in dir.
 func (c VMConfig) Args(dir string) ([]string, error) {
 	if c.Kernel == "" || c.Initrd == "" {
@@ -104,10 +123,14 @@ func (c VMConfig) Args(dir string) ([]string, error) {
 	if accel == "" {
 		accel = Accel()
 	}
+	memArg := c.MemoryArg
+	if memArg == "" {
+		memArg = MemoryArgFor(mem, accel)
+	}
 	appendLine := strings.TrimSpace("console=ttyS0 " + c.Append)
 	args := []string{
 		"-name", c.Name,
-		"-accel", accel, "-M", "pc", "-m", fmt.Sprint(mem), "-smp", fmt.Sprint(cpus),
+		"-accel", accel, "-M", "pc", "-m", memArg, "-smp", fmt.Sprint(cpus),
 		"-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
 		"-kernel", c.Kernel, "-initrd", c.Initrd, "-append", appendLine,
 		"-qmp", "unix:" + filepath.Join(dir, "qmp.sock") + ",server=on,wait=off",

@@ -5,6 +5,7 @@ import (
 	"io"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -75,7 +76,7 @@ func TestVMArgs(t *testing.T) {
 		t.Fatal(err)
 	}
 	joined := strings.Join(args, " ")
-	for _, want := range []string{"-accel tcg", "-M pc", "-append console=ttyS0 grow.run=counter",
+	for _, want := range []string{"-accel tcg", "-M pc", "-m 262136k", "-append console=ttyS0 grow.run=counter",
 		"unix:/run/vm/qmp.sock,server=on,wait=off", "logfile=/run/vm/console.log",
 		"ifname=tap0,script=no", "mac=52:54:00:77:00:01", "serial=data", "drive=seed"} {
 		if !strings.Contains(joined, want) {
@@ -105,6 +106,21 @@ func TestVMArgs(t *testing.T) {
 	}
 	if blockdevs[2]["read-only"] != true {
 		t.Fatalf("third disk is writable: %v", blockdevs[2])
+	}
+	// Under TCG the RAM size must not be a multiple of 256 KiB (QEMU 7.2 loses guest
+	// writes during migration otherwise); KVM gets what was asked for.
+	for _, c := range []struct {
+		mib   int
+		accel string
+		want  string
+	}{{256, "tcg", "262136k"}, {256, "tcg,thread=single", "262136k"}, {1024, "tcg", "1048568k"}, {256, "kvm", "256"}} {
+		got := MemoryArgFor(c.mib, c.accel)
+		if got != c.want {
+			t.Errorf("MemoryArgFor(%d, %q) = %q, want %q", c.mib, c.accel, got, c.want)
+		}
+		if kib, err := strconv.Atoi(strings.TrimSuffix(got, "k")); strings.HasPrefix(c.accel, "tcg") && (err != nil || kib%256 == 0 || kib%8 != 0) {
+			t.Errorf("MemoryArgFor(%d, %q) = %q: want KiB, a multiple of 8 and not of 256", c.mib, c.accel, got)
+		}
 	}
 	if _, err := (VMConfig{Kernel: "/k", Initrd: "/i", Disks: []Disk{{}}}).Args("/d"); err == nil {
 		t.Fatal("a disk without a backend was accepted")
