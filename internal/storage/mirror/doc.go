@@ -81,11 +81,16 @@
 // Here: Bitmap, State/Step/Witness, Link/LinkServer/Target (plain TCP or any net.Conn,
 // e.g. TLS, via NewLink) and Volume (the replicating export with Resync). Not yet: the
 // controller wiring (persisting State per volume, dialling the peer, re-dialling and
-// resyncing when it returns, the witness in the control plane), the host path manager,
-// and write-intent logging while synced: a primary that crashes while synced does not
-// know which of its in-flight writes reached only its own disk, so after such a crash
-// it must be resynced from its partner with a full compare until intent bits (set
-// before the first write to a region, cleared lazily after FLUSH on both) exist.
+// resyncing when it returns, passing the stale side's bitmap as ResyncOptions.PeerDirty,
+// the witness in the control plane) and the host path manager.
+//
+// # Write intent while synced
+//
+// While synced, a region is also made durable in the bitmap before the first write to
+// it is issued, and cleared after a FLUSH on both sides that began after its last
+// write completed. So a primary that crashes while synced restarts with every region
+// it may have changed alone marked, and the partner's resync (given those bits as
+// PeerDirty) makes them converge. Writes during a resync are not intent-marked yet.
 //
 // # Hosts follow the primary
 //
