@@ -327,8 +327,8 @@ func TestResyncInterruptedByPeerLoss(t *testing.T) {
 		t.Fatalf("resync with a dead peer returned %v, want ErrPeerLost", err)
 	}
 	mustMode(t, v, ModeDegraded)
-	left := v.Bitmap().Count()
-	if left == 0 || left >= n {
+	// Under heavy load no batch may have finished yet; what must hold is that something is left.
+	if left := v.Bitmap().Count(); left == 0 || left > n {
 		t.Fatalf("%d of %d regions left", left, n)
 	}
 	sec.start()
