@@ -98,9 +98,10 @@ func (v *Volume) Bitmap() *Bitmap { return v.bm }
 // ResyncProgress is how far the current or last resync got.
 type ResyncProgress struct {
 	// Done and Total count dirty regions of this pass.
-	Done, Total uint64
+	Done  uint64 `json:"done"`
+	Total uint64 `json:"total"`
 	// Bytes counts bytes copied to the peer by resync since the volume was made.
-	Bytes int64
+	Bytes int64 `json:"bytes"`
 }
 
 // Progress returns the resync progress.
@@ -571,4 +572,23 @@ func (v *Volume) copyRegion(peer Peer, buf []byte, off int64) error {
 		return fmt.Errorf("Resync failed to write region at %d to the peer: %w", off, err)
 	}
 	return nil
+}
+
+// Status is what the controller reports about one mirrored volume.
+type Status struct {
+	Mode         Mode           `json:"-"`
+	ModeName     string         `json:"mode"`
+	DirtyRegions uint64         `json:"dirty_regions"`
+	DirtyBytes   int64          `json:"dirty_bytes"`
+	RegionSize   int64          `json:"region_size"`
+	Resync       ResyncProgress `json:"resync"`
+	PeerFailures int64          `json:"peer_failures"`
+}
+
+// Status returns the volume's mode, dirty regions and resync progress.
+func (v *Volume) Status() Status {
+	m := v.Mode()
+	n := v.bm.Count()
+	return Status{Mode: m, ModeName: m.String(), DirtyRegions: n, DirtyBytes: int64(n) * v.bm.RegionSize(),
+		RegionSize: v.bm.RegionSize(), Resync: v.Progress(), PeerFailures: v.PeerFailures()}
 }

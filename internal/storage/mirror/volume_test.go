@@ -218,6 +218,9 @@ func TestPeerKilledMidStream(t *testing.T) {
 		t.Fatalf("writes stalled after the peer died: %d before, %d in all", killedAt, ops.Load())
 	}
 	mustMode(t, v, ModeDegraded)
+	if st := v.Status(); st.ModeName != "degraded" || st.DirtyRegions != uint64(len(v.Bitmap().Dirty())) || st.DirtyBytes != int64(st.DirtyRegions)<<20 || st.PeerFailures != 1 {
+		t.Fatalf("status %+v", st)
+	}
 	if v.PeerFailures() != 1 {
 		t.Fatalf("%d peer failures, want 1", v.PeerFailures())
 	}
