@@ -391,7 +391,7 @@ func (vm *VM) Migrate(uri string, downtimeLimitMS int, timeout time.Duration) (M
 		}
 		var st struct {
 			Status    string `json:"status"`
-			TotalTime int64  `json:"total-time"`
+			TotalTime *int64 `json:"total-time"`
 			Downtime  int64  `json:"downtime"`
 			ErrorDesc string `json:"error-desc"`
 		}
@@ -400,7 +400,12 @@ func (vm *VM) Migrate(uri string, downtimeLimitMS int, timeout time.Duration) (M
 		}
 		switch st.Status {
 		case "completed":
-			return MigrationResult{TotalMS: st.TotalTime, DowntimeMS: st.Downtime}, nil
+			// A VM that itself came in by migration reports its incoming side's
+			// "completed" (without total-time) until the outgoing connection is up:
+			// that is not this migration finishing.
+			if st.TotalTime != nil {
+				return MigrationResult{TotalMS: *st.TotalTime, DowntimeMS: st.Downtime}, nil
+			}
 		case "failed", "cancelled":
 			return MigrationResult{}, fmt.Errorf("migration of %s to %s %s: %s", vm.Name, uri, st.Status, st.ErrorDesc)
 		}
