@@ -97,8 +97,9 @@ func Accel() string {
 // bitmap coherency with TCG memory access"). Guest writes made after a bitmap sync are
 // then never sent, and the destination guest crashes although QEMU reports the
 // migration completed (measured here with QEMU 7.2 and a guest rewriting 48 MiB: 10 of
-// 25 migrations crashed it with 256 MiB, 0 of 58 with 256 MiB - 8 KiB; see
-// TestTCGMigrationExperiment). The other path resets the TLBs.
+// 25 migrations crashed it with 256 MiB, 4 of 12 with -accel tcg,thread=single too,
+// 0 of 70 with 256 MiB - 8 KiB, one or two vCPUs; see TestTCGMigrationExperiment).
+// The other path resets the TLBs.
 // KVM tracks dirty pages itself and gets the size asked for.
 func MemoryArgFor(mib int, accel string) string {
 	if accel == "tcg" || strings.HasPrefix(accel, "tcg,") {

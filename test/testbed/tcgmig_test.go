@@ -153,7 +153,7 @@ func runMigrationLoad(t *testing.T, l migrationLoad) int {
 // times with the test bed's QEMU arguments. Under TCG with QEMU 7.2 and a RAM size
 // that is a multiple of 256 KiB, 10 of 25 such migrations crashed the guest here (see
 // MemoryArgFor), so six in a row pass by chance about 5 % of the time; the test bed's
-// arguments must keep it alive (0 of 58 crashed).
+// arguments must keep it alive (0 of 70 crashed).
 func TestTCGMigrationUnderMemoryLoad(t *testing.T) {
 	t.Parallel()
 	if testing.Short() {
