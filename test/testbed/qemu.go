@@ -98,7 +98,8 @@ func Accel() string {
 // then never sent, and the destination guest crashes although QEMU reports the
 // migration completed (measured here with QEMU 7.2 and a guest rewriting 48 MiB: 10 of
 // 25 migrations crashed it with 256 MiB, 4 of 12 with -accel tcg,thread=single too,
-// 0 of 70 with 256 MiB - 8 KiB, one or two vCPUs; see TestTCGMigrationExperiment).
+// 0 of 70 with 256 MiB - 8 KiB, one or two vCPUs; it is the alignment, not the size:
+// 255 MiB crashed 3 of 10, 256 MiB + 8 KiB 0 of 10; see TestTCGMigrationExperiment).
 // The other path resets the TLBs.
 // KVM tracks dirty pages itself and gets the size asked for.
 func MemoryArgFor(mib int, accel string) string {
