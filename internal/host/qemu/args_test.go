@@ -45,7 +45,7 @@ func TestArgs(t *testing.T) {
 		t.Fatalf("argv0 %q", a[0])
 	}
 	for flag, want := range map[string]string{
-		"-accel": "tcg", "-cpu": "Nehalem", "-smp": "2,maxcpus=4", "-m": "512M,slots=8,maxmem=2048M",
+		"-accel": "tcg", "-cpu": "Nehalem", "-smp": "2,maxcpus=4", "-m": "524280k,slots=8,maxmem=2048M",
 		"-machine": "pc", "-kernel": "/k", "-initrd": "/i", "-append": "console=ttyS0",
 	} {
 		if got := argAfter(a, flag); len(got) != 1 || got[0] != want {
@@ -99,8 +99,15 @@ func TestArgs(t *testing.T) {
 		t.Errorf("-chardev %s", ch)
 	}
 
+	// KVM guests get exactly their plan's memory; TCG guests 8 KiB less (see memArg).
+	kc := c
+	kc.Accel = "kvm"
+	ka, _ := kc.Args()
+	if got := argAfter(ka, "-m"); len(got) != 1 || got[0] != "512M,slots=8,maxmem=2048M" {
+		t.Errorf("kvm -m %v", got)
+	}
+
 	c.Incoming = true
-	c.Accel = "kvm"
 	a2, _ := c.Args()
 	if got := argAfter(a2, "-incoming"); len(got) != 1 || got[0] != "defer" {
 		t.Errorf("incoming: %v", got)
