@@ -121,8 +121,8 @@ func (c Config) Args() ([]string, error) {
 		if b.Initrd != "" {
 			a = append(a, "-initrd", b.Initrd)
 		}
-		if b.Append != "" {
-			a = append(a, "-append", b.Append)
+		if line := kernelLine(c.Accel, b.Append); line != "" {
+			a = append(a, "-append", line)
 		}
 	}
 	if c.Incoming {
@@ -143,4 +143,14 @@ func memArg(accel string, mib int) string {
 		return fmt.Sprintf("%dk", mib*1024-8)
 	}
 	return fmt.Sprintf("%dM", mib)
+}
+
+// kernelLine is the command line of a directly booted kernel. Under TCG on a busy host
+// the kernel's IO-APIC timer check can fail spuriously and panic the boot, so TCG guests
+// also get no_timer_check (as is usual for emulated guests).
+func kernelLine(accel, line string) string {
+	if accel == "tcg" && !strings.Contains(line, "no_timer_check") {
+		return strings.TrimSpace(line + " no_timer_check")
+	}
+	return line
 }
