@@ -302,11 +302,11 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 		case <-inst.Exited():
 			return fmt.Errorf("QEMU exited during migration: %s", inst.ExitReason())
 		case st := <-events:
-			// "device": the guest has just stopped here for the switch-over. Point the
-			// network at the destination now, so that frames for the guest wait in its
-			// taps there (QEMU reads them once the guest runs) instead of being lost
-			// in ours.
-			if st == "device" && !announced {
+			// "stop" (or "device"): the guest has just stopped here for the switch-over.
+			// Point the network at the destination now, so that frames for the guest
+			// wait in its taps there (QEMU reads them once the guest runs) instead of
+			// being lost in ours.
+			if (st == "stop" || st == "device") && !announced {
 				announced = true
 				go func() {
 					actx, cancel := context.WithTimeout(bg, 5*time.Second)

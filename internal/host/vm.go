@@ -244,21 +244,30 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 	return nil
 }
 
+// notifyMigration passes a migration state to the migration in progress, if any.
+func (v *vm) notifyMigration(st string) {
+	v.mu.Lock()
+	ch := v.migEvents
+	v.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- st:
+		default:
+		}
+	}
+}
+
 // onEvent follows QEMU's run state from QMP events.
 func (v *vm) onEvent(ev qemu.Event) {
 	switch ev.Event {
 	case "MIGRATION":
 		st, _ := ev.Data["status"].(string)
-		v.mu.Lock()
-		ch := v.migEvents
-		v.mu.Unlock()
-		if ch != nil {
-			select {
-			case ch <- st:
-			default:
-			}
-		}
+		v.notifyMigration(st)
 	case "STOP":
+		// While migrating out, the guest stops here for the switch-over (QEMU 7.2 emits
+		// no "device" state unless pause-before-switchover is on): say so first, since
+		// every millisecond before the destination announces loses frames.
+		v.notifyMigration("stop")
 		v.mu.Lock()
 		if v.rec.State == hostapi.StateRunning {
 			v.rec.State = hostapi.StatePaused
