@@ -106,6 +106,9 @@ type Target struct {
 	state  State
 	// BytesWritten counts payload bytes applied through the link.
 	BytesWritten atomic.Int64
+	// Persist, if set, makes a state change the link causes (resync done) durable
+	// before it takes effect; an error refuses the change.
+	Persist func(State) error
 }
 
 // NewTarget makes export reachable over the link in state s.
@@ -348,7 +351,13 @@ func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch ui
 	case opResyncDone:
 		// The caller flushed before; this side now holds every write of epoch.
 		t.mu.Lock()
-		t.state, _ = Step(t.state, Event{Kind: EvResyncDone, Epoch: epoch})
+		next, _ := Step(t.state, Event{Kind: EvResyncDone, Epoch: epoch})
+		if next != t.state && t.Persist != nil {
+			err = t.Persist(next)
+		}
+		if err == nil {
+			t.state = next
+		}
 		t.mu.Unlock()
 	default:
 		return statusInvalid

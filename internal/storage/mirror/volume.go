@@ -24,9 +24,12 @@ const (
 	ModeSynced
 	// ModeFenced: the peer holds a newer epoch; every write is refused.
 	ModeFenced
+	// ModeHeld: the peer was lost while synced and the controller has not yet been
+	// granted the right to write alone; writes and flushes wait (see SetHoldOnPeerLoss).
+	ModeHeld
 )
 
-var modeNames = [...]string{"degraded", "resyncing", "synced", "fenced"}
+var modeNames = [...]string{"degraded", "resyncing", "synced", "fenced", "held"}
 
 // String is the mode's name as shown to operators.
 func (m Mode) String() string {
@@ -62,6 +65,12 @@ type Volume struct {
 	intentSeq      uint64
 	intentInflight map[uint64]int
 	intentLast     map[uint64]uint64
+
+	// holdOnLoss makes a synced volume that loses its peer wait in ModeHeld for
+	// Release instead of going degraded on its own; onHold is told when that happens.
+	holdOnLoss bool
+	onHold     func()
+	heldCh     chan struct{} // closed when a hold ends
 
 	resyncMu     sync.Mutex
 	resyncBytes  atomic.Int64
@@ -221,9 +230,18 @@ func (v *Volume) peerFailed(p Peer, err error) error {
 		v.peer = nil
 		v.peerFailures.Add(1)
 		var stale *StaleError
-		if errors.As(err, &stale) {
+		switch {
+		case errors.As(err, &stale):
 			v.mode = ModeFenced
-		} else if v.mode != ModeFenced {
+			v.releaseHeldLocked()
+		case v.mode == ModeSynced && v.holdOnLoss:
+			// Writing alone needs a new epoch from the witness: wait for Release.
+			v.mode = ModeHeld
+			v.heldCh = make(chan struct{})
+			if v.onHold != nil {
+				go v.onHold()
+			}
+		case v.mode != ModeFenced && v.mode != ModeHeld:
 			v.mode = ModeDegraded
 		}
 		p.Close()
@@ -247,13 +265,14 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 	}
 	lr := v.locks.lock(off, n)
 	defer v.locks.unlock(lr)
-	v.modeMu.RLock()
-	defer v.modeMu.RUnlock()
+	v.rlockUnheld()
 	peer, mode := v.currentPeer()
 	if mode == ModeFenced {
+		v.modeMu.RUnlock()
 		return ErrFenced
 	}
 	if peer == nil {
+		defer v.modeMu.RUnlock()
 		// Degraded: the region is durably marked before the local disk can see the write.
 		if err := v.bm.MarkDurable(off, n); err != nil {
 			return fmt.Errorf("Failed to mark dirty region of a degraded mirrored volume: %w", err)
@@ -261,18 +280,22 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 		return local()
 	}
 	v.markPending(off, n)
+	endIntent := false
 	if mode == ModeSynced {
 		began, err := v.beginIntent(off, n)
 		if err != nil {
+			v.modeMu.RUnlock()
 			return err
 		}
-		if began {
-			defer v.endIntent(off, n)
-		}
+		endIntent = began
 	}
 	var lerr, perr error
 	if localFirst {
 		if lerr = local(); lerr != nil {
+			if endIntent {
+				v.endIntent(off, n)
+			}
+			v.modeMu.RUnlock()
 			return lerr
 		}
 		perr = remote(peer)
@@ -282,18 +305,137 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 		lerr = local()
 		perr = <-perrc
 	}
+	if endIntent {
+		v.endIntent(off, n)
+	}
 	if perr != nil {
 		if err := v.peerFailed(peer, perr); err != nil {
+			v.modeMu.RUnlock()
 			return err
 		}
 		if err := v.bm.MarkDurable(off, n); err != nil {
+			v.modeMu.RUnlock()
 			return fmt.Errorf("Failed to mark dirty region of a degraded mirrored volume: %w", err)
 		}
-		if v.Mode() == ModeFenced {
+		v.modeMu.RUnlock()
+		// A hold ends in degraded (the write stands, marked) or fenced (it must not be acknowledged).
+		if v.waitUnheld() == ModeFenced {
 			return ErrFenced
 		}
+		return lerr
 	}
+	v.modeMu.RUnlock()
 	return lerr
+}
+
+// rlockUnheld takes modeMu shared once the volume is not held; a held volume's
+// writers wait outside the lock so that mode changes can proceed.
+func (v *Volume) rlockUnheld() {
+	for {
+		v.waitUnheld()
+		v.modeMu.RLock()
+		if v.Mode() != ModeHeld {
+			return
+		}
+		v.modeMu.RUnlock()
+	}
+}
+
+// waitUnheld waits until the volume is not held and returns its mode then.
+func (v *Volume) waitUnheld() Mode {
+	for {
+		v.mu.Lock()
+		m, ch := v.mode, v.heldCh
+		v.mu.Unlock()
+		if m != ModeHeld || ch == nil {
+			return m
+		}
+		<-ch
+	}
+}
+
+// releaseHeldLocked ends a hold; v.mu is held.
+func (v *Volume) releaseHeldLocked() {
+	if v.heldCh != nil {
+		close(v.heldCh)
+		v.heldCh = nil
+	}
+}
+
+// SetHoldOnPeerLoss makes a synced volume that loses its peer stop completing writes
+// and flushes (ModeHeld) until the controller calls Release with the witness's answer;
+// onHold (may be nil) is called in its own goroutine when a hold begins.
+func (v *Volume) SetHoldOnPeerLoss(onHold func()) {
+	v.mu.Lock()
+	v.holdOnLoss, v.onHold = true, onHold
+	v.mu.Unlock()
+}
+
+// Hold detaches the peer of a synced volume and holds writes, as a link failure would
+// (used when the peer is declared lost by heartbeat while the volume is idle). It
+// reports whether the volume is now held.
+func (v *Volume) Hold() (bool, error) {
+	peer, mode := v.currentPeer()
+	if mode == ModeHeld {
+		return true, nil
+	}
+	if peer == nil {
+		return false, nil
+	}
+	err := v.peerFailed(peer, fmt.Errorf("mirror peer declared lost: %w", ErrPeerLost))
+	return v.Mode() == ModeHeld, err
+}
+
+// Release ends a hold: with alone the volume goes on degraded (this side was granted
+// a new epoch), otherwise it is fenced and every waiting write fails with ErrFenced.
+func (v *Volume) Release(alone bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mode != ModeHeld {
+		return
+	}
+	if alone {
+		v.mode = ModeDegraded
+	} else {
+		v.mode = ModeFenced
+	}
+	v.releaseHeldLocked()
+}
+
+// Fence refuses every write from now on (this side learned it was deposed), ending any
+// hold, and detaches the peer.
+func (v *Volume) Fence() {
+	v.mu.Lock()
+	v.mode = ModeFenced
+	v.releaseHeldLocked()
+	p := v.peer
+	v.mu.Unlock()
+	if p != nil {
+		_ = v.peerFailed(p, &StaleError{})
+	}
+}
+
+// Quiesce runs f with no write, trim or flush in flight and none starting, after a
+// flush on both sides: the point of the write stream at which a snapshot is taken on
+// both controllers. A held or fenced volume is refused.
+func (v *Volume) Quiesce(f func() error) error {
+	v.modeMu.Lock()
+	defer v.modeMu.Unlock()
+	v.mu.Lock()
+	m, peer := v.mode, v.peer
+	v.mu.Unlock()
+	if m == ModeHeld || m == ModeFenced {
+		return fmt.Errorf("Failed to quiesce mirrored volume: it is %v", m)
+	}
+	if err := v.local.Flush(); err != nil {
+		return fmt.Errorf("Failed to flush before quiescing: %w", err)
+	}
+	if peer != nil {
+		if err := peer.Flush(); err != nil {
+			return fmt.Errorf("Failed to flush the mirror peer before quiescing: %w", err)
+		}
+	}
+	return f()
 }
 
 // Size is the volume size.
@@ -332,13 +474,18 @@ func (v *Volume) WriteZeroes(off, length int64, f nbd.ZeroFlags) error {
 
 // Flush makes every completed write durable on both sides (locally, with the bitmap, while degraded).
 func (v *Volume) Flush() error {
-	v.modeMu.RLock()
-	defer v.modeMu.RUnlock()
+	v.rlockUnheld()
 	v.mu.Lock()
 	peer := v.peer
+	if v.mode == ModeFenced {
+		v.mu.Unlock()
+		v.modeMu.RUnlock()
+		return ErrFenced
+	}
 	if peer == nil {
 		err := v.absorbPendingLocked()
 		v.mu.Unlock()
+		defer v.modeMu.RUnlock()
 		if err != nil {
 			return err
 		}
@@ -357,11 +504,17 @@ func (v *Volume) Flush() error {
 	go func() { perrc <- peer.Flush() }()
 	lerr := v.local.Flush()
 	if perr := <-perrc; perr != nil {
-		if err := v.peerFailed(peer, perr); err != nil {
+		err := v.peerFailed(peer, perr)
+		v.modeMu.RUnlock()
+		if err != nil {
 			return err
+		}
+		if v.waitUnheld() == ModeFenced {
+			return ErrFenced
 		}
 		return lerr
 	}
+	defer v.modeMu.RUnlock()
 	v.mu.Lock()
 	for i, s := range v.pendingFlushing {
 		if s == gen {
@@ -444,6 +597,11 @@ func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) (err 
 		v.mu.Unlock()
 		v.modeMu.Unlock()
 		return fmt.Errorf("Failed to start resync: %w", ErrFenced)
+	}
+	if v.mode == ModeHeld {
+		v.mu.Unlock()
+		v.modeMu.Unlock()
+		return errors.New("Failed to start resync: the volume is held until the witness answers")
 	}
 	if v.peer != nil || peer == nil {
 		v.mu.Unlock()
