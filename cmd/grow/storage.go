@@ -63,7 +63,7 @@ machine) the controller's token file, DATA/admin.token.`,
 	img.AddCommand(newImageImportCmd(o))
 	disk := &cobra.Command{Use: "disk", Aliases: []string{"disks"}, Short: "The pool's disks"}
 	disk.AddCommand(newDiskListCmd(o), newDiskReplaceCmd(o))
-	cmd.AddCommand(vol, img, disk, newStorageCheckCmd(o), newStorageStatsCmd(o))
+	cmd.AddCommand(vol, img, disk, newStorageCheckCmd(o), newStorageStatsCmd(o), newWitnessCmd())
 	return cmd
 }
 
