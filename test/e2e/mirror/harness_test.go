@@ -271,8 +271,9 @@ func compareSides(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, volume s
 func nbdWrite(ns, uri string, off, length int64, pat byte, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := testbed.NetnsCommand(ns, "qemu-io", "-f", "raw",
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, "qemu-io", "-f", "raw",
 		"-c", fmt.Sprintf("write -P 0x%02x %d %d", pat, off, length), "-c", "flush", uri)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	out, err := cmd.CombinedOutput()
