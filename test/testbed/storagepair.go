@@ -548,3 +548,13 @@ func (p *StoragePair) WaitVolume(name string, timeout time.Duration, what string
 func (p *StoragePair) WaitSynced(name string, timeout time.Duration) (PairView, error) {
 	return p.WaitVolume(name, timeout, "synced on both controllers", PairView.Synced)
 }
+
+// PID returns the process id of the daemon's current process (0 if it never started).
+func (d *Daemon) PID() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil || d.cmd.Process == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
+}
