@@ -69,7 +69,10 @@ type Volume struct {
 	// holdOnLoss makes a synced volume that loses its peer wait in ModeHeld for
 	// Release instead of going degraded on its own; onHold is told when that happens.
 	holdOnLoss bool
-	onHold     func()
+	// exclusive: the witness granted this side the volume's epoch alone, so it may write
+	// without the peer; a pair that was synced at this epoch is not exclusive.
+	exclusive bool
+	onHold    func()
 	heldCh     chan struct{} // closed when a hold ends
 
 	resyncMu     sync.Mutex
@@ -234,13 +237,9 @@ func (v *Volume) peerFailed(p Peer, err error) error {
 		case errors.As(err, &stale):
 			v.mode = ModeFenced
 			v.releaseHeldLocked()
-		case v.mode == ModeSynced && v.holdOnLoss:
+		case v.holdOnLoss && !v.exclusive && (v.mode == ModeSynced || v.mode == ModeResyncing || v.mode == ModeHeld):
 			// Writing alone needs a new epoch from the witness: wait for Release.
-			v.mode = ModeHeld
-			v.heldCh = make(chan struct{})
-			if v.onHold != nil {
-				go v.onHold()
-			}
+			v.holdLocked()
 		case v.mode != ModeFenced && v.mode != ModeHeld:
 			v.mode = ModeDegraded
 		}
@@ -308,23 +307,29 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 	if endIntent {
 		v.endIntent(off, n)
 	}
-	if perr != nil {
+	v.modeMu.RUnlock()
+	for perr != nil {
 		if err := v.peerFailed(peer, perr); err != nil {
-			v.modeMu.RUnlock()
 			return err
 		}
 		if err := v.bm.MarkDurable(off, n); err != nil {
-			v.modeMu.RUnlock()
 			return fmt.Errorf("Failed to mark dirty region of a degraded mirrored volume: %w", err)
 		}
-		v.modeMu.RUnlock()
-		// A hold ends in degraded (the write stands, marked) or fenced (it must not be acknowledged).
+		// A hold ends in degraded (the write stands, marked), fenced (it must not be
+		// acknowledged) or with a peer attached again, which must then get the write
+		// too before it is acknowledged (the range lock keeps resync off this range).
 		if v.waitUnheld() == ModeFenced {
 			return ErrFenced
 		}
-		return lerr
+		var mode Mode
+		if peer, mode = v.currentPeer(); peer == nil || mode == ModeFenced {
+			if mode == ModeFenced {
+				return ErrFenced
+			}
+			break
+		}
+		perr = remote(peer)
 	}
-	v.modeMu.RUnlock()
 	return lerr
 }
 
@@ -354,6 +359,38 @@ func (v *Volume) waitUnheld() Mode {
 	}
 }
 
+// holdLocked enters ModeHeld; v.mu is held.
+func (v *Volume) holdLocked() {
+	if v.mode == ModeHeld {
+		return
+	}
+	v.mode = ModeHeld
+	v.heldCh = make(chan struct{})
+	if v.onHold != nil {
+		go v.onHold()
+	}
+}
+
+// SetExclusive records whether this side holds its epoch alone (granted by the
+// witness), which lets it go on degraded when the peer is lost.
+func (v *Volume) SetExclusive(exclusive bool) {
+	v.mu.Lock()
+	v.exclusive = exclusive
+	v.mu.Unlock()
+}
+
+// HoldIfNotExclusive holds a volume that has no peer attached and no exclusive epoch
+// (a primary restarting at an epoch it shares with its peer): writes wait until a
+// resync attaches the peer or Release settles it.
+func (v *Volume) HoldIfNotExclusive() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.peer == nil && !v.exclusive && v.mode == ModeDegraded {
+		v.holdLocked()
+	}
+	return v.mode == ModeHeld
+}
+
 // releaseHeldLocked ends a hold; v.mu is held.
 func (v *Volume) releaseHeldLocked() {
 	if v.heldCh != nil {
@@ -380,7 +417,7 @@ func (v *Volume) Hold() (bool, error) {
 		return true, nil
 	}
 	if peer == nil {
-		return false, nil
+		return v.HoldIfNotExclusive(), nil
 	}
 	err := v.peerFailed(peer, fmt.Errorf("mirror peer declared lost: %w", ErrPeerLost))
 	return v.Mode() == ModeHeld, err
@@ -396,6 +433,7 @@ func (v *Volume) Release(alone bool) {
 	}
 	if alone {
 		v.mode = ModeDegraded
+		v.exclusive = true
 	} else {
 		v.mode = ModeFenced
 	}
@@ -598,11 +636,6 @@ func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) (err 
 		v.modeMu.Unlock()
 		return fmt.Errorf("Failed to start resync: %w", ErrFenced)
 	}
-	if v.mode == ModeHeld {
-		v.mu.Unlock()
-		v.modeMu.Unlock()
-		return errors.New("Failed to start resync: the volume is held until the witness answers")
-	}
 	if v.peer != nil || peer == nil {
 		v.mu.Unlock()
 		v.modeMu.Unlock()
@@ -614,6 +647,7 @@ func (v *Volume) Resync(ctx context.Context, peer Peer, opt ResyncOptions) (err 
 	}
 	if err == nil {
 		v.peer, v.mode = peer, ModeResyncing
+		v.releaseHeldLocked()
 	}
 	v.mu.Unlock()
 	v.modeMu.Unlock()
@@ -700,6 +734,7 @@ func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) er
 		}
 		if v.bm.Count() == 0 {
 			v.mode = ModeSynced
+			v.exclusive = false
 			clear(v.intentLast)
 			v.mu.Unlock()
 			v.modeMu.Unlock()
