@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Mirror benchmark (issue 5): fio writes on a mirrored volume against the same kind of
+# controller unmirrored, the guest's I/O stall when its primary controller is killed,
+# and resync time against the data changed during an outage, all on the namespace test
+# bed in one run. Writes bench/results/mirror.md. Needs root, QEMU, fio, qemu-io,
+# nbdcopy, nft, `make build` (bin/grow) and `make guest` (.cache/guest).
+#
+# Environment: BENCH_RUNTIME (seconds per fio job, default 10), BENCH_ROUNDS (fio rounds
+# per side, default 2), BENCH_KILLS (primary kills under the guest, default 5),
+# BENCH_SIZE_MIB (fio data set, default 512), BENCH_CACHE (controller cache, default
+# 256MiB), BENCH_RESYNC_RATE (--resync-rate, default the daemon's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+out=${BENCH_OUT:-$PWD/bench/results/mirror.md}
+export GROW_BIN=${GROW_BIN:-$PWD/bin/grow}
+export GROW_GUEST_DIR=${GROW_GUEST_DIR:-$PWD/.cache/guest}
+[ -x "$GROW_BIN" ] || { echo "bench/mirror: $GROW_BIN is missing (make build)" >&2; exit 1; }
+[ -s "$GROW_GUEST_DIR/vmlinux" ] || { echo "bench/mirror: no test guest in $GROW_GUEST_DIR (make guest)" >&2; exit 1; }
+tmp=$(mktemp "${out}.XXXXXX")
+trap 'rm -f "$tmp" "$tmp.log"' EXIT
+set +e
+GROW_BENCH_OUT=$tmp "$GO" test -count=1 -timeout 30m -run TestMirrorBench -v ./bench/mirror/ >"$tmp.log" 2>&1
+rc=$?
+set -e
+grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+mirror_test.go)' "$tmp.log" || true
+test -s "$tmp" || { echo "bench/mirror: no result written" >&2; exit 1; }
+mv "$tmp" "$out"
+cat "$out"
+exit $rc
