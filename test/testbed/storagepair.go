@@ -330,7 +330,15 @@ type MirrorInfo struct {
 	Home       string          `json:"home"`
 	Primary    string          `json:"primary"`
 	DirtyBytes int64           `json:"dirty_bytes"`
+	Resync     MirrorResync    `json:"resync"`
 	Raw        json.RawMessage `json:"-"`
+}
+
+// MirrorResync is the progress of a volume's resync.
+type MirrorResync struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+	Rate  int64 `json:"rate"` // bytes per second, 0 = unlimited
 }
 
 // NBDHostPort splits the volume's nbd_address.
@@ -355,6 +363,18 @@ func (c *PairController) Get(ctx context.Context, path string, out any) error {
 func (c *PairController) Post(ctx context.Context, path string, in, out any) error {
 	return c.call(ctx, http.MethodPost, path, in, out)
 }
+
+// GetText returns the body of GET path on the controller's admin API (e.g. /metrics).
+func (c *PairController) GetText(ctx context.Context, path string) (string, error) {
+	var b rawBody
+	if err := c.call(ctx, http.MethodGet, path, nil, &b); err != nil {
+		return "", err
+	}
+	return string(b), nil
+}
+
+// rawBody receives an answer that is not JSON.
+type rawBody []byte
 
 func (c *PairController) call(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
@@ -386,6 +406,10 @@ func (c *PairController) call(ctx context.Context, method, path string, in, out 
 		return fmt.Errorf("%s %s on %s: %s: %s", method, path, c.Name, resp.Status, bytes.TrimSpace(b))
 	}
 	if out == nil {
+		return nil
+	}
+	if raw, ok := out.(*rawBody); ok {
+		*raw = b
 		return nil
 	}
 	if err := json.Unmarshal(b, out); err != nil {

@@ -83,4 +83,27 @@ func TestPairNamespaceAndRoles(t *testing.T) {
 	if out, err := testbed.NetnsCommand(ns, "nbdinfo", "--size", pc.Other().NBDURI("lay0c")).CombinedOutput(); err == nil {
 		t.Errorf("the secondary %s opened lay0c over NBD: %s", pc.Other().Name, out)
 	}
+
+	// The operator's view: mirror status names both controllers; the resync rate set
+	// through one controller applies to both.
+	for _, x := range p.Ctl {
+		out, err := x.CLI(ctx, "mirror", "status")
+		if err != nil {
+			t.Error(err)
+		} else if !strings.Contains(out, a.Name) || !strings.Contains(out, c.Name) {
+			t.Errorf("grow storage mirror status on %s does not name both controllers:\n%s", x.Name, out)
+		}
+	}
+	if _, err := a.CLI(ctx, "mirror", "rate", "123MiB"); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range p.Ctl {
+		v, err := x.Volume(ctx, "lay1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.Mirror == nil || v.Mirror.Resync.Rate != 123<<20 {
+			t.Errorf("after mirror rate 123MiB through %s, %s reports lay1 %s", a.Name, x.Name, v.Mirror.Raw)
+		}
+	}
 }

@@ -3,8 +3,10 @@ package mirror
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,6 +105,23 @@ func TestResyncCopiesOnlyChangedRegions(t *testing.T) {
 	}
 	if limit := 2*regions*mib + 4*mib; copied > limit {
 		t.Errorf("the resync copied %d bytes for %d changed 1 MiB regions (limit %d): not only the changed regions", copied, regions, limit)
+	}
+	// The same counter for Prometheus.
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, c := range p.Ctl {
+		stat, err := c.ResyncBytes(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		metrics, err := c.GetText(ctx, "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("grow_mirror_resync_bytes_total %d", stat); !strings.Contains(metrics, want) &&
+			!strings.Contains(metrics, fmt.Sprintf("grow_mirror_resync_bytes_total %g", float64(stat))) {
+			t.Errorf("%s: /metrics has no %q", c.Name, want)
+		}
 	}
 	compareSides(t, b, p, vol)
 }
