@@ -99,19 +99,27 @@ func TestMigrationBench(t *testing.T) {
 		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, r.total, r.down, r.wall.Round(time.Millisecond))
 	}
 	writeReport(t, out, ours, raws)
+	// The agents' own phase timings, next to the raw side's above.
 	for _, h := range b.Hosts {
-		t.Logf("hostd %d log (tail):\n%s", h.Idx, h.Log())
+		log, _ := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
+		for _, l := range strings.Split(string(log), "\n") {
+			if strings.Contains(l, "Migration timing") || strings.Contains(l, "Announced") ||
+				strings.Contains(l, "resumed") || strings.Contains(l, "migration prepared") {
+				t.Logf("hostd %d: %s", h.Idx, l)
+			}
+		}
 	}
 }
 
 // bareQEMU is one QEMU started by hand in a host's namespace.
 type bareQEMU struct {
-	cmd  *exec.Cmd
-	mon  *qemu.Monitor
-	done chan struct{}
+	cmd    *exec.Cmd
+	mon    *qemu.Monitor
+	done   chan struct{}
+	events func(*bareQEMU, qemu.Event)
 }
 
-func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO string, incoming bool) *bareQEMU {
+func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO string, incoming bool, onEvent func(*bareQEMU, qemu.Event)) *bareQEMU {
 	t.Helper()
 	dir, err := os.MkdirTemp(b0Dir(t), "raw-")
 	if err != nil {
@@ -128,6 +136,7 @@ func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO 
 	}
 	defer log.Close()
 	q := &bareQEMU{done: make(chan struct{})}
+	q.events = onEvent
 	q.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.NS}, args...)...)
 	q.cmd.Stdout, q.cmd.Stderr = log, log
 	// A session of its own, as the agent starts QEMU: with the scheduler's autogroups,
@@ -140,7 +149,7 @@ func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO 
 	t.Cleanup(func() { _ = q.cmd.Process.Kill(); <-q.done })
 	qctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	q.mon, err = qemu.DialQMP(qctx, cfg.QMPPath(), nil)
+	q.mon, err = qemu.DialQMP(qctx, cfg.QMPPath(), func(ev qemu.Event) { q.events(q, ev) })
 	if err != nil {
 		b, _ := os.ReadFile(cfg.LogPath())
 		t.Fatalf("bare QEMU: %v: %s", err, b)
@@ -164,11 +173,53 @@ type rawSide struct {
 	ip      string
 	tap     string
 	seedISO string
+	mu      sync.Mutex
 	src     *bareQEMU
+	ph      *phases
+	// ended receives the source's terminal MIGRATION states, as the agent's loop does.
+	ended chan string
+}
+
+// onEvent records when QEMU stopped and resumed a guest, for the phase log, and passes
+// the source's terminal migration states on.
+func (r *rawSide) onEvent(q *bareQEMU, ev qemu.Event) {
+	r.mu.Lock()
+	ph, src := r.ph, r.src
+	r.mu.Unlock()
+	if ph != nil && (ev.Event == "STOP" || ev.Event == "RESUME") {
+		ph.markAt("qemu_"+strings.ToLower(ev.Event), time.Unix(ev.Timestamp.Seconds, ev.Timestamp.Microseconds*1000))
+	}
+	if st, _ := ev.Data["status"].(string); ev.Event == "MIGRATION" && q == src && (st == "completed" || st == "failed" || st == "cancelled") {
+		select {
+		case r.ended <- st:
+		default:
+		}
+	}
+}
+
+// phases records when each step of a raw migration happened (as the agent logs its own).
+type phases struct {
+	mu    sync.Mutex
+	t0    time.Time
+	parts []string
+}
+
+func (p *phases) mark(name string) { p.markAt(name, time.Now()) }
+
+func (p *phases) markAt(name string, at time.Time) {
+	p.mu.Lock()
+	p.parts = append(p.parts, fmt.Sprintf("%s=%.1f", name, float64(at.Sub(p.t0).Microseconds())/1000))
+	p.mu.Unlock()
+}
+
+func (p *phases) String() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.parts, " ")
 }
 
 func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *rawSide {
-	r := &rawSide{b: b, spec: spec, ip: ip, tap: "gr" + b.ID + "-0"}
+	r := &rawSide{b: b, spec: spec, ip: ip, tap: "gr" + b.ID + "-0", ended: make(chan string, 4)}
 	// The same seed, as an ISO the bare QEMUs share.
 	r.seedISO = filepath.Join(b0Dir(t), "seed.iso")
 	dir := filepath.Join(b0Dir(t), "seed")
@@ -194,7 +245,10 @@ func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *r
 			}
 		}
 	}
-	r.src = startBare(t, b.Hosts[0], spec, r.tap, r.seedISO, false)
+	src := startBare(t, b.Hosts[0], spec, r.tap, r.seedISO, false, r.onEvent)
+	r.mu.Lock()
+	r.src = src
+	r.mu.Unlock()
 	return r
 }
 
@@ -203,9 +257,14 @@ func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *r
 func (r *rawSide) migrate(t *testing.T, i int) sample {
 	ctx := context.Background()
 	dh := r.b.Hosts[(i+1)%2]
+	r.mu.Lock()
 	src := r.src
 	t0 := time.Now()
-	dst := startBare(t, dh, r.spec, r.tap, r.seedISO, true)
+	ph := &phases{t0: t0}
+	r.ph = ph
+	r.mu.Unlock()
+	dst := startBare(t, dh, r.spec, r.tap, r.seedISO, true, r.onEvent)
+	ph.mark("started")
 	if err := dst.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -219,22 +278,48 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	if err := dst.mon.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
 		t.Fatal(err)
 	}
+	ph.mark("listening")
+	// The capabilities the agent sets on its source.
+	if err := src.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
+		t.Fatal(err)
+	}
 	if err := src.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := src.mon.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtimeLimitMS, "max-bandwidth": maxBandwidth}, nil); err != nil {
 		t.Fatal(err)
 	}
+	ph.mark("params")
 	if err := src.mon.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
 		t.Fatal(err)
 	}
+	ph.mark("migrate")
 	var info qemu.MigrationInfo
+	seen := false
 	for {
-		time.Sleep(20 * time.Millisecond)
+		// The agent's loop: query every 20 ms, and at once on an end state's event.
+		select {
+		case <-r.ended:
+		case <-time.After(20 * time.Millisecond):
+		}
 		if info, err = src.mon.QueryMigrate(ctx); err != nil {
 			t.Fatal(err)
 		}
+		switch info.Status {
+		case "setup", "active", "device", "pre-switchover":
+			seen = true
+		}
+		if info.Status == "completed" && info.TotalTime == 0 {
+			// As the agent: before this migration shows up, QEMU may still report the
+			// one that brought the guest here; and it flags completion a moment
+			// before it records the times.
+			if seen {
+				time.Sleep(2 * time.Millisecond)
+			}
+			continue
+		}
 		if info.Status == "completed" && info.TotalTime > 0 {
+			ph.mark("completed")
 			break // (a QEMU that came in by migration reports that one as completed, without times)
 		}
 		if info.Status == "failed" || info.Status == "cancelled" {
@@ -251,11 +336,16 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	ph.mark("dest_running")
 	_ = src.mon.Execute(ctx, "quit", nil, nil)
 	<-src.done
 	wall := time.Since(t0)
+	ph.mark("source_gone")
+	t.Logf("raw %d phases: %s qemu total=%d setup=%d down=%d", i, ph.String(), info.TotalTime, info.SetupTime, info.Downtime)
 	r.b.WaitProbe(t, r.ip, 20*time.Second)
+	r.mu.Lock()
 	r.src = dst
+	r.mu.Unlock()
 	smp := sample{total: info.TotalTime, down: info.Downtime, wall: wall, setup: info.SetupTime}
 	if info.RAM != nil {
 		smp.mib, smp.syncs = info.RAM.Transferred>>20, info.RAM.DirtySync

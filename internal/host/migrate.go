@@ -2,16 +2,22 @@ package host
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/network"
 )
 
 // operation is a long-running task with progress that can be cancelled.
@@ -72,16 +78,17 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest
 	if net.ParseIP(req.ListenHost) == nil {
 		return hostapi.IncomingReply{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
 	}
+	ph := newPhases()
 	if _, err := a.defineAs(req.Spec, req.Counters, false); err != nil {
 		return hostapi.IncomingReply{}, err
 	}
+	ph.mark("defined")
 	v, err := a.get(req.Spec.Name)
 	if err != nil {
 		return hostapi.IncomingReply{}, err
 	}
-	t0 := time.Now()
-	uri, err := v.listenIncoming(ctx, req.ListenHost)
-	a.log.Info("Incoming migration prepared", "vm", req.Spec.Name, "uri", uri, "ms", time.Since(t0).Milliseconds(), "err", err)
+	uri, err := v.listenIncoming(ctx, req.ListenHost, ph)
+	a.log.Info("Incoming migration prepared", "vm", req.Spec.Name, "uri", uri, "phases", ph.String(), "err", err)
 	if err != nil {
 		_ = a.Delete(context.Background(), req.Spec.Name, true)
 		return hostapi.IncomingReply{}, err
@@ -89,12 +96,13 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest
 	return hostapi.IncomingReply{URI: uri}, nil
 }
 
-func (v *vm) listenIncoming(ctx context.Context, host string) (string, error) {
+func (v *vm) listenIncoming(ctx context.Context, host string, ph *phases) (string, error) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	if err := v.startLocked(ctx, true); err != nil {
 		return "", err
 	}
+	ph.mark("started")
 	inst := v.instance()
 	if err := setMigrationCaps(ctx, inst.Monitor.Execute); err != nil {
 		return "", err
@@ -115,6 +123,9 @@ func (v *vm) listenIncoming(ctx context.Context, host string) (string, error) {
 	if err := inst.Monitor.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
 		return "", fmt.Errorf("Failed to listen for migration of %q on %s: %w", v.name, uri, err)
 	}
+	ph.mark("listening")
+	v.armArrival(host, port, uri)
+	ph.mark("armed")
 	return uri, nil
 }
 
@@ -130,9 +141,187 @@ func (a *Agent) Announce(name string) error {
 	if v.instance() == nil || (info.State != hostapi.StateIncoming && info.State != hostapi.StateRunning) {
 		return fmt.Errorf("VM %q is %s: %w", name, info.State, ErrConflict)
 	}
-	v.announce(info.Spec.NICs, info.Taps)
+	t0 := time.Now()
+	v.mu.Lock()
+	arr := v.arrival
+	v.mu.Unlock()
+	if arr != nil {
+		arr.announce()
+	} else {
+		v.announce(info.Spec.NICs, info.Taps)
+	}
+	a.log.Info("Announced arriving VM", "vm", name, "at", t0.Format("15:04:05.000000"), "us", time.Since(t0).Microseconds())
 	return nil
 }
+
+// arrival is the announcement of a VM migrating in, prepared before the migration
+// starts: at the source's switch-over signal (one UDP datagram) it points the network
+// at this host's taps in a few system calls, without an HTTP request, a link lookup
+// or a new socket while both QEMUs compete for the CPU.
+type arrival struct {
+	v    *vm
+	anns []*network.Announcer
+	conn *net.UDPConn // the switch-over signal's socket; nil without one
+	want []byte       // the only datagram that fires it
+	mu   sync.Mutex
+	done bool
+}
+
+// switchoverMagic starts every switch-over datagram (version 1).
+const switchoverMagic = "GROW-SWITCHOVER-1\n"
+
+// switchoverDatagram is the signal for VM name migrating to uri: keyed with the
+// destination agent's API token, so that only a holder of the token (whoever may
+// call its Announce API) can send it.
+func switchoverDatagram(token, name, uri string) []byte {
+	m := hmac.New(sha256.New, []byte(token))
+	m.Write([]byte(name + "\n" + uri))
+	return append([]byte(switchoverMagic), m.Sum(nil)...)
+}
+
+// apiToken is this agent's API token (DATA/admin.token, which `grow hostd` keeps).
+func (a *Agent) apiToken() (string, error) {
+	b, err := os.ReadFile(filepath.Join(a.cfg.DataDir, "admin.token"))
+	if err != nil {
+		return "", fmt.Errorf("Failed to read the API token: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("The API token file is empty")
+	}
+	return tok, nil
+}
+
+// armArrival prepares the announcement of this incoming VM and listens for the
+// source's switch-over signal on UDP host:port (the port of the migration stream).
+// What cannot be prepared is logged and left to the announcement when the guest
+// resumes here.
+func (v *vm) armArrival(host string, port int, uri string) {
+	info := v.info()
+	arr := &arrival{v: v}
+	for i, n := range info.Spec.NICs {
+		if i >= len(info.Taps) {
+			break
+		}
+		an, err := network.NewAnnouncer(n.Bridge, info.Taps[i], n.MAC)
+		if err != nil {
+			v.a.log.Warn("Cannot prepare the announcement of an arriving NIC", "vm", v.name, "tap", info.Taps[i], "err", err)
+			continue
+		}
+		arr.anns = append(arr.anns, an)
+	}
+	if tok, err := v.a.apiToken(); err != nil {
+		v.a.log.Warn("No switch-over signal for an arriving VM", "vm", v.name, "err", err)
+	} else if conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(host), Port: port}); err != nil {
+		v.a.log.Warn("No switch-over signal for an arriving VM", "vm", v.name, "err", err)
+	} else {
+		arr.conn, arr.want = conn, switchoverDatagram(tok, v.name, uri)
+		go arr.listen()
+	}
+	v.mu.Lock()
+	old := v.arrival
+	v.arrival = arr
+	v.mu.Unlock()
+	if old != nil {
+		old.close()
+	}
+}
+
+// listen waits for the switch-over signal and announces once it comes.
+func (r *arrival) listen() {
+	buf := make([]byte, 256)
+	warned := false
+	for {
+		n, from, err := r.conn.ReadFromUDP(buf)
+		if err != nil {
+			return // closed
+		}
+		if !hmac.Equal(buf[:n], r.want) {
+			if !warned {
+				warned = true
+				r.v.a.log.Warn("Ignoring a bad switch-over signal", "vm", r.v.name, "from", from.String())
+			}
+			continue
+		}
+		t0 := time.Now()
+		r.announce()
+		r.v.a.log.Info("Announced arriving VM at the source's switch-over", "vm", r.v.name,
+			"at", t0.Format("15:04:05.000000"), "us", time.Since(t0).Microseconds())
+		_ = r.conn.Close()
+		return
+	}
+}
+
+// announce points the network at this host for every prepared NIC.
+func (r *arrival) announce() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return
+	}
+	for _, an := range r.anns {
+		if err := an.Announce(); err != nil {
+			r.v.a.log.Warn("Failed to announce an arriving NIC", "vm", r.v.name, "err", err)
+		}
+	}
+}
+
+// close stops listening and releases the prepared sockets.
+func (r *arrival) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return
+	}
+	r.done = true
+	if r.conn != nil {
+		_ = r.conn.Close()
+	}
+	for _, an := range r.anns {
+		_ = an.Close()
+	}
+}
+
+// takeArrival detaches the VM's prepared announcement, if any (the caller closes it).
+func (v *vm) takeArrival() *arrival {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	arr := v.arrival
+	v.arrival = nil
+	return arr
+}
+
+// switchoverSignal is the source's side: a connected UDP socket and the datagram
+// that makes the destination announce the guest.
+type switchoverSignal struct {
+	conn *net.UDPConn
+	msg  []byte
+}
+
+// newSwitchoverSignal prepares the signal for VM name migrating to uri ("tcp:HOST:PORT").
+func newSwitchoverSignal(token, name, uri string) (*switchoverSignal, error) {
+	hp, ok := strings.CutPrefix(uri, "tcp:")
+	if !ok {
+		return nil, fmt.Errorf("Migration URI %q is not tcp:HOST:PORT", uri)
+	}
+	addr, err := net.ResolveUDPAddr("udp", hp)
+	if err != nil {
+		return nil, fmt.Errorf("Bad migration address %q: %w", hp, err)
+	}
+	conn, err := net.DialUDP("udp", nil, addr)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to open the switch-over signal to %s: %w", hp, err)
+	}
+	return &switchoverSignal{conn: conn, msg: switchoverDatagram(token, name, uri)}, nil
+}
+
+// send fires the signal (one datagram: the destination also announces when the guest
+// resumes there, should this one be lost).
+func (s *switchoverSignal) send() {
+	_, _ = s.conn.Write(s.msg)
+}
+
+func (s *switchoverSignal) close() { _ = s.conn.Close() }
 
 // setMigrationCaps sets the capabilities both ends of a migration must agree on.
 func setMigrationCaps(ctx context.Context, exec func(context.Context, string, any, any) error) error {
@@ -218,19 +407,13 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	bg := context.Background()
 	spec := v.info().Spec
 	o.update(func(op *hostapi.Operation) { op.Message = "preparing destination" })
-	t0 := time.Now()
-	var tPrepared, tCompleted time.Time
-	defer func() {
-		if err == nil {
-			v.a.log.Info("Migration timing", "vm", v.name, "prepare_ms", tPrepared.Sub(t0).Milliseconds(),
-				"migrate_ms", tCompleted.Sub(tPrepared).Milliseconds(), "finish_ms", time.Since(tCompleted).Milliseconds())
-		}
-	}()
+	ph := newPhases()
+	defer func() { v.a.log.Info("Migration timing", "vm", v.name, "ok", err == nil, "phases", ph.String()) }()
 	reply, err := target.PrepareIncoming(ctx, hostapi.IncomingRequest{Spec: spec, ListenHost: req.ListenHost, Counters: v.counters()})
 	if err != nil {
 		return fmt.Errorf("Failed to prepare the destination: %w", err)
 	}
-	tPrepared = time.Now()
+	ph.mark("prepared")
 	destOwns := false
 	defer func() {
 		if err != nil && !destOwns {
@@ -256,6 +439,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	if err := mon.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
 		return fmt.Errorf("Failed to set migration parameters: %w", err)
 	}
+	ph.mark("params")
 	// Remember where the guest is going, so that a restarted agent can settle it.
 	v.mu.Lock()
 	v.rec.State = hostapi.StateMigrating
@@ -266,15 +450,30 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 		v.setState(hostapi.StateRunning)
 		return perr
 	}
-	events := make(chan string, 16)
+	ph.mark("persisted")
+	// At the switch-over (the guest's STOP here) the destination is told at once, from
+	// QEMU's event, to point the network at its taps; without the signal's socket
+	// the agent asks through the destination's API instead (slower, off that path).
+	sw, serr := newSwitchoverSignal(req.TargetToken, spec.Name, reply.URI)
+	if serr != nil {
+		v.a.log.Warn("No switch-over signal; announcing through the API", "vm", v.name, "err", serr)
+	}
+	events := make(chan migEvent, 16)
 	v.mu.Lock()
 	v.migEvents = events
+	if sw != nil {
+		v.onSwitchover = sw.send
+	}
 	v.mu.Unlock()
 	announced := false
 	defer func() {
 		v.mu.Lock()
 		v.migEvents = nil
+		v.onSwitchover = nil
 		v.mu.Unlock()
+		if sw != nil {
+			sw.close()
+		}
 		if err != nil && !destOwns {
 			v.resumeAfterFailedMigration()
 			if announced {
@@ -292,6 +491,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	if err := mon.Execute(ctx, "migrate", map[string]any{"uri": reply.URI}, nil); err != nil {
 		return fmt.Errorf("Failed to start migration to %s: %w", reply.URI, err)
 	}
+	ph.mark("migrate")
 	seen := false
 	for {
 		select {
@@ -301,22 +501,32 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 			return fmt.Errorf("Migration cancelled")
 		case <-inst.Exited():
 			return fmt.Errorf("QEMU exited during migration: %s", inst.ExitReason())
-		case st := <-events:
+		case ev := <-events:
+			st := ev.state
+			ph.markAt("qemu_"+st, ev.at)
+			ph.mark("seen_" + st)
 			// "stop" (or "device"): the guest has just stopped here for the switch-over.
 			// Point the network at the destination now, so that frames for the guest
 			// wait in its taps there (QEMU reads them once the guest runs) instead of
 			// being lost in ours.
 			if (st == "stop" || st == "device") && !announced {
 				announced = true
+				if sw != nil {
+					continue // signalled from QEMU's event already
+				}
 				go func() {
 					actx, cancel := context.WithTimeout(bg, 5*time.Second)
 					defer cancel()
 					if err := target.Announce(actx, spec.Name); err != nil {
 						v.a.log.Warn("Early announce on the destination failed", "vm", v.name, "err", err)
 					}
+					ph.mark("announced")
 				}()
 			}
-			continue
+			if st != "completed" && st != "failed" && st != "cancelled" {
+				continue
+			}
+			// An end state: read the figures now rather than at the next poll.
 		case <-time.After(20 * time.Millisecond):
 		}
 		info, err := mon.QueryMigrate(bg)
@@ -347,14 +557,15 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 					info = again
 				}
 			}
-			tCompleted = time.Now()
+			ph.mark("completed")
+			ph.note(fmt.Sprintf("qemu total=%d setup=%d down=%d", info.TotalTime, info.SetupTime, info.Downtime))
 			o.update(func(op *hostapi.Operation) {
 				op.TotalTimeMS, op.DowntimeMS, op.SetupTimeMS = info.TotalTime, info.Downtime, info.SetupTime
 				if info.RAM != nil {
 					op.TransferredBytes, op.DirtySyncs = info.RAM.Transferred, info.RAM.DirtySync
 				}
 			})
-			return v.finishMigration(bg, o, target, spec.Name, &destOwns)
+			return v.finishMigration(bg, o, target, spec.Name, &destOwns, ph)
 		case "failed", "cancelled":
 			return fmt.Errorf("Migration %s: %s", info.Status, info.ErrorDesc)
 		}
@@ -398,7 +609,7 @@ func (v *vm) resumeAfterFailedMigration() {
 // finishMigration checks that the guest runs on the destination, then ends the local
 // QEMU and forgets the VM. If the destination never ran the guest, it is removed
 // there and the guest resumes here.
-func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentclient.Client, name string, destOwns *bool) error {
+func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentclient.Client, name string, destOwns *bool, ph *phases) error {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		vmi, err := target.Get(ctx, name)
@@ -417,8 +628,10 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 		time.Sleep(5 * time.Millisecond)
 	}
 	*destOwns = true
+	ph.mark("dest_running")
 	o.update(func(op *hostapi.Operation) { op.Message = "destination running; removing the source" })
 	v.dropMigrated(ctx)
+	ph.mark("source_gone")
 	return nil
 }
 
@@ -499,4 +712,37 @@ func (v *vm) recoverMigration() {
 	_ = v.persistDurableLocked()
 	v.mu.Unlock()
 	log.Info("Interrupted migration rolled back; the VM runs here")
+}
+
+// phases records when each step of a migration happened, for its timing log line.
+type phases struct {
+	mu    sync.Mutex
+	t0    time.Time
+	parts []string
+}
+
+func newPhases() *phases {
+	t0 := time.Now()
+	return &phases{t0: t0, parts: []string{"t0=" + t0.Format("15:04:05.000000")}}
+}
+
+// mark records that step name happened now.
+func (p *phases) mark(name string) { p.markAt(name, time.Now()) }
+
+// markAt records that step name happened at t.
+func (p *phases) markAt(name string, t time.Time) {
+	p.note(fmt.Sprintf("%s=%.1f", name, float64(t.Sub(p.t0).Microseconds())/1000))
+}
+
+// note adds free text to the record.
+func (p *phases) note(s string) {
+	p.mu.Lock()
+	p.parts = append(p.parts, s)
+	p.mu.Unlock()
+}
+
+func (p *phases) String() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.parts, " ")
 }

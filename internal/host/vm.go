@@ -57,7 +57,22 @@ type vm struct {
 	// hotplugged is set once memory or vCPUs were added to the running QEMU.
 	hotplugged bool
 	// migEvents, while this VM migrates out, receives QEMU's migration states.
-	migEvents chan string
+	migEvents chan migEvent
+	// onSwitchover, while this VM migrates out, signals the destination at the STOP.
+	onSwitchover func()
+	// arrival, while this VM migrates in, is its prepared announcement.
+	arrival *arrival
+}
+
+// migEvent is a migration state (or "stop") with the time QEMU stamped on its event.
+type migEvent struct {
+	state string
+	at    time.Time
+}
+
+// eventTime is the time QEMU stamped on ev.
+func eventTime(ev qemu.Event) time.Time {
+	return time.Unix(ev.Timestamp.Seconds, ev.Timestamp.Microseconds*1000)
 }
 
 func (v *vm) markHotplugged() {
@@ -245,13 +260,13 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 }
 
 // notifyMigration passes a migration state to the migration in progress, if any.
-func (v *vm) notifyMigration(st string) {
+func (v *vm) notifyMigration(st string, at time.Time) {
 	v.mu.Lock()
 	ch := v.migEvents
 	v.mu.Unlock()
 	if ch != nil {
 		select {
-		case ch <- st:
+		case ch <- migEvent{st, at}:
 		default:
 		}
 	}
@@ -262,12 +277,18 @@ func (v *vm) onEvent(ev qemu.Event) {
 	switch ev.Event {
 	case "MIGRATION":
 		st, _ := ev.Data["status"].(string)
-		v.notifyMigration(st)
+		v.notifyMigration(st, eventTime(ev))
 	case "STOP":
 		// While migrating out, the guest stops here for the switch-over (QEMU 7.2 emits
 		// no "device" state unless pause-before-switchover is on): say so first, since
 		// every millisecond before the destination announces loses frames.
-		v.notifyMigration("stop")
+		v.mu.Lock()
+		signal := v.onSwitchover
+		v.mu.Unlock()
+		if signal != nil {
+			signal()
+		}
+		v.notifyMigration("stop", eventTime(ev))
 		v.mu.Lock()
 		if v.rec.State == hostapi.StateRunning {
 			v.rec.State = hostapi.StatePaused
@@ -285,9 +306,15 @@ func (v *vm) onEvent(ev qemu.Event) {
 		nics, taps := v.rec.Spec.NICs, v.rec.Taps
 		v.mu.Unlock()
 		if cameIn {
+			v.a.log.Info("Migrated-in VM resumed", "vm", v.name, "qemu_at", eventTime(ev).Format("15:04:05.000000"))
 			// The guest now runs here: say so on the network at once rather than
 			// when the (possibly slow) guest gets to it.
-			v.announce(nics, taps)
+			if arr := v.takeArrival(); arr != nil {
+				arr.announce()
+				arr.close()
+			} else {
+				v.announce(nics, taps)
+			}
 		}
 	}
 }
@@ -310,6 +337,10 @@ func (v *vm) watch(inst *qemu.Instance) {
 	if v.inst != inst {
 		v.mu.Unlock()
 		return
+	}
+	if arr := v.arrival; arr != nil {
+		v.arrival = nil
+		defer arr.close()
 	}
 	reason := inst.ExitReason()
 	if v.expectExit != "" {
@@ -524,7 +555,12 @@ func (v *vm) detach() {
 	inst := v.inst
 	v.inst = nil // the watcher then leaves the record alone
 	c := v.console
+	arr := v.arrival
+	v.arrival = nil
 	v.mu.Unlock()
+	if arr != nil {
+		arr.close()
+	}
 	if inst != nil {
 		_ = inst.Monitor.Close()
 	}
