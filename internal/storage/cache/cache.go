@@ -3,10 +3,11 @@
 // data (which is what lets the NBD server advertise MULTI_CONN honestly).
 //
 // The cache is write-through: a write reaches the device before it is acknowledged and
-// then updates any cached copy, so a FLUSH only has to sync the device and nothing
-// acknowledged is ever held only in memory. It must never return data older than the
-// last completed write to the same bytes, and it must never take a global lock on the
-// read path: pages are spread over independently locked shards, each evicting with CLOCK.
+// then updates (or, for a streaming write, drops) any cached copy, so a FLUSH only has
+// to sync the device and nothing acknowledged is ever held only in memory. It must
+// never return data older than the last completed write to the same bytes, and it must
+// never take a global lock on the read path: pages are spread over independently
+// locked shards, each evicting with CLOCK.
 //
 // A page is 64 KiB (the cluster size) with validity tracked per 4 KiB block, so a small
 // random read that misses costs one small device read, not a whole page.
@@ -247,24 +248,31 @@ func (s *shard) remove(page int64) {
 
 // WriteAt writes through to the device, then updates the cached pages it covers:
 // blocks the write covers entirely become valid, partly covered ones stay as they were
-// (updated if they were valid).
+// (updated if they were valid). A streaming write (as large as a read that bypasses
+// the cache) drops the cached pages it covers entirely instead of copying into them,
+// so that it costs no memory copy and does not keep its data hot; the next read of
+// such a page fills it from the device.
 func (c *Cache) WriteAt(p []byte, off int64) (int, error) {
 	n, err := c.d.WriteAt(p, off)
 	if c.shards == nil || off < 0 || len(p) == 0 || off+int64(len(p)) > c.size {
 		return n, err
 	}
+	streaming := len(p) >= c.bypass
 	end := off + int64(len(p))
 	for page := off / PageSize; page*PageSize < end; page++ {
 		s := c.shardOf(page)
 		s.mu.Lock()
 		s.gen++
 		if sl := s.lookup(page); sl != nil {
-			if err != nil {
+			start := page * PageSize
+			lo, hi := int(max(off, start)-start), int(min(end, start+int64(sl.n))-start)
+			switch {
+			case err != nil:
 				// The device's content is unknown after a failed write: forget the page.
 				s.remove(page)
-			} else {
-				start := page * PageSize
-				lo, hi := int(max(off, start)-start), int(min(end, start+int64(sl.n))-start)
+			case streaming && lo == 0 && hi == sl.n:
+				s.remove(page)
+			default:
 				copy(sl.data[lo:hi], p[start+int64(lo)-off:])
 				sl.valid |= fullBlocks(lo, hi, sl.n)
 			}

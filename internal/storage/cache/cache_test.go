@@ -174,10 +174,46 @@ func TestCacheDisabled(t *testing.T) {
 // versions and publishes a version once its write returned; a reader that saw version
 // v published before it started must read at least v.
 func TestCacheCoherence(t *testing.T) {
-	const blocks = 256
-	const bs = 4096
+	// 4 KiB writes only: every write updates cached blocks in place.
+	checkCoherence(t, 8*PageSize, func(r *rand.Rand, w int) (int64, int64) {
+		// Writer w owns blocks w, w+4, ...: one writer per block.
+		return int64(w + 4*r.IntN(coherenceBlocks/4)), 1
+	})
+}
+
+// TestCacheCoherenceStreaming mixes small writes, which update cached blocks, with
+// streaming writes, which drop the pages they cover entirely and update the partly
+// covered pages at their ends, while readers check that nothing stale is ever served.
+func TestCacheCoherenceStreaming(t *testing.T) {
+	const pageBlocks = PageSize / coherenceBS
+	checkCoherence(t, 8*PageSize, func(r *rand.Rand, w int) (int64, int64) {
+		// Writer w owns the two-page groups w, w+4, ...
+		group := int64(w+4*r.IntN(coherenceBlocks/(8*pageBlocks))) * 2 * pageBlocks
+		switch r.IntN(3) {
+		case 0: // one block
+			return group + r.Int64N(2*pageBlocks), 1
+		case 1: // both pages entirely
+			return group, 2 * pageBlocks
+		default: // at least a page, with partly covered pages at either end
+			n := pageBlocks + r.Int64N(pageBlocks)
+			return group + r.Int64N(2*pageBlocks-n+1), n
+		}
+	})
+}
+
+const (
+	coherenceBlocks = 256
+	coherenceBS     = 4096
+)
+
+// checkCoherence runs four writers and four readers for a while on a cache of cacheSize
+// over coherenceBlocks blocks; pick gives writer w's next write as a first block and a
+// block count, from blocks that no other writer writes. Every block carries a version
+// number; a reader must never see a version older than one already published.
+func checkCoherence(t *testing.T, cacheSize int64, pick func(r *rand.Rand, w int) (blk, n int64)) {
+	const blocks, bs = coherenceBlocks, coherenceBS
 	f := fileDev(t, blocks*bs)
-	c := New(f, 8*PageSize) // 8 pages for 16 pages of data
+	c := New(f, cacheSize)
 	var published [blocks]atomic.Uint64
 	deadline := time.Now().Add(2 * time.Second)
 	if testing.Short() {
@@ -190,19 +226,23 @@ func TestCacheCoherence(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			r := rand.New(rand.NewPCG(uint64(w), 9))
-			buf := make([]byte, bs)
+			buf := make([]byte, blocks*bs)
 			for time.Now().Before(deadline) {
-				// Writer w owns blocks w, w+4, ...: one writer per block.
-				blk := int64(w + 4*r.IntN(blocks/4))
-				v := published[blk].Load() + 1
-				for i := 0; i < bs; i += 8 {
-					binary.LittleEndian.PutUint64(buf[i:], v)
+				blk, n := pick(r, w)
+				b := buf[:n*bs]
+				for i := int64(0); i < n; i++ {
+					v := published[blk+i].Load() + 1
+					for j := 0; j < bs; j += 8 {
+						binary.LittleEndian.PutUint64(b[i*bs+int64(j):], v)
+					}
 				}
-				if _, err := c.WriteAt(buf, blk*bs); err != nil {
+				if _, err := c.WriteAt(b, blk*bs); err != nil {
 					t.Error(err)
 					return
 				}
-				published[blk].Store(v)
+				for i := int64(0); i < n; i++ {
+					published[blk+i].Add(1)
+				}
 				writes.Add(1)
 			}
 		}()
@@ -390,4 +430,60 @@ func TestBlockMasks(t *testing.T) {
 			t.Errorf("fullBlocks(%d, %d, %d) = %b, want %b", c.lo, c.hi, c.plen, got, c.full)
 		}
 	}
+}
+
+// TestCacheStreamingWrite checks the rule for writes as large as a bypassing read: the
+// pages they cover entirely are dropped (and read back fresh from the device), the
+// partly covered pages at their ends are updated in place and keep serving hits.
+func TestCacheStreamingWrite(t *testing.T) {
+	f := fileDev(t, 1<<20)
+	c := New(f, 1<<20) // bypass 128 KiB
+	want := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{3}).Read(want)
+	f.WriteAt(want, 0)
+	blk := make([]byte, BlockSize)
+	for off := int64(0); off < 4*PageSize; off += BlockSize {
+		c.ReadAt(blk, off) // pages 0-3 entirely cached
+	}
+	if got := c.Stats().Bytes; got != 4*PageSize {
+		t.Fatalf("cached %d bytes after warming, want %d", got, 4*PageSize)
+	}
+	// From the middle of page 0 to the middle of page 3: pages 1 and 2 entirely.
+	w := make([]byte, 3*PageSize)
+	rand.NewChaCha8([32]byte{4}).Read(w)
+	off := int64(PageSize / 2)
+	if _, err := c.WriteAt(w, off); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[off:], w)
+	if got := c.Stats().Bytes; got != 2*PageSize {
+		t.Fatalf("cached %d bytes after the streaming write, want %d (pages 1 and 2 dropped)", got, 2*PageSize)
+	}
+	check := func(off int64, hit bool) {
+		t.Helper()
+		m := c.Stats().Misses
+		if _, err := c.ReadAt(blk, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(blk, want[off:off+BlockSize]) {
+			t.Fatalf("block at %d: stale data after the streaming write", off)
+		}
+		if missed := c.Stats().Misses != m; missed == hit {
+			t.Fatalf("block at %d: missed %v, want a hit %v", off, missed, hit)
+		}
+	}
+	check(0, true)                     // page 0, not written
+	check(PageSize-BlockSize, true)    // page 0, updated in place
+	check(PageSize, false)             // page 1, dropped: refilled from the device
+	check(PageSize, true)              // and cached again
+	check(2*PageSize+BlockSize, false) // page 2, dropped
+	check(3*PageSize, true)            // page 3, updated in place
+	check(3*PageSize+PageSize/2, true) // page 3, not written
+	// A write smaller than the bypass size still updates whole pages in place.
+	small := bytes.Repeat([]byte{9}, PageSize)
+	if _, err := c.WriteAt(small, 0); err != nil {
+		t.Fatal(err)
+	}
+	copy(want, small)
+	check(0, true)
 }
