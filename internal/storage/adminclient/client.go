@@ -25,9 +25,10 @@ const DefaultURL = "http://127.0.0.1:7480"
 
 // Client talks to one storage controller's admin API.
 type Client struct {
-	base  *url.URL
-	token string
-	http  *http.Client
+	base    *url.URL
+	token   string
+	http    *http.Client
+	headers http.Header
 }
 
 // New returns a client of the controller at baseURL (for example http://127.0.0.1:7480) using token.
@@ -139,6 +140,9 @@ func (c *Client) send(req *http.Request, out any) error {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	req.Header.Set("Accept", "application/json")
+	for k, v := range c.headers {
+		req.Header[k] = v
+	}
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return fmt.Errorf("Failed to reach storage controller: %w", err)

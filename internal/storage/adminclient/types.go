@@ -19,6 +19,115 @@ type Volume struct {
 	Children int `json:"children"`
 	// Created is when the volume was created.
 	Created time.Time `json:"created,omitzero"`
+	// NBDAddress is "IP:PORT" where NBD clients should open this volume (on a mirrored
+	// pair: its home's service address, which follows the primary).
+	NBDAddress string `json:"nbd_address,omitempty"`
+	// Mirror is the volume's mirror state on this controller (mirrored pairs only).
+	Mirror *VolumeMirror `json:"mirror,omitempty"`
+}
+
+// Mirror states of a volume, as VolumeMirror.State.
+const (
+	MirrorSynced    = "synced"
+	MirrorDegraded  = "degraded"
+	MirrorResyncing = "resyncing"
+	MirrorStale     = "stale"
+	MirrorFrozen    = "frozen"
+	MirrorSplit     = "split"
+)
+
+// VolumeMirror is one controller's view of a mirrored volume.
+type VolumeMirror struct {
+	// Role is "primary" (serves NBD clients) or "secondary" on this controller.
+	Role string `json:"role"`
+	// Epoch changes whenever the pair splits or the primary moves.
+	Epoch uint64 `json:"epoch"`
+	// State is synced, degraded, resyncing, stale, frozen or split.
+	State string `json:"state"`
+	// Home is the controller that is the volume's primary in the normal state.
+	Home string `json:"home"`
+	// Primary is the controller currently serving the volume ("" if none is known).
+	Primary string `json:"primary"`
+	// DirtyBytes is how much of the volume is known to differ from the partner.
+	DirtyBytes int64 `json:"dirty_bytes"`
+	// Resync is the progress of the running (or last) resync.
+	Resync MirrorResync `json:"resync"`
+}
+
+// MirrorResync is the progress of a resync, in bytes.
+type MirrorResync struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+	// Rate is the resync rate limit in bytes per second (0: unlimited).
+	Rate int64 `json:"rate"`
+}
+
+// PeerVolume is what a controller tells its partner about one volume.
+type PeerVolume struct {
+	// Role is the mirror role name (secondary, primary-synced, primary-degraded, stale, frozen-split).
+	Role  string `json:"role"`
+	Epoch uint64 `json:"epoch"`
+	Home  string `json:"home"`
+	// Mode is the replicating export's mode on a primary (synced, degraded, resyncing, held, fenced).
+	Mode string `json:"mode,omitempty"`
+}
+
+// MirrorStatus is GET /v1/mirror: the pair as one controller sees it.
+type MirrorStatus struct {
+	Name              string `json:"name"`
+	Partner           string `json:"partner"`
+	PartnerURL        string `json:"partner_url"`
+	PartnerReachable  bool   `json:"partner_reachable"`
+	WitnessConfigured bool   `json:"witness_configured"`
+	WitnessReachable  bool   `json:"witness_reachable"`
+	// LinkAddress is where this controller serves the mirror link.
+	LinkAddress string `json:"link_address"`
+	// ServiceAddress is this controller's own service address (IP/PREFIX, "" if none).
+	ServiceAddress string `json:"service_address,omitempty"`
+	// NBDPort is the NBD TCP port hosts use with a service address.
+	NBDPort int `json:"nbd_port"`
+	// NBDAddress is this controller's own advertised NBD address.
+	NBDAddress string `json:"nbd_address"`
+	// Serves lists the homes whose volumes this controller serves now (and whose service address it holds).
+	Serves []string `json:"serves"`
+	// Fenced is true while this controller lost partner and witness for longer than the fence timeout.
+	Fenced     bool  `json:"fenced"`
+	ResyncRate int64 `json:"resync_rate"`
+	// States counts this controller's volumes per mirror state.
+	States map[string]int `json:"states"`
+	// Resync sums the progress of running resyncs.
+	Resync  MirrorResync          `json:"resync"`
+	Volumes map[string]PeerVolume `json:"volumes"`
+	// ResyncBytes counts bytes copied by resync since start (as mirror_resync_bytes in the stats).
+	ResyncBytes int64 `json:"resync_bytes"`
+}
+
+// DirtyRegions is GET /v1/mirror/volumes/{name}/dirty: the regions this side marked.
+type DirtyRegions struct {
+	RegionSize int64    `json:"region_size"`
+	Regions    []uint64 `json:"regions"`
+}
+
+// MoveResult answers drain and resume: what moved and what still waits.
+type MoveResult struct {
+	Moved   []string `json:"moved"`
+	Waiting []string `json:"waiting"`
+	Done    bool     `json:"done"`
+	Message string   `json:"message"`
+	// Resync is the progress of resyncs the move waits for.
+	Resync MirrorResync `json:"resync"`
+}
+
+// ResolveRequest is the body of POST /v1/volumes/{name}/resolve.
+type ResolveRequest struct {
+	// Keep names the controller whose data is kept.
+	Keep string `json:"keep"`
+}
+
+// RateRequest is the body of POST /v1/mirror/rate.
+type RateRequest struct {
+	// Rate is the resync rate limit in bytes per second (0: unlimited).
+	Rate int64 `json:"rate"`
 }
 
 // CreateVolumeRequest is the body of POST /v1/volumes.
@@ -120,6 +229,8 @@ type Stats struct {
 	Uptime      string `json:"uptime"`
 	NBDAddress  string `json:"nbd_address"`
 	NBDSocket   string `json:"nbd_socket,omitempty"`
+	// MirrorResyncBytes counts bytes copied by mirror resync since start.
+	MirrorResyncBytes int64 `json:"mirror_resync_bytes"`
 }
 
 // Error is the JSON body of every error answer: a stable code and a human message.
@@ -139,4 +250,6 @@ const (
 	CodeUnauthorized = "unauthorized"
 	CodeConflict     = "conflict"
 	CodeInternal     = "internal"
+	// CodeUnavailable: the mirror partner is unreachable, so metadata operations wait.
+	CodeUnavailable = "unavailable"
 )

@@ -1,0 +1,70 @@
+package adminclient
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+)
+
+// WithHeader returns a copy of c that sends header k: v with every request (used by
+// a controller to mark requests it forwards to its mirror partner).
+func (c *Client) WithHeader(k, v string) *Client {
+	n := *c
+	n.headers = http.Header{}
+	for hk, hv := range c.headers {
+		n.headers[hk] = append([]string(nil), hv...)
+	}
+	n.headers.Set(k, v)
+	return &n
+}
+
+// MirrorStatus returns the mirrored pair as the controller sees it.
+func (c *Client) MirrorStatus(ctx context.Context) (*MirrorStatus, error) {
+	var s MirrorStatus
+	if err := c.do(ctx, http.MethodGet, "/v1/mirror", nil, nil, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// DirtyRegions returns the regions the controller marked for a volume.
+func (c *Client) DirtyRegions(ctx context.Context, name string) (*DirtyRegions, error) {
+	var d DirtyRegions
+	if err := c.do(ctx, http.MethodGet, "/v1/mirror/volumes/"+url.PathEscape(name)+"/dirty", nil, nil, &d); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// Drain moves every primary off the controller name (one step; repeat until Done).
+func (c *Client) Drain(ctx context.Context, name string) (*MoveResult, error) {
+	var r MoveResult
+	if err := c.do(ctx, http.MethodPost, "/v1/mirror/controllers/"+url.PathEscape(name)+"/drain", nil, nil, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// Resume gives the controller name its home volumes back once they are resynced
+// (one step; repeat until Done).
+func (c *Client) Resume(ctx context.Context, name string) (*MoveResult, error) {
+	var r MoveResult
+	if err := c.do(ctx, http.MethodPost, "/v1/mirror/controllers/"+url.PathEscape(name)+"/resume", nil, nil, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// SetResyncRate sets the resync rate limit in bytes per second on both controllers (0: unlimited).
+func (c *Client) SetResyncRate(ctx context.Context, rate int64) error {
+	return c.do(ctx, http.MethodPost, "/v1/mirror/rate", nil, RateRequest{Rate: rate}, nil)
+}
+
+// Resolve settles a split volume by keeping the data of controller keep.
+func (c *Client) Resolve(ctx context.Context, name, keep string) (*Volume, error) {
+	var v Volume
+	if err := c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/resolve", nil, ResolveRequest{Keep: keep}, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
