@@ -80,30 +80,15 @@ func (c Config) Args() ([]string, error) {
 		"-serial", "chardev:console",
 	)
 	for _, d := range s.Disks {
-		file := map[string]any{"driver": "nbd", "export": d.Export}
-		if d.Socket != "" {
-			file["server"] = map[string]any{"type": "unix", "path": d.Socket}
-		} else {
-			file["server"] = map[string]any{"type": "inet", "host": d.Host, "port": strconv.Itoa(d.Port)}
-		}
-		if d.ReconnectDelay > 0 {
-			file["reconnect-delay"] = d.ReconnectDelay
-		}
 		if d.TLSCredsDir != "" {
-			a = append(a, "-object", "tls-creds-x509,id=tls-"+d.ID+",dir="+optValue(d.TLSCredsDir)+",endpoint=client")
-			file["tls-creds"] = "tls-" + d.ID
-			if d.TLSHostname != "" {
-				file["tls-hostname"] = d.TLSHostname
-			}
+			a = append(a, "-object", "tls-creds-x509,id="+TLSCredsID(d)+",dir="+optValue(d.TLSCredsDir)+",endpoint=client")
 		}
-		node := map[string]any{"driver": "raw", "node-name": "disk-" + d.ID, "read-only": d.ReadOnly, "file": file,
-			"discard": "unmap", "cache": map[string]any{"direct": false, "no-flush": false}}
-		b, err := json.Marshal(node)
+		b, err := json.Marshal(DiskNode(d, NBDNode(d)))
 		if err != nil {
 			return nil, fmt.Errorf("Failed to encode disk %q: %w", d.ID, err)
 		}
 		a = append(a, "-blockdev", string(b),
-			"-device", "virtio-blk-pci,drive=disk-"+d.ID+",id=vd-"+d.ID+",serial="+d.ID)
+			"-device", "virtio-blk-pci,drive="+DiskNodeName(d.ID)+",id=vd-"+d.ID+",serial="+d.ID)
 	}
 	if c.SeedISO != "" {
 		node := map[string]any{"driver": "raw", "node-name": "seed", "read-only": true,
@@ -147,10 +132,49 @@ func memArg(accel string, mib int) string {
 
 // kernelLine is the command line of a directly booted kernel. Under TCG on a busy host
 // the kernel's IO-APIC timer check can fail spuriously and panic the boot, so TCG guests
-// also get no_timer_check (as is usual for emulated guests).
+// also get no_timer_check (as is usual for emulated guests). Every guest gets
+// memhp_default_state=online, so memory added by a resize is used at once.
 func kernelLine(accel, line string) string {
+	if !strings.Contains(line, "memhp_default_state=") {
+		line = strings.TrimSpace(line + " memhp_default_state=online")
+	}
 	if accel == "tcg" && !strings.Contains(line, "no_timer_check") {
 		return strings.TrimSpace(line + " no_timer_check")
 	}
 	return line
+}
+
+// DiskNodeName is the node name of a disk's raw format node, the drive of its device.
+func DiskNodeName(id string) string { return "disk-" + id }
+
+// TLSCredsID is the id of the tls-creds-x509 object a TLS disk's NBD client uses.
+func TLSCredsID(d hostapi.Disk) string { return "tls-" + d.ID }
+
+// NBDNode returns the blockdev options of a disk's NBD client node. Without a
+// node-name it is embedded in the disk node; resize adds a named one.
+func NBDNode(d hostapi.Disk) map[string]any {
+	file := map[string]any{"driver": "nbd", "export": d.Export}
+	if d.Socket != "" {
+		file["server"] = map[string]any{"type": "unix", "path": d.Socket}
+	} else {
+		file["server"] = map[string]any{"type": "inet", "host": d.Host, "port": strconv.Itoa(d.Port)}
+	}
+	if d.ReconnectDelay > 0 {
+		file["reconnect-delay"] = d.ReconnectDelay
+	}
+	if d.TLSCredsDir != "" {
+		file["tls-creds"] = TLSCredsID(d)
+		if d.TLSHostname != "" {
+			file["tls-hostname"] = d.TLSHostname
+		}
+	}
+	return file
+}
+
+// DiskNode returns the blockdev options of a disk's raw node over file (the NBD
+// node's options, or the node name of an existing one). blockdev-reopen resets
+// every option it is not given, so resize reuses exactly these.
+func DiskNode(d hostapi.Disk, file any) map[string]any {
+	return map[string]any{"driver": "raw", "node-name": DiskNodeName(d.ID), "read-only": d.ReadOnly, "file": file,
+		"discard": "unmap", "cache": map[string]any{"direct": false, "no-flush": false}}
 }

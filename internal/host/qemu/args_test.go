@@ -46,7 +46,7 @@ func TestArgs(t *testing.T) {
 	}
 	for flag, want := range map[string]string{
 		"-accel": "tcg", "-cpu": "Nehalem", "-smp": "2,maxcpus=4", "-m": "524280k,slots=8,maxmem=2048M",
-		"-machine": "pc", "-kernel": "/k", "-initrd": "/i", "-append": "console=ttyS0 no_timer_check",
+		"-machine": "pc", "-kernel": "/k", "-initrd": "/i", "-append": "console=ttyS0 memhp_default_state=online no_timer_check",
 	} {
 		if got := argAfter(a, flag); len(got) != 1 || got[0] != want {
 			t.Errorf("%s = %v, want %q", flag, got, want)
@@ -106,7 +106,7 @@ func TestArgs(t *testing.T) {
 	if got := argAfter(ka, "-m"); len(got) != 1 || got[0] != "512M,slots=8,maxmem=2048M" {
 		t.Errorf("kvm -m %v", got)
 	}
-	if got := argAfter(ka, "-append"); len(got) != 1 || got[0] != "console=ttyS0" {
+	if got := argAfter(ka, "-append"); len(got) != 1 || got[0] != "console=ttyS0 memhp_default_state=online" {
 		t.Errorf("kvm -append %v", got)
 	}
 
