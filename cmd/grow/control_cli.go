@@ -233,3 +233,14 @@ func (o *cpOpts) completeServers(cmd *cobra.Command, args []string, _ string) ([
 	}
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
+
+// do runs fn with a client and a Ctrl-C-cancelled context, mapping API errors to exit codes.
+func (o *cpOpts) do(fn func(ctx context.Context, c *client.Client) error) error {
+	c, err := o.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := cpCtx()
+	defer cancel()
+	return cpErr(fn(ctx, c))
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 
@@ -19,17 +20,13 @@ func newControllerCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Name = args[0]
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			s, err := c.AddStorage(ctx, req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Storage controller %s registered (%s)\n", s.Name, s.ID) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				s, err := c.AddStorage(ctx, req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Storage controller %s registered (%s)\n", s.Name, s.ID) })
+			})
 		},
 	}
 	add.Flags().StringVar(&req.URL, "storage-url", "", "URL of the controller's admin API, for example http://10.0.0.9:7480")
@@ -39,21 +36,17 @@ func newControllerCmd() *cobra.Command {
 		Short: "List storage controllers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ss, err := c.ListStorage(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ss, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tSTATE\tURL\tID")
-				for _, s := range ss {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Name, s.State, s.URL, s.ID)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ss, err := c.ListStorage(ctx)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ss, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tSTATE\tURL\tID")
+					for _, s := range ss {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Name, s.State, s.URL, s.ID)
+					}
+				})
 			})
 		},
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -20,21 +21,17 @@ func newCustomerCmd() *cobra.Command {
 		Short: "Add a customer",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			req := client.CustomerReq{Name: args[0], Email: &email}
-			if cmd.Flags().Changed("max-servers") {
-				req.MaxServers = &maxServers
-			}
-			cu, err := c.CreateCustomer(ctx, req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Customer %s created (%s)\n", cu.Name, cu.ID) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				req := client.CustomerReq{Name: args[0], Email: &email}
+				if cmd.Flags().Changed("max-servers") {
+					req.MaxServers = &maxServers
+				}
+				cu, err := c.CreateCustomer(ctx, req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Customer %s created (%s)\n", cu.Name, cu.ID) })
+			})
 		},
 	}
 	create.Flags().StringVar(&email, "email", "", "contact address")
@@ -46,24 +43,20 @@ func newCustomerCmd() *cobra.Command {
 		Short: "Change a customer's contact or quota",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			req := client.CustomerReq{}
-			if cmd.Flags().Changed("email") {
-				req.Email = &setEmail
-			}
-			if cmd.Flags().Changed("max-servers") {
-				req.MaxServers = &setMax
-			}
-			cu, err := c.UpdateCustomer(ctx, args[0], req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Customer %s updated\n", cu.Name) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				req := client.CustomerReq{}
+				if cmd.Flags().Changed("email") {
+					req.Email = &setEmail
+				}
+				if cmd.Flags().Changed("max-servers") {
+					req.MaxServers = &setMax
+				}
+				cu, err := c.UpdateCustomer(ctx, args[0], req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Customer %s updated\n", cu.Name) })
+			})
 		},
 	}
 	set.Flags().StringVar(&setEmail, "email", "", "contact address")
@@ -73,21 +66,17 @@ func newCustomerCmd() *cobra.Command {
 		Short: "List customers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			cs, err := c.ListCustomers(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), cs, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tID\tEMAIL\tMAX SERVERS\tCREATED")
-				for _, cu := range cs {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", cu.Name, cu.ID, dash(cu.Email), cu.MaxServers, ago(cu.CreatedAt))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				cs, err := c.ListCustomers(ctx)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), cs, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tID\tEMAIL\tMAX SERVERS\tCREATED")
+					for _, cu := range cs {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", cu.Name, cu.ID, dash(cu.Email), cu.MaxServers, ago(cu.CreatedAt))
+					}
+				})
 			})
 		},
 	}
@@ -96,18 +85,14 @@ func newCustomerCmd() *cobra.Command {
 		Short: "Show a customer",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			cu, err := c.GetCustomer(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Name:\t%s\nID:\t%s\nEmail:\t%s\nMax servers:\t%d\nCreated:\t%s\n", cu.Name, cu.ID, dash(cu.Email), cu.MaxServers, ago(cu.CreatedAt))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				cu, err := c.GetCustomer(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), cu, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "Name:\t%s\nID:\t%s\nEmail:\t%s\nMax servers:\t%d\nCreated:\t%s\n", cu.Name, cu.ID, dash(cu.Email), cu.MaxServers, ago(cu.CreatedAt))
+				})
 			})
 		},
 	}
@@ -116,13 +101,9 @@ func newCustomerCmd() *cobra.Command {
 		Short: "Delete a customer that has no servers and no users",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			return cpErr(c.DeleteCustomer(ctx, args[0]))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				return cpErr(c.DeleteCustomer(ctx, args[0]))
+			})
 		},
 	}
 	var month string
@@ -134,22 +115,18 @@ func newCustomerCmd() *cobra.Command {
 			if month == "" {
 				month = time.Now().UTC().Format("2006-01")
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			inv, err := c.Invoice(ctx, args[0], month)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), inv, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "SERVER\tITEM\tAMOUNT")
-				for _, l := range inv.Lines {
-					fmt.Fprintf(tw, "%s\t%s\t%s\n", dash(l.ServerName), l.Description, yen(l.AmountYen))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				inv, err := c.Invoice(ctx, args[0], month)
+				if err != nil {
+					return cpErr(err)
 				}
-				fmt.Fprintf(tw, "\tTotal %s\t%s\n", inv.Month, yen(inv.TotalYen))
+				return o.emit(cmd.OutOrStdout(), inv, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "SERVER\tITEM\tAMOUNT")
+					for _, l := range inv.Lines {
+						fmt.Fprintf(tw, "%s\t%s\t%s\n", dash(l.ServerName), l.Description, yen(l.AmountYen))
+					}
+					fmt.Fprintf(tw, "\tTotal %s\t%s\n", inv.Month, yen(inv.TotalYen))
+				})
 			})
 		},
 	}

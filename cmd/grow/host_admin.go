@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -27,17 +28,13 @@ func init() {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --memory %q: want a size such as 64GiB", mem)}
 			}
 			req.MemoryBytes = n
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			h, err := c.AddHost(ctx, req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Host %s registered (%s)\n", h.Name, h.ID) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				h, err := c.AddHost(ctx, req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Host %s registered (%s)\n", h.Name, h.ID) })
+			})
 		},
 	}
 	o.addFlags(add)

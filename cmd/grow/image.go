@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -52,25 +53,21 @@ Images without a boot loader (such as the tiny test guest) boot directly with
 					*p = abs
 				}
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			var r io.Reader = f
-			if o.output == "table" {
-				bar := progressbar.NewOptions64(st.Size(), progressbar.OptionSetWriter(cmd.ErrOrStderr()), progressbar.OptionShowBytes(true),
-					progressbar.OptionSetDescription("import "+args[0]), progressbar.OptionClearOnFinish())
-				pr := progressbar.NewReader(f, bar)
-				r = &pr
-			}
-			im, err := c.ImportImage(ctx, args[0], r, st.Size(), opts)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), im, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Image %s imported (%s, %s)\n", im.Name, size(im.SizeBytes), opts.Format)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				var r io.Reader = f
+				if o.output == "table" {
+					bar := progressbar.NewOptions64(st.Size(), progressbar.OptionSetWriter(cmd.ErrOrStderr()), progressbar.OptionShowBytes(true),
+						progressbar.OptionSetDescription("import "+args[0]), progressbar.OptionClearOnFinish())
+					pr := progressbar.NewReader(f, bar)
+					r = &pr
+				}
+				im, err := c.ImportImage(ctx, args[0], r, st.Size(), opts)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), im, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "Image %s imported (%s, %s)\n", im.Name, size(im.SizeBytes), opts.Format)
+				})
 			})
 		},
 	}
@@ -85,25 +82,21 @@ Images without a boot loader (such as the tiny test guest) boot directly with
 		Short: "List images",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ims, err := c.ListImages(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ims, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tBOOT\tCREATED")
-				for _, im := range ims {
-					boot := "disk"
-					if im.Kernel != "" {
-						boot = "kernel " + im.Kernel
-					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", im.Name, im.State, size(im.SizeBytes), boot, ago(im.CreatedAt))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ims, err := c.ListImages(ctx)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ims, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tBOOT\tCREATED")
+					for _, im := range ims {
+						boot := "disk"
+						if im.Kernel != "" {
+							boot = "kernel " + im.Kernel
+						}
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", im.Name, im.State, size(im.SizeBytes), boot, ago(im.CreatedAt))
+					}
+				})
 			})
 		},
 	}
@@ -112,13 +105,9 @@ Images without a boot loader (such as the tiny test guest) boot directly with
 		Short: "Delete an image no server was cloned from",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			return cpErr(c.DeleteImage(ctx, args[0]))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				return cpErr(c.DeleteImage(ctx, args[0]))
+			})
 		},
 	}
 	cmd.AddCommand(imp, list, del, newImageBuildCmd(o))

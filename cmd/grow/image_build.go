@@ -66,39 +66,35 @@ all-in-one installation, this machine). Takes a few minutes and about 90 MiB of 
 			if bootDir == "" {
 				bootDir = filepath.Join(firstNonEmpty(o.data, os.Getenv("GROW_DATA"), defaultServeDataDir), "images", name)
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			if _, err := c.GetImage(ctx, name); err == nil {
-				return &ExitError{Code: exitConflict, Err: fmt.Errorf("Image %q exists already", name)}
-			}
-			work, err := os.MkdirTemp(workDir, "grow-build-")
-			if err != nil {
-				return fmt.Errorf("Failed to create a build directory: %w", err)
-			}
-			if !keep {
-				defer os.RemoveAll(work)
-			}
-			img, kernel, initrd, err := buildDebian(ctx, cmd, work, mirror, cacheDir, bootDir, n)
-			if err != nil {
-				return err
-			}
-			f, err := os.Open(img)
-			if err != nil {
-				return fmt.Errorf("Failed to open the built image: %w", err)
-			}
-			defer f.Close()
-			fmt.Fprintf(cmd.ErrOrStderr(), "build: importing %s\n", name)
-			im, err := c.ImportImage(ctx, name, f, n, client.ImportOptions{Format: "raw", Kernel: kernel, Initrd: initrd,
-				Cmdline: "root=/dev/vda rw console=ttyS0 net.ifnames=0"})
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), im, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Image %s built and imported (%s; kernel %s)\n", im.Name, size, kernel)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				if _, err := c.GetImage(ctx, name); err == nil {
+					return &ExitError{Code: exitConflict, Err: fmt.Errorf("Image %q exists already", name)}
+				}
+				work, err := os.MkdirTemp(workDir, "grow-build-")
+				if err != nil {
+					return fmt.Errorf("Failed to create a build directory: %w", err)
+				}
+				if !keep {
+					defer os.RemoveAll(work)
+				}
+				img, kernel, initrd, err := buildDebian(ctx, cmd, work, mirror, cacheDir, bootDir, n)
+				if err != nil {
+					return err
+				}
+				f, err := os.Open(img)
+				if err != nil {
+					return fmt.Errorf("Failed to open the built image: %w", err)
+				}
+				defer f.Close()
+				fmt.Fprintf(cmd.ErrOrStderr(), "build: importing %s\n", name)
+				im, err := c.ImportImage(ctx, name, f, n, client.ImportOptions{Format: "raw", Kernel: kernel, Initrd: initrd,
+					Cmdline: "root=/dev/vda rw console=ttyS0 net.ifnames=0"})
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), im, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "Image %s built and imported (%s; kernel %s)\n", im.Name, size, kernel)
+				})
 			})
 		},
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -24,17 +25,13 @@ func newIPPoolCmd() *cobra.Command {
 			if dns != "" {
 				req.DNS = strings.Split(dns, ",")
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			p, err := c.CreateIPPool(ctx, req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), p, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Pool %s: %s-%s in %s\n", p.Name, p.First, p.Last, p.CIDR) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				p, err := c.CreateIPPool(ctx, req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), p, func(tw *tabwriter.Writer) { fmt.Fprintf(tw, "Pool %s: %s-%s in %s\n", p.Name, p.First, p.Last, p.CIDR) })
+			})
 		},
 	}
 	f := create.Flags()
@@ -48,21 +45,17 @@ func newIPPoolCmd() *cobra.Command {
 		Short: "List address pools",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ps, err := c.ListIPPools(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ps, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tFAMILY\tCIDR\tRANGE\tGATEWAY\tDNS")
-				for _, p := range ps {
-					fmt.Fprintf(tw, "%s\tIPv%d\t%s\t%s-%s\t%s\t%s\n", p.Name, p.Family, p.CIDR, p.First, p.Last, dash(p.Gateway), dash(strings.Join(p.DNS, ",")))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ps, err := c.ListIPPools(ctx)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ps, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tFAMILY\tCIDR\tRANGE\tGATEWAY\tDNS")
+					for _, p := range ps {
+						fmt.Fprintf(tw, "%s\tIPv%d\t%s\t%s-%s\t%s\t%s\n", p.Name, p.Family, p.CIDR, p.First, p.Last, dash(p.Gateway), dash(strings.Join(p.DNS, ",")))
+					}
+				})
 			})
 		},
 	}
@@ -71,21 +64,17 @@ func newIPPoolCmd() *cobra.Command {
 		Short: "List the addresses a pool has given out",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ls, err := c.ListLeases(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ls, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "ADDRESS\tSERVER\tSINCE")
-				for _, l := range ls {
-					fmt.Fprintf(tw, "%s\t%s\t%s\n", l.Address, l.ServerID, ago(l.CreatedAt))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ls, err := c.ListLeases(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ls, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "ADDRESS\tSERVER\tSINCE")
+					for _, l := range ls {
+						fmt.Fprintf(tw, "%s\t%s\t%s\n", l.Address, l.ServerID, ago(l.CreatedAt))
+					}
+				})
 			})
 		},
 	}
@@ -94,13 +83,9 @@ func newIPPoolCmd() *cobra.Command {
 		Short: "Delete a pool with no leases",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			return cpErr(c.DeleteIPPool(ctx, args[0]))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				return cpErr(c.DeleteIPPool(ctx, args[0]))
+			})
 		},
 	}
 	cmd.AddCommand(create, list, leases, del)

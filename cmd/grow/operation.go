@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
+
+	"github.com/growserver/grow/client"
 )
 
 func newOperationCmd() *cobra.Command {
@@ -17,21 +20,17 @@ func newOperationCmd() *cobra.Command {
 		Short: "List operations",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ops, err := c.ListOperations(ctx, unfinished)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ops, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "ID\tKIND\tSTATE\tPROGRESS\tSTEP\tSERVER\tCREATED\tERROR")
-				for _, op := range ops {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%d%%\t%s\t%s\t%s\t%s\n", op.ID, op.Kind, op.State, op.Progress, dash(op.Step), dash(op.ServerID), ago(op.CreatedAt), op.Error)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ops, err := c.ListOperations(ctx, unfinished)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ops, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "ID\tKIND\tSTATE\tPROGRESS\tSTEP\tSERVER\tCREATED\tERROR")
+					for _, op := range ops {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%d%%\t%s\t%s\t%s\t%s\n", op.ID, op.Kind, op.State, op.Progress, dash(op.Step), dash(op.ServerID), ago(op.CreatedAt), op.Error)
+					}
+				})
 			})
 		},
 	}
@@ -41,22 +40,18 @@ func newOperationCmd() *cobra.Command {
 		Short: "Show an operation",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.GetOperation(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), op, func(tw *tabwriter.Writer) {
-				for _, kv := range [][2]string{{"ID", op.ID}, {"Kind", op.Kind}, {"State", op.State}, {"Progress", fmt.Sprintf("%d%%", op.Progress)},
-					{"Step", dash(op.Step)}, {"Server", dash(op.ServerID)}, {"Message", dash(op.Message)}, {"Error", dash(op.Error)},
-					{"Created", ago(op.CreatedAt)}, {"Updated", ago(op.UpdatedAt)}} {
-					fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.GetOperation(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), op, func(tw *tabwriter.Writer) {
+					for _, kv := range [][2]string{{"ID", op.ID}, {"Kind", op.Kind}, {"State", op.State}, {"Progress", fmt.Sprintf("%d%%", op.Progress)},
+						{"Step", dash(op.Step)}, {"Server", dash(op.ServerID)}, {"Message", dash(op.Message)}, {"Error", dash(op.Error)},
+						{"Created", ago(op.CreatedAt)}, {"Updated", ago(op.UpdatedAt)}} {
+						fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
+					}
+				})
 			})
 		},
 	}
@@ -65,17 +60,13 @@ func newOperationCmd() *cobra.Command {
 		Short: "Follow an operation until it ends",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.GetOperation(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.follow(ctx, c, cmd, op)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.GetOperation(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.follow(ctx, c, cmd, op)
+			})
 		},
 	}
 	cancelCmd := &cobra.Command{
@@ -83,17 +74,13 @@ func newOperationCmd() *cobra.Command {
 		Short: "Cancel a running operation; its finished steps are undone",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.CancelOperation(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.follow(ctx, c, cmd, op)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.CancelOperation(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.follow(ctx, c, cmd, op)
+			})
 		},
 	}
 	cmd.AddCommand(list, show, wait, cancelCmd)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 
@@ -18,21 +19,17 @@ func newPlanCmd() *cobra.Command {
 		Short: "List plans",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			ps, err := c.ListPlans(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), ps, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "PLAN\tVCPUS\tMEMORY\tDISK\tTRAFFIC/MONTH\tPRICE/MONTH")
-				for _, p := range ps {
-					fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", p.Name, p.VCPUs, size(p.MemoryBytes), size(p.DiskBytes), decimal(p.TrafficBytes), yen(p.PriceYen))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				ps, err := c.ListPlans(ctx)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), ps, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "PLAN\tVCPUS\tMEMORY\tDISK\tTRAFFIC/MONTH\tPRICE/MONTH")
+					for _, p := range ps {
+						fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", p.Name, p.VCPUs, size(p.MemoryBytes), size(p.DiskBytes), decimal(p.TrafficBytes), yen(p.PriceYen))
+					}
+				})
 			})
 		},
 	}
@@ -61,18 +58,14 @@ func newPlanCmd() *cobra.Command {
 			if vcpus < 0 || price < 0 {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("--vcpus and --price must not be negative")}
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			p, err := c.SetPlan(ctx, args[0], req)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), p, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Plan %s: %d vCPUs, %s memory, %s disk, %s traffic, %s a month\n", p.Name, p.VCPUs, size(p.MemoryBytes), size(p.DiskBytes), decimal(p.TrafficBytes), yen(p.PriceYen))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				p, err := c.SetPlan(ctx, args[0], req)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), p, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "Plan %s: %d vCPUs, %s memory, %s disk, %s traffic, %s a month\n", p.Name, p.VCPUs, size(p.MemoryBytes), size(p.DiskBytes), decimal(p.TrafficBytes), yen(p.PriceYen))
+				})
 			})
 		},
 	}

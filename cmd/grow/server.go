@@ -69,28 +69,24 @@ progress bar unless --no-wait. The request carries an idempotency key (random un
 				}
 				req.UserData = string(b)
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			if idempotencyKey == "" {
-				idempotencyKey = randomKey()
-			}
-			op, err := c.CreateServer(ctx, req, idempotencyKey)
-			if err != nil {
-				return cpErr(err)
-			}
-			if err := o.startOp(ctx, c, cmd, op, noWait); err != nil || noWait || o.output == "json" {
-				return err
-			}
-			sv, err := c.GetServer(ctx, req.Name)
-			if err != nil {
-				return cpErr(err)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "Server %s runs on %s with address %s\n", sv.Name, hostNames(ctx, c)(sv.HostID), dash(strings.Trim(sv.IPv4+" "+sv.IPv6, " ")))
-			return nil
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				if idempotencyKey == "" {
+					idempotencyKey = randomKey()
+				}
+				op, err := c.CreateServer(ctx, req, idempotencyKey)
+				if err != nil {
+					return cpErr(err)
+				}
+				if err := o.startOp(ctx, c, cmd, op, noWait); err != nil || noWait || o.output == "json" {
+					return err
+				}
+				sv, err := c.GetServer(ctx, req.Name)
+				if err != nil {
+					return cpErr(err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "Server %s runs on %s with address %s\n", sv.Name, hostNames(ctx, c)(sv.HostID), dash(strings.Trim(sv.IPv4+" "+sv.IPv6, " ")))
+				return nil
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -112,25 +108,21 @@ func newServerListCmd(o *cpOpts) *cobra.Command {
 		Short: "List servers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			svs, err := c.ListServers(ctx, f)
-			if err != nil {
-				return cpErr(err)
-			}
-			host := func(id string) string { return id }
-			if o.output == "table" {
-				host = hostNames(ctx, c)
-			}
-			return o.emit(cmd.OutOrStdout(), svs, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tSTATE\tPLAN\tIPV4\tIPV6\tHOST\tCUSTOMER")
-				for _, s := range svs {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, s.Plan, dash(s.IPv4), dash(s.IPv6), dash(host(s.HostID)), s.CustomerID)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				svs, err := c.ListServers(ctx, f)
+				if err != nil {
+					return cpErr(err)
 				}
+				host := func(id string) string { return id }
+				if o.output == "table" {
+					host = hostNames(ctx, c)
+				}
+				return o.emit(cmd.OutOrStdout(), svs, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tSTATE\tPLAN\tIPV4\tIPV6\tHOST\tCUSTOMER")
+					for _, s := range svs {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, s.Plan, dash(s.IPv4), dash(s.IPv6), dash(host(s.HostID)), s.CustomerID)
+					}
+				})
 			})
 		},
 	}
@@ -146,23 +138,19 @@ func newServerShowCmd(o *cpOpts) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			s, err := c.GetServer(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) {
-				for _, kv := range [][2]string{{"Name", s.Name}, {"ID", s.ID}, {"State", s.State}, {"Customer", s.CustomerID},
-					{"Plan", s.Plan}, {"vCPUs", fmt.Sprint(s.VCPUs)}, {"Memory", size(s.MemoryBytes)}, {"Disk", size(s.DiskBytes)},
-					{"IPv4", dash(s.IPv4)}, {"IPv6", dash(s.IPv6)}, {"Host", dash(hostNames(ctx, c)(s.HostID))}, {"Volume", dash(s.Volume)},
-					{"Group", dash(s.Group)}, {"SSH keys", fmt.Sprint(len(s.SSHKeys))}, {"Created", ago(s.CreatedAt)}} {
-					fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				s, err := c.GetServer(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) {
+					for _, kv := range [][2]string{{"Name", s.Name}, {"ID", s.ID}, {"State", s.State}, {"Customer", s.CustomerID},
+						{"Plan", s.Plan}, {"vCPUs", fmt.Sprint(s.VCPUs)}, {"Memory", size(s.MemoryBytes)}, {"Disk", size(s.DiskBytes)},
+						{"IPv4", dash(s.IPv4)}, {"IPv6", dash(s.IPv6)}, {"Host", dash(hostNames(ctx, c)(s.HostID))}, {"Volume", dash(s.Volume)},
+						{"Group", dash(s.Group)}, {"SSH keys", fmt.Sprint(len(s.SSHKeys))}, {"Created", ago(s.CreatedAt)}} {
+						fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
+					}
+				})
 			})
 		},
 	}
@@ -176,17 +164,13 @@ func newServerActionCmd(o *cpOpts, verb, short string) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.ServerAction(ctx, args[0], verb, client.ActionRequest{})
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.startOp(ctx, c, cmd, op, noWait)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.ServerAction(ctx, args[0], verb, client.ActionRequest{})
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.startOp(ctx, c, cmd, op, noWait)
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "print the operation ID and return at once")
@@ -210,17 +194,13 @@ message says they apply at the next stop and start.`,
 			if plan == "" {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("--plan is required")}
 			}
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.ServerAction(ctx, args[0], "resize", client.ActionRequest{Plan: plan})
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.startOp(ctx, c, cmd, op, noWait)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.ServerAction(ctx, args[0], "resize", client.ActionRequest{Plan: plan})
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.startOp(ctx, c, cmd, op, noWait)
+			})
 		},
 	}
 	cmd.Flags().StringVar(&plan, "plan", "", "the new plan")
@@ -239,17 +219,13 @@ func newServerMigrateCmd(o *cpOpts) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.ServerAction(ctx, args[0], "migrate", client.ActionRequest{To: to})
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.startOp(ctx, c, cmd, op, noWait)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.ServerAction(ctx, args[0], "migrate", client.ActionRequest{To: to})
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.startOp(ctx, c, cmd, op, noWait)
+			})
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "target host")
@@ -265,17 +241,13 @@ func newServerDeleteCmd(o *cpOpts) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			op, err := c.DeleteServer(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.startOp(ctx, c, cmd, op, noWait)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.DeleteServer(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.startOp(ctx, c, cmd, op, noWait)
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "print the operation ID and return at once")
@@ -290,26 +262,22 @@ func newServerConsoleCmd(o *cpOpts) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: o.completeServers,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			if logOnly || !term.IsTerminal(int(os.Stdin.Fd())) {
-				b, err := c.Console(ctx, args[0])
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				if logOnly || !term.IsTerminal(int(os.Stdin.Fd())) {
+					b, err := c.Console(ctx, args[0])
+					if err != nil {
+						return cpErr(err)
+					}
+					_, err = cmd.OutOrStdout().Write(b)
+					return err
+				}
+				ws, err := c.AttachConsole(ctx, args[0])
 				if err != nil {
 					return cpErr(err)
 				}
-				_, err = cmd.OutOrStdout().Write(b)
-				return err
-			}
-			ws, err := c.AttachConsole(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			defer ws.CloseNow()
-			return attachTerminal(ctx, ws, args[0], cmd.OutOrStdout())
+				defer ws.CloseNow()
+				return attachTerminal(ctx, ws, args[0], cmd.OutOrStdout())
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&logOnly, "log", false, "print the recent console output and return")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 
@@ -18,18 +19,14 @@ func newUserCmd() *cobra.Command {
 		Short: "Add a user and print its API token (shown only once)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			u, err := c.CreateUser(ctx, client.UserRequest{Name: args[0], Role: role, Customer: customer})
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "User %s (%s) created. Token (shown only now):\n%s\n", u.Name, u.Role, u.Token)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				u, err := c.CreateUser(ctx, client.UserRequest{Name: args[0], Role: role, Customer: customer})
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "User %s (%s) created. Token (shown only now):\n%s\n", u.Name, u.Role, u.Token)
+				})
 			})
 		},
 	}
@@ -41,21 +38,17 @@ func newUserCmd() *cobra.Command {
 		Short: "List users",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			us, err := c.ListUsers(ctx, filter)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), us, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tID\tROLE\tCUSTOMER\tCREATED")
-				for _, u := range us {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", u.Name, u.ID, u.Role, dash(u.CustomerID), ago(u.CreatedAt))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				us, err := c.ListUsers(ctx, filter)
+				if err != nil {
+					return cpErr(err)
 				}
+				return o.emit(cmd.OutOrStdout(), us, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tID\tROLE\tCUSTOMER\tCREATED")
+					for _, u := range us {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", u.Name, u.ID, u.Role, dash(u.CustomerID), ago(u.CreatedAt))
+					}
+				})
 			})
 		},
 	}
@@ -65,17 +58,13 @@ func newUserCmd() *cobra.Command {
 		Short: "Give a user a new API token (the old one stops working)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			u, err := c.RotateToken(ctx, args[0])
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) { fmt.Fprintln(tw, u.Token) })
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				u, err := c.RotateToken(ctx, args[0])
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) { fmt.Fprintln(tw, u.Token) })
+			})
 		},
 	}
 	del := &cobra.Command{
@@ -83,13 +72,9 @@ func newUserCmd() *cobra.Command {
 		Short: "Delete a user; its token stops working",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			return cpErr(c.DeleteUser(ctx, args[0]))
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				return cpErr(c.DeleteUser(ctx, args[0]))
+			})
 		},
 	}
 	whoami := &cobra.Command{
@@ -97,18 +82,14 @@ func newUserCmd() *cobra.Command {
 		Short: "Show the user the token belongs to",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			u, err := c.Whoami(ctx)
-			if err != nil {
-				return cpErr(err)
-			}
-			return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "%s (%s) %s\n", u.Name, u.Role, u.CustomerID)
+			return o.do(func(ctx context.Context, c *client.Client) error {
+				u, err := c.Whoami(ctx)
+				if err != nil {
+					return cpErr(err)
+				}
+				return o.emit(cmd.OutOrStdout(), u, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "%s (%s) %s\n", u.Name, u.Role, u.CustomerID)
+				})
 			})
 		},
 	}
