@@ -459,8 +459,9 @@ func testTwoControlPlanes(t *testing.T, e *env) {
 	}
 }
 
-// testTraffic checks that cumulative counters become per-interval samples: the first
-// reading is only a baseline, later ones add what moved since.
+// testTraffic checks that cumulative counters become per-interval samples counted from
+// the VM's definition, and that a restarted collector (a restarted control plane)
+// continues from the baseline kept in the store, billing what moved while it was down.
 func testTraffic(t *testing.T, e *env) {
 	op := e.wait(e.create("metered", ""))
 	if op.State != store.OpSucceeded {
@@ -472,24 +473,38 @@ func testTraffic(t *testing.T, e *env) {
 		e.c.Traffic[sv.ID] = hostapi.Counters{RxBytes: rx, TxBytes: tx}
 		e.c.Mu.Unlock()
 	}
-	set(100, 200)
-	ctx, cancel := context.WithCancel(e.ctx)
-	done := make(chan struct{})
-	go func() { e.m.CollectTraffic(ctx, 50*time.Millisecond); close(done) }()
-	defer func() { cancel(); <-done }()
-	time.Sleep(300 * time.Millisecond)
-	set(1100, 5200)
+	collect := func() func() {
+		ctx, cancel := context.WithCancel(e.ctx)
+		done := make(chan struct{})
+		go func() { e.m.CollectTraffic(ctx, 50*time.Millisecond); close(done) }()
+		return func() { cancel(); <-done }
+	}
 	from, to := time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		rx, tx, err := e.st.TrafficTotal(e.ctx, sv.ID, from, to)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if rx == 1000 && tx == 5000 {
-			return
-		}
-		if rx > 1000 || tx > 5000 || time.Now().After(deadline) {
-			t.Fatalf("metered %d received and %d sent, want 1000 and 5000 (the baseline must not count)", rx, tx)
+	expect := func(wantRx, wantTx int64) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			rx, tx, err := e.st.TrafficTotal(e.ctx, sv.ID, from, to)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rx == wantRx && tx == wantTx {
+				return
+			}
+			if rx > wantRx || tx > wantTx || time.Now().After(deadline) {
+				t.Fatalf("metered %d received and %d sent, want %d and %d", rx, tx, wantRx, wantTx)
+			}
 		}
 	}
+	set(100, 200)
+	stop := collect()
+	time.Sleep(200 * time.Millisecond)
+	set(1100, 5200)
+	expect(1100, 5200)
+	stop()
+	set(2100, 6200) // while the collector is down
+	stop = collect()
+	defer stop()
+	expect(2100, 6200)
+	set(50, 60) // the VM was defined afresh: its counters start again
+	expect(2150, 6260)
 }

@@ -7,15 +7,14 @@ import (
 	"github.com/growserver/grow/internal/store"
 )
 
-// CollectTraffic samples every running server's traffic counters each interval and
-// records the bytes moved since the previous sample, for billing. Counters seen for the
-// first time after a start only set the baseline, so traffic while the control plane was
-// down is not billed.
+// CollectTraffic reads every running server's traffic counters each interval and
+// records the bytes moved since the previous reading, for billing. The previous reading
+// is kept in the store (RecordCounters), so what moved while the control plane was down
+// is billed at the first reading after it is back.
 func (m *Manager) CollectTraffic(ctx context.Context, every time.Duration) {
 	if every <= 0 {
 		return
 	}
-	last := map[string][2]uint64{}
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -29,7 +28,6 @@ func (m *Manager) CollectTraffic(ctx context.Context, every time.Duration) {
 			m.log.Warn("Traffic sampling: failed to list servers", "err", err)
 			continue
 		}
-		now := time.Now().UTC()
 		for _, sv := range svs {
 			if sv.State != store.ServerRunning || sv.HostID == "" {
 				continue
@@ -42,13 +40,7 @@ func (m *Manager) CollectTraffic(ctx context.Context, every time.Duration) {
 			if err != nil {
 				continue
 			}
-			prev, seen := last[sv.ID]
-			last[sv.ID] = [2]uint64{c.RxBytes, c.TxBytes}
-			if !seen || c.RxBytes < prev[0] || c.TxBytes < prev[1] {
-				continue
-			}
-			s := store.TrafficSample{ServerID: sv.ID, At: now, RxBytes: int64(c.RxBytes - prev[0]), TxBytes: int64(c.TxBytes - prev[1])}
-			if err := m.st.AddTraffic(ctx, s); err != nil {
+			if _, err := m.st.RecordCounters(ctx, sv.ID, time.Now().UTC(), c.RxBytes, c.TxBytes); err != nil {
 				m.log.Warn("Traffic sampling: failed to record", "server", sv.Name, "err", err)
 			}
 		}

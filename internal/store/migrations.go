@@ -156,6 +156,15 @@ CREATE INDEX plan_periods_customer ON plan_periods (customer_id, started_at);
 ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
 ALTER TABLE operations ADD COLUMN heartbeat BIGINT NOT NULL DEFAULT 0
 `,
+	// 4: the last traffic counter reading per server, so traffic while the control plane is down is still billed.
+	`
+CREATE TABLE traffic_counters (
+	server_id TEXT PRIMARY KEY,
+	rx_total  BIGINT NOT NULL,
+	tx_total  BIGINT NOT NULL,
+	at        BIGINT NOT NULL
+)
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.

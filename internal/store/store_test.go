@@ -283,6 +283,19 @@ func testTraffic(ctx context.Context, t *testing.T, s *store.Store) {
 	if err := s.AddTraffic(ctx, store.TrafficSample{ServerID: "srv-x", At: base, RxBytes: -1}); err == nil {
 		t.Fatal("negative traffic accepted")
 	}
+	// Counter readings become deltas against the stored baseline; a reset counts from zero.
+	for i, c := range []struct{ rx, tx uint64 }{{10, 20}, {15, 20}, {15, 20}, {4, 5}} {
+		if _, err := s.RecordCounters(ctx, "srv-c", base.Add(time.Duration(i)*time.Minute), c.rx, c.tx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rx, tx, err = s.TrafficTotal(ctx, "srv-c", base, base.Add(time.Hour))
+	if err != nil || rx != 19 || tx != 25 {
+		t.Fatalf("counter readings total = %d, %d, %v; want 19, 25", rx, tx, err)
+	}
+	if _, err := s.RecordCounters(ctx, "srv-c", base, 1<<63, 0); err == nil {
+		t.Fatal("counter beyond int64 accepted")
+	}
 }
 
 // TestReopen checks that migrations are idempotent and data survives a reopen (SQLite file).
