@@ -42,6 +42,77 @@ type sample struct {
 	setup       int64         // QEMU's setup time (ms)
 	mib         int64         // RAM sent (MiB)
 	syncs       int64         // dirty-bitmap passes
+	cpu         cpuUse        // CPU used during the wall time
+}
+
+// cpuUse is the CPU spent between two snapshots: by the whole machine, by the two
+// agents and by this test process (the orchestrator on the raw side).
+type cpuUse struct {
+	machineBusy float64 // share of all CPUs busy, 0-1
+	agents      time.Duration
+	self        time.Duration
+}
+
+func (c cpuUse) String() string {
+	return fmt.Sprintf("machine %.0f %% busy, agents %.1f ms CPU, bench process %.1f ms CPU",
+		100*c.machineBusy, float64(c.agents.Microseconds())/1000, float64(c.self.Microseconds())/1000)
+}
+
+type cpuSnap struct {
+	busy, total  uint64 // jiffies over all CPUs (/proc/stat)
+	agents, self time.Duration
+}
+
+// clockTick is USER_HZ, the unit of /proc CPU times (100 on Linux).
+const clockTick = 100
+
+func takeCPU(b *hostbed.Bed) cpuSnap {
+	var s cpuSnap
+	if st, err := os.ReadFile("/proc/stat"); err == nil {
+		f := strings.Fields(strings.SplitN(string(st), "\n", 2)[0])
+		for i, x := range f[1:min(len(f), 9)] { // user .. steal (guest time is in user already)
+			n, _ := strconv.ParseUint(x, 10, 64)
+			s.total += n
+			if i != 3 && i != 4 { // idle, iowait
+				s.busy += n
+			}
+		}
+	}
+	for _, h := range b.Hosts {
+		s.agents += procCPU(h.PID())
+	}
+	s.self = procCPU(os.Getpid())
+	return s
+}
+
+// procCPU is the user+system CPU time of process pid so far (0 if unknown).
+func procCPU(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	if !ok {
+		return 0
+	}
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseUint(f[11], 10, 64)
+	k, _ := strconv.ParseUint(f[12], 10, 64)
+	return time.Duration(u+k) * time.Second / clockTick
+}
+
+func (s cpuSnap) since(o cpuSnap) cpuUse {
+	c := cpuUse{agents: s.agents - o.agents, self: s.self - o.self}
+	if s.total > o.total {
+		c.machineBusy = float64(s.busy-o.busy) / float64(s.total-o.total)
+	}
+	return c
 }
 
 func TestMigrationBench(t *testing.T) {
@@ -74,6 +145,7 @@ func TestMigrationBench(t *testing.T) {
 	for i := 0; i < rounds; i++ {
 		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
 		from := pingOurs.maxSeq()
+		c0 := takeCPU(b)
 		t0 := time.Now()
 		op, err := src.API.Migrate(ctx, "bench", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token,
 			ListenHost: dst.IP, DowntimeLimitMS: downtimeLimitMS})
@@ -85,18 +157,21 @@ func TestMigrationBench(t *testing.T) {
 			t.Fatalf("agent migration %d: %v", i, err)
 		}
 		wall := time.Since(t0)
+		cpu := takeCPU(b).since(c0)
 		b.WaitProbe(t, g.IP, 20*time.Second)
 		time.Sleep(500 * time.Millisecond)
 		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.lostBetween(from, pingOurs.maxSeq()),
-			op.SetupTimeMS, op.TransferredBytes >> 20, op.DirtySyncs})
-		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond))
+			op.SetupTimeMS, op.TransferredBytes >> 20, op.DirtySyncs, cpu})
+		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s, %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond), cpu)
 
 		from = pingRaw.maxSeq()
+		c0 = takeCPU(b)
 		r := raw.migrate(t, i)
+		r.cpu = takeCPU(b).since(c0)
 		time.Sleep(500 * time.Millisecond)
 		r.lost = pingRaw.lostBetween(from, pingRaw.maxSeq())
 		raws = append(raws, r)
-		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s", i, r.total, r.down, r.wall.Round(time.Millisecond))
+		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s, %s", i, r.total, r.down, r.wall.Round(time.Millisecond), r.cpu)
 	}
 	writeReport(t, out, ours, raws)
 	// The agents' own phase timings, next to the raw side's above.

@@ -18,6 +18,7 @@ import (
 	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/network"
+	"golang.org/x/sys/unix"
 )
 
 // operation is a long-running task with progress that can be cancelled.
@@ -718,16 +719,29 @@ func (v *vm) recoverMigration() {
 type phases struct {
 	mu    sync.Mutex
 	t0    time.Time
+	cpu0  time.Duration
 	parts []string
 }
 
 func newPhases() *phases {
 	t0 := time.Now()
-	return &phases{t0: t0, parts: []string{"t0=" + t0.Format("15:04:05.000000")}}
+	return &phases{t0: t0, cpu0: processCPU(), parts: []string{"t0=" + t0.Format("15:04:05.000000")}}
 }
 
-// mark records that step name happened now.
-func (p *phases) mark(name string) { p.markAt(name, time.Now()) }
+// processCPU is the CPU time the agent process has used so far.
+func processCPU() time.Duration {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// mark records that step name happened now, and the agent's CPU time used until then.
+func (p *phases) mark(name string) {
+	p.markAt(name, time.Now())
+	p.note(fmt.Sprintf("(cpu %.1f)", float64((processCPU()-p.cpu0).Microseconds())/1000))
+}
 
 // markAt records that step name happened at t.
 func (p *phases) markAt(name string, t time.Time) {

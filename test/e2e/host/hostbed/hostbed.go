@@ -189,6 +189,14 @@ func (h *Host) Start(t testing.TB) {
 	}
 }
 
+// PID is the process id of the running agent (0 when stopped).
+func (h *Host) PID() int {
+	if h.cmd == nil || h.cmd.Process == nil {
+		return 0
+	}
+	return h.cmd.Process.Pid
+}
+
 // Stop ends the agent (SIGTERM, then SIGKILL); its VMs keep running.
 func (h *Host) Stop(sig syscall.Signal) {
 	if h.cmd == nil {
