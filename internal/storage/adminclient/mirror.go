@@ -68,3 +68,28 @@ func (c *Client) Resolve(ctx context.Context, name, keep string) (*Volume, error
 	}
 	return &v, nil
 }
+
+// MirrorStateRequest is the body of POST /v1/mirror/volumes/{name}/state, which one
+// controller of a pair sends the other to hand a volume over or resolve a split.
+type MirrorStateRequest struct {
+	// Role is the mirror role name to take (secondary, primary-synced, primary-degraded, stale).
+	Role  string `json:"role"`
+	Epoch uint64 `json:"epoch"`
+	// Snapshot, if set, names a snapshot of the volume to take first (keeps data a resolve discards).
+	Snapshot string `json:"snapshot,omitempty"`
+}
+
+// SetMirrorState makes the controller take a mirror role for a volume (pair-internal).
+func (c *Client) SetMirrorState(ctx context.Context, name string, req MirrorStateRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/mirror/volumes/"+url.PathEscape(name)+"/state", nil, req, nil)
+}
+
+// MirrorKick makes the controller re-check the pair at once (pair-internal).
+func (c *Client) MirrorKick(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/v1/mirror/kick", nil, nil, nil)
+}
+
+// MirrorUndrain clears the controller's drained mark (pair-internal, part of resume).
+func (c *Client) MirrorUndrain(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/v1/mirror/undrain", nil, nil, nil)
+}

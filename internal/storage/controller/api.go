@@ -50,6 +50,9 @@ func (c *Controller) routes() http.Handler {
 	mux.HandleFunc("POST /v1/pool/replace", c.handleReplaceDisk)
 	mux.HandleFunc("GET /v1/stats", c.handleStats)
 	mux.Handle("GET /metrics", c.metrics.handler())
+	if c.mir != nil {
+		c.mirrorRoutes(mux)
+	}
 	// Profiling, for operators chasing a slow path; behind the token like everything else.
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
@@ -92,6 +95,14 @@ func (c *Controller) fail(w http.ResponseWriter, r *http.Request, err error) {
 		status, code = http.StatusConflict, adminclient.CodeConflict
 	case errors.Is(err, errNotFound):
 		status, code = http.StatusNotFound, adminclient.CodeNotFound
+	case errors.Is(err, errUnavailable):
+		status, code = http.StatusServiceUnavailable, adminclient.CodeUnavailable
+	default:
+		// An answer of the mirror partner keeps its status and code.
+		var ae *adminclient.APIError
+		if errors.As(err, &ae) && ae.Status >= 400 {
+			status, code = ae.Status, ae.Code
+		}
 	}
 	if status >= 500 {
 		c.log.Error("Admin request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -143,6 +154,10 @@ func (c *Controller) handleCreateVolume(w http.ResponseWriter, r *http.Request) 
 		c.fail(w, r, fmt.Errorf("%w: volume size must be positive, got %d", errBadRequest, req.Size))
 		return
 	}
+	if c.mir != nil {
+		c.mirCreate(w, r, req)
+		return
+	}
 	v, err := c.mgr.Create(req.Name, req.Size)
 	if err != nil {
 		c.fail(w, r, err) // the volume manager names the object and the step
@@ -163,6 +178,10 @@ func (c *Controller) answerVolume(w http.ResponseWriter, r *http.Request, status
 
 func (c *Controller) handleDeleteVolume(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if c.mir != nil {
+		c.mirDelete(w, r, name)
+		return
+	}
 	if err := c.mgr.Delete(name); err != nil {
 		c.fail(w, r, err) // the volume manager names the object and the step
 		return
@@ -182,6 +201,10 @@ func (c *Controller) handleResizeVolume(w http.ResponseWriter, r *http.Request) 
 		c.fail(w, r, fmt.Errorf("%w: volume size must be positive, got %d", errBadRequest, req.Size))
 		return
 	}
+	if c.mir != nil {
+		c.mirResize(w, r, name, req.Size)
+		return
+	}
 	if err := c.mgr.Resize(name, req.Size); err != nil {
 		c.fail(w, r, err) // the volume manager names the object and the step
 		return
@@ -195,6 +218,10 @@ func (c *Controller) handleCloneVolume(w http.ResponseWriter, r *http.Request) {
 	var req adminclient.CloneVolumeRequest
 	if err := decode(r, &req); err != nil {
 		c.fail(w, r, err)
+		return
+	}
+	if c.mir != nil {
+		c.mirClone(w, r, src, req)
 		return
 	}
 	start := time.Now()
@@ -213,6 +240,10 @@ func (c *Controller) handleSnapshot(w http.ResponseWriter, r *http.Request) {
 	var req adminclient.SnapshotRequest
 	if err := decode(r, &req); err != nil {
 		c.fail(w, r, err)
+		return
+	}
+	if c.mir != nil {
+		c.mirSnapshot(w, r, name, req)
 		return
 	}
 	start := time.Now()

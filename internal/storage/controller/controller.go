@@ -68,6 +68,8 @@ type Config struct {
 	RequireTLS bool
 	// Logger receives the daemon's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Mirror pairs the controller with a partner (Mirror.Peer "" means unpaired).
+	Mirror MirrorConfig
 }
 
 // Controller is a running storage controller.
@@ -81,6 +83,8 @@ type Controller struct {
 	nbd     *nbd.Server
 	exports *exports
 	io      ioCounters
+	linkIO  ioCounters // I/O of the mirror's own handles (link target, replicating export)
+	mir     *mirrorMgr // nil unless paired
 	started time.Time
 	metrics *metrics
 
@@ -171,6 +175,14 @@ func Open(cfg Config) (*Controller, error) {
 	}
 	r.Add(func() { _ = l.Close() })
 	c.apiLn = l
+	if cfg.Mirror.Peer != "" {
+		m, err := newMirror(c, cfg.Mirror, tlsCfg)
+		if err != nil {
+			return nil, err
+		}
+		r.Add(func() { _ = m.linkLn.Close() })
+		c.mir = m
+	}
 
 	disks := cfg.Disks
 	if len(disks) == 0 {
@@ -216,6 +228,12 @@ func Open(cfg Config) (*Controller, error) {
 	r.Add(func() { _ = mgr.Close() })
 	c.mgr = mgr
 	c.exports = &exports{mgr: mgr, io: &c.io}
+	if c.mir != nil {
+		if err := c.mir.load(); err != nil {
+			return nil, err
+		}
+		c.exports.mir = c.mir
+	}
 
 	c.nbd = &nbd.Server{Exports: c.exports, TLSConfig: tlsCfg, RequireTLS: cfg.RequireTLS, Logger: log.With("component", "nbd")}
 
@@ -305,11 +323,22 @@ func (c *Controller) Serve(ctx context.Context) error {
 			}
 		}()
 	}
-	if c.nbdTCP != nil {
-		serve("NBD over TCP", func() error { return c.nbd.Serve(c.nbdTCP) })
+	nbdTCP, nbdUnix := c.nbdTCP, c.nbdUnix
+	if c.mir != nil {
+		// Track NBD connections so a deposed primary can close them (QEMU reconnects).
+		if nbdTCP != nil {
+			nbdTCP = &trackListener{Listener: nbdTCP, t: c.mir.conns}
+		}
+		if nbdUnix != nil {
+			nbdUnix = &trackListener{Listener: nbdUnix, t: c.mir.conns}
+		}
+		c.mir.start()
 	}
-	if c.nbdUnix != nil {
-		serve("NBD over unix socket", func() error { return c.nbd.Serve(c.nbdUnix) })
+	if nbdTCP != nil {
+		serve("NBD over TCP", func() error { return c.nbd.Serve(nbdTCP) })
+	}
+	if nbdUnix != nil {
+		serve("NBD over unix socket", func() error { return c.nbd.Serve(nbdUnix) })
 	}
 	apiTLS, nbdTLS := c.api.TLSConfig != nil, c.nbd.TLSConfig != nil
 	if apiTLS {
@@ -341,6 +370,9 @@ func (c *Controller) Close() error {
 		if err := c.api.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("Failed to stop the admin API: %w", err))
 		}
+		if c.mir != nil {
+			c.mir.stop()
+		}
 		if err := c.nbd.Shutdown(ctx); err != nil {
 			c.log.Warn("NBD connections did not finish in time; closing them", "err", err)
 			_ = c.nbd.Close()
@@ -353,6 +385,9 @@ func (c *Controller) Close() error {
 		c.wg.Wait()
 		if c.nbdUnix != nil {
 			_ = os.Remove(c.cfg.NBDSocket)
+		}
+		if c.mir != nil {
+			c.mir.close()
 		}
 		if err := c.mgr.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("Failed to close volumes: %w", err))

@@ -18,6 +18,7 @@ func (c *Controller) apiVolumes() []adminclient.Volume {
 	for _, v := range vols {
 		a := toAPIVolume(v)
 		a.Children = children[v.Name]
+		c.decorate(&a)
 		out = append(out, a)
 	}
 	return out
@@ -31,6 +32,7 @@ func (c *Controller) apiVolume(v volume.Info) adminclient.Volume {
 			a.Children++
 		}
 	}
+	c.decorate(&a)
 	return a
 }
 

@@ -28,12 +28,18 @@ type ioCounters struct {
 type exports struct {
 	mgr *volume.Manager
 	io  *ioCounters
+	mir *mirrorMgr // nil unless paired: mirrored volumes open only on their primary
 }
 
 var _ nbd.Exports = (*exports)(nil)
 
 // Open opens the volume name for one NBD connection.
 func (e *exports) Open(name string) (nbd.Export, error) {
+	if e.mir != nil {
+		if x, ok, err := e.mir.open(name); ok {
+			return x, err
+		}
+	}
 	h, err := e.mgr.Open(name)
 	if err != nil {
 		if errors.Is(err, volume.ErrNotFound) || errors.Is(err, volume.ErrInvalid) {

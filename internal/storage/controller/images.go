@@ -31,6 +31,14 @@ func (c *Controller) handleImportImage(w http.ResponseWriter, r *http.Request) {
 		c.fail(w, r, fmt.Errorf("%w: unknown image format %q (want raw or qcow2)", errBadRequest, format))
 		return
 	}
+	if c.mir != nil && !forwarded(r) {
+		if _, err := c.mir.requirePeer(); err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		c.mir.metaMu.Lock()
+		defer c.mir.metaMu.Unlock()
+	}
 	// Refuse a taken or malformed name before receiving anything.
 	if _, err := c.mgr.Get(name); err == nil {
 		c.fail(w, r, fmt.Errorf("Failed to import image %q: %w", name, volume.ErrExists))
@@ -50,6 +58,14 @@ func (c *Controller) handleImportImage(w http.ResponseWriter, r *http.Request) {
 		err = c.importRaw(name, r.ContentLength, r.Body)
 	case adminclient.FormatQcow2:
 		err = c.importQcow2(r.Context(), name, r.Body)
+	}
+	if err == nil && c.mir != nil && !forwarded(r) {
+		// The partner gets the same image before either side answers.
+		if err = c.mir.pushImage(r.Context(), name); err != nil {
+			if derr := c.mgr.Delete(name); derr != nil {
+				c.log.Error("Failed to remove the image the partner did not take", "name", name, "err", derr)
+			}
+		}
 	}
 	if err != nil {
 		c.fail(w, r, fmt.Errorf("Failed to import image %q: %w", name, err))

@@ -37,6 +37,9 @@ func (c *Controller) stats() adminclient.Stats {
 		NBDAddress:   c.advertisedNBD(),
 		NBDSocket:    c.NBDSocket(),
 	}
+	if c.mir != nil {
+		s.MirrorResyncBytes = c.mir.resyncBytes()
+	}
 	if c.cache != nil {
 		cs := c.cache.Stats()
 		s.CacheSize, s.CacheBytes, s.CacheHits, s.CacheMisses = cs.Capacity, cs.Bytes, cs.Hits, cs.Misses

@@ -1,0 +1,363 @@
+package controller
+
+import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// connTracker knows the NBD connections and, from their handshake, the export each
+// one opened, so that a deposed primary can close exactly the connections of a volume.
+type connTracker struct {
+	mu    sync.Mutex
+	conns map[*trackedConn]struct{}
+}
+
+func newConnTracker() *connTracker { return &connTracker{conns: map[*trackedConn]struct{}{}} }
+
+// closeName closes every connection that opened name, and every connection whose
+// export is unknown (TLS hides it): closing one too many only makes a client reconnect.
+func (t *connTracker) closeName(name string) {
+	t.mu.Lock()
+	var victims []*trackedConn
+	for c := range t.conns {
+		c.mu.Lock()
+		n, known := c.name, c.known
+		c.mu.Unlock()
+		if n == name || !known {
+			victims = append(victims, c)
+		}
+	}
+	t.mu.Unlock()
+	for _, c := range victims {
+		_ = c.Close()
+	}
+}
+
+// trackListener wraps an NBD listener so its connections are tracked.
+type trackListener struct {
+	net.Listener
+	t *connTracker
+}
+
+func (l *trackListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	tc := &trackedConn{Conn: c, t: l.t}
+	l.t.mu.Lock()
+	l.t.conns[tc] = struct{}{}
+	l.t.mu.Unlock()
+	return tc, nil
+}
+
+// trackedConn sniffs the client's side of the NBD handshake for the export name: the
+// client flags (4 bytes), then options "IHAVEOPT" | option u32 | length u32 | data,
+// until something else (transmission) or STARTTLS begins.
+type trackedConn struct {
+	net.Conn
+	t       *connTracker
+	mu      sync.Mutex
+	buf     []byte
+	skipped bool
+	done    bool
+	known   bool
+	name    string
+	once    sync.Once
+}
+
+const (
+	nbdOptExportName = 1
+	nbdOptStartTLS   = 5
+	nbdOptGo         = 7
+)
+
+func (c *trackedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.sniff(p[:n])
+	}
+	return n, err
+}
+
+func (c *trackedConn) sniff(b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return
+	}
+	c.buf = append(c.buf, b...)
+	if !c.skipped {
+		if len(c.buf) < 4 {
+			return
+		}
+		c.buf, c.skipped = c.buf[4:], true
+	}
+	for len(c.buf) >= 16 {
+		if !bytes.Equal(c.buf[:8], []byte("IHAVEOPT")) {
+			c.done = true // transmission (or garbage the server will refuse)
+			c.buf = nil
+			return
+		}
+		opt := binary.BigEndian.Uint32(c.buf[8:])
+		n := int(binary.BigEndian.Uint32(c.buf[12:]))
+		if n > 64<<10 {
+			c.done, c.buf = true, nil
+			return
+		}
+		if len(c.buf) < 16+n {
+			return
+		}
+		data := c.buf[16 : 16+n]
+		switch opt {
+		case nbdOptExportName:
+			c.name, c.known = string(data), true
+		case nbdOptGo:
+			if len(data) >= 4 {
+				if l := int(binary.BigEndian.Uint32(data)); 4+l <= len(data) {
+					c.name, c.known = string(data[4:4+l]), true
+				}
+			}
+		case nbdOptStartTLS:
+			c.done, c.known, c.buf = true, false, nil
+			return
+		}
+		c.buf = c.buf[16+n:]
+	}
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.t.mu.Lock()
+		delete(c.t.conns, c)
+		c.t.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// The mirror link is authenticated before its hello: the server sends a 32-byte
+// nonce, the client answers HMAC-SHA256(server's admin token, nonce).
+const challengeLen = 32
+
+func linkMAC(token string, nonce []byte) []byte {
+	h := hmac.New(sha256.New, []byte(token))
+	h.Write(nonce)
+	return h.Sum(nil)
+}
+
+// linkChallengeAnswer is the client side of the link authentication.
+func linkChallengeAnswer(c net.Conn, token string) error {
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	nonce := make([]byte, challengeLen)
+	if _, err := io.ReadFull(c, nonce); err != nil {
+		return fmt.Errorf("Failed to read the mirror link challenge: %w", err)
+	}
+	if _, err := c.Write(linkMAC(token, nonce)); err != nil {
+		return fmt.Errorf("Failed to answer the mirror link challenge: %w", err)
+	}
+	return nil
+}
+
+func tlsClient(c net.Conn, cfg *tls.Config) *tls.Conn { return tls.Client(c, cfg) }
+
+// authListener accepts only link connections that pass TLS (when configured) and the
+// token challenge; the checks run per connection so a slow client blocks nobody.
+type authListener struct {
+	net.Listener
+	token string
+	tls   *tls.Config
+	ch    chan net.Conn
+	errc  chan error
+	once  sync.Once
+	done  chan struct{}
+}
+
+func newAuthListener(l net.Listener, token string, tlsCfg *tls.Config) *authListener {
+	a := &authListener{Listener: l, token: token, tls: tlsCfg, ch: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{})}
+	go a.loop()
+	return a
+}
+
+func (a *authListener) loop() {
+	for {
+		c, err := a.Listener.Accept()
+		if err != nil {
+			a.errc <- err
+			return
+		}
+		go func() {
+			if c2, err := a.check(c); err == nil {
+				select {
+				case a.ch <- c2:
+				case <-a.done:
+					c2.Close()
+				}
+			} else {
+				slog.Default().Warn("Mirror link connection refused", "remote", c.RemoteAddr().String(), "err", err)
+				c.Close()
+			}
+		}()
+	}
+}
+
+func (a *authListener) check(c net.Conn) (net.Conn, error) {
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if a.tls != nil {
+		tc := tls.Server(c, a.tls)
+		if err := tc.Handshake(); err != nil {
+			return nil, fmt.Errorf("TLS handshake failed: %w", err)
+		}
+		c = tc
+	}
+	nonce := make([]byte, challengeLen)
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, err
+	}
+	if _, err := c.Write(nonce); err != nil {
+		return nil, err
+	}
+	mac := make([]byte, sha256.Size)
+	if _, err := io.ReadFull(c, mac); err != nil {
+		return nil, err
+	}
+	if !hmac.Equal(mac, linkMAC(a.token, nonce)) {
+		return nil, errors.New("wrong token in the mirror link challenge")
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+func (a *authListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-a.ch:
+		return c, nil
+	case err := <-a.errc:
+		a.errc <- err
+		return nil, err
+	}
+}
+
+func (a *authListener) Close() error {
+	a.once.Do(func() { close(a.done) })
+	return a.Listener.Close()
+}
+
+// checkDev verifies that the service device exists.
+func checkDev(dev string) error {
+	if _, err := netlink.LinkByName(dev); err != nil {
+		return fmt.Errorf("Invalid --service-dev %q: %w", dev, err)
+	}
+	return nil
+}
+
+// addAddr adds p to dev (no error if it is already there).
+func addAddr(dev string, p netip.Prefix) error {
+	l, err := netlink.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("Failed to find %q: %w", dev, err)
+	}
+	a, err := netlink.ParseAddr(p.String())
+	if err != nil {
+		return err
+	}
+	if err := netlink.AddrAdd(l, a); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("Failed to add %s to %s: %w", p, dev, err)
+	}
+	return nil
+}
+
+// delAddr removes p from dev (no error if it is not there).
+func delAddr(dev string, p netip.Prefix) error {
+	l, err := netlink.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("Failed to find %q: %w", dev, err)
+	}
+	a, err := netlink.ParseAddr(p.String())
+	if err != nil {
+		return err
+	}
+	if err := netlink.AddrDel(l, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("Failed to remove %s from %s: %w", p, dev, err)
+	}
+	return nil
+}
+
+// announce sends gratuitous ARP (a request and a reply, three times) for ip from dev,
+// so that neighbours move their cache entry for the address to this machine at once.
+func announce(dev string, ip netip.Addr, log *slog.Logger) {
+	for i, d := range []time.Duration{0, 200 * time.Millisecond, time.Second} {
+		time.Sleep(d)
+		if err := sendGratuitousARP(dev, ip); err != nil {
+			log.Warn("Failed to send gratuitous ARP", "dev", dev, "ip", ip.String(), "try", i, "err", err)
+			return
+		}
+	}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// sendGratuitousARP sends one ARP request and one ARP reply announcing ip at dev's MAC.
+func sendGratuitousARP(dev string, ip netip.Addr) error {
+	ifi, err := net.InterfaceByName(dev)
+	if err != nil {
+		return err
+	}
+	if len(ifi.HardwareAddr) != 6 || !ip.Is4() {
+		return fmt.Errorf("gratuitous ARP needs an Ethernet device and an IPv4 address (%s, %s)", dev, ip)
+	}
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ARP)))
+	if err != nil {
+		return fmt.Errorf("Failed to open a packet socket: %w", err)
+	}
+	defer unix.Close(fd)
+	bcast := [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	to := &unix.SockaddrLinklayer{Ifindex: ifi.Index, Protocol: htons(unix.ETH_P_ARP), Halen: 6, Addr: bcast}
+	for _, op := range []uint16{1, 2} {
+		f := garpFrame(ifi.HardwareAddr, ip.As4(), op)
+		if err := unix.Sendto(fd, f, 0, to); err != nil {
+			return fmt.Errorf("Failed to send gratuitous ARP: %w", err)
+		}
+	}
+	return nil
+}
+
+// garpFrame builds an Ethernet frame with an ARP packet whose sender and target
+// protocol address are both ip (RFC 5227 announcement); op 1 request, 2 reply.
+func garpFrame(mac net.HardwareAddr, ip [4]byte, op uint16) []byte {
+	f := make([]byte, 42)
+	for i := 0; i < 6; i++ {
+		f[i] = 0xff
+	}
+	copy(f[6:], mac)
+	binary.BigEndian.PutUint16(f[12:], unix.ETH_P_ARP)
+	a := f[14:]
+	binary.BigEndian.PutUint16(a[0:], 1)      // Ethernet
+	binary.BigEndian.PutUint16(a[2:], 0x0800) // IPv4
+	a[4], a[5] = 6, 4
+	binary.BigEndian.PutUint16(a[6:], op)
+	copy(a[8:], mac)
+	copy(a[14:], ip[:])
+	if op == 2 {
+		for i := 18; i < 24; i++ {
+			a[i] = 0xff
+		}
+	}
+	copy(a[24:], ip[:])
+	return f
+}

@@ -1,0 +1,429 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/adminclient"
+	"github.com/growserver/grow/internal/storage/pool"
+	"github.com/growserver/grow/internal/storage/volume"
+	"github.com/growserver/grow/internal/storage/witness"
+)
+
+// The mirror tests run each controller as a real process (this test binary re-executed
+// with GROW_TEST_CONTROLLER set to its JSON config), so that kill -9 is a real crash.
+func TestMain(m *testing.M) {
+	if cfg := os.Getenv("GROW_TEST_CONTROLLER"); cfg != "" {
+		os.Exit(runTestController(cfg))
+	}
+	os.Exit(m.Run())
+}
+
+func runTestController(js string) int {
+	var cfg Config
+	if err := json.Unmarshal([]byte(js), &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	c, err := Open(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "open:", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := c.Serve(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "serve:", err)
+		return 1
+	}
+	return 0
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// node is one controller process of a test pair.
+type node struct {
+	t       *testing.T
+	name    string
+	cfg     Config
+	token   string
+	cmd     *exec.Cmd
+	log     *bytes.Buffer
+	logMu   *sync.Mutex
+	cl      *adminclient.Client
+	stopped chan struct{}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+// testPair makes two controllers A and B (not yet started) and a witness.
+func testPair(t *testing.T) (*node, *node, *witness.Store) {
+	t.Helper()
+	wdir := t.TempDir()
+	ws, err := witness.Open(wdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wsrv := httptest.NewServer(witness.Handler(ws, "witness-token"))
+	t.Cleanup(wsrv.Close)
+	wtok := filepath.Join(wdir, "token")
+	if err := os.WriteFile(wtok, []byte("witness-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(name string) *node {
+		dir := t.TempDir()
+		tok := "token-of-" + name
+		if err := os.WriteFile(filepath.Join(dir, "admin.token"), []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		n := &node{t: t, name: name, token: tok, log: &bytes.Buffer{}, logMu: &sync.Mutex{}}
+		n.cfg = Config{DataDir: filepath.Join(dir, "data"), NBDAddr: freeAddr(t), APIAddr: freeAddr(t), NBDSocket: "none",
+			PoolSize: 256 << 20, CacheSize: 8 << 20,
+			Mirror: MirrorConfig{Name: name, Listen: freeAddr(t), Witness: wsrv.URL, WitnessTokenFile: wtok}}
+		if err := os.MkdirAll(n.cfg.DataDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(n.cfg.DataDir, "admin.token"), []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		n.cl, _ = adminclient.New("http://"+n.cfg.APIAddr, tok)
+		return n
+	}
+	a, b := mk("ctrl-a"), mk("ctrl-b")
+	for _, p := range [][2]*node{{a, b}, {b, a}} {
+		me, peer := p[0], p[1]
+		me.cfg.Mirror.Peer = "http://" + peer.cfg.APIAddr
+		me.cfg.Mirror.PeerTokenFile = filepath.Join(peer.cfg.DataDir, "admin.token")
+	}
+	t.Cleanup(func() {
+		for _, n := range []*node{a, b} {
+			n.kill()
+		}
+		if t.Failed() {
+			for _, n := range []*node{a, b} {
+				n.logMu.Lock()
+				t.Logf("log of %s:\n%s", n.name, n.log.String())
+				n.logMu.Unlock()
+			}
+		}
+	})
+	return a, b, ws
+}
+
+func (n *node) start() {
+	n.t.Helper()
+	js, err := json.Marshal(n.cfg)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "GROW_TEST_CONTROLLER="+string(js))
+	w := lockedWriter{n.logMu, n.log}
+	fmt.Fprintf(w, "---- start %s\n", time.Now().Format(time.RFC3339Nano))
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	n.cmd = cmd
+	n.stopped = make(chan struct{})
+	stopped := n.stopped
+	go func() { cmd.Wait(); close(stopped) }()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := n.cl.MirrorStatus(ctx)
+		cancel()
+		if err == nil {
+			return
+		}
+		select {
+		case <-stopped:
+			n.t.Fatalf("%s exited at start:\n%s", n.name, n.logText())
+		default:
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("%s did not start: %v", n.name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (n *node) logText() string {
+	n.logMu.Lock()
+	defer n.logMu.Unlock()
+	return n.log.String()
+}
+
+// kill is kill -9.
+func (n *node) kill() {
+	if n.cmd == nil {
+		return
+	}
+	_ = n.cmd.Process.Kill()
+	<-n.stopped
+	n.cmd = nil
+}
+
+// stop is SIGTERM and a clean exit.
+func (n *node) stop() {
+	if n.cmd == nil {
+		return
+	}
+	_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-n.stopped:
+	case <-time.After(40 * time.Second):
+		n.t.Errorf("%s did not stop on SIGTERM", n.name)
+		n.kill()
+	}
+	n.cmd = nil
+}
+
+// waitFor polls cond until it holds or the timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		ok, s := cond()
+		if ok {
+			return
+		}
+		last = s
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s (last: %s)", what, last)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (n *node) volume(name string) *adminclient.Volume {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	v, err := n.cl.GetVolume(ctx, name)
+	if err != nil {
+		return nil
+	}
+	return v
+}
+
+// waitState waits until the volume has the given mirror role and state on n.
+func (n *node) waitState(t *testing.T, vol, role, state string, timeout time.Duration) *adminclient.Volume {
+	t.Helper()
+	var got *adminclient.Volume
+	waitFor(t, timeout, fmt.Sprintf("%s on %s to be %s/%s", vol, n.name, role, state), func() (bool, string) {
+		got = n.volume(vol)
+		if got == nil || got.Mirror == nil {
+			return false, "no volume"
+		}
+		return got.Mirror.Role == role && got.Mirror.State == state, fmt.Sprintf("%+v", *got.Mirror)
+	})
+	return got
+}
+
+func pairUp(t *testing.T, a, b *node) {
+	t.Helper()
+	for _, n := range []*node{a, b} {
+		waitFor(t, 15*time.Second, n.name+" to see its partner", func() (bool, string) {
+			s, err := n.cl.MirrorStatus(context.Background())
+			if err != nil {
+				return false, err.Error()
+			}
+			return s.PartnerReachable, fmt.Sprintf("%+v", s)
+		})
+	}
+}
+
+// qemuIOAt runs qemu-io commands on an NBD export and returns its output and error.
+func qemuIOAt(addr, export string, cmds ...string) (string, error) {
+	args := []string{"-f", "raw"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, fmt.Sprintf("nbd://%s/%s", addr, export))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput()
+	if err == nil && (strings.Contains(string(out), "failed") || strings.Contains(string(out), "error") || strings.Contains(string(out), "Pattern verification")) {
+		err = fmt.Errorf("qemu-io reported a failure")
+	}
+	return string(out), err
+}
+
+func needQemuIO(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("mirror pair tests run real controller processes and qemu-io")
+	}
+	if _, err := exec.LookPath("qemu-io"); err != nil {
+		t.Fatalf("qemu-io is needed: %v", err)
+	}
+}
+
+// readVolume reads a volume's whole content from a stopped controller's data directory.
+func readVolume(t *testing.T, dataDir, name string) []byte {
+	t.Helper()
+	p, err := pool.Open(dataDir, []string{filepath.Join(dataDir, "disk0.img")}, pool.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatalf("open pool of %s: %v", dataDir, err)
+	}
+	defer p.Close()
+	mgr, err := volume.Open(filepath.Join(dataDir, "meta"), p, volume.Options{})
+	if err != nil {
+		t.Fatalf("open volumes of %s: %v", dataDir, err)
+	}
+	defer mgr.Close()
+	h, err := mgr.Open(name)
+	if err != nil {
+		t.Fatalf("open %s in %s: %v", name, dataDir, err)
+	}
+	defer h.Close()
+	buf := make([]byte, h.Size())
+	if err := h.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	return buf
+}
+
+func primaryAndSecondary(t *testing.T, a, b *node, vol string) (*node, *node) {
+	t.Helper()
+	v := a.volume(vol)
+	if v == nil || v.Mirror == nil {
+		t.Fatalf("no mirror state of %s on %s", vol, a.name)
+	}
+	if v.Mirror.Primary == a.name {
+		return a, b
+	}
+	return b, a
+}
+
+func sameBytes(t *testing.T, what string, x, y []byte) {
+	t.Helper()
+	if len(x) != len(y) {
+		t.Fatalf("%s: sizes differ %d %d", what, len(x), len(y))
+	}
+	const blk = 4096
+	for off := 0; off < len(x); off += blk {
+		if !bytes.Equal(x[off:off+blk], y[off:off+blk]) {
+			t.Fatalf("%s: block at %d differs", what, off)
+		}
+	}
+}
+
+// Two controllers form a pair: a volume created on either appears on both, writes
+// through NBD on the primary land on both sides, the secondary refuses NBD clients,
+// snapshot and delete apply on both sides.
+func TestMirrorPairReplicates(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+
+	for i, n := range []*node{a, b, a, b} {
+		name := fmt.Sprintf("vol%d", i)
+		if _, err := n.cl.CreateVolume(ctx, name, 32<<20); err != nil {
+			t.Fatalf("create %s on %s: %v", name, n.name, err)
+		}
+	}
+	homes := map[string]int{}
+	for i := 0; i < 4; i++ {
+		name := fmt.Sprintf("vol%d", i)
+		for _, n := range []*node{a, b} {
+			if v := n.volume(name); v == nil || v.Mirror == nil {
+				t.Fatalf("%s missing or without mirror state on %s", name, n.name)
+			}
+		}
+		v := a.volume(name)
+		homes[v.Mirror.Home]++
+		prim, sec := a, b
+		if v.Mirror.Home == b.name {
+			prim, sec = b, a
+		}
+		pv := prim.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+		sec.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+		if pv.NBDAddress != prim.cfg.NBDAddr || pv.Mirror.Epoch != 1 {
+			t.Fatalf("%s: nbd_address %s epoch %d, want %s epoch 1", name, pv.NBDAddress, pv.Mirror.Epoch, prim.cfg.NBDAddr)
+		}
+		if sv := sec.volume(name); sv.NBDAddress != prim.cfg.NBDAddr {
+			t.Fatalf("%s: the secondary points clients at %s, want %s", name, sv.NBDAddress, prim.cfg.NBDAddr)
+		}
+		pat := fmt.Sprintf("0x%02x", 0x10+i)
+		if out, err := qemuIOAt(pv.NBDAddress, name, "write -P "+pat+" 0 1M", "write -P 0x77 5M 64k", "write -z 7M 1M", "flush"); err != nil {
+			t.Fatalf("write %s: %v\n%s", name, err, out)
+		}
+		if out, err := qemuIOAt(sec.cfg.NBDAddr, name, "read 0 4k"); err == nil {
+			t.Fatalf("the secondary %s served %s to an NBD client:\n%s", sec.name, name, out)
+		}
+	}
+	if len(homes) != 2 {
+		t.Fatalf("all volumes have the same home: %v", homes)
+	}
+	// A snapshot asked of either side is taken on both; a delete too.
+	if _, err := b.cl.Snapshot(ctx, "vol0", "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.cl.Snapshot(ctx, "vol1", "s1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*node{a, b} {
+		for _, s := range []string{"vol0@s1", "vol1@s1"} {
+			if n.volume(s) == nil {
+				t.Fatalf("%s missing on %s", s, n.name)
+			}
+		}
+	}
+	if err := b.cl.DeleteVolume(ctx, "vol3"); err != nil {
+		t.Fatal(err)
+	}
+	if a.volume("vol3") != nil || b.volume("vol3") != nil {
+		t.Fatal("vol3 survived its deletion on one side")
+	}
+	if _, err := a.cl.CreateVolume(ctx, "vol3", 32<<20); err != nil {
+		t.Fatalf("re-create after delete: %v", err)
+	}
+	// Both sides hold the same bytes, read from their disks after a clean stop.
+	a.stop()
+	b.stop()
+	for _, name := range []string{"vol0", "vol1", "vol2", "vol0@s1"} {
+		sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
+	}
+	got := readVolume(t, a.cfg.DataDir, "vol2")
+	if got[0] != 0x12 || got[5<<20] != 0x77 || got[7<<20] != 0 {
+		t.Fatalf("vol2 does not hold what was written: %x %x %x", got[0], got[5<<20], got[7<<20])
+	}
+}
