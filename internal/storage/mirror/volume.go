@@ -73,7 +73,7 @@ type Volume struct {
 	// without the peer; a pair that was synced at this epoch is not exclusive.
 	exclusive bool
 	onHold    func()
-	heldCh     chan struct{} // closed when a hold ends
+	heldCh    chan struct{} // closed when a hold ends
 
 	resyncMu     sync.Mutex
 	resyncBytes  atomic.Int64
@@ -598,6 +598,9 @@ func (v *Volume) Detach() error {
 type ResyncOptions struct {
 	// Rate limits copied bytes per second; 0 means unlimited.
 	Rate int64
+	// RateFunc, if set, is asked for the limit before every region instead of Rate, so
+	// an operator can change it while a resync runs.
+	RateFunc func() int64
 	// PeerDirty lists regions the peer itself marked (writes it applied that this side
 	// may lack, e.g. on a deposed primary); they are copied too, so the peer converges.
 	PeerDirty []uint64
@@ -679,7 +682,7 @@ func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) er
 	region := v.bm.RegionSize()
 	size := v.Size()
 	buf := make([]byte, region)
-	start := time.Now()
+	due := time.Now()
 	var copied int64
 	for {
 		dirty := v.bm.Dirty()
@@ -698,8 +701,17 @@ func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) er
 				}
 				copied += n
 				v.resyncBytes.Add(n)
-				if opt.Rate > 0 {
-					due := start.Add(time.Duration(float64(copied) / float64(opt.Rate) * float64(time.Second)))
+				rate := opt.Rate
+				if opt.RateFunc != nil {
+					rate = opt.RateFunc()
+				}
+				if rate > 0 {
+					// Pace against a schedule that never runs more than a second behind,
+					// so a changed rate takes effect at once.
+					due = due.Add(time.Duration(float64(n) / float64(rate) * float64(time.Second)))
+					if now := time.Now(); due.Before(now.Add(-time.Second)) {
+						due = now.Add(-time.Second)
+					}
 					if d := time.Until(due); d > 0 {
 						t := time.NewTimer(d)
 						select {
@@ -709,6 +721,8 @@ func (v *Volume) copyDirty(ctx context.Context, peer Peer, opt ResyncOptions) er
 						case <-t.C:
 						}
 					}
+				} else {
+					due = time.Now()
 				}
 			}
 			// Bits are cleared only once the peer has made the copies durable.
