@@ -133,9 +133,10 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		if opts.Unpaired {
 			args = append(args, "--nbd", c.NBDAddr)
 		} else {
-			// Any address of the namespace: the partner's service address lands here on failover.
-			args = append(args, "--nbd", fmt.Sprintf("0.0.0.0:%d", PairNBDPort),
-				"--nbd-advertise", fmt.Sprintf("%s:%d", c.ServiceIP, PairNBDPort))
+			// Any address of the namespace: the partner's service address lands here on
+			// failover. Volumes carry their home's service address; the advertised
+			// address is the controller's own.
+			args = append(args, "--nbd", fmt.Sprintf("0.0.0.0:%d", PairNBDPort), "--nbd-advertise", c.NBDAddr)
 		}
 		prep[k] = prepared{ns: ns, dir: dir, args: args}
 	}
