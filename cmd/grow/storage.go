@@ -57,13 +57,14 @@ machine) the controller's token file, DATA/admin.token.`,
 	vol := &cobra.Command{Use: "volume", Aliases: []string{"volumes", "vol"}, Short: "Volumes, clones and snapshots"}
 	vol.AddCommand(
 		newVolumeCreateCmd(o), newVolumeListCmd(o), newVolumeShowCmd(o), newVolumeDeleteCmd(o),
-		newVolumeResizeCmd(o), newVolumeCloneCmd(o), newVolumeSnapshotCmd(o),
+		newVolumeResizeCmd(o), newVolumeCloneCmd(o), newVolumeSnapshotCmd(o), newVolumeResolveCmd(o),
 	)
 	img := &cobra.Command{Use: "image", Aliases: []string{"images"}, Short: "Read-only gold-master images"}
 	img.AddCommand(newImageImportCmd(o))
 	disk := &cobra.Command{Use: "disk", Aliases: []string{"disks"}, Short: "The pool's disks"}
 	disk.AddCommand(newDiskListCmd(o), newDiskReplaceCmd(o))
-	cmd.AddCommand(vol, img, disk, newStorageCheckCmd(o), newStorageStatsCmd(o), newWitnessCmd())
+	cmd.AddCommand(vol, img, disk, newStorageCheckCmd(o), newStorageStatsCmd(o), newWitnessCmd(),
+		newStorageControllerCmd(o), newStorageMirrorCmd(o))
 	return cmd
 }
 
@@ -167,6 +168,13 @@ func (o *storageOpts) printVolumes(w io.Writer, vols []adminclient.Volume) error
 		return o.printJSON(w, vols)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	mirrored := false
+	for _, v := range vols {
+		mirrored = mirrored || v.Mirror != nil
+	}
+	if mirrored {
+		return printMirroredVolumes(tw, vols)
+	}
 	fmt.Fprintln(tw, "NAME\tKIND\tSIZE\tALLOCATED\tPARENT\tCLONES\tCREATED")
 	for _, v := range vols {
 		parent := v.Parent

@@ -23,6 +23,7 @@ func newStoragedCmd() *cobra.Command {
 		poolSize  string
 		cacheSize string
 		logLevel  string
+		rate      string
 	)
 	cmd := &cobra.Command{
 		Use:   "storaged",
@@ -31,7 +32,17 @@ func newStoragedCmd() *cobra.Command {
 meta/), stripes data over mirrored pairs of the --disk paths (none: DATA/disk0.img),
 keeps a shared read cache of --cache bytes, serves every volume over NBD on --nbd and
 on the unix socket --nbd-socket (default DATA/nbd.sock; "none" disables it), and
-offers its admin API on --api, guarded by the token in DATA/admin.token.`,
+offers its admin API on --api, guarded by the token in DATA/admin.token.
+
+With --peer it is one of a mirrored pair: every volume, image and snapshot exists on
+both controllers, every write is on both before it is acknowledged, and each volume
+has a primary (serving NBD) on its home controller. --name names this controller,
+--peer-token-file holds the partner's admin token, --mirror-listen is where the
+partner's mirror link connects, --witness (with --witness-token-file) is the
+tie-breaker, and --service-address is this controller's moving address for hosts
+(added to --service-dev while it serves its home's volumes; both controllers must be
+on the same L2 segment). Without a witness a controller that loses its partner
+freezes rather than guess.`,
 		Args: storageArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var err error
@@ -40,6 +51,12 @@ offers its admin API on --api, guarded by the token in DATA/admin.token.`,
 			}
 			if cfg.CacheSize, err = units.ParseSize(cacheSize); err != nil {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --cache %q: %w", cacheSize, err)}
+			}
+			if cfg.Mirror.ResyncRate, err = units.ParseSize(rate); err != nil || cfg.Mirror.ResyncRate < 0 {
+				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --resync-rate %q: want a size per second such as 200MiB (0: unlimited)", rate)}
+			}
+			if cfg.Mirror.Peer == "" && (cfg.Mirror.Name != "" || cfg.Mirror.Listen != "" || cfg.Mirror.Witness != "" || cfg.Mirror.ServiceAddress != "") {
+				return &ExitError{Code: exitUsage, Err: fmt.Errorf("--name, --mirror-listen, --witness and --service-address need --peer")}
 			}
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -70,6 +87,16 @@ offers its admin API on --api, guarded by the token in DATA/admin.token.`,
 	f.StringVar(&cfg.TLSClientCA, "tls-client-ca", "", "PEM CA bundle; NBD clients must then present a certificate it signed")
 	f.BoolVar(&cfg.RequireTLS, "tls-required", false, "refuse NBD clients that do not upgrade to TLS")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&cfg.Mirror.Name, "name", "", "this controller's name in a mirrored pair")
+	f.StringVar(&cfg.Mirror.Peer, "peer", "", "admin API URL of the mirror partner (enables mirroring)")
+	f.StringVar(&cfg.Mirror.PeerTokenFile, "peer-token-file", "", "file holding the partner's admin token")
+	f.StringVar(&cfg.Mirror.Listen, "mirror-listen", "", "IP:PORT of this controller's mirror link server")
+	f.StringVar(&cfg.Mirror.Witness, "witness", "", "URL of the witness (grow storage witness) that settles who may write alone")
+	f.StringVar(&cfg.Mirror.WitnessTokenFile, "witness-token-file", "", "file holding the witness's token")
+	f.StringVar(&cfg.Mirror.ServiceAddress, "service-address", "", "this controller's moving service address for hosts, IP/PREFIX (needs --service-dev and --nbd on a wildcard address)")
+	f.StringVar(&cfg.Mirror.ServiceDev, "service-dev", "", "network device that carries the service addresses")
+	f.StringVar(&rate, "resync-rate", "0", "resync rate limit per second, e.g. 200MiB (0: unlimited)")
+	f.DurationVar(&cfg.Mirror.PeerTimeout, "peer-timeout", 0, "declare the partner lost after this long without an answer (default 1.5s)")
 	return cmd
 }
 
