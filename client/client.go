@@ -29,8 +29,9 @@ type (
 	Plan          = store.Plan
 	Customer      = store.Customer
 	User          = store.User
-	Host          = store.Host
-	Storage       = store.StorageController
+	Host          = api.HostView
+	Storage       = api.StorageView
+	Health        = jobs.Health
 	IPPool        = store.IPPool
 	IPLease       = store.IPLease
 	Image         = store.Image

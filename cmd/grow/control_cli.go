@@ -244,3 +244,14 @@ func (o *cpOpts) do(fn func(ctx context.Context, c *client.Client) error) error 
 	defer cancel()
 	return cpErr(fn(ctx, c))
 }
+
+// healthText is a daemon's latest health probe in a table cell.
+func healthText(h client.Health) string {
+	switch {
+	case h.Checked.IsZero():
+		return "unknown"
+	case h.Reachable:
+		return "ok (" + h.Detail + ")"
+	}
+	return "DOWN since " + h.Since.Local().Format("15:04:05") + ": " + h.Detail
+}

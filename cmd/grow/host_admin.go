@@ -73,9 +73,9 @@ func init() {
 				used[s.HostID] = u
 			}
 			return lo.emit(cmd.OutOrStdout(), hs, func(tw *tabwriter.Writer) {
-				fmt.Fprintln(tw, "NAME\tSTATE\tCPUS\tVCPUS USED\tMEMORY\tMEMORY USED\tURL")
+				fmt.Fprintln(tw, "NAME\tSTATE\tHEALTH\tCPUS\tVCPUS USED\tMEMORY\tMEMORY USED\tURL")
 				for _, h := range hs {
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\n", h.Name, h.State, h.CPUs, used[h.ID][0], size(h.MemoryBytes), size(used[h.ID][1]), h.URL)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", h.Name, h.State, healthText(h.Health), h.CPUs, used[h.ID][0], size(h.MemoryBytes), size(used[h.ID][1]), h.URL)
 				}
 			})
 		},

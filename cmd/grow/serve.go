@@ -36,16 +36,16 @@ import (
 
 // serveConfig is what `grow serve` is started with.
 type serveConfig struct {
-	data, apiAddr, database  string
-	local                    bool
-	bridge, bridgeCIDR       string
-	poolSize, cacheSize      string
-	hostMemory               string
-	guestDir                 string
-	cpuOvercommit            float64
-	nPlusOne                 bool
-	readyTimeout, trafficInt time.Duration
-	logLevel                 string
+	data, apiAddr, database             string
+	local                               bool
+	bridge, bridgeCIDR                  string
+	poolSize, cacheSize                 string
+	hostMemory                          string
+	guestDir                            string
+	cpuOvercommit                       float64
+	nPlusOne                            bool
+	readyTimeout, trafficInt, healthInt time.Duration
+	logLevel                            string
 }
 
 func newServeCmd() *cobra.Command {
@@ -79,6 +79,7 @@ PostgreSQL instead of SQLite.`,
 	f.BoolVar(&cfg.nPlusOne, "n-plus-one", true, "keep enough free memory to evacuate any one host")
 	f.DurationVar(&cfg.readyTimeout, "ready-timeout", 5*time.Minute, "how long a new guest has to report ready")
 	f.DurationVar(&cfg.trafficInt, "traffic-interval", time.Minute, "how often servers' traffic counters are sampled for billing")
+	f.DurationVar(&cfg.healthInt, "health-interval", 5*time.Second, "how often host agents and storage controllers are probed (a host that does not answer gets no new servers)")
 	f.StringVar(&cfg.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
 }
@@ -135,6 +136,7 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 		return err
 	}
 	go m.CollectTraffic(ctx, cfg.trafficInt)
+	go m.WatchHealth(ctx, cfg.healthInt)
 
 	l, err := net.Listen("tcp", cfg.apiAddr)
 	if err != nil {

@@ -35,6 +35,7 @@ type fixture struct {
 	web1, bob1        client.Server
 	web1Op            client.Operation
 	cluster           *jobstest.Cluster
+	jobs              *jobs.Manager
 }
 
 func newFixture(t *testing.T, backend string) *fixture {
@@ -53,6 +54,7 @@ func newFixture(t *testing.T, backend string) *fixture {
 	if err := f.st.CreateUser(ctx, &store.User{Name: "admin", Role: store.RoleAdmin}, authtoken.Hash(f.adminTok)); err != nil {
 		t.Fatal(err)
 	}
+	f.jobs = m
 	f.api = api.New(api.Config{Store: f.st, Jobs: m, Logger: quiet})
 	f.srv = httptest.NewServer(f.api)
 	t.Cleanup(f.srv.Close)
@@ -332,5 +334,41 @@ func TestOpenAPIMatchesDocs(t *testing.T) {
 		if !bytes.Contains(api.OpenAPI, []byte(strings.ToLower(method)+":")) {
 			t.Errorf("method %s is not in the OpenAPI document", method)
 		}
+	}
+}
+
+// TestHealthShown checks that hosts and storage controllers carry the latest health
+// probe: reachable with what the daemon said, or down with the reason.
+func TestHealthShown(t *testing.T) {
+	f := newFixture(t, "sqlite")
+	hs, err := f.admin.ListHosts(f.ctx)
+	if err != nil || len(hs) != 2 {
+		t.Fatalf("hosts: %v, %v", hs, err)
+	}
+	f.cluster.SetDown(hs[0].ID, true)
+	f.jobs.ProbeAll(f.ctx)
+	h, err := f.admin.GetHost(f.ctx, hs[0].Name)
+	if err != nil || h.Health.Reachable || h.Health.Detail == "" || h.Health.Checked.IsZero() {
+		t.Fatalf("silent host: %+v, %v", h, err)
+	}
+	hs, err = f.admin.ListHosts(f.ctx)
+	if err != nil || hs[0].Health.Reachable || !hs[1].Health.Reachable || hs[1].Health.Detail != "fake agent" {
+		t.Fatalf("host list health: %+v, %v", hs, err)
+	}
+	cs, err := f.admin.ListStorage(f.ctx)
+	if err != nil || len(cs) != 1 || !cs[0].Health.Reachable || cs[0].Health.Detail != "pool ok" {
+		t.Fatalf("storage health: %+v, %v", cs, err)
+	}
+	// Tokens of the daemons never leave the control plane.
+	req, _ := http.NewRequest("GET", f.srv.URL+"/v1/hosts", nil)
+	req.Header.Set("Authorization", "Bearer "+f.adminTok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || strings.Contains(string(body), `"token"`) || !strings.Contains(string(body), `"reachable": false`) {
+		t.Fatalf("GET /v1/hosts: %d %s", resp.StatusCode, body)
 	}
 }

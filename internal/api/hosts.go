@@ -5,6 +5,7 @@ import (
 	"net/url"
 
 	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/jobs"
 	"github.com/growserver/grow/internal/store"
 )
 
@@ -34,7 +35,11 @@ func (a *API) routeHosts() {
 		if err != nil {
 			return err
 		}
-		return paginate(w, r, hs, func(h store.Host) string { return h.Name })
+		views := make([]HostView, len(hs))
+		for i, h := range hs {
+			views[i] = a.hostView(h)
+		}
+		return paginate(w, r, views, func(h HostView) string { return h.Name })
 	})
 	a.handle("POST /v1/hosts", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
 		var req HostRequest
@@ -68,7 +73,7 @@ func (a *API) routeHosts() {
 		if err != nil {
 			return err
 		}
-		writeJSON(w, http.StatusOK, h)
+		writeJSON(w, http.StatusOK, a.hostView(h))
 		return nil
 	})
 	a.handle("PATCH /v1/hosts/{id}", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
@@ -128,3 +133,11 @@ func (a *API) routeHosts() {
 		return nil
 	})
 }
+
+// HostView is a host as the API shows it: its record and its agent's latest health probe.
+type HostView struct {
+	store.Host
+	Health jobs.Health `json:"health"`
+}
+
+func (a *API) hostView(h store.Host) HostView { return HostView{Host: h, Health: a.jobs.Health(h.ID)} }

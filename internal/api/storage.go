@@ -4,6 +4,7 @@ import (
 	"net/http"
 
 	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/jobs"
 	"github.com/growserver/grow/internal/store"
 )
 
@@ -20,7 +21,11 @@ func (a *API) routeStorage() {
 		if err != nil {
 			return err
 		}
-		return paginate(w, r, cs, func(c store.StorageController) string { return c.Name })
+		views := make([]StorageView, len(cs))
+		for i, c := range cs {
+			views[i] = a.storageView(c)
+		}
+		return paginate(w, r, views, func(c StorageView) string { return c.Name })
 	})
 	a.handle("POST /v1/storage", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
 		var req StorageRequest
@@ -42,7 +47,17 @@ func (a *API) routeStorage() {
 		if err != nil {
 			return err
 		}
-		writeJSON(w, http.StatusOK, c)
+		writeJSON(w, http.StatusOK, a.storageView(c))
 		return nil
 	})
+}
+
+// StorageView is a storage controller as the API shows it: its record and its latest health probe.
+type StorageView struct {
+	store.StorageController
+	Health jobs.Health `json:"health"`
+}
+
+func (a *API) storageView(c store.StorageController) StorageView {
+	return StorageView{StorageController: c, Health: a.jobs.Health(c.ID)}
 }

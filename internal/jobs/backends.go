@@ -27,6 +27,8 @@ type Storage interface {
 	ImportImage(ctx context.Context, name string, r io.Reader, size int64, format string, progress func(int64)) (int64, error)
 	// Endpoint tells QEMU how to reach an export of this controller over NBD.
 	Endpoint(ctx context.Context) (hostapi.Disk, error)
+	// Health answers whether the controller responds, with its pool's state.
+	Health(ctx context.Context) (string, error)
 }
 
 // Host is what jobs need from one host agent.
@@ -43,6 +45,8 @@ type Host interface {
 	Counters(ctx context.Context, name string) (hostapi.Counters, error)
 	// Migrate moves a running VM to the agent at target and waits until it is done.
 	Migrate(ctx context.Context, name string, target store.Host) error
+	// Health answers whether the agent responds, with how many VMs it runs.
+	Health(ctx context.Context) (string, error)
 }
 
 // Connector reaches the registered daemons.
@@ -131,6 +135,22 @@ func (s *storageClient) Endpoint(ctx context.Context) (hostapi.Disk, error) {
 		return hostapi.Disk{}, fmt.Errorf("Storage controller %q serves NBD on neither TCP nor a unix socket", s.name)
 	}
 	return hostapi.Disk{Socket: st.NBDSocket, ReconnectDelay: 5}, nil
+}
+
+func (s *storageClient) Health(ctx context.Context) (string, error) {
+	p, err := s.c.Pool(ctx)
+	if err != nil {
+		return "", fmt.Errorf("Storage controller %q does not answer: %w", s.name, err)
+	}
+	return "pool " + p.State, nil
+}
+
+func (h *hostClient) Health(ctx context.Context) (string, error) {
+	vms, err := h.c.List(ctx)
+	if err != nil {
+		return "", fmt.Errorf("Host agent %q does not answer: %w", h.name, err)
+	}
+	return fmt.Sprintf("%d VMs", len(vms)), nil
 }
 
 type hostClient struct {

@@ -74,6 +74,9 @@ type Manager struct {
 	wg       sync.WaitGroup
 	baseCtx  context.Context
 	shutdown context.CancelFunc
+
+	healthMu sync.Mutex
+	health   map[string]Health // host or storage controller ID -> last probe
 }
 
 // New returns a Manager; call Recover once before serving requests.
@@ -262,7 +265,9 @@ func (m *Manager) Snapshot(ctx context.Context, st *store.Store) (*scheduler.Sna
 			continue
 		}
 		idx[h.ID] = len(snap.Hosts)
-		snap.Hosts = append(snap.Hosts, scheduler.Host{ID: h.ID, CPUs: h.CPUs, MemoryBytes: h.MemoryBytes, Maintenance: h.State == store.StateMaintenance})
+		// A host whose agent does not answer gets no new servers, like one in maintenance.
+		down := !m.Health(h.ID).Reachable
+		snap.Hosts = append(snap.Hosts, scheduler.Host{ID: h.ID, CPUs: h.CPUs, MemoryBytes: h.MemoryBytes, Maintenance: h.State == store.StateMaintenance || down})
 	}
 	for _, sv := range servers {
 		i, ok := idx[sv.HostID]

@@ -120,6 +120,7 @@ func TestJobs(t *testing.T) {
 			t.Run("restart mid-create", func(t *testing.T) { testRestart(t, newEnv(t, b)) })
 			t.Run("two control planes", func(t *testing.T) { testTwoControlPlanes(t, newEnv(t, b)) })
 			t.Run("traffic metering", func(t *testing.T) { testTraffic(t, newEnv(t, b)) })
+			t.Run("health probes steer placement", func(t *testing.T) { testHealth(t, newEnv(t, b)) })
 		})
 	}
 }
@@ -507,4 +508,48 @@ func testTraffic(t *testing.T, e *env) {
 	expect(2100, 6200)
 	set(50, 60) // the VM was defined afresh: its counters start again
 	expect(2150, 6260)
+}
+
+// testHealth checks that a host whose agent stops answering is reported down with the
+// reason and gets no new servers, and that it comes back once it answers again.
+func testHealth(t *testing.T, e *env) {
+	h1, h2 := e.hosts[0], e.hosts[1]
+	h3 := store.Host{Name: "h3", URL: "http://127.0.0.1:1", Token: "x", CPUs: 4, MemoryBytes: 4 << 30}
+	if err := e.st.CreateHost(e.ctx, &h3); err != nil { // N+1 needs two answering hosts
+		t.Fatal(err)
+	}
+	if h := e.m.Health(h1.ID); !h.Reachable || !h.Checked.IsZero() {
+		t.Fatalf("health before any probe: %+v, want reachable and unchecked", h)
+	}
+	e.c.SetDown(h1.ID, true)
+	e.m.ProbeAll(e.ctx)
+	down := e.m.Health(h1.ID)
+	if down.Reachable || down.Detail == "" || down.Checked.IsZero() || down.Since.IsZero() {
+		t.Fatalf("health of a silent host: %+v", down)
+	}
+	if h := e.m.Health(h2.ID); !h.Reachable || h.Detail != "fake agent" {
+		t.Fatalf("health of the other host: %+v", h)
+	}
+	var stor store.StorageController
+	if cs, err := e.st.ListStorage(e.ctx); err != nil || len(cs) != 1 {
+		t.Fatalf("storage controllers: %v, %v", cs, err)
+	} else {
+		stor = cs[0]
+	}
+	if h := e.m.Health(stor.ID); !h.Reachable || h.Detail != "pool ok" {
+		t.Fatalf("health of the storage controller: %+v", h)
+	}
+	for _, name := range []string{"p1", "p2", "p3"} {
+		if op := e.wait(e.create(name, "")); op.State != store.OpSucceeded {
+			t.Fatalf("create %s: %+v", name, op)
+		}
+		if sv, _ := e.st.GetServer(e.ctx, name); sv.HostID == h1.ID {
+			t.Fatalf("%s placed on %s while h1 does not answer", name, sv.HostID)
+		}
+	}
+	e.c.SetDown(h1.ID, false)
+	e.m.ProbeAll(e.ctx)
+	if up := e.m.Health(h1.ID); !up.Reachable || !up.Since.After(down.Since) {
+		t.Fatalf("health after the agent answers again: %+v (was %+v)", up, down)
+	}
 }

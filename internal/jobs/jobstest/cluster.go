@@ -5,6 +5,7 @@ package jobstest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -30,6 +31,8 @@ type Cluster struct {
 	Calls []string
 	// Traffic holds each VM's cumulative traffic counters.
 	Traffic map[string]hostapi.Counters
+	// Down lists host and storage controller IDs whose daemons do not answer.
+	Down map[string]bool
 }
 
 // VM is one fake VM.
@@ -42,12 +45,28 @@ type VM struct {
 
 // NewCluster returns an empty cluster.
 func NewCluster() *Cluster {
-	return &Cluster{Volumes: map[string]int64{}, VMs: map[string]map[string]*VM{}, Fail: map[string]error{}, Traffic: map[string]hostapi.Counters{}}
+	return &Cluster{Volumes: map[string]int64{}, VMs: map[string]map[string]*VM{}, Fail: map[string]error{}, Traffic: map[string]hostapi.Counters{}, Down: map[string]bool{}}
 }
 
 // Storage returns the fake controller.
+// SetDown makes the daemon of a host or storage controller stop (or resume) answering.
+func (c *Cluster) SetDown(id string, down bool) {
+	c.Mu.Lock()
+	defer c.Mu.Unlock()
+	c.Down[id] = down
+}
+
+func (c *Cluster) health(id, detail string) (string, error) {
+	c.Mu.Lock()
+	defer c.Mu.Unlock()
+	if c.Down[id] {
+		return "", errors.New("connection refused")
+	}
+	return detail, nil
+}
+
 func (c *Cluster) Storage(s store.StorageController) (jobs.Storage, error) {
-	return &fakeStorage{c: c}, nil
+	return &fakeStorage{c: c, id: s.ID}, nil
 }
 
 // Host returns the fake agent of h.
@@ -84,7 +103,14 @@ func (c *Cluster) VolumeCount() int {
 	return n
 }
 
-type fakeStorage struct{ c *Cluster }
+type fakeStorage struct {
+	c  *Cluster
+	id string
+}
+
+func (s *fakeStorage) Health(ctx context.Context) (string, error) { return s.c.health(s.id, "pool ok") }
+
+func (h *fakeHost) Health(ctx context.Context) (string, error) { return h.c.health(h.id, "fake agent") }
 
 func (s *fakeStorage) CloneVolume(ctx context.Context, src, dst string) error {
 	if err := s.c.failing("clone"); err != nil {
