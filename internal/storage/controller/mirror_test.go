@@ -495,3 +495,54 @@ func TestMirrorFailoverOnKillAndResync(t *testing.T) {
 	b.stop()
 	sameBytes(t, "v", readVolume(t, a.cfg.DataDir, "v"), readVolume(t, b.cfg.DataDir, "v"))
 }
+
+// kill -9 of the secondary while a client writes: the primary holds writes until the
+// witness grants it the volume alone, then every write completes without an error.
+func TestMirrorSecondaryKilledDuringWrites(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+	if _, err := a.cl.CreateVolume(ctx, "w", 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	p, s := primaryAndSecondary(t, a, b, "w")
+	pv := p.waitState(t, "w", "primary", adminclient.MirrorSynced, 10*time.Second)
+	s.waitState(t, "w", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	var cmds, checks []string
+	for i := 0; i < 1000; i++ {
+		cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 64k", i%250+1, i*64<<10))
+		checks = append(checks, fmt.Sprintf("read -P 0x%02x %d 64k", i%250+1, i*64<<10))
+	}
+	cmds = append(cmds, "flush")
+	done := make(chan error, 1)
+	var out string
+	start := time.Now()
+	go func() {
+		var err error
+		out, err = qemuIOAt(pv.NBDAddress, "w", cmds...)
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	s.kill()
+	if err := <-done; err != nil {
+		t.Fatalf("writes failed while the secondary died: %v\n%s", err, out)
+	}
+	// The writes stalled while the primary waited for the witness: the kill hit them.
+	if took := time.Since(start); took < time.Second {
+		t.Fatalf("the writes finished in %v, before the secondary's death could matter", took)
+	} else {
+		t.Logf("writes took %v across the secondary's death", took)
+	}
+	p.waitState(t, "w", "primary", adminclient.MirrorDegraded, 10*time.Second)
+	if out, err := qemuIOAt(pv.NBDAddress, "w", checks...); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	s.start()
+	p.waitState(t, "w", "primary", adminclient.MirrorSynced, 20*time.Second)
+	a.stop()
+	b.stop()
+	sameBytes(t, "w", readVolume(t, a.cfg.DataDir, "w"), readVolume(t, b.cfg.DataDir, "w"))
+}
