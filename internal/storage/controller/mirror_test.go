@@ -546,3 +546,98 @@ func TestMirrorSecondaryKilledDuringWrites(t *testing.T) {
 	b.stop()
 	sameBytes(t, "w", readVolume(t, a.cfg.DataDir, "w"), readVolume(t, b.cfg.DataDir, "w"))
 }
+
+// drain moves every primary to the partner (data intact, the drained side serves
+// nothing); resume gives the home volumes back once they are synced.
+func TestMirrorDrainResume(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+	var names []string
+	homes := map[string]string{}
+	for i := 0; len(names) < 4 && i < 40; i++ {
+		name := fmt.Sprintf("d%d", i)
+		h := homeOf(name, a.name, b.name)
+		if n := len(names); (n%2 == 0) != (h == a.name) {
+			continue
+		}
+		if _, err := b.cl.CreateVolume(ctx, name, 16<<20); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, name)
+		homes[name] = h
+	}
+	for i, name := range names {
+		p, _ := primaryAndSecondary(t, a, b, name)
+		pv := p.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+		if out, err := qemuIOAt(pv.NBDAddress, name, fmt.Sprintf("write -P 0x%02x 0 2M", 0x30+i), "flush"); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+	}
+	res, err := b.cl.Drain(ctx, a.name) // asked of the partner: forwarded to a
+	if err != nil {
+		t.Fatal(err)
+	}
+	for !res.Done {
+		time.Sleep(200 * time.Millisecond)
+		if res, err = a.cl.Drain(ctx, a.name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, name := range names {
+		v := b.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+		a.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+		if out, err := qemuIOAt(v.NBDAddress, name, fmt.Sprintf("read -P 0x%02x 0 2M", 0x30+i), "write -P 0x55 4M 64k", "flush"); err != nil {
+			t.Fatalf("after drain: %v\n%s", err, out)
+		}
+		if out, err := qemuIOAt(a.cfg.NBDAddr, name, "read 0 4k"); err == nil {
+			t.Fatalf("the drained controller serves %s:\n%s", name, out)
+		}
+	}
+	st, err := a.cl.MirrorStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Serves) != 0 {
+		t.Fatalf("the drained controller serves %v", st.Serves)
+	}
+	// A volume created while a is drained gets its primary on b whatever its home.
+	if _, err := a.cl.CreateVolume(ctx, "late", 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	b.waitState(t, "late", "primary", adminclient.MirrorSynced, 10*time.Second)
+	names = append(names, "late")
+	homes["late"] = homeOf("late", a.name, b.name)
+
+	res, err = a.cl.Resume(ctx, a.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for !res.Done {
+		time.Sleep(200 * time.Millisecond)
+		if res, err = b.cl.Resume(ctx, a.name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range names {
+		p, s := a, b
+		if homes[name] == b.name {
+			p, s = b, a
+		}
+		pv := p.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+		s.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+		if name != "late" {
+			if out, err := qemuIOAt(pv.NBDAddress, name, "read -P 0x55 4M 64k"); err != nil {
+				t.Fatalf("after resume: %v\n%s", err, out)
+			}
+		}
+	}
+	a.stop()
+	b.stop()
+	for _, name := range names {
+		sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
+	}
+}
