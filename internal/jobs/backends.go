@@ -25,8 +25,8 @@ type Storage interface {
 	DeleteVolume(ctx context.Context, name string) error
 	// ImportImage stores r as the read-only image name and returns its size.
 	ImportImage(ctx context.Context, name string, r io.Reader, size int64, format string, progress func(int64)) (int64, error)
-	// Endpoint tells QEMU how to reach an export of this controller over NBD.
-	Endpoint(ctx context.Context) (hostapi.Disk, error)
+	// Endpoint tells QEMU how to reach a volume of this controller over NBD.
+	Endpoint(ctx context.Context, volume string) (hostapi.Disk, error)
 	// Health answers whether the controller responds, with its pool's state.
 	Health(ctx context.Context) (string, error)
 }
@@ -113,7 +113,25 @@ func (s *storageClient) ImportImage(ctx context.Context, name string, r io.Reade
 	return v.Size, nil
 }
 
-func (s *storageClient) Endpoint(ctx context.Context) (hostapi.Disk, error) {
+// mirroredReconnectDelay is how long QEMU holds a mirrored volume's requests while
+// its NBD connection is down: long enough for the partner controller to take the
+// volume's service address over, so a failover is a stall and never an I/O error.
+const mirroredReconnectDelay = 30
+
+func (s *storageClient) Endpoint(ctx context.Context, volume string) (hostapi.Disk, error) {
+	// On a mirrored pair a volume has its own address, which follows its primary.
+	v, err := s.c.GetVolume(ctx, volume)
+	if err != nil {
+		return hostapi.Disk{}, fmt.Errorf("Failed to read volume %q on %q: %w", volume, s.name, err)
+	}
+	if v.Mirror != nil && v.NBDAddress != "" {
+		h, p, err := net.SplitHostPort(v.NBDAddress)
+		port, perr := strconv.Atoi(p)
+		if err != nil || perr != nil {
+			return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q for %q", s.name, v.NBDAddress, volume)
+		}
+		return hostapi.Disk{Host: h, Port: port, ReconnectDelay: mirroredReconnectDelay}, nil
+	}
 	st, err := s.c.Stats(ctx)
 	if err != nil {
 		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)

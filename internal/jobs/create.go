@@ -295,7 +295,7 @@ func macOf(id string) string {
 
 // vmSpec builds what the host agent runs for sv.
 func (m *Manager) vmSpec(ctx context.Context, sv store.Server, im store.Image, stor Storage) (hostapi.VMSpec, error) {
-	disk, err := stor.Endpoint(ctx)
+	disk, err := stor.Endpoint(ctx, sv.Volume)
 	if err != nil {
 		return hostapi.VMSpec{}, err
 	}

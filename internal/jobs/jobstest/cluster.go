@@ -157,7 +157,12 @@ func (s *fakeStorage) ImportImage(ctx context.Context, name string, r io.Reader,
 	return n, nil
 }
 
-func (s *fakeStorage) Endpoint(ctx context.Context) (hostapi.Disk, error) {
+func (s *fakeStorage) Endpoint(ctx context.Context, volume string) (hostapi.Disk, error) {
+	s.c.Mu.Lock()
+	defer s.c.Mu.Unlock()
+	if _, ok := s.c.Volumes[volume]; !ok {
+		return hostapi.Disk{}, fmt.Errorf("volume %q does not exist", volume)
+	}
 	return hostapi.Disk{Socket: "/run/fake-nbd.sock"}, nil
 }
 
