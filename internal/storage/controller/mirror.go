@@ -113,6 +113,8 @@ type mirrorMgr struct {
 	drained    bool
 	serving    map[string]bool // homes served (addresses held or, without addresses, claimed)
 	addrs      map[string]bool // service addresses currently added, by home
+	// addrMu serialises changes and renewals of service addresses.
+	addrMu sync.Mutex
 
 	kickCh chan struct{}
 	cancel context.CancelFunc
@@ -320,7 +322,8 @@ func (m *mirrorMgr) start() {
 	m.mu.Lock()
 	m.started = time.Now()
 	m.mu.Unlock()
-	m.wg.Add(3)
+	m.wg.Add(4)
+	go func() { defer m.wg.Done(); m.renewLoop() }()
 	go func() {
 		defer m.wg.Done()
 		if err := m.linkSrv.Serve(newAuthListener(m.linkLn, m.ownTok, m.linkTLS)); err != nil {
@@ -343,8 +346,11 @@ func (m *mirrorMgr) close() {
 		v.close()
 	}
 	if m.svc.IsValid() {
+		m.addrMu.Lock()
+		defer m.addrMu.Unlock()
 		m.mu.Lock()
 		addrs := maps2slice(m.addrs)
+		m.addrs = map[string]bool{}
 		m.mu.Unlock()
 		for _, h := range addrs {
 			if p, ok := m.addrOf(h); ok {
@@ -411,6 +417,35 @@ func (m *mirrorMgr) pollLoop() {
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// renewLoop renews the lifetime of the service addresses held, on its own so that a
+// slow reconcile (a witness timing out) never lets a held address lapse.
+func (m *mirrorMgr) renewLoop() {
+	if !m.svc.IsValid() {
+		return
+	}
+	t := time.NewTicker(heartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+		}
+		m.addrMu.Lock()
+		m.mu.Lock()
+		held := maps2slice(m.addrs)
+		m.mu.Unlock()
+		for _, h := range held {
+			if p, ok := m.addrOf(h); ok {
+				if err := addAddr(m.cfg.ServiceDev, p); err != nil {
+					m.c.log.Error("Failed to renew service address", "home", h, "err", err)
+				}
+			}
+		}
+		m.addrMu.Unlock()
 	}
 }
 
@@ -594,6 +629,8 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 	if !m.svc.IsValid() {
 		return
 	}
+	m.addrMu.Lock()
+	defer m.addrMu.Unlock()
 	for _, h := range []string{m.cfg.Name, pv.name} {
 		if h == "" {
 			continue

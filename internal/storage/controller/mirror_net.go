@@ -266,7 +266,12 @@ func checkDev(dev string) error {
 	return nil
 }
 
-// addAddr adds p to dev (no error if it is already there).
+// addrLifetime is the valid lifetime, in seconds, of a service address this
+// controller holds; it is renewed several times a second, so the address disappears
+// by itself soon after the process dies or hangs (kill -9 leaves no one to remove it).
+const addrLifetime = 3
+
+// addAddr adds p to dev, or renews its lifetime if it is there.
 func addAddr(dev string, p netip.Prefix) error {
 	l, err := netlink.LinkByName(dev)
 	if err != nil {
@@ -276,7 +281,8 @@ func addAddr(dev string, p netip.Prefix) error {
 	if err != nil {
 		return err
 	}
-	if err := netlink.AddrAdd(l, a); err != nil && !errors.Is(err, unix.EEXIST) {
+	a.ValidLft, a.PreferedLft = addrLifetime, addrLifetime
+	if err := netlink.AddrReplace(l, a); err != nil {
 		return fmt.Errorf("Failed to add %s to %s: %w", p, dev, err)
 	}
 	return nil
@@ -298,10 +304,10 @@ func delAddr(dev string, p netip.Prefix) error {
 	return nil
 }
 
-// announce sends gratuitous ARP (a request and a reply, three times) for ip from dev,
+// announce sends gratuitous ARP (a request and a reply, five times over four seconds) for ip from dev,
 // so that neighbours move their cache entry for the address to this machine at once.
 func announce(dev string, ip netip.Addr, log *slog.Logger) {
-	for i, d := range []time.Duration{0, 200 * time.Millisecond, time.Second} {
+	for i, d := range []time.Duration{0, 200 * time.Millisecond, 800 * time.Millisecond, time.Second, 2 * time.Second} {
 		time.Sleep(d)
 		if err := sendGratuitousARP(dev, ip); err != nil {
 			log.Warn("Failed to send gratuitous ARP", "dev", dev, "ip", ip.String(), "try", i, "err", err)
