@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv("GROW_TEST_CONTROLLER"); cfg != "" {
 		os.Exit(runTestController(cfg))
 	}
+	if w := os.Getenv("GROW_TEST_WITNESS"); w != "" {
+		os.Exit(runTestWitness(w))
+	}
 	os.Exit(m.Run())
 }
 
@@ -69,6 +72,7 @@ func freeAddr(t *testing.T) string {
 type node struct {
 	t       *testing.T
 	name    string
+	netns   string // run inside this network namespace ("" for none)
 	cfg     Config
 	token   string
 	cmd     *exec.Cmd
@@ -150,6 +154,9 @@ func (n *node) start() {
 		n.t.Fatal(err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	if n.netns != "" {
+		cmd = exec.Command("ip", "netns", "exec", n.netns, os.Args[0], "-test.run=^$")
+	}
 	cmd.Env = append(os.Environ(), "GROW_TEST_CONTROLLER="+string(js))
 	w := lockedWriter{n.logMu, n.log}
 	fmt.Fprintf(w, "---- start %s\n", time.Now().Format(time.RFC3339Nano))

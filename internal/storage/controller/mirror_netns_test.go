@@ -1,0 +1,220 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/growserver/grow/internal/authtoken"
+	"github.com/growserver/grow/internal/storage/adminclient"
+	"github.com/growserver/grow/internal/storage/witness"
+)
+
+// runTestWitness serves a witness ("DIR ADDR") until SIGTERM; used inside a namespace.
+func runTestWitness(arg string) int {
+	dir, addr, _ := strings.Cut(arg, " ")
+	tok, err := authtoken.LoadOrCreate(filepath.Join(dir, "admin.token"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	st, err := witness.Open(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	srv := &http.Server{Handler: witness.Handler(st, tok)}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	go func() { <-ctx.Done(); srv.Close() }()
+	_ = srv.Serve(l)
+	return 0
+}
+
+func run(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// nsClient is an HTTP client whose connections are made inside namespace ns.
+func nsClient(ns string) *http.Client {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		type res struct {
+			c   net.Conn
+			err error
+		}
+		ch := make(chan res, 1)
+		go func() {
+			// The thread stays locked and is discarded when this goroutine ends.
+			runtime.LockOSThread()
+			h, err := netns.GetFromName(ns)
+			if err != nil {
+				ch <- res{nil, err}
+				return
+			}
+			defer h.Close()
+			if err := netns.Set(h); err != nil {
+				ch <- res{nil, err}
+				return
+			}
+			var d net.Dialer
+			c, err := d.DialContext(ctx, network, addr)
+			ch <- res{c, err}
+		}()
+		r := <-ch
+		return r.c, r.err
+	}
+	return &http.Client{Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true}, Timeout: 10 * time.Second}
+}
+
+func hasAddr(t *testing.T, ns, ip string) bool {
+	t.Helper()
+	return strings.Contains(run(t, "ip", "-n", ns, "-4", "addr", "show", "dev", "eth0"), " "+ip+"/")
+}
+
+// The service address follows the volume's primary: a kill -9 moves it to the
+// partner (announced by gratuitous ARP, the dead side's copy lapses by itself), a
+// client on the segment reconnects to the same address and finds its data, the
+// returning controller does not take it back, and resume does.
+func TestMirrorServiceAddressMoves(t *testing.T) {
+	needQemuIO(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	pre := fmt.Sprintf("gm%d", os.Getpid()%100000)
+	nsH, nsA, nsB := pre+"-h", pre+"-a", pre+"-b"
+	t.Cleanup(func() {
+		for _, ns := range []string{nsA, nsB, nsH} {
+			_ = exec.Command("ip", "netns", "del", ns).Run()
+		}
+	})
+	for _, ns := range []string{nsH, nsA, nsB} {
+		run(t, "ip", "netns", "add", ns)
+		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
+	}
+	run(t, "ip", "-n", nsH, "link", "add", "br0", "type", "bridge")
+	run(t, "ip", "-n", nsH, "addr", "add", "10.77.0.100/24", "dev", "br0")
+	run(t, "ip", "-n", nsH, "link", "set", "br0", "up")
+	ips := map[string]string{nsA: "10.77.0.1", nsB: "10.77.0.2"}
+	for i, ns := range []string{nsA, nsB} {
+		v := fmt.Sprintf("v%d%s", i, pre)
+		run(t, "ip", "link", "add", v, "netns", nsH, "type", "veth", "peer", "name", "eth0", "netns", ns)
+		run(t, "ip", "-n", nsH, "link", "set", v, "master", "br0", "up")
+		run(t, "ip", "-n", ns, "addr", "add", ips[ns]+"/24", "dev", "eth0")
+		run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
+	}
+
+	// The witness runs on the segment too.
+	wdir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(wdir, "admin.token"), []byte("wtok\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wcmd := exec.Command("ip", "netns", "exec", nsH, os.Args[0], "-test.run=^$")
+	wcmd.Env = append(os.Environ(), "GROW_TEST_WITNESS="+wdir+" 10.77.0.100:7400")
+	if err := wcmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = wcmd.Process.Kill(); _ = wcmd.Wait() })
+
+	a, b, _ := testPair(t)
+	svc := map[*node]string{a: "10.77.0.11", b: "10.77.0.12"}
+	for _, n := range []*node{a, b} {
+		ns := map[*node]string{a: nsA, b: nsB}[n]
+		ip := ips[ns]
+		n.netns = ns
+		n.cfg.APIAddr, n.cfg.NBDAddr = ip+":7480", "0.0.0.0:10809"
+		n.cfg.Mirror.Listen = ip + ":7481"
+		n.cfg.Mirror.Witness, n.cfg.Mirror.WitnessTokenFile = "http://10.77.0.100:7400", filepath.Join(wdir, "admin.token")
+		n.cfg.Mirror.ServiceAddress, n.cfg.Mirror.ServiceDev = svc[n]+"/24", "eth0"
+		n.cl, _ = adminclient.New("http://"+n.cfg.APIAddr, n.token)
+		n.cl = n.cl.WithHTTPClient(nsClient(nsH))
+	}
+	a.cfg.Mirror.Peer, b.cfg.Mirror.Peer = "http://"+b.cfg.APIAddr, "http://"+a.cfg.APIAddr
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+
+	name := ""
+	for i := 0; name == ""; i++ {
+		if n := fmt.Sprintf("s%d", i); homeOf(n, a.name, b.name) == a.name {
+			name = n
+		}
+	}
+	if _, err := b.cl.CreateVolume(ctx, name, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	v := a.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+	if v.NBDAddress != "10.77.0.11:10809" {
+		t.Fatalf("nbd_address %s, want the home's service address", v.NBDAddress)
+	}
+	waitFor(t, 5*time.Second, "a to hold its address", func() (bool, string) {
+		return hasAddr(t, nsA, "10.77.0.11") && hasAddr(t, nsB, "10.77.0.12") && !hasAddr(t, nsB, "10.77.0.11"), ""
+	})
+	qio := func(cmds ...string) {
+		t.Helper()
+		args := []string{"netns", "exec", nsH, "qemu-io", "-f", "raw"}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		args = append(args, "nbd://10.77.0.11:10809/"+name)
+		out, err := exec.Command("ip", args...).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "failed") || strings.Contains(string(out), "error") {
+			t.Fatalf("qemu-io %v: %v\n%s", cmds, err, out)
+		}
+	}
+	qio("write -P 0x5a 0 1M", "flush")
+
+	a.kill()
+	b.waitState(t, name, "primary", adminclient.MirrorDegraded, 15*time.Second)
+	waitFor(t, 8*time.Second, "the address to move to b and lapse on a", func() (bool, string) {
+		return hasAddr(t, nsB, "10.77.0.11") && !hasAddr(t, nsA, "10.77.0.11"), ""
+	})
+	macB := strings.Fields(run(t, "ip", "netns", "exec", nsB, "cat", "/sys/class/net/eth0/address"))[0]
+	waitFor(t, 5*time.Second, "the segment to learn b's MAC for the address", func() (bool, string) {
+		out := run(t, "ip", "-n", nsH, "neigh", "show", "10.77.0.11")
+		return strings.Contains(out, macB), out
+	})
+	qio("read -P 0x5a 0 1M", "write -P 0x6b 2M 64k", "flush")
+
+	a.start()
+	a.waitState(t, name, "secondary", adminclient.MirrorSynced, 20*time.Second)
+	time.Sleep(time.Second)
+	if hasAddr(t, nsA, "10.77.0.11") {
+		t.Fatal("the returned controller took its address back before resume")
+	}
+	res, err := a.cl.Resume(ctx, a.name)
+	for err == nil && !res.Done {
+		time.Sleep(200 * time.Millisecond)
+		res, err = a.cl.Resume(ctx, a.name)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+	waitFor(t, 5*time.Second, "the address to return to a", func() (bool, string) {
+		return hasAddr(t, nsA, "10.77.0.11") && !hasAddr(t, nsB, "10.77.0.11"), ""
+	})
+	qio("read -P 0x5a 0 1M", "read -P 0x6b 2M 64k")
+}
