@@ -196,6 +196,11 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 	for _, c := range p.Ctl {
 		c.URL = "http://" + Forward(t, c.Netns, c.Addr)
 	}
+	if !opts.Unpaired {
+		if err := p.WaitPaired(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// VMs still connected would hold a controller's graceful shutdown; a partition
 	// left in place would hold the controllers' farewell to each other.
 	t.Cleanup(b.killHostProcesses)
@@ -582,4 +587,51 @@ func (d *Daemon) PID() int {
 		return 0
 	}
 	return d.cmd.Process.Pid
+}
+
+// PairStatus is the part of GET /v1/mirror that the bed looks at.
+type PairStatus struct {
+	Name             string `json:"name"`
+	Partner          string `json:"partner"`
+	PartnerReachable bool   `json:"partner_reachable"`
+	WitnessReachable bool   `json:"witness_reachable"`
+	Fenced           bool   `json:"fenced"`
+}
+
+// Status returns the controller's view of the pair (GET /v1/mirror).
+func (c *PairController) Status(ctx context.Context) (*PairStatus, error) {
+	var s PairStatus
+	if err := c.Get(ctx, "/v1/mirror", &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// WaitPaired waits until each controller reports its partner and the witness reachable.
+func (p *StoragePair) WaitPaired(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		var last []string
+		ok := true
+		for _, c := range p.Ctl {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			s, err := c.Status(ctx)
+			cancel()
+			switch {
+			case err != nil:
+				ok = false
+				last = append(last, err.Error())
+			case !s.PartnerReachable || !s.WitnessReachable:
+				ok = false
+				last = append(last, fmt.Sprintf("%s: partner reachable %v, witness reachable %v", c.Name, s.PartnerReachable, s.WitnessReachable))
+			}
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the controllers are not paired after %s: %s", timeout, strings.Join(last, "; "))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
