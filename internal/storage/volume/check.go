@@ -231,8 +231,8 @@ func compareStates(rep *Report, live, disk *state) {
 	}
 }
 
-// checkAllocator verifies that the free list is exactly the complement of the used
-// clusters below the high-water mark; caller holds every lock and has synced.
+// checkAllocator verifies that the free clusters are exactly the complement of the
+// used ones; caller holds every lock and has synced.
 func (m *Manager) checkAllocator(rep *Report, used bitmap) {
 	m.amu.Lock()
 	defer m.amu.Unlock()
@@ -242,33 +242,40 @@ func (m *Manager) checkAllocator(rep *Report, used bitmap) {
 	if m.pending != 0 || pendingNext != 0 {
 		rep.problem("%d clusters still pending free after a sync", m.pending)
 	}
-	seen := newBitmap(m.total)
-	for _, p := range m.free {
-		p &^= knownZero
-		switch {
-		case p >= m.next:
-			rep.problem("free cluster %d is at or above the high-water mark %d", p, m.next)
-			continue
-		case seen.has(p):
-			rep.problem("cluster %d is on the free list twice", p)
-		case used.has(p):
-			rep.problem("cluster %d is both free and mapped", p)
-		}
-		seen.set(p)
-	}
-	var inUse int64
+	a := &m.alloc
+	var inUse, free, full uint64
+	groupFree := make([]int, len(a.groupFree))
 	for p := uint64(0); p < m.total; p++ {
+		isFree := a.free.has(p)
+		switch {
+		case used.has(p) && isFree:
+			rep.problem("cluster %d is both free and mapped", p)
+		case !used.has(p) && !isFree:
+			rep.problem("cluster %d is neither free nor mapped", p)
+		}
+		if a.zero.has(p) && !isFree {
+			rep.problem("cluster %d is marked as reading zeroes but is not free", p)
+		}
 		if used.has(p) {
 			inUse++
-			if p >= m.next {
-				rep.problem("mapped cluster %d is above the high-water mark %d", p, m.next)
-			}
+		}
+		if isFree {
+			free++
+			groupFree[p>>groupShift]++
 		}
 	}
-	if inUse+int64(len(m.free)) != int64(m.next) {
-		rep.problem("free list (%d) plus used (%d) does not cover the %d clusters below the high-water mark", len(m.free), inUse, m.next)
+	for g, n := range groupFree {
+		if int(a.groupFree[g]) != n {
+			rep.problem("allocator counts %d free clusters in group %d, its bitmap %d", a.groupFree[g], g, n)
+		}
+		if n == groupSize {
+			full++
+		}
 	}
-	if inUse != m.used {
+	if free != a.nfree || full != a.fullFree {
+		rep.problem("allocator counts %d free clusters and %d free groups, its bitmap %d and %d", a.nfree, a.fullFree, free, full)
+	}
+	if int64(inUse) != m.used {
 		rep.problem("allocator counts %d used clusters, the tables map %d", m.used, inUse)
 	}
 }

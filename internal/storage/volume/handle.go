@@ -264,21 +264,22 @@ func (h *Handle) writeCluster(vc uint64, in int64, data []byte) error {
 		}
 		ch := make(chan struct{})
 		o.inflight[vc] = ch
+		goal := top.tab.neighbourGoal(vc)
 		o.tab.Unlock()
-		return h.allocWrite(vc, e, in, data, ch)
+		return h.allocWrite(vc, e, goal, in, data, ch)
 	}
 }
 
-// allocWrite gives vc a new physical cluster holding the parent's data (or zeroes)
-// overlaid with data, then maps it. ch marks vc as being allocated.
-func (h *Handle) allocWrite(vc, e uint64, in int64, data []byte, ch chan struct{}) error {
+// allocWrite gives vc a new physical cluster (near goal, see allocator.get) holding the
+// parent's data (or zeroes) overlaid with data, then maps it. ch marks vc as being allocated.
+func (h *Handle) allocWrite(vc, e, goal uint64, in int64, data []byte, ch chan struct{}) error {
 	o, m := h.o, h.m
 	top := o.layer
 	done := func() {
 		delete(o.inflight, vc)
 		close(ch)
 	}
-	p, zero, err := m.alloc()
+	p, zero, err := m.allocate(top.id, vc, goal)
 	if err != nil {
 		o.tab.Lock()
 		done()

@@ -35,11 +35,9 @@ type Manager struct {
 	// Allocator of physical clusters.
 	amu     sync.Mutex
 	total   uint64
-	next    uint64   // clusters at or above next were never used
-	free    []uint64 // reusable clusters (their freeing record is durable), maybe | knownZero
-	used    int64    // clusters below next that are not free (mapped, being written or pending free)
-	pending int64    // clusters whose freeing record is not durable yet
-	hwZero  bool     // clusters at or above next read as zeroes (discarded at open)
+	alloc   allocator // reusable clusters (their freeing record is durable)
+	used    int64     // clusters that are not free (mapped, being written or pending free)
+	pending int64     // clusters whose freeing record is not durable yet
 
 	// Metadata records not yet written to the journal file.
 	jmu         sync.Mutex
@@ -227,10 +225,10 @@ func allZeroOrShort(b []byte) bool {
 	return err != nil && allZero(b)
 }
 
-// buildAllocator derives the free list as the complement of every mapped cluster.
+// buildAllocator derives the free clusters as the complement of every mapped cluster.
 func (m *Manager) buildAllocator() error {
 	used := newBitmap(m.total)
-	var n, next uint64
+	var n uint64
 	var bad error
 	for _, l := range m.st.layers {
 		l.tab.each(func(vc, e uint64) {
@@ -248,19 +246,12 @@ func (m *Manager) buildAllocator() error {
 			}
 			used.set(p)
 			n++
-			next = max(next, p+1)
 		})
 	}
 	if bad != nil {
 		return bad
 	}
-	m.next = next
-	m.free = m.free[:0]
-	for p := m.next; p > 0; p-- {
-		if !used.has(p - 1) {
-			m.free = append(m.free, p-1)
-		}
-	}
+	m.alloc = newAllocator(m.total, used)
 	m.used = int64(n)
 	m.discardFree()
 	return nil
@@ -280,17 +271,20 @@ func (m *Manager) discardFree() {
 	if m.disc == nil {
 		return
 	}
-	// The never-used tail, in bounded pieces so no single device call is huge.
-	const piece = 1 << 30
-	m.hwZero = m.next < m.total
-	for off, end := int64(m.next)*ClusterSize, int64(m.total)*ClusterSize; off < end && m.hwZero; off += piece {
-		m.hwZero = m.disc.Discard(off, min(piece, end-off)) == nil
-	}
-	m.free = m.discardRuns(m.free)
+	// In bounded pieces so that no single device call is huge.
+	const piece = 1 << 30 / ClusterSize
+	m.alloc.freeRuns(func(start, n uint64) {
+		for done := uint64(0); done < n; done += piece {
+			k := min(piece, n-done)
+			if m.disc.Discard(int64(start+done)*ClusterSize, int64(k)*ClusterSize) == nil {
+				m.alloc.markZero(start+done, k)
+			}
+		}
+	})
 }
 
-// discardRuns discards the clusters of list (a free-list slice) in contiguous runs and
-// returns it with knownZero set on every cluster whose discard succeeded.
+// discardRuns discards the clusters of list in contiguous runs and returns it with
+// knownZero set on every cluster whose discard succeeded.
 func (m *Manager) discardRuns(list []uint64) []uint64 {
 	if m.disc == nil || len(list) == 0 {
 		return list
@@ -311,10 +305,6 @@ func (m *Manager) discardRuns(list []uint64) []uint64 {
 			out = append(out, p|flag)
 		}
 		i = j
-	}
-	// Reverse so that alloc, which pops from the end, hands out low clusters first.
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
 	}
 	return out
 }
@@ -533,32 +523,25 @@ func (m *Manager) release(freed []uint64) {
 	// cluster is not marked knownZero, so its first write fills it completely.
 	freed = m.discardRuns(freed)
 	m.amu.Lock()
-	m.free = append(m.free, freed...)
+	for _, p := range freed {
+		m.alloc.put(p&^knownZero, p&knownZero != 0)
+	}
 	m.used -= n
 	m.pending -= n
 	m.amu.Unlock()
 }
 
-// knownZero marks a free-list entry whose cluster was discarded and reads as zeroes.
+// knownZero marks a freed cluster that was discarded and reads as zeroes.
 const knownZero = 1 << 63
 
-// alloc hands out a physical cluster that no layer maps and whose freeing is durable;
-// zero reports that the cluster is known to read as zeroes.
-func (m *Manager) alloc() (p uint64, zero bool, err error) {
+// allocate hands out a physical cluster that no layer maps and whose freeing is
+// durable, for virtual cluster vc of layer (goal: see allocator.get); zero reports that
+// the cluster is known to read as zeroes.
+func (m *Manager) allocate(layer, vc, goal uint64) (p uint64, zero bool, err error) {
 	for attempt := 0; ; attempt++ {
 		m.amu.Lock()
-		if n := len(m.free); n > 0 {
-			p := m.free[n-1]
-			m.free = m.free[:n-1]
+		if p, zero, ok := m.alloc.get(layer, vc, goal); ok {
 			m.used++
-			m.amu.Unlock()
-			return p &^ knownZero, p&knownZero != 0, nil
-		}
-		if m.next < m.total {
-			p := m.next
-			m.next++
-			m.used++
-			zero := m.hwZero
 			m.amu.Unlock()
 			return p, zero, nil
 		}
@@ -581,7 +564,7 @@ func (m *Manager) alloc() (p uint64, zero bool, err error) {
 // write may have left data in it, so it is not known to be zero.
 func (m *Manager) unalloc(p uint64) {
 	m.amu.Lock()
-	m.free = append(m.free, p)
+	m.alloc.put(p, false)
 	m.used--
 	m.amu.Unlock()
 }
