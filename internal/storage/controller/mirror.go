@@ -104,6 +104,7 @@ type mirrorMgr struct {
 	mu         sync.Mutex
 	vols       map[string]*mvol
 	info       *adminclient.MirrorStatus // partner's last answer
+	infoAt     time.Time                 // when the poll that got info was sent
 	peerName   string
 	peerSvc    string
 	lastPeerOK time.Time
@@ -384,12 +385,13 @@ func (m *mirrorMgr) pollLoop() {
 	defer t.Stop()
 	lastWit := time.Time{}
 	for {
+		sent := time.Now()
 		ctx, cancel := context.WithTimeout(m.ctx, m.peerTimeout)
 		info, err := m.peer.MirrorStatus(ctx)
 		cancel()
 		if err == nil && info.Name != "" && info.Name != m.cfg.Name {
 			m.mu.Lock()
-			m.info, m.lastPeerOK = info, time.Now()
+			m.info, m.infoAt, m.lastPeerOK = info, sent, time.Now()
 			changed := m.peerName != info.Name || m.peerSvc != info.ServiceAddress
 			m.peerName, m.peerSvc = info.Name, info.ServiceAddress
 			m.mu.Unlock()
@@ -468,6 +470,7 @@ type peerView struct {
 	up       bool
 	lostFor  time.Duration
 	info     *adminclient.MirrorStatus
+	infoAt   time.Time
 	name     string
 	witnessU bool
 }
@@ -480,7 +483,7 @@ func (m *mirrorMgr) view() peerView {
 	if last.IsZero() {
 		last = m.started
 	}
-	pv := peerView{lostFor: now.Sub(last), info: m.info, name: m.peerName}
+	pv := peerView{lostFor: now.Sub(last), info: m.info, infoAt: m.infoAt, name: m.peerName}
 	pv.up = !m.lastPeerOK.IsZero() && pv.lostFor < m.peerTimeout
 	pv.witnessU = m.wit != nil && now.Sub(m.lastWitOK) < m.fenceTimeout
 	return pv

@@ -132,6 +132,7 @@ func (m *mirrorMgr) applyState(name string, req adminclient.MirrorStateRequest) 
 	if err := v.setState(st); err != nil {
 		return err
 	}
+	v.settleUntil = time.Now().Add(time.Second)
 	if isPrimary(role) {
 		if v.vol != nil {
 			v.dropVolume()
@@ -183,6 +184,9 @@ func (m *mirrorMgr) handover(v *mvol, pv peerView) error {
 		if err != nil {
 			return fmt.Errorf("the partner did not take the volume: %w", err)
 		}
+		v.mu.Lock()
+		v.settleUntil = time.Now().Add(time.Second)
+		v.mu.Unlock()
 		return v.setState(mirror.State{Role: mirror.RoleSecondary, Epoch: next})
 	})
 	if err != nil {
@@ -342,7 +346,12 @@ func (c *Controller) handleResolve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	local := v.target.State()
-	ps, ok := pv.info.Volumes[name]
+	fresh, err := m.peer.MirrorStatus(r.Context())
+	if err != nil {
+		c.fail(w, r, fmt.Errorf("%w: Failed to ask the partner for its state: %w", errUnavailable, err))
+		return
+	}
+	ps, ok := fresh.Volumes[name]
 	if !ok || local.Role != mirror.RoleFrozenSplit || ps.Role != mirror.RoleFrozenSplit.String() {
 		c.fail(w, r, fmt.Errorf("Volume %q is not split (here %s, on %s %s): %w", name, local.Role, pv.name, ps.Role, errConflict))
 		return

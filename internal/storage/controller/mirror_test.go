@@ -648,3 +648,93 @@ func TestMirrorDrainResume(t *testing.T) {
 		sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
 	}
 }
+
+func setStateFile(t *testing.T, n *node, vol, role string, epoch uint64) {
+	t.Helper()
+	p := filepath.Join(n.cfg.DataDir, "mirror", vol+".json")
+	var sf stateFile
+	if err := readJSON(p, &sf); err != nil {
+		t.Fatal(err)
+	}
+	sf.Role, sf.Epoch = role, epoch
+	if err := writeJSONFile(p, sf); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Both sides wrote alone at the same epoch (only possible by an operator override,
+// made here by editing the state files): the volume freezes as split on both sides,
+// serves nobody, and resolve keeps one side's data, keeps the other's as a snapshot,
+// and resyncs until both are identical.
+func TestMirrorSplitAndResolve(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+	if _, err := a.cl.CreateVolume(ctx, "sp", 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	p, _ := primaryAndSecondary(t, a, b, "sp")
+	pv := p.waitState(t, "sp", "primary", adminclient.MirrorSynced, 10*time.Second)
+	if out, err := qemuIOAt(pv.NBDAddress, "sp", "write -P 0x01 0 4M", "flush"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	a.stop()
+	b.stop()
+	// Each side alone believes it holds epoch 5 and takes writes.
+	for i, n := range []*node{a, b} {
+		setStateFile(t, n, "sp", "primary-degraded", 5)
+		other := b
+		if n == b {
+			other = a
+		}
+		_ = other
+		n.start()
+		v := n.waitState(t, "sp", "primary", adminclient.MirrorDegraded, 10*time.Second)
+		if out, err := qemuIOAt(v.NBDAddress, "sp", fmt.Sprintf("write -P 0x%02x %dM 1M", 0x10+i, 8+8*i), "flush"); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		n.stop()
+	}
+	a.start()
+	b.start()
+	for _, n := range []*node{a, b} {
+		n.waitState(t, "sp", "secondary", adminclient.MirrorSplit, 10*time.Second)
+		if out, err := qemuIOAt(n.cfg.NBDAddr, "sp", "read 0 4k"); err == nil {
+			t.Fatalf("split volume served by %s:\n%s", n.name, out)
+		}
+	}
+	if _, err := b.cl.Resolve(ctx, "sp", "nobody"); adminclient.StatusOf(err) != 400 {
+		t.Fatalf("resolve keeping an unknown controller: %v", err)
+	}
+	if _, err := b.cl.Resolve(ctx, "sp", a.name); err != nil {
+		t.Fatal(err)
+	}
+	v := a.waitState(t, "sp", "primary", adminclient.MirrorSynced, 15*time.Second)
+	b.waitState(t, "sp", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	if out, err := qemuIOAt(v.NBDAddress, "sp", "read -P 0x01 0 4M", "read -P 0x10 8M 1M", "read -P 0 16M 1M"); err != nil {
+		t.Fatalf("kept data: %v\n%s", err, out)
+	}
+	vols, err := b.cl.ListVolumes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := ""
+	for _, x := range vols {
+		if strings.HasPrefix(x.Name, "sp@split-") {
+			snap = x.Name
+		}
+	}
+	if snap == "" {
+		t.Fatal("the discarded side's data was not kept as a snapshot")
+	}
+	a.stop()
+	b.stop()
+	sameBytes(t, "sp", readVolume(t, a.cfg.DataDir, "sp"), readVolume(t, b.cfg.DataDir, "sp"))
+	kept := readVolume(t, b.cfg.DataDir, snap)
+	if kept[16<<20] != 0x11 || kept[0] != 0x01 {
+		t.Fatalf("the snapshot of the discarded side holds %x at 16M, want its own write", kept[16<<20])
+	}
+}

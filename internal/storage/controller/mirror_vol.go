@@ -53,7 +53,10 @@ type mvol struct {
 	resyncing    bool
 	resyncCancel context.CancelFunc
 	linkFailedAt time.Time
-	opens        atomic.Int64
+	// settleUntil: after a coordinated change (hand-over, resolve) the partner's state
+	// as polled before it may be old; the role rules ignore it until then.
+	settleUntil time.Time
+	opens       atomic.Int64
 }
 
 // openVol opens the mirror state of name (creating its files when create is set).
@@ -227,8 +230,9 @@ func (v *mvol) reconcile(pv peerView) {
 			known = false
 		}
 	}
-	// Rules that depend on the partner's state.
-	if known {
+	// Rules that depend on the partner's state (not on a state polled before a
+	// coordinated change both sides made).
+	if known && !pv.infoAt.Before(v.settleUntil) {
 		next, act := mirror.Step(st, mirror.Event{Kind: mirror.EvPeerSeen, PeerRole: pr, PeerEpoch: ps.Epoch})
 		if next != st {
 			if err := v.setState(next); err != nil {
