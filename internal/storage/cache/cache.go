@@ -3,10 +3,10 @@
 // data (which is what lets the NBD server advertise MULTI_CONN honestly).
 //
 // The cache is write-through: a write reaches the device before it is acknowledged and
-// then updates (or, for a streaming write, drops) any cached copy, so a FLUSH only has
-// to sync the device and nothing acknowledged is ever held only in memory. It must
-// never return data older than the last completed write to the same bytes, and it must
-// never take a global lock on the read path: pages are spread over independently
+// then updates (or, for a page it covers entirely, drops) any cached copy, so a FLUSH
+// only has to sync the device and nothing acknowledged is ever held only in memory. It
+// must never return data older than the last completed write to the same bytes, and it
+// must never take a global lock on the read path: pages are spread over independently
 // locked shards, each evicting with CLOCK.
 //
 // A page is 64 KiB (the cluster size) with validity tracked per 4 KiB block, so a small
@@ -246,18 +246,17 @@ func (s *shard) remove(page int64) {
 	s.used.Add(-1)
 }
 
-// WriteAt writes through to the device, then updates the cached pages it covers:
-// blocks the write covers entirely become valid, partly covered ones stay as they were
-// (updated if they were valid). A streaming write (as large as a read that bypasses
-// the cache) drops the cached pages it covers entirely instead of copying into them,
-// so that it costs no memory copy and does not keep its data hot; the next read of
-// such a page fills it from the device.
+// WriteAt writes through to the device, then updates the cached pages it covers in
+// part: blocks the write covers entirely become valid, partly covered ones stay as they
+// were (updated if they were valid). A cached page the write covers entirely is dropped
+// instead of copied into: the writer holds that data in its own cache (a guest's page
+// cache), sequential writes cost no memory copy, and the next read of the page fills it
+// from the device.
 func (c *Cache) WriteAt(p []byte, off int64) (int, error) {
 	n, err := c.d.WriteAt(p, off)
 	if c.shards == nil || off < 0 || len(p) == 0 || off+int64(len(p)) > c.size {
 		return n, err
 	}
-	streaming := len(p) >= c.bypass
 	end := off + int64(len(p))
 	for page := off / PageSize; page*PageSize < end; page++ {
 		s := c.shardOf(page)
@@ -270,7 +269,7 @@ func (c *Cache) WriteAt(p []byte, off int64) (int, error) {
 			case err != nil:
 				// The device's content is unknown after a failed write: forget the page.
 				s.remove(page)
-			case streaming && lo == 0 && hi == sl.n:
+			case lo == 0 && hi == sl.n:
 				s.remove(page)
 			default:
 				copy(sl.data[lo:hi], p[start+int64(lo)-off:])

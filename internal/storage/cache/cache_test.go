@@ -181,10 +181,10 @@ func TestCacheCoherence(t *testing.T) {
 	})
 }
 
-// TestCacheCoherenceStreaming mixes small writes, which update cached blocks, with
-// streaming writes, which drop the pages they cover entirely and update the partly
+// TestCacheCoherenceWholePages mixes block writes, which update cached blocks, with
+// multi-page writes, which drop the pages they cover entirely and update the partly
 // covered pages at their ends, while readers check that nothing stale is ever served.
-func TestCacheCoherenceStreaming(t *testing.T) {
+func TestCacheCoherenceWholePages(t *testing.T) {
 	const pageBlocks = PageSize / coherenceBS
 	checkCoherence(t, 8*PageSize, func(r *rand.Rand, w int) (int64, int64) {
 		// Writer w owns the two-page groups w, w+4, ...
@@ -402,11 +402,17 @@ func TestCacheBlockValidity(t *testing.T) {
 	gc := New(g, 1<<20)
 	gb := bytes.Repeat([]byte{7}, 100_000-65536)
 	got := make([]byte, len(gb))
-	gc.ReadAt(got, 65536) // caches the short page
-	gc.WriteAt(gb, 65536) // covers it to its end: every block stays valid
+	gc.ReadAt(got[:4096], 65536)      // caches the short page's first block
+	gc.WriteAt(gb[4096:], 65536+4096) // the rest, to the page's end: every block valid
+	copy(gb, got[:4096])
 	m = gc.Stats().Misses
 	if _, err := gc.ReadAt(got, 65536); err != nil || !bytes.Equal(got, gb) || gc.Stats().Misses != m {
 		t.Fatalf("short last page: err %v, equal %v, misses %d -> %d", err, bytes.Equal(got, gb), m, gc.Stats().Misses)
+	}
+	gb[0]++
+	gc.WriteAt(gb, 65536) // the whole short page: dropped, read back from the device
+	if _, err := gc.ReadAt(got, 65536); err != nil || !bytes.Equal(got, gb) || gc.Stats().Misses != m+1 {
+		t.Fatalf("short last page written entirely: err %v, equal %v, misses %d -> %d", err, bytes.Equal(got, gb), m, gc.Stats().Misses)
 	}
 }
 
@@ -432,21 +438,21 @@ func TestBlockMasks(t *testing.T) {
 	}
 }
 
-// TestCacheStreamingWrite checks the rule for writes as large as a bypassing read: the
-// pages they cover entirely are dropped (and read back fresh from the device), the
-// partly covered pages at their ends are updated in place and keep serving hits.
-func TestCacheStreamingWrite(t *testing.T) {
+// TestCacheWholePageWrite checks the write rule: the cached pages a write covers
+// entirely are dropped (and read back fresh from the device), the partly covered pages
+// at its ends are updated in place and keep serving hits.
+func TestCacheWholePageWrite(t *testing.T) {
 	f := fileDev(t, 1<<20)
-	c := New(f, 1<<20) // bypass 128 KiB
+	c := New(f, 1<<20)
 	want := make([]byte, 1<<20)
 	rand.NewChaCha8([32]byte{3}).Read(want)
 	f.WriteAt(want, 0)
 	blk := make([]byte, BlockSize)
-	for off := int64(0); off < 4*PageSize; off += BlockSize {
-		c.ReadAt(blk, off) // pages 0-3 entirely cached
+	for off := int64(0); off < 5*PageSize; off += BlockSize {
+		c.ReadAt(blk, off) // pages 0-4 entirely cached
 	}
-	if got := c.Stats().Bytes; got != 4*PageSize {
-		t.Fatalf("cached %d bytes after warming, want %d", got, 4*PageSize)
+	if got := c.Stats().Bytes; got != 5*PageSize {
+		t.Fatalf("cached %d bytes after warming, want %d", got, 5*PageSize)
 	}
 	// From the middle of page 0 to the middle of page 3: pages 1 and 2 entirely.
 	w := make([]byte, 3*PageSize)
@@ -456,8 +462,8 @@ func TestCacheStreamingWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	copy(want[off:], w)
-	if got := c.Stats().Bytes; got != 2*PageSize {
-		t.Fatalf("cached %d bytes after the streaming write, want %d (pages 1 and 2 dropped)", got, 2*PageSize)
+	if got := c.Stats().Bytes; got != 3*PageSize {
+		t.Fatalf("cached %d bytes after the write, want %d (pages 1 and 2 dropped)", got, 3*PageSize)
 	}
 	check := func(off int64, hit bool) {
 		t.Helper()
@@ -466,7 +472,7 @@ func TestCacheStreamingWrite(t *testing.T) {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(blk, want[off:off+BlockSize]) {
-			t.Fatalf("block at %d: stale data after the streaming write", off)
+			t.Fatalf("block at %d: stale data after the write", off)
 		}
 		if missed := c.Stats().Misses != m; missed == hit {
 			t.Fatalf("block at %d: missed %v, want a hit %v", off, missed, hit)
@@ -479,11 +485,12 @@ func TestCacheStreamingWrite(t *testing.T) {
 	check(2*PageSize+BlockSize, false) // page 2, dropped
 	check(3*PageSize, true)            // page 3, updated in place
 	check(3*PageSize+PageSize/2, true) // page 3, not written
-	// A write smaller than the bypass size still updates whole pages in place.
-	small := bytes.Repeat([]byte{9}, PageSize)
-	if _, err := c.WriteAt(small, 0); err != nil {
+	// Exactly one page: dropped too; the page after it stays.
+	one := bytes.Repeat([]byte{9}, PageSize)
+	if _, err := c.WriteAt(one, 4*PageSize); err != nil {
 		t.Fatal(err)
 	}
-	copy(want, small)
-	check(0, true)
+	copy(want[4*PageSize:], one)
+	check(4*PageSize+BlockSize, false)
+	check(3*PageSize, true)
 }
