@@ -32,6 +32,8 @@ run_fio() {
 	local uri=$1 rw=$2 bs=$3 unit=$4 runtime=$5 logf=$6 pid=$7 half fpid c0 c1 hz
 	half=$((BYTES / 2))
 	hz=$(getconf CLK_TCK)
+	# Write back what earlier jobs left dirty, so that no server pays for another's writes.
+	sync -f "$WORK"
 	fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
 		--iodepth=32 --numjobs=2 --group_reporting --size="$half" --offset_increment="$half" \
 		--time_based --runtime="$runtime" --ramp_time=2 --norandommap --randrepeat=0 \
@@ -101,7 +103,7 @@ write_report() {
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 		echo "- Machine: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r), work directory on $(df --output=fstype "$WORK" | tail -1 | xargs)"
 		echo "- Versions: grow $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $(fio --version), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdkit --version)"
-		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp; caches warmed by one full read first; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
+		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp; caches warmed by one full read first; dirty pages written back before every job; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
 		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs."
 		echo
 		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | | server CPU µs per request (grow / qemu-nbd / nbdkit) |"
