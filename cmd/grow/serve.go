@@ -146,7 +146,13 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	if err := os.WriteFile(filepath.Join(cfg.data, "api.url"), []byte(url+"\n"), 0o644); err != nil {
 		return fmt.Errorf("Failed to write %s: %w", filepath.Join(cfg.data, "api.url"), err)
 	}
-	srv := &http.Server{Handler: api.New(api.Config{Store: st, Jobs: m, Logger: log}), ReadHeaderTimeout: 10 * time.Second}
+	// The control plane is the mirrored storage controllers' witness (tie-breaker), behind
+	// a token of its own: `grow storaged --witness URL/witness --witness-token-file DATA/witness.token`.
+	witnessToken, err := authtoken.LoadOrCreate(filepath.Join(cfg.data, "witness.token"))
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: api.New(api.Config{Store: st, Jobs: m, Logger: log, WitnessToken: witnessToken}), ReadHeaderTimeout: 10 * time.Second}
 	log.Info("Control plane API listening", "url", url, "database", st.Dialect(), "data", cfg.data)
 	fmt.Fprintf(cmd.OutOrStdout(), "grow serve: API on %s, admin token in %s\n", url, filepath.Join(cfg.data, "admin.token"))
 	errc := make(chan error, 1)

@@ -60,6 +60,8 @@ type Config struct {
 	Jobs   *jobs.Manager
 	Rates  billing.Rates
 	Logger *slog.Logger
+	// WitnessToken opens the mirror witness under WitnessPrefix ("" = no witness).
+	WitnessToken string
 }
 
 // API serves the control-plane endpoints.
@@ -71,6 +73,8 @@ type API struct {
 	mux  *http.ServeMux
 	// routes lists every registered pattern with whether it is admin-only.
 	routes map[string]bool
+	// witness serves WitnessPrefix with its own token (nil = no witness).
+	witness http.Handler
 }
 
 type ctxKey struct{}
@@ -99,6 +103,9 @@ func New(cfg Config) *API {
 	a.routeInvoices()
 	a.routeConsole()
 	a.routeOpenAPI()
+	if cfg.WitnessToken != "" {
+		a.witness = a.witnessHandler()
+	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("No endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -107,6 +114,10 @@ func New(cfg Config) *API {
 
 // ServeHTTP authenticates the caller, then routes.
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if a.witness != nil && isWitnessPath(r.URL.Path) {
+		a.witness.ServeHTTP(w, r)
+		return
+	}
 	tok := authtoken.FromRequest(r)
 	if tok == "" {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="grow"`)

@@ -3,6 +3,7 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -19,6 +20,7 @@ import (
 	"github.com/growserver/grow/internal/jobs"
 	"github.com/growserver/grow/internal/jobs/jobstest"
 	"github.com/growserver/grow/internal/scheduler"
+	"github.com/growserver/grow/internal/storage/witness"
 	"github.com/growserver/grow/internal/store"
 	"github.com/growserver/grow/internal/store/storetest"
 )
@@ -55,7 +57,7 @@ func newFixture(t *testing.T, backend string) *fixture {
 		t.Fatal(err)
 	}
 	f.jobs = m
-	f.api = api.New(api.Config{Store: f.st, Jobs: m, Logger: quiet})
+	f.api = api.New(api.Config{Store: f.st, Jobs: m, Logger: quiet, WitnessToken: fixtureWitnessToken})
 	f.srv = httptest.NewServer(f.api)
 	t.Cleanup(f.srv.Close)
 	f.admin = f.client(f.adminTok)
@@ -370,5 +372,87 @@ func TestHealthShown(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || strings.Contains(string(body), `"token"`) || !strings.Contains(string(body), `"reachable": false`) {
 		t.Fatalf("GET /v1/hosts: %d %s", resp.StatusCode, body)
+	}
+}
+
+// fixtureWitnessToken is the storage controllers' credential for the witness in tests.
+const fixtureWitnessToken = "witness-secret-for-tests"
+
+// TestWitness checks the control plane as the mirror witness, through the storage
+// controllers' own client, on both databases: grants are compare-and-set, a retry of
+// one's own grant is granted, records survive a restart (a second API on the same
+// store), and neither users' tokens nor a wrong one open it.
+func TestWitness(t *testing.T) {
+	for _, backend := range storetest.Backends {
+		t.Run(backend, func(t *testing.T) {
+			if backend == "postgres" && testing.Short() {
+				t.Skip("PostgreSQL skipped with -short")
+			}
+			f := newFixture(t, backend)
+			wc, err := witness.NewClient(f.srv.URL+api.WitnessPrefix, fixtureWitnessToken)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := wc.Health(f.ctx); err != nil {
+				t.Fatalf("witness health: %v", err)
+			}
+			grant := func(key, holder string, epoch uint64, want bool) witness.GrantAnswer {
+				t.Helper()
+				ans, err := wc.Grant(f.ctx, key, holder, epoch)
+				if err != nil || ans.Granted != want {
+					t.Fatalf("grant %s %s %d: %+v, %v; want granted=%v", key, holder, epoch, ans, err, want)
+				}
+				return ans
+			}
+			grant("vol-a", "A", 2, true)
+			grant("vol-a", "A", 2, true) // a retry after a lost answer
+			if ans := grant("vol-a", "B", 2, false); ans.Record != (witness.Record{Epoch: 2, Holder: "A"}) {
+				t.Fatalf("refused grant reports %+v, want A's epoch 2", ans.Record)
+			}
+			grant("vol-a", "B", 1, false)
+			grant("vol-a", "B", 3, true)
+			grant("vol-b", "A", 1, true)
+			// Racing grants of one epoch: exactly one wins.
+			wins := make(chan bool, 8)
+			for i := 0; i < 8; i++ {
+				go func(i int) {
+					ans, err := wc.Grant(f.ctx, "vol-race", fmt.Sprintf("c%d", i), 7)
+					wins <- err == nil && ans.Granted
+				}(i)
+			}
+			n := 0
+			for i := 0; i < 8; i++ {
+				if <-wins {
+					n++
+				}
+			}
+			if n != 1 {
+				t.Fatalf("%d racing grants of one epoch won, want 1", n)
+			}
+			// A restarted control plane (a new API on the same database) remembers.
+			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+			srv2 := httptest.NewServer(api.New(api.Config{Store: f.st, Jobs: f.jobs, Logger: quiet, WitnessToken: fixtureWitnessToken}))
+			defer srv2.Close()
+			wc2, _ := witness.NewClient(srv2.URL+api.WitnessPrefix, fixtureWitnessToken)
+			if rec, err := wc2.Get(f.ctx, "vol-a"); err != nil || rec != (witness.Record{Epoch: 3, Holder: "B"}) {
+				t.Fatalf("record after restart: %+v, %v", rec, err)
+			}
+			if _, err := wc2.Grant(f.ctx, "vol-a", "A", 0); err == nil {
+				t.Fatal("epoch 0 accepted")
+			}
+			for name, tok := range map[string]string{"admin": f.adminTok, "customer": f.aliceTok, "wrong": "nope", "none": ""} {
+				bad, _ := witness.NewClient(f.srv.URL+api.WitnessPrefix, tok)
+				if _, err := bad.Grant(f.ctx, "vol-a", "X", 99); err == nil {
+					t.Errorf("witness grant with the %s token accepted", name)
+				}
+			}
+			if rec, _ := wc.Get(f.ctx, "vol-a"); rec.Epoch != 3 {
+				t.Fatalf("refused requests changed the record: %+v", rec)
+			}
+			// The witness token opens nothing else.
+			if code, _ := f.raw("GET", "/v1/servers", fixtureWitnessToken, ""); code != http.StatusUnauthorized {
+				t.Fatalf("GET /v1/servers with the witness token: %d, want 401", code)
+			}
+		})
 	}
 }

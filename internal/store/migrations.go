@@ -165,6 +165,14 @@ CREATE TABLE traffic_counters (
 	at        BIGINT NOT NULL
 )
 `,
+	// 5: the mirror witness: per key, the highest epoch granted to a storage controller.
+	`
+CREATE TABLE witness_grants (
+	key    TEXT PRIMARY KEY,
+	epoch  BIGINT NOT NULL,
+	holder TEXT NOT NULL
+)
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.
