@@ -240,7 +240,7 @@ func fill(ns, uri string, size int64) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	out, err := testbed.NetnsCommand(ns, "nbdcopy", f.Name(), uri).CombinedOutput()
+	out, err := testbed.NetnsCommand(ns, "nbdcopy", "--flush", f.Name(), uri).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("nbdcopy to %s: %w: %s", uri, err, bytes.TrimSpace(out))
 	}

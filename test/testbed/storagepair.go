@@ -59,6 +59,7 @@ type StoragePair struct {
 	Ctl     [2]*PairController
 	Witness *Daemon // nil when Unpaired
 
+	witnessPort string
 	t           testing.TB
 	mu          sync.Mutex
 	partitioned bool
@@ -100,6 +101,7 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		p.Witness = newDaemon(t, fmt.Sprintf("witness-s%d", i), ns, addr, dir,
 			[]string{"storage", "witness", "--data", dir, "--api", addr})
 		witnessToken = filepath.Join(dir, "admin.token")
+		p.witnessPort = fmt.Sprintf("c%d", i)
 	}
 	type prepared struct {
 		ns, dir string
@@ -276,19 +278,35 @@ const partitionTable = "growpair"
 // switch drops every frame between their two ports (any address, ARP included), while
 // both still reach the hosts and the witness.
 func (p *StoragePair) Partition() error {
+	return p.cut(fmt.Sprintf("the link between %s and %s", p.Ctl[0].Name, p.Ctl[1].Name),
+		[2]string{p.Ctl[0].Port, p.Ctl[1].Port})
+}
+
+// Isolate cuts controller c off from its partner and from the witness, while it still
+// reaches the hosts (and they it): the controller that must fence itself.
+func (p *StoragePair) Isolate(c *PairController) error {
+	if p.Witness == nil {
+		return errors.New("an unpaired bed has no witness")
+	}
+	return p.cut(c.Name+" from its partner and the witness",
+		[2]string{c.Port, c.Other().Port}, [2]string{c.Port, p.witnessPort})
+}
+
+// cut makes the switch drop every frame between the two ports of each pair, both ways.
+func (p *StoragePair) cut(what string, pairs ...[2]string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	a, b := p.Ctl[0].Port, p.Ctl[1].Port
-	rules := fmt.Sprintf(`table bridge %s {
-	chain forward {
-		type filter hook forward priority -10; policy accept;
-		iifname %q oifname %q drop
-		iifname %q oifname %q drop
+	if p.partitioned {
+		return errors.New("the bed is already partitioned: Heal first")
 	}
-}
-`, partitionTable, a, b, b, a)
-	if err := p.nft(rules); err != nil {
-		return fmt.Errorf("Failed to cut the link between %s and %s: %w", p.Ctl[0].Name, p.Ctl[1].Name, err)
+	var rules strings.Builder
+	for _, pr := range pairs {
+		fmt.Fprintf(&rules, "\t\tiifname %q oifname %q drop\n\t\tiifname %q oifname %q drop\n", pr[0], pr[1], pr[1], pr[0])
+	}
+	script := fmt.Sprintf("table bridge %s {\n\tchain forward {\n\t\ttype filter hook forward priority -10; policy accept;\n%s\t}\n}\n",
+		partitionTable, rules.String())
+	if err := p.nft(script); err != nil {
+		return fmt.Errorf("Failed to cut %s: %w", what, err)
 	}
 	p.partitioned = true
 	return nil

@@ -10,14 +10,25 @@ import (
 	"github.com/growserver/grow/test/testbed"
 )
 
-// TestPartitionAtMostOneSideAccepts cuts the link between the two controllers (both
-// still reach the hosts and the witness) and has a client on a host write to the
-// volume through each controller's own address at the same time, again and again, for
-// several seconds: at most one side may acknowledge writes. After the link is healed
-// (and, if the pair reports a split, after the operator resolves it in favour of the
-// side that accepted), the volume holds every acknowledged write of the accepting side
-// and none of the other's, and both controllers hold the same data.
+// TestPartitionAtMostOneSideAccepts cuts the controllers apart while a client on a
+// host writes to the volume through each controller's own address at the same time,
+// again and again, for several seconds: at most one side may acknowledge writes. Two
+// cuts: the link between the controllers only (both still reach the hosts and the
+// witness), and the primary isolated from both its partner and the witness (it must
+// fence itself; the partner may take over). After the cut is healed (and, if the pair
+// reports a split, after the operator resolves it in favour of the side that
+// accepted), the volume holds every acknowledged write of the accepting side and none
+// of the other's, and both controllers hold the same data.
 func TestPartitionAtMostOneSideAccepts(t *testing.T) {
+	t.Run("link", func(t *testing.T) {
+		partitionCase(t, func(p *testbed.StoragePair, primary *testbed.PairController) error { return p.Partition() })
+	})
+	t.Run("primary-isolated", func(t *testing.T) {
+		partitionCase(t, func(p *testbed.StoragePair, primary *testbed.PairController) error { return p.Isolate(primary) })
+	})
+}
+
+func partitionCase(t *testing.T, cut func(p *testbed.StoragePair, primary *testbed.PairController) error) {
 	b, p := setup(t, testbed.StoragePairOptions{})
 	const vol = "part"
 	const size = 16 << 20
@@ -29,7 +40,7 @@ func TestPartitionAtMostOneSideAccepts(t *testing.T) {
 	}
 	waitSynced(t, p, vol, 30*time.Second)
 
-	if err := p.Partition(); err != nil {
+	if err := cut(p, pc); err != nil {
 		t.Fatal(err)
 	}
 	// Each side gets its own byte pattern and its own 4 KiB blocks: block 2i+k for

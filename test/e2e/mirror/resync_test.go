@@ -36,7 +36,7 @@ func TestResyncCopiesOnlyChangedRegions(t *testing.T) {
 	if err := os.WriteFile(fill, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := testbed.NetnsCommand(ns, "nbdcopy", "--synchronous", fill, pc.NBDURI(vol)).CombinedOutput(); err != nil {
+	if out, err := testbed.NetnsCommand(ns, "nbdcopy", "--synchronous", "--flush", fill, pc.NBDURI(vol)).CombinedOutput(); err != nil {
 		t.Fatalf("nbdcopy to %s: %v: %s", pc.Name, err, out)
 	}
 	waitSynced(t, p, vol, 60*time.Second)
