@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -164,20 +165,27 @@ type arrival struct {
 	anns []*network.Announcer
 	conn *net.UDPConn // the switch-over signal's socket; nil without one
 	want []byte       // the only datagram that fires it
-	mu   sync.Mutex
-	done bool
+	// reply is sent back to source, the sender of the signal, once the guest runs here.
+	reply  []byte
+	mu     sync.Mutex
+	source *net.UDPAddr
+	done   bool
 }
 
-// switchoverMagic starts every switch-over datagram (version 1).
-const switchoverMagic = "GROW-SWITCHOVER-1\n"
+// The two datagrams of a migration's switch-over: the source's "the guest stopped
+// here" and the destination's reply "the guest runs here".
+const (
+	signalSwitchover = "SWITCHOVER"
+	signalResumed    = "RESUMED"
+)
 
-// switchoverDatagram is the signal for VM name migrating to uri: keyed with the
+// signalDatagram is datagram kind for VM name migrating to uri: keyed with the
 // destination agent's API token, so that only a holder of the token (whoever may
-// call its Announce API) can send it.
-func switchoverDatagram(token, name, uri string) []byte {
+// call its API) can make it.
+func signalDatagram(kind, token, name, uri string) []byte {
 	m := hmac.New(sha256.New, []byte(token))
-	m.Write([]byte(name + "\n" + uri))
-	return append([]byte(switchoverMagic), m.Sum(nil)...)
+	m.Write([]byte(kind + "\n" + name + "\n" + uri))
+	return append([]byte("GROW-"+kind+"-1\n"), m.Sum(nil)...)
 }
 
 // apiToken is this agent's API token (DATA/admin.token, which `grow hostd` keeps).
@@ -216,7 +224,9 @@ func (v *vm) armArrival(host string, port int, uri string) {
 	} else if conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(host), Port: port}); err != nil {
 		v.a.log.Warn("No switch-over signal for an arriving VM", "vm", v.name, "err", err)
 	} else {
-		arr.conn, arr.want = conn, switchoverDatagram(tok, v.name, uri)
+		arr.conn = conn
+		arr.want = signalDatagram(signalSwitchover, tok, v.name, uri)
+		arr.reply = signalDatagram(signalResumed, tok, v.name, uri)
 		go arr.listen()
 	}
 	v.mu.Lock()
@@ -246,10 +256,12 @@ func (r *arrival) listen() {
 		}
 		t0 := time.Now()
 		r.announce()
+		r.mu.Lock()
+		r.source = from
+		r.mu.Unlock()
 		r.v.a.log.Info("Announced arriving VM at the source's switch-over", "vm", r.v.name,
 			"at", t0.Format("15:04:05.000000"), "us", time.Since(t0).Microseconds())
-		_ = r.conn.Close()
-		return
+		return // the socket stays open for the reply
 	}
 }
 
@@ -264,6 +276,19 @@ func (r *arrival) announce() {
 		if err := an.Announce(); err != nil {
 			r.v.a.log.Warn("Failed to announce an arriving NIC", "vm", r.v.name, "err", err)
 		}
+	}
+}
+
+// resumed tells the source that signalled the switch-over that the guest runs here,
+// so that it need not poll for it.
+func (r *arrival) resumed() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done || r.conn == nil || r.source == nil {
+		return
+	}
+	if _, err := r.conn.WriteToUDP(r.reply, r.source); err != nil {
+		r.v.a.log.Warn("Failed to tell the source that the guest runs here", "vm", r.v.name, "err", err)
 	}
 }
 
@@ -292,11 +317,14 @@ func (v *vm) takeArrival() *arrival {
 	return arr
 }
 
-// switchoverSignal is the source's side: a connected UDP socket and the datagram
-// that makes the destination announce the guest.
+// switchoverSignal is the source's side: a connected UDP socket, the datagram that
+// makes the destination announce the guest, and the reply that says it runs there.
 type switchoverSignal struct {
-	conn *net.UDPConn
-	msg  []byte
+	conn    *net.UDPConn
+	msg     []byte
+	resumed []byte
+	// noReply is set once the socket failed (nothing listens there): no reply will come.
+	noReply bool
 }
 
 // newSwitchoverSignal prepares the signal for VM name migrating to uri ("tcp:HOST:PORT").
@@ -313,13 +341,39 @@ func newSwitchoverSignal(token, name, uri string) (*switchoverSignal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to open the switch-over signal to %s: %w", hp, err)
 	}
-	return &switchoverSignal{conn: conn, msg: switchoverDatagram(token, name, uri)}, nil
+	return &switchoverSignal{conn: conn, msg: signalDatagram(signalSwitchover, token, name, uri),
+		resumed: signalDatagram(signalResumed, token, name, uri)}, nil
 }
 
 // send fires the signal (one datagram: the destination also announces when the guest
 // resumes there, should this one be lost).
 func (s *switchoverSignal) send() {
 	_, _ = s.conn.Write(s.msg)
+}
+
+// waitResumed waits up to d for the destination's reply that the guest runs there;
+// it returns at once (false) when none can come.
+func (s *switchoverSignal) waitResumed(d time.Duration) bool {
+	if s.noReply {
+		time.Sleep(min(d, 5*time.Millisecond))
+		return false
+	}
+	deadline := time.Now().Add(d)
+	_ = s.conn.SetReadDeadline(deadline)
+	buf := make([]byte, 256)
+	for {
+		n, err := s.conn.Read(buf)
+		if err != nil {
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				s.noReply = true
+			}
+			return false
+		}
+		if hmac.Equal(buf[:n], s.resumed) {
+			return true
+		}
+	}
 }
 
 func (s *switchoverSignal) close() { _ = s.conn.Close() }
@@ -566,7 +620,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 					op.TransferredBytes, op.DirtySyncs = info.RAM.Transferred, info.RAM.DirtySync
 				}
 			})
-			return v.finishMigration(bg, o, target, spec.Name, &destOwns, ph)
+			return v.finishMigration(bg, o, target, spec.Name, &destOwns, ph, sw)
 		case "failed", "cancelled":
 			return fmt.Errorf("Migration %s: %s", info.Status, info.ErrorDesc)
 		}
@@ -610,9 +664,16 @@ func (v *vm) resumeAfterFailedMigration() {
 // finishMigration checks that the guest runs on the destination, then ends the local
 // QEMU and forgets the VM. If the destination never ran the guest, it is removed
 // there and the guest resumes here.
-func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentclient.Client, name string, destOwns *bool, ph *phases) error {
+func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentclient.Client, name string, destOwns *bool, ph *phases, sw *switchoverSignal) error {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
+		// The destination says when the guest runs there (then one request confirms
+		// it); without its reply, ask every 50 ms (every 5 ms without the signal).
+		if sw == nil {
+			time.Sleep(5 * time.Millisecond)
+		} else if sw.waitResumed(50 * time.Millisecond) {
+			ph.mark("resumed_signal")
+		}
 		vmi, err := target.Get(ctx, name)
 		if err == nil && vmi.State == hostapi.StateRunning {
 			break
@@ -626,7 +687,6 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 			}
 			return fmt.Errorf("The destination VM is %s, not running, 15 s after the migration", vmi.State)
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
 	*destOwns = true
 	ph.mark("dest_running")

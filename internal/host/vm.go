@@ -311,6 +311,7 @@ func (v *vm) onEvent(ev qemu.Event) {
 			// when the (possibly slow) guest gets to it.
 			if arr := v.takeArrival(); arr != nil {
 				arr.announce()
+				arr.resumed()
 				arr.close()
 			} else {
 				v.announce(nics, taps)
