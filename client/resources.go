@@ -116,6 +116,12 @@ func (c *Client) UpdateHost(ctx context.Context, id string, req HostRequest) (Ho
 	return out, c.do(ctx, http.MethodPatch, p("/v1/hosts/", id), nil, req, &out)
 }
 
+// EvacuateHost puts a host in maintenance and starts moving every running server off it.
+func (c *Client) EvacuateHost(ctx context.Context, id string) (Operation, error) {
+	var out Operation
+	return out, c.do(ctx, http.MethodPost, p("/v1/hosts/", id, "/evacuate"), nil, nil, &out)
+}
+
 // DeleteHost unregisters a host with no servers.
 func (c *Client) DeleteHost(ctx context.Context, id string) error {
 	return c.do(ctx, http.MethodDelete, p("/v1/hosts/", id), nil, nil, nil)

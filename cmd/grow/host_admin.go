@@ -2,8 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -121,46 +121,31 @@ func init() {
 		},
 	}
 	o4 := &cpOpts{}
+	var evacNoWait bool
 	evacuate := &cobra.Command{
-		Use:   "evacuate NAME",
+		Use:   "evacuate NAME [--no-wait]",
 		Short: "Put a host in maintenance and live-migrate every server off it (placement picks the targets)",
-		Args:  cobra.ExactArgs(1),
+		Long: `Puts the host in maintenance and starts a host.evacuate operation in grow serve that
+live-migrates the host's running servers away one at a time; it goes on if this command
+is interrupted (follow it with grow operation show ID) and after a restart of grow serve.
+Exit status 4 if servers are left on the host (not running, or a migration failed).`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o4.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cpCtx()
-			defer cancel()
-			h, err := c.UpdateHost(ctx, args[0], client.HostRequest{State: "maintenance"})
-			if err != nil {
-				return cpErr(err)
-			}
-			svs, err := c.ListServers(ctx, client.ServerFilter{Host: h.ID})
-			if err != nil {
-				return cpErr(err)
-			}
-			var failed []string
-			for _, s := range svs {
-				if s.State != "running" {
-					failed = append(failed, fmt.Sprintf("%s (%s, not running: move it after starting it)", s.Name, s.State))
-					continue
-				}
-				op, err := c.ServerAction(ctx, s.ID, "migrate", client.ActionRequest{})
-				if err == nil {
-					err = o4.follow(ctx, c, cmd, op)
-				}
+			return o4.do(func(ctx context.Context, c *client.Client) error {
+				op, err := c.EvacuateHost(ctx, args[0])
 				if err != nil {
-					failed = append(failed, fmt.Sprintf("%s (%v)", s.Name, err))
+					return err
 				}
-			}
-			if len(failed) > 0 {
-				return &ExitError{Code: exitConflict, Err: fmt.Errorf("Host %s is in maintenance but still carries: %s", h.Name, strings.Join(failed, "; "))}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "Host %s is in maintenance and carries no server\n", h.Name)
-			return nil
+				err = o4.startOp(ctx, c, cmd, op, evacNoWait)
+				var ee *ExitError
+				if errors.As(err, &ee) && ee.Code == exitError {
+					ee.Code = exitConflict // servers are left on the host
+				}
+				return err
+			})
 		},
 	}
+	evacuate.Flags().BoolVar(&evacNoWait, "no-wait", false, "print the operation ID and return at once")
 	o4.addFlags(evacuate)
 	lo.addFlags(list)
 	o2.addFlags(maint)

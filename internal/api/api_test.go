@@ -177,6 +177,7 @@ func endpoints(f *fixture) []endpoint {
 		{"POST /v1/hosts", "POST", "/v1/hosts", `{"name":"evil","url":"http://127.0.0.1:9","token":"t","cpus":1,"memory_bytes":1073741824}`, false},
 		{"GET /v1/hosts/{id}", "GET", "/v1/hosts/h1", "", false},
 		{"PATCH /v1/hosts/{id}", "PATCH", "/v1/hosts/h1", `{"state":"maintenance"}`, false},
+		{"POST /v1/hosts/{id}/evacuate", "POST", "/v1/hosts/h2/evacuate", "", false},
 		{"DELETE /v1/hosts/{id}", "DELETE", "/v1/hosts/h2", "", false},
 		{"GET /v1/storage", "GET", "/v1/storage", "", false},
 		{"POST /v1/storage", "POST", "/v1/storage", `{"name":"evil","url":"http://127.0.0.1:9","token":"t"}`, false},

@@ -76,6 +76,17 @@ func (a *API) routeHosts() {
 		writeJSON(w, http.StatusOK, a.hostView(h))
 		return nil
 	})
+	a.handle("POST /v1/hosts/{id}/evacuate", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
+		h, err := a.st.GetHost(r.Context(), r.PathValue("id"))
+		if err != nil {
+			return err
+		}
+		op, err := a.jobs.EvacuateHost(r.Context(), u, h.ID)
+		if err != nil {
+			return err
+		}
+		return accepted(w, op)
+	})
 	a.handle("PATCH /v1/hosts/{id}", true, func(w http.ResponseWriter, r *http.Request, u store.User) error {
 		var req HostRequest
 		if err := decode(r, &req); err != nil {

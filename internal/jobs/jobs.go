@@ -210,6 +210,8 @@ func (m *Manager) finish(op *store.Operation, err error) {
 	switch {
 	case err == nil:
 		op.State, op.Progress, op.Error = store.OpSucceeded, 100, ""
+	case errors.Is(err, context.Canceled) && op.Kind == KindEvacuate:
+		op.State, op.Error = store.OpCancelled, "cancelled; servers already moved stay where they are"
 	case errors.Is(err, context.Canceled):
 		op.State, op.Error = store.OpCancelled, "cancelled; finished steps were undone"
 	default:

@@ -121,6 +121,7 @@ func TestJobs(t *testing.T) {
 			t.Run("two control planes", func(t *testing.T) { testTwoControlPlanes(t, newEnv(t, b)) })
 			t.Run("traffic metering", func(t *testing.T) { testTraffic(t, newEnv(t, b)) })
 			t.Run("health probes steer placement", func(t *testing.T) { testHealth(t, newEnv(t, b)) })
+			t.Run("evacuate a host", func(t *testing.T) { testEvacuate(t, newEnv(t, b)) })
 		})
 	}
 }
@@ -551,5 +552,84 @@ func testHealth(t *testing.T, e *env) {
 	e.m.ProbeAll(e.ctx)
 	if up := e.m.Health(h1.ID); !up.Reachable || !up.Since.After(down.Since) {
 		t.Fatalf("health after the agent answers again: %+v (was %+v)", up, down)
+	}
+}
+
+// testEvacuate checks the host.evacuate operation: the host goes into maintenance, every
+// running server leaves it through its own migration, and a server that is not running
+// is named in the failure and stays.
+func testEvacuate(t *testing.T, e *env) {
+	h3 := store.Host{Name: "h3", URL: "http://127.0.0.1:1", Token: "x", CPUs: 4, MemoryBytes: 4 << 30}
+	if err := e.st.CreateHost(e.ctx, &h3); err != nil { // N+1 while one host is evacuated
+		t.Fatal(err)
+	}
+	for _, n := range []string{"e1", "e2", "e3"} {
+		if op := e.wait(e.create(n, "")); op.State != store.OpSucceeded {
+			t.Fatalf("create %s: %+v", n, op)
+		}
+	}
+	onHost := func(id string) []store.Server {
+		all, err := e.st.AllServers(e.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []store.Server
+		for _, sv := range all {
+			if sv.HostID == id {
+				out = append(out, sv)
+			}
+		}
+		return out
+	}
+	first, _ := e.st.GetServer(e.ctx, "e1")
+	src := first.HostID
+	if n := len(onHost(src)); n == 0 {
+		t.Fatal("no server on the host to evacuate")
+	}
+	op, err := e.m.EvacuateHost(e.ctx, e.admin, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.EvacuateHost(e.ctx, e.admin, src); !errors.Is(err, ErrConflict) {
+		t.Fatalf("second evacuation of one host: %v, want a conflict", err)
+	}
+	if op = e.wait(op); op.State != store.OpSucceeded || op.Message == "" {
+		t.Fatalf("evacuation: %+v", op)
+	}
+	if left := onHost(src); len(left) != 0 {
+		t.Fatalf("servers left on the evacuated host: %+v", left)
+	}
+	if h, _ := e.st.GetHost(e.ctx, src); h.State != store.StateMaintenance {
+		t.Fatalf("evacuated host is %s, want maintenance", h.State)
+	}
+	// Bring it back, put a stopped server somewhere and evacuate that host.
+	h, _ := e.st.GetHost(e.ctx, src)
+	h.State = store.StateActive
+	if err := e.st.UpdateHost(e.ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	second, _ := e.st.GetServer(e.ctx, "e2")
+	stop, err := e.m.ServerAction(e.ctx, e.admin, second.ID, KindStop, ActionRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stop = e.wait(stop); stop.State != store.OpSucceeded {
+		t.Fatalf("stop: %+v", stop)
+	}
+	running := 0
+	for _, sv := range onHost(second.HostID) {
+		if sv.State == store.ServerRunning {
+			running++
+		}
+	}
+	op, err = e.m.EvacuateHost(e.ctx, e.admin, second.HostID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if op = e.wait(op); op.State != store.OpFailed || !strings.Contains(op.Error, "e2") || !strings.Contains(op.Error, "not running") {
+		t.Fatalf("evacuation with a stopped server: %+v", op)
+	}
+	if left := onHost(second.HostID); len(left) != 1 || left[0].Name != "e2" {
+		t.Fatalf("after evacuating %d running servers, left: %+v", running, left)
 	}
 }

@@ -75,6 +75,8 @@ func (m *Manager) recoverOnce(ctx context.Context) error {
 			m.launch(op, m.runDelete)
 		case KindMigrate:
 			m.launch(op, m.recoverMigrate)
+		case KindEvacuate:
+			m.launch(op, m.runEvacuate) // idempotent: it goes on with what is still on the host
 		default:
 			m.launch(op, func(r *opRun) error {
 				m.refreshState(r.ctx, r.op.ServerID)
