@@ -40,6 +40,7 @@ func volumesHomedOnBoth(t *testing.T, p *testbed.StoragePair, prefix string, siz
 // maintenance, starts it again and resumes it (it resyncs and takes its primaries
 // back). Neither guest may see an I/O error, and every acknowledged block verifies.
 func TestDrainAndResume(t *testing.T) {
+	t.Parallel()
 	b, p := setup(t, testbed.StoragePairOptions{})
 	vols := volumesHomedOnBoth(t, p, "drain", guestVolSize)
 	var guests [2]*guest

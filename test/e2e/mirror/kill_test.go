@@ -31,6 +31,7 @@ func killsPerRole(t *testing.T) int {
 // the end every block the guest saw acknowledged must read back from the primary, and
 // both controllers must hold the same data.
 func TestKillPrimaryAndSecondary(t *testing.T) {
+	t.Parallel()
 	b, p := setup(t, testbed.StoragePairOptions{})
 	n := killsPerRole(t)
 	const vol = "kill"
@@ -51,7 +52,7 @@ func TestKillPrimaryAndSecondary(t *testing.T) {
 			victim, role = pc, "primary"
 		}
 		// A random moment within the guest's steady writes.
-		time.Sleep(time.Duration(200+rand.IntN(1800)) * time.Millisecond)
+		time.Sleep(time.Duration(200+rand.IntN(1300)) * time.Millisecond)
 		before := g.lastAck()
 		victim.Kill()
 		stall := g.waitAcks(t, 10, 40*time.Second, "after kill -9 of the "+role+" "+victim.Name)

@@ -17,6 +17,7 @@ import (
 // nbd_address is its home's service address, identical in both controllers' answers;
 // the primary serves the volume over NBD and the secondary refuses to open it.
 func TestPairNamespaceAndRoles(t *testing.T) {
+	t.Parallel()
 	b, p := setup(t, testbed.StoragePairOptions{})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

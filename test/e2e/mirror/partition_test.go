@@ -20,6 +20,7 @@ import (
 // accepted), the volume holds every acknowledged write of the accepting side and none
 // of the other's, and both controllers hold the same data.
 func TestPartitionAtMostOneSideAccepts(t *testing.T) {
+	t.Parallel()
 	t.Run("link", func(t *testing.T) {
 		partitionCase(t, func(p *testbed.StoragePair, primary *testbed.PairController) error { return p.Partition() })
 	})

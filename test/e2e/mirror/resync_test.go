@@ -20,6 +20,7 @@ import (
 // much more than the 1 MiB regions they touch, far below the volume size. Both sides
 // must then hold identical data.
 func TestResyncCopiesOnlyChangedRegions(t *testing.T) {
+	t.Parallel()
 	b, p := setup(t, testbed.StoragePairOptions{})
 	const vol = "resync"
 	const size = 256 << 20
