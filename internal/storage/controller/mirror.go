@@ -522,6 +522,21 @@ func (m *mirrorMgr) elect(key, holder string, epoch uint64) (granted, ok bool) {
 	return ans.Granted, true
 }
 
+// peerAnswers asks the partner once, now, whether it is alive (and records it).
+func (m *mirrorMgr) peerAnswers() bool {
+	sent := time.Now()
+	ctx, cancel := context.WithTimeout(m.ctx, 500*time.Millisecond)
+	defer cancel()
+	info, err := m.peer.MirrorStatus(ctx)
+	if err != nil || info.Name == "" || info.Name == m.cfg.Name {
+		return false
+	}
+	m.mu.Lock()
+	m.info, m.infoAt, m.lastPeerOK = info, sent, time.Now()
+	m.mu.Unlock()
+	return true
+}
+
 // homeOf is the volume's home: a stable hash of its name picks one of the two controllers.
 func homeOf(name, a, b string) string {
 	names := []string{a, b}

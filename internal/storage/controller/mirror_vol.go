@@ -56,7 +56,11 @@ type mvol struct {
 	// settleUntil: after a coordinated change (hand-over, resolve) the partner's state
 	// as polled before it may be old; the role rules ignore it until then.
 	settleUntil time.Time
-	opens       atomic.Int64
+	// lastLinkBytes and linkActiveAt track writes arriving over the link: a partner
+	// that is writing to this side is alive, whatever the heartbeat says.
+	lastLinkBytes int64
+	linkActive    atomic.Int64 // unix nanoseconds
+	opens         atomic.Int64
 }
 
 // openVol opens the mirror state of name (creating its files when create is set).
@@ -130,6 +134,7 @@ func (v *mvol) persistFromLink(st mirror.State) error {
 		return fmt.Errorf("Failed to clear the dirty regions of %q after resync: %w", v.name, err)
 	}
 	v.m.c.log.Info("Resync from the partner complete", "volume", v.name, "epoch", st.Epoch)
+	v.linkActive.Store(time.Now().UnixNano()) // no v.mu here: the link holds the target's lock
 	v.m.kick()
 	return nil
 }
@@ -319,7 +324,15 @@ func (v *mvol) reconcile(pv peerView) {
 		}
 
 	case st.Role == mirror.RoleSecondary:
-		if pv.up || pv.lostFor < m.takeover || m.drainedNow() {
+		if n := v.target.BytesWritten.Load(); n != v.lastLinkBytes {
+			v.lastLinkBytes = n
+			v.linkActive.Store(time.Now().UnixNano())
+		}
+		if pv.up || pv.lostFor < m.takeover || time.Since(time.Unix(0, v.linkActive.Load())) < m.takeover {
+			return
+		}
+		// Last check before deposing the primary: does it answer right now?
+		if m.peerAnswers() {
 			return
 		}
 		// The primary has been silent for longer than it may go on without fencing itself.
