@@ -37,14 +37,8 @@ func (a *API) routeCustomers() {
 		if c.Name == "" || len(c.Name) > 100 {
 			return invalid("A customer needs a name of 1-100 characters")
 		}
-		if req.Email != nil {
-			c.Email = *req.Email
-		}
-		if req.MaxServers != nil {
-			if *req.MaxServers < 0 {
-				return invalid("max_servers must not be negative")
-			}
-			c.MaxServers = *req.MaxServers
+		if err := applyCustomer(&c, req); err != nil {
+			return err
 		}
 		if err := a.st.CreateCustomer(r.Context(), &c); err != nil {
 			return err
@@ -75,14 +69,8 @@ func (a *API) routeCustomers() {
 		if req.Name != "" && req.Name != c.Name {
 			return invalid("A customer cannot be renamed")
 		}
-		if req.Email != nil {
-			c.Email = *req.Email
-		}
-		if req.MaxServers != nil {
-			if *req.MaxServers < 0 {
-				return invalid("max_servers must not be negative")
-			}
-			c.MaxServers = *req.MaxServers
+		if err := applyCustomer(&c, req); err != nil {
+			return err
 		}
 		if err := a.st.UpdateCustomer(r.Context(), c); err != nil {
 			return err
@@ -101,4 +89,18 @@ func (a *API) routeCustomers() {
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	})
+}
+
+// applyCustomer sets the fields a create or update request gives.
+func applyCustomer(c *store.Customer, req CustomerRequest) error {
+	if req.Email != nil {
+		c.Email = *req.Email
+	}
+	if req.MaxServers != nil {
+		if *req.MaxServers < 0 {
+			return invalid("max_servers must not be negative")
+		}
+		c.MaxServers = *req.MaxServers
+	}
+	return nil
 }

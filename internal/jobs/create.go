@@ -203,6 +203,16 @@ func (m *Manager) runCreate(r *opRun) error {
 	if err := agent.Start(ctx, sv.ID); err != nil {
 		return err
 	}
+	if err := m.finishCreate(r, agent, sv); err != nil {
+		return err
+	}
+	rev.Success()
+	return nil
+}
+
+// finishCreate waits for the guest's ready report, records the server running and opens
+// its billing period.
+func (m *Manager) finishCreate(r *opRun, agent Host, sv store.Server) error {
 	if err := m.waitReady(r, agent, sv); err != nil {
 		return err
 	}
@@ -211,7 +221,6 @@ func (m *Manager) runCreate(r *opRun) error {
 		return err
 	}
 	m.startBilling(sv)
-	rev.Success()
 	return nil
 }
 

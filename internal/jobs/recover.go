@@ -109,14 +109,9 @@ func (m *Manager) recoverCreate(r *opRun) error {
 				}
 			}()
 			rev.Add(func() { m.undoCreate(sv) })
-			if err := m.waitReady(r, agent, sv); err != nil {
+			if err := m.finishCreate(r, agent, sv); err != nil {
 				return err
 			}
-			sv.State = store.ServerRunning
-			if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
-				return err
-			}
-			m.startBilling(sv)
 			rev.Success()
 			return nil
 		}
