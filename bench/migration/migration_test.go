@@ -46,7 +46,8 @@ type sample struct {
 }
 
 // cpuUse is the CPU spent between two snapshots: by the whole machine, by the two
-// agents and by this test process (the orchestrator on the raw side).
+// agents and by this test process (the orchestrator on the raw side, the API client
+// on the agent side; its ping readers count on both).
 type cpuUse struct {
 	machineBusy float64 // share of all CPUs busy, 0-1
 	agents      time.Duration
@@ -62,9 +63,6 @@ type cpuSnap struct {
 	busy, total  uint64 // jiffies over all CPUs (/proc/stat)
 	agents, self time.Duration
 }
-
-// clockTick is USER_HZ, the unit of /proc CPU times (100 on Linux).
-const clockTick = 100
 
 func takeCPU(b *hostbed.Bed) cpuSnap {
 	var s cpuSnap
@@ -85,26 +83,29 @@ func takeCPU(b *hostbed.Bed) cpuSnap {
 	return s
 }
 
-// procCPU is the user+system CPU time of process pid so far (0 if unknown).
+// procCPU is the CPU time all threads of process pid have run so far, in
+// nanoseconds from the scheduler's statistics (0 if unknown).
 func procCPU(pid int) time.Duration {
 	if pid == 0 {
 		return 0
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return 0
 	}
-	_, rest, ok := strings.Cut(string(b), ") ")
-	if !ok {
-		return 0
+	var sum time.Duration
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b))
+		if len(f) > 0 {
+			ns, _ := strconv.ParseInt(f[0], 10, 64)
+			sum += time.Duration(ns)
+		}
 	}
-	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.ParseUint(f[11], 10, 64)
-	k, _ := strconv.ParseUint(f[12], 10, 64)
-	return time.Duration(u+k) * time.Second / clockTick
+	return sum
 }
 
 func (s cpuSnap) since(o cpuSnap) cpuUse {
@@ -120,6 +121,7 @@ func TestMigrationBench(t *testing.T) {
 	if out == "" {
 		t.Skip("set GROW_BENCH_OUT=FILE.md to run the migration benchmark")
 	}
+	loadStart = loadAvg()
 	b := hostbed.New(t, 2)
 	ctx := context.Background()
 	g := hostbed.NewGuest(t, "bench", 40, false, "responder")
@@ -520,6 +522,10 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	oT, rT := median(col(ours, total)), median(col(raw, total))
 	oD, rD := median(col(ours, down)), median(col(raw, down))
 	oW, rW := median(col(ours, wall)), median(col(raw, wall))
+	orch := func(x sample) int64 { return (x.cpu.agents + x.cpu.self).Microseconds() }
+	busy := func(x sample) int64 { return int64(100 * x.cpu.machineBusy) }
+	oC, rC := median(col(ours, orch)), median(col(raw, orch))
+	oB, rB := median(col(ours, busy)), median(col(raw, busy))
 	pct := func(a, b int64) string {
 		if b == 0 {
 			return "n/a"
@@ -534,19 +540,27 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	}
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "# Live migration: grow hostd vs raw QMP\n\n")
-	fmt.Fprintf(&sb, "Run %s on %s, accelerator %s, QEMU as installed. Two identical idle guests (256 MiB, 1 vCPU, the tiny\n", time.Now().UTC().Format(time.RFC3339), hostname(), qemu.DetectAccel())
+	fmt.Fprintf(&sb, "Run %s on %s (load average %s at the start, %s at the end), accelerator %s, QEMU as installed.\n", time.Now().UTC().Format(time.RFC3339), hostname(), loadStart, loadAvg(), qemu.DetectAccel())
+	fmt.Fprintf(&sb, "Two identical idle guests (256 MiB, 1 vCPU, the tiny\n")
 	fmt.Fprintf(&sb, "test guest with its responder, NBD root disk, same QEMU command line), one run by the agents, one by\n")
 	fmt.Fprintf(&sb, "bare QEMU processes, on the same two network-namespace hosts joined by a veth; migrations interleaved\n")
 	fmt.Fprintf(&sb, "(agent, raw, agent, ...) so both see the same load; same\n")
 	fmt.Fprintf(&sb, "migration settings (auto-converge, downtime limit %d ms, bandwidth unlimited). %d migrations each,\n", downtimeLimitMS, rounds)
 	fmt.Fprintf(&sb, "back and forth; medians. *QEMU total* and *downtime* are QEMU's own query-migrate figures. *Wall*\n")
-	fmt.Fprintf(&sb, "is from the request until the destination runs and the source QEMU is gone: for the agent, the\n")
-	fmt.Fprintf(&sb, "migrate API call until the operation succeeded (it starts the destination QEMU, checks it runs, quits\n")
-	fmt.Fprintf(&sb, "the source); for raw QMP, starting the destination QEMU by hand until the source has quit.\n\n")
+	fmt.Fprintf(&sb, "is from the request until the destination runs and the source QEMU is gone: for the agent, its\n")
+	fmt.Fprintf(&sb, "operation's own record from created to succeeded (it defines the VM on the destination, makes its\n")
+	fmt.Fprintf(&sb, "taps, filters and seed, starts QEMU, migrates, checks the guest runs there, quits the source and\n")
+	fmt.Fprintf(&sb, "removes its taps and filters); for raw QMP, starting the destination QEMU by hand until the source\n")
+	fmt.Fprintf(&sb, "has quit (taps made once, beforehand). Both loops read query-migrate every 20 ms and at once on\n")
+	fmt.Fprintf(&sb, "QEMU's end-state MIGRATION event. *Orchestration CPU* is what the agents plus this benchmark\n")
+	fmt.Fprintf(&sb, "process (raw side: this process alone; its ping readers count on both sides) ran during the\n")
+	fmt.Fprintf(&sb, "wall time; *machine busy* is the share of both CPUs busy then, everything included.\n\n")
 	fmt.Fprintf(&sb, "| | grow hostd | raw QMP | overhead |\n|---|---:|---:|---:|\n")
 	fmt.Fprintf(&sb, "| QEMU total time (ms), median | %d | %d | %s |\n", oT, rT, pct(oT, rT))
 	fmt.Fprintf(&sb, "| QEMU downtime (ms), median | %d | %d | %s |\n", oD, rD, pct(oD, rD))
 	fmt.Fprintf(&sb, "| wall time (ms), median | %d | %d | %s |\n", oW, rW, pct(oW, rW))
+	fmt.Fprintf(&sb, "| orchestration CPU per migration (ms), median | %.1f | %.1f | |\n", float64(oC)/1000, float64(rC)/1000)
+	fmt.Fprintf(&sb, "| machine busy during the migration (%%), median | %d | %d | |\n", oB, rB)
 	lost := func(s []sample) (sum, worst int) {
 		for _, x := range s {
 			sum += x.lost
@@ -559,12 +573,12 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	fmt.Fprintf(&sb, "| 50 ms pings lost, total (worst migration) | %d (%d) | %d (%d) | |\n\n", oL, oM, rL, rM)
 	fmt.Fprintf(&sb, "Targets: overhead on total time at most 10 %% (QEMU total: %s, %s; wall: %s, %s); downtime median at most 50 ms (%d ms: %s).\n\n",
 		pct(oT, rT), verdict(float64(oT) <= 1.1*float64(rT)), pct(oW, rW), verdict(float64(oW) <= 1.1*float64(rW)), oD, verdict(oD <= 50))
-	fmt.Fprintf(&sb, "Samples (total ms / downtime ms / wall ms / pings lost / setup ms / MiB sent / dirty passes):\n\n")
+	fmt.Fprintf(&sb, "Samples (total ms / downtime ms / wall ms / pings lost / setup ms / MiB sent / dirty passes / orchestration CPU ms / machine busy %%):\n\n")
 	for i := range ours {
 		o, r := ours[i], raw[i]
-		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d/%d/%d/%d/%d, raw %d/%d/%d/%d/%d/%d/%d\n", i,
-			o.total, o.down, o.wall.Milliseconds(), o.lost, o.setup, o.mib, o.syncs,
-			r.total, r.down, r.wall.Milliseconds(), r.lost, r.setup, r.mib, r.syncs)
+		fmt.Fprintf(&sb, "- %d: agent %d/%d/%d/%d/%d/%d/%d/%.1f/%d, raw %d/%d/%d/%d/%d/%d/%d/%.1f/%d\n", i,
+			o.total, o.down, o.wall.Milliseconds(), o.lost, o.setup, o.mib, o.syncs, float64(orch(o))/1000, busy(o),
+			r.total, r.down, r.wall.Milliseconds(), r.lost, r.setup, r.mib, r.syncs, float64(orch(r))/1000, busy(r))
 	}
 	fmt.Fprintf(&sb, "\nThe machine is shared (2 cores, other builds running): compare the two columns of one run, not runs.\n")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -574,6 +588,18 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 		t.Fatal(err)
 	}
 	t.Logf("\n%s", sb.String())
+}
+
+// loadStart is the load average when the benchmark started.
+var loadStart string
+
+// loadAvg is the 1-minute load average.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Fields(string(b))[0]
 }
 
 func hostname() string {

@@ -691,21 +691,27 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 	*destOwns = true
 	ph.mark("dest_running")
 	o.update(func(op *hostapi.Operation) { op.Message = "destination running; removing the source" })
-	v.dropMigrated(ctx)
+	v.dropMigrated(ctx, ph)
 	ph.mark("source_gone")
 	return nil
 }
 
+// exitMigratedAway is the exit reason of a source QEMU after its guest moved.
+const exitMigratedAway = "migrated away"
+
 // dropMigrated ends the local QEMU of a VM that now runs on another host and forgets it.
-func (v *vm) dropMigrated(ctx context.Context) {
+// ph (may be nil) records the steps.
+func (v *vm) dropMigrated(ctx context.Context, ph *phases) {
 	name := v.name
 	inst := v.instance()
 	v.mu.Lock()
-	v.expectExit = "migrated away"
+	v.expectExit = exitMigratedAway
 	v.mu.Unlock()
 	if inst != nil {
-		_ = inst.Quit(ctx)
+		_ = inst.Quit(ctx) // returns once QEMU exited (killed after 3 s)
+		ph.mark("exited")
 		v.waitGone(inst, 5*time.Second)
+		ph.mark("cleaned")
 	}
 	a := v.a
 	a.mu.Lock()
@@ -752,7 +758,7 @@ func (v *vm) recoverMigration() {
 			vmi, gerr := target.Get(ctx, v.name)
 			if gerr == nil && vmi.State == hostapi.StateRunning {
 				log.Info("Interrupted migration had completed; the destination owns the VM")
-				v.dropMigrated(ctx)
+				v.dropMigrated(ctx, nil)
 				return
 			}
 			if gerr != nil || vmi.State != hostapi.StateIncoming {
@@ -798,7 +804,11 @@ func processCPU() time.Duration {
 }
 
 // mark records that step name happened now, and the agent's CPU time used until then.
+// A nil p records nothing.
 func (p *phases) mark(name string) {
+	if p == nil {
+		return
+	}
 	p.markAt(name, time.Now())
 	p.note(fmt.Sprintf("(cpu %.1f)", float64((processCPU()-p.cpu0).Microseconds())/1000))
 }

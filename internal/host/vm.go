@@ -367,7 +367,11 @@ func (v *vm) cleanupHost() {
 	taps := v.rec.Taps
 	v.rec.Taps = nil
 	v.rec.TapSeen = nil
-	_ = v.persistDurableLocked() // the folded counters must survive
+	if v.expectExit == exitMigratedAway {
+		_ = v.persistLocked() // the record goes next; the destination counts on
+	} else {
+		_ = v.persistDurableLocked() // the folded counters must survive
+	}
 	v.mu.Unlock()
 	for _, t := range taps {
 		if err := network.RemoveFilter(t); err != nil {
@@ -440,7 +444,7 @@ func (v *vm) waitGone(inst *qemu.Instance, d time.Duration) {
 		if v.instance() != inst {
 			return
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
@@ -547,7 +551,7 @@ func (v *vm) forgetIfMigrated(mt migrationTarget) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	v.a.log.Info("VM migrated while the agent was down; forgetting it here", "vm", v.name, "target", mt.URL)
-	v.dropMigrated(ctx)
+	v.dropMigrated(ctx, nil)
 }
 
 // detach drops the agent's connections to QEMU without touching the process.
