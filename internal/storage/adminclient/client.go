@@ -71,6 +71,9 @@ func (c *Client) WithCACert(caFile string) (*Client, error) {
 	return c, nil
 }
 
+// ErrUnreachable wraps transport errors: the controller did not answer at all.
+var ErrUnreachable = errors.New("controller unreachable")
+
 // APIError is an error answer from the controller.
 type APIError struct {
 	// Status is the HTTP status code.
@@ -145,7 +148,7 @@ func (c *Client) send(req *http.Request, out any) error {
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("Failed to reach storage controller: %w", err)
+		return fmt.Errorf("Failed to reach storage controller: %w: %w", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {

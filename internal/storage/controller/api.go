@@ -95,7 +95,7 @@ func (c *Controller) fail(w http.ResponseWriter, r *http.Request, err error) {
 		status, code = http.StatusConflict, adminclient.CodeConflict
 	case errors.Is(err, errNotFound):
 		status, code = http.StatusNotFound, adminclient.CodeNotFound
-	case errors.Is(err, errUnavailable):
+	case errors.Is(err, errUnavailable), errors.Is(err, adminclient.ErrUnreachable):
 		status, code = http.StatusServiceUnavailable, adminclient.CodeUnavailable
 	default:
 		// An answer of the mirror partner keeps its status and code.

@@ -3,6 +3,13 @@ package controller
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -737,4 +744,136 @@ func TestMirrorSplitAndResolve(t *testing.T) {
 	if kept[16<<20] != 0x11 || kept[0] != 0x01 {
 		t.Fatalf("the snapshot of the discarded side holds %x at 16M, want its own write", kept[16<<20])
 	}
+}
+
+// An image imported on one controller exists on both; clones of it on either side
+// are mirrored volumes; a resize asked of the secondary is applied on both.
+func TestMirrorImageCloneResize(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+	img := bytes.Repeat([]byte{0xab}, 4<<20)
+	copy(img[1<<20:], bytes.Repeat([]byte{0}, 1<<20))
+	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if v := b.volume("gold"); v == nil || v.Kind != "image" || v.Size != int64(len(img)) {
+		t.Fatalf("image on the partner: %+v", v)
+	}
+	if _, err := b.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	p, s := primaryAndSecondary(t, a, b, "c1")
+	pv := p.waitState(t, "c1", "primary", adminclient.MirrorSynced, 10*time.Second)
+	s.waitState(t, "c1", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	if out, err := qemuIOAt(pv.NBDAddress, "c1", "read -P 0xab 0 1M", "read -P 0 1M 1M", "write -P 0x01 2M 4k", "flush"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	// Resize asked of the secondary: proxied to the primary, applied on both.
+	if _, err := s.cl.ResizeVolume(ctx, "c1", 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	pv = p.waitState(t, "c1", "primary", adminclient.MirrorSynced, 10*time.Second)
+	if sv := s.volume("c1"); pv.Size != 8<<20 || sv.Size != 8<<20 {
+		t.Fatalf("sizes after resize: %d and %d", pv.Size, sv.Size)
+	}
+	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x02 7M 64k", "flush", "read -P 0x01 2M 4k"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	// A partner that is down makes metadata changes wait (503) but not I/O.
+	s.kill()
+	if _, err := p.cl.CreateVolume(ctx, "nope", 1<<20); adminclient.StatusOf(err) != 503 {
+		t.Fatalf("create with the partner down: %v", err)
+	}
+	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x03 3M 4k", "flush"); err != nil {
+		t.Fatalf("I/O with the partner down: %v\n%s", err, out)
+	}
+	s.start()
+	p.waitState(t, "c1", "primary", adminclient.MirrorSynced, 20*time.Second)
+	a.stop()
+	b.stop()
+	for _, n := range []string{"gold", "c1"} {
+		sameBytes(t, n, readVolume(t, a.cfg.DataDir, n), readVolume(t, b.cfg.DataDir, n))
+	}
+}
+
+// With TLS material the mirror link is TLS (a plain client gets no challenge) and the
+// pair works as usual.
+func TestMirrorPairOverTLS(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	dir := t.TempDir()
+	certFile, keyFile := writeSelfSigned(t, dir)
+	for _, n := range []*node{a, b} {
+		n.cfg.TLSCert, n.cfg.TLSKey = certFile, keyFile
+		n.cfg.Mirror.Peer = strings.Replace(n.cfg.Mirror.Peer, "http:", "https:", 1)
+		cl, err := adminclient.New("https://"+n.cfg.APIAddr, n.token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.cl, err = cl.WithCACert(certFile); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	ctx := context.Background()
+	if _, err := b.cl.CreateVolume(ctx, "t1", 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	p, s := primaryAndSecondary(t, a, b, "t1")
+	pv := p.waitState(t, "t1", "primary", adminclient.MirrorSynced, 10*time.Second)
+	s.waitState(t, "t1", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	if out, err := qemuIOAt(pv.NBDAddress, "t1", "write -P 0x44 0 2M", "flush"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	c, err := net.DialTimeout("tcp", s.cfg.Mirror.Listen, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	if n, _ := c.Read(make([]byte, 32)); n > 0 {
+		t.Fatal("the mirror link answered a plain-text client")
+	}
+	c.Close()
+	a.stop()
+	b.stop()
+	sameBytes(t, "t1", readVolume(t, a.cfg.DataDir, "t1"), readVolume(t, b.cfg.DataDir, "t1"))
+}
+
+// writeSelfSigned writes a certificate for 127.0.0.1 and its key as PEM files.
+func writeSelfSigned(t *testing.T, dir string) (string, string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "storaged"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, kf := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(cf, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(kf, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cf, kf
 }
