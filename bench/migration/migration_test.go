@@ -581,6 +581,7 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 			r.total, r.down, r.wall.Milliseconds(), r.lost, r.setup, r.mib, r.syncs, float64(orch(r))/1000, busy(r))
 	}
 	fmt.Fprintf(&sb, "\nThe machine is shared (2 cores, other builds running): compare the two columns of one run, not runs.\n")
+	fmt.Fprintf(&sb, "How the two sides are kept comparable, where the time goes and the switch-over announce: bench/migration/README.md.\n")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
 	}
