@@ -519,7 +519,8 @@ func (v *mvol) apiMirror(pv peerView) adminclient.VolumeMirror {
 		}
 	}
 	if m.fencedNow() && out.Role == "primary" {
-		out.State = adminclient.MirrorFrozen
+		// Fenced: it serves nobody and has given its addresses up.
+		out.Role, out.State, out.Primary = "secondary", adminclient.MirrorFrozen, ""
 	}
 	return out
 }

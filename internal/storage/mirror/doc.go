@@ -76,13 +76,16 @@
 // resolve`, which names the side to keep; the other side's differing regions are kept
 // as a snapshot, never silently discarded. See State and Step for the pure rules.
 //
-// # What is here and what is not yet
+// # Held writes
 //
-// Here: Bitmap, State/Step/Witness, Link/LinkServer/Target (plain TCP or any net.Conn,
-// e.g. TLS, via NewLink) and Volume (the replicating export with Resync). Not yet: the
-// controller wiring (persisting State per volume, dialling the peer, re-dialling and
-// resyncing when it returns, passing the stale side's bitmap as ResyncOptions.PeerDirty,
-// the witness in the control plane) and the host path manager.
+// A primary that shares its epoch with its peer (synced, or restarting in the synced
+// role) must not write alone before the witness grants it a new epoch: the peer could
+// take over at that epoch+1 and the write would be lost. With SetHoldOnPeerLoss such a
+// volume that loses its peer goes to ModeHeld: writes and flushes wait (QEMU just sees
+// a slow disk) until Release (granted: degraded and exclusive; refused: fenced), or
+// until Resync attaches the peer again, in which case a held write is sent to the
+// re-attached peer before it is acknowledged. A side that holds its epoch alone
+// (SetExclusive, granted by the witness) goes degraded on peer loss at once.
 //
 // # Write intent while synced
 //
@@ -92,12 +95,68 @@
 // it may have changed alone marked, and the partner's resync (given those bits as
 // PeerDirty) makes them converge. Writes during a resync are not intent-marked yet.
 //
+// # The pair in the daemon (internal/storage/controller)
+//
+// `grow storaged --peer URL --peer-token-file F --name N --mirror-listen IP:PORT
+// [--witness URL --witness-token-file F] [--service-address IP/PREFIX --service-dev DEV]`.
+// Without --peer nothing of this runs.
+//
+//   - Discovery and heartbeat: each controller polls GET /v1/mirror on its partner every
+//     250 ms with the partner's admin token; the answer carries the partner's name, link
+//     address, service address, and every volume's role and epoch. The partner is lost
+//     after --peer-timeout (1.5 s) without an answer.
+//   - Metadata: create, delete, resize, clone, snapshot and image import received by
+//     either controller are applied on both: forwarded with the X-Grow-Mirror-Forwarded
+//     header (never forwarded back), the local step undone if the partner refuses.
+//     While the partner is unreachable they answer 503 "unavailable"; data I/O goes on.
+//     Snapshot and resize run on the primary with the volume's writes quiesced and both
+//     sides flushed (Volume.Quiesce), so both snapshots hold the same writes. An image is
+//     imported locally, then streamed to the partner before either answers.
+//   - Roles: a volume's home is one of the two names, by a stable hash of its name, and
+//     is its primary in the normal state (a new volume goes to whoever serves its home
+//     now). Each side persists {home, role, epoch} in DATA/mirror/NAME.json (write,
+//     fsync, rename, directory fsync) before acting on it, and the bitmap in
+//     DATA/mirror/NAME.bitmap. The secondary serves the mirror link (Target); NBD opens
+//     of the volume on it are refused, so only the primary serves clients. A primary
+//     that learns it is deposed closes its NBD connections (found from their handshake)
+//     instead of answering errors, so QEMU reconnects (reconnect-delay) to the new one.
+//   - The link is one TCP connection per volume, authenticated by an HMAC challenge
+//     with the serving side's admin token, and TLS when the controller has TLS material.
+//   - Failure: a synced primary that loses its peer (link error or heartbeat) holds
+//     writes and asks the witness for epoch+1 at once; granted, it goes on degraded;
+//     refused, it is stale. A secondary waits until the primary has been silent for
+//     peer-timeout + 1.5 s (longer than the primary's fence timeout, peer-timeout +
+//     0.5 s), and only if no write arrived over the link and a last probe fails, then
+//     asks for epoch+1 and takes the volume over. Without a witness nobody is granted
+//     anything: volumes freeze rather than guess.
+//   - Fencing: a controller that has lost both partner and witness for longer than the
+//     fence timeout gives its service addresses up and closes its held connections.
+//   - Return: the side with the higher epoch resyncs the other, copying its own dirty
+//     regions and the stale side's (fetched from GET /v1/mirror/volumes/NAME/dirty) at
+//     the rate of `grow storage mirror rate` (changeable while it runs); the stale side
+//     becomes secondary when told the resync is done, and clears its bitmap.
+//   - Service addresses: each controller has one (--service-address); a volume's
+//     nbd_address is its home's. A controller holds the address of every home whose
+//     volumes it serves as primary, added to --service-dev with a 3 s lifetime renewed
+//     four times a second (so a killed process's address lapses by itself) and
+//     announced by gratuitous ARP; the NBD listener must be on the wildcard address.
+//     Both controllers must share the hosts' L2 segment, as with keepalived VIPs. A
+//     controller that comes back after a takeover is secondary for everything and gets
+//     its volumes and address back only by `grow storage controller resume`.
+//   - Drain and resume: a hand-over quiesces the volume, has the witness grant epoch+1
+//     to the partner, makes the partner primary and this side secondary at that epoch,
+//     then fences the old export (closing its connections). Drain moves every synced
+//     primary off a controller (and marks it drained: new volumes go to the partner);
+//     resume moves the home volumes back once resynced. Both are steps the CLI repeats
+//     until done.
+//   - Split: both sides written alone (only after an operator override) freezes the
+//     volume on both (state split); `grow storage volume resolve NAME --keep C` keeps
+//     C's data at a new epoch, takes a snapshot NAME@split-TIME of the other side's
+//     data, and resyncs the other side from C.
+//
 // # Hosts follow the primary
 //
-// Planned (not here): each host runs a per-host path manager, a local NBD proxy on a
-// unix socket that QEMU connects to with reconnect-delay, which knows both controllers'
-// addresses and forwards to whichever currently reports itself primary for the volume.
-// On failover the proxy's upstream fails, it asks the other controller, and replays
-// unacknowledged requests there within QEMU's reconnect window, so the guest sees a
-// stall and never an error.
+// Hosts reach a volume at its home's service address, which moves with the primary,
+// so QEMU's NBD reconnect lands on the new primary within seconds; no path manager runs
+// on the hosts.
 package mirror
