@@ -241,17 +241,18 @@ func TestMigration(t *testing.T) {
 	// The destinations announced at the source's switch-over signal (a datagram sent
 	// at the source's STOP), not only once the guest resumed there. A signal handled
 	// after the resume (a very busy machine) is not counted, hence the margin.
-	signalled := 0
+	signalled, replied := 0, 0
 	for _, h := range b.Hosts {
 		log, err := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
 		if err != nil {
 			t.Fatal(err)
 		}
 		signalled += strings.Count(string(log), "Announced arriving VM at the source's switch-over")
+		replied += strings.Count(string(log), " resumed_signal=")
 	}
-	t.Logf("announced at the switch-over signal in %d of %d migrations", signalled, rounds)
-	if signalled < rounds/2 {
-		t.Errorf("only %d of %d migrations announced at the switch-over signal", signalled, rounds)
+	t.Logf("announced at the switch-over signal in %d of %d migrations; the destination's reply ended %d", signalled, rounds, replied)
+	if signalled < rounds/2 || replied < rounds/2 {
+		t.Errorf("only %d of %d migrations announced at the switch-over signal, %d ended with the destination's reply", signalled, rounds, replied)
 	}
 
 	// A migration to an agent that refuses our token fails and changes nothing.
