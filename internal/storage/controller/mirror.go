@@ -337,12 +337,7 @@ func (m *mirrorMgr) start() {
 
 // close closes every volume's mirror state and gives up the service addresses (after stop).
 func (m *mirrorMgr) close() {
-	m.mu.Lock()
-	vols := make([]*mvol, 0, len(m.vols))
-	for _, v := range m.vols {
-		vols = append(vols, v)
-	}
-	m.mu.Unlock()
+	vols := m.volList()
 	for _, v := range vols {
 		v.close()
 	}
@@ -491,12 +486,7 @@ func (m *mirrorMgr) view() peerView {
 
 func (m *mirrorMgr) reconcile() {
 	pv := m.view()
-	m.mu.Lock()
-	vols := make([]*mvol, 0, len(m.vols))
-	for _, v := range m.vols {
-		vols = append(vols, v)
-	}
-	m.mu.Unlock()
+	vols := m.volList()
 	sort.Slice(vols, func(i, j int) bool { return vols[i].name < vols[j].name })
 	for _, v := range vols {
 		v.reconcile(pv)
@@ -593,12 +583,7 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 	want := map[string]bool{}
 	keep := map[string]bool{}
 	hasHome := map[string]bool{}
-	m.mu.Lock()
-	vols := make([]*mvol, 0, len(m.vols))
-	for _, v := range m.vols {
-		vols = append(vols, v)
-	}
-	m.mu.Unlock()
+	vols := m.volList()
 	for _, v := range vols {
 		hasHome[v.home] = true
 		switch v.serveState() {
@@ -727,6 +712,17 @@ func (m *mirrorMgr) resyncBytes() int64 {
 	return n
 }
 
+// volList is every mirrored volume, in no particular order.
+func (m *mirrorMgr) volList() []*mvol {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	vols := make([]*mvol, 0, len(m.vols))
+	for _, v := range m.vols {
+		vols = append(vols, v)
+	}
+	return vols
+}
+
 func (m *mirrorMgr) get(name string) *mvol {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -755,12 +751,7 @@ func (m *mirrorMgr) stop() {
 	_ = m.linkSrv.Close()
 	_ = m.linkLn.Close()
 	m.wg.Wait()
-	m.mu.Lock()
-	vols := make([]*mvol, 0, len(m.vols))
-	for _, v := range m.vols {
-		vols = append(vols, v)
-	}
-	m.mu.Unlock()
+	vols := m.volList()
 	for _, v := range vols {
 		v.mu.Lock()
 		if v.vol != nil && v.vol.Mode() == mirror.ModeHeld {

@@ -389,59 +389,72 @@ func (c *Controller) handleResolve(w http.ResponseWriter, r *http.Request) {
 
 // mirCreate creates a volume on both controllers.
 func (c *Controller) mirCreate(w http.ResponseWriter, r *http.Request, req adminclient.CreateVolumeRequest) {
+	c.mirNewVolume(w, r, req.Name,
+		func() (volume.Info, error) { return c.mgr.Create(req.Name, req.Size) },
+		func(cl *adminclient.Client) error { _, err := cl.CreateVolume(r.Context(), req.Name, req.Size); return err },
+		func(info volume.Info, _ time.Duration) { writeJSON(w, http.StatusCreated, c.apiVolume(info)) })
+}
+
+// mirClone clones an image or snapshot into a new volume on both controllers.
+func (c *Controller) mirClone(w http.ResponseWriter, r *http.Request, src string, req adminclient.CloneVolumeRequest) {
+	c.mirNewVolume(w, r, req.Name,
+		func() (volume.Info, error) { return c.mgr.Clone(src, req.Name) },
+		func(cl *adminclient.Client) error { _, err := cl.CloneVolume(r.Context(), src, req.Name); return err },
+		func(info volume.Info, took time.Duration) {
+			writeJSON(w, http.StatusCreated, adminclient.CloneResult{Volume: c.apiVolume(info), Duration: took.String(), Nanoseconds: took.Nanoseconds()})
+		})
+}
+
+// mirNewVolume makes a new mirrored volume here (with build) and, unless the request was
+// forwarded by the partner, on the partner too (with forward), undoing the local
+// step if the partner refuses. Both sides start in sync at epoch 1.
+func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name string, build func() (volume.Info, error),
+	forward func(*adminclient.Client) error, answer func(volume.Info, time.Duration)) {
 	m := c.mir
-	if forwarded(r) {
-		m.metaMu.Lock()
-		defer m.metaMu.Unlock()
-		home, primary := r.Header.Get(hdrHome), r.Header.Get(hdrPrimary)
-		if home == "" || primary == "" {
-			c.fail(w, r, fmt.Errorf("%w: a forwarded create needs the home and primary headers", errBadRequest))
-			return
-		}
-		info, err := c.mgr.Create(req.Name, req.Size)
-		if err != nil {
-			c.fail(w, r, err)
-			return
-		}
-		if _, err := m.openVol(req.Name, home, initialState(primary == m.cfg.Name), true); err != nil {
-			_ = c.mgr.Delete(req.Name)
-			c.fail(w, r, err)
-			return
-		}
-		m.kick()
-		writeJSON(w, http.StatusCreated, c.apiVolume(info))
-		return
-	}
+	var home, primary string
 	pv, err := m.requirePeer()
-	if err != nil {
+	switch {
+	case forwarded(r):
+		home, primary = r.Header.Get(hdrHome), r.Header.Get(hdrPrimary)
+		if home == "" || primary == "" {
+			c.fail(w, r, fmt.Errorf("%w: a forwarded request needs the home and primary headers", errBadRequest))
+			return
+		}
+	case err != nil:
 		c.fail(w, r, err)
 		return
 	}
 	m.metaMu.Lock()
 	defer m.metaMu.Unlock()
-	home := homeOf(req.Name, m.cfg.Name, pv.name)
-	primary := m.placePrimary(home, pv)
+	if !forwarded(r) {
+		home = homeOf(name, m.cfg.Name, pv.name)
+		primary = m.placePrimary(home, pv)
+	}
 	rv := revert.New()
 	defer rv.Fail()
-	info, err := c.mgr.Create(req.Name, req.Size)
+	start := time.Now()
+	info, err := build()
+	took := time.Since(start)
 	if err != nil {
 		c.fail(w, r, err)
 		return
 	}
-	rv.Add(func() { _ = c.mgr.Delete(req.Name) })
-	if _, err := m.openVol(req.Name, home, initialState(primary == m.cfg.Name), true); err != nil {
+	rv.Add(func() { _ = c.mgr.Delete(name) })
+	if _, err := m.openVol(name, home, initialState(primary == m.cfg.Name), true); err != nil {
 		c.fail(w, r, err)
 		return
 	}
-	rv.Add(func() { _ = m.removeVol(req.Name) })
-	if _, err := m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary).CreateVolume(r.Context(), req.Name, req.Size); err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to create volume %q on the mirror partner %s: %w", req.Name, pv.name, err))
-		return
+	rv.Add(func() { _ = m.removeVol(name) })
+	if !forwarded(r) {
+		if err := forward(m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary)); err != nil {
+			c.fail(w, r, fmt.Errorf("Failed to make volume %q on the mirror partner %s: %w", name, pv.name, err))
+			return
+		}
+		c.log.Info("Mirrored volume made", "name", name, "home", home, "primary", primary, "duration", took)
 	}
 	rv.Success()
 	m.kick()
-	c.log.Info("Mirrored volume created", "name", req.Name, "size", req.Size, "home", home, "primary", primary)
-	writeJSON(w, http.StatusCreated, c.apiVolume(info))
+	answer(info, took)
 }
 
 // initialState is a new volume's state: both sides are empty (or the same clone) and so in sync.
@@ -450,67 +463,6 @@ func initialState(primary bool) mirror.State {
 		return mirror.State{Role: mirror.RolePrimarySynced, Epoch: 1}
 	}
 	return mirror.State{Role: mirror.RoleSecondary, Epoch: 1}
-}
-
-// mirClone clones an image or snapshot into a new volume on both controllers.
-func (c *Controller) mirClone(w http.ResponseWriter, r *http.Request, src string, req adminclient.CloneVolumeRequest) {
-	m := c.mir
-	if forwarded(r) {
-		m.metaMu.Lock()
-		defer m.metaMu.Unlock()
-		home, primary := r.Header.Get(hdrHome), r.Header.Get(hdrPrimary)
-		if home == "" || primary == "" {
-			c.fail(w, r, fmt.Errorf("%w: a forwarded clone needs the home and primary headers", errBadRequest))
-			return
-		}
-		start := time.Now()
-		info, err := c.mgr.Clone(src, req.Name)
-		took := time.Since(start)
-		if err != nil {
-			c.fail(w, r, err)
-			return
-		}
-		if _, err := m.openVol(req.Name, home, initialState(primary == m.cfg.Name), true); err != nil {
-			_ = c.mgr.Delete(req.Name)
-			c.fail(w, r, err)
-			return
-		}
-		m.kick()
-		writeJSON(w, http.StatusCreated, adminclient.CloneResult{Volume: c.apiVolume(info), Duration: took.String(), Nanoseconds: took.Nanoseconds()})
-		return
-	}
-	pv, err := m.requirePeer()
-	if err != nil {
-		c.fail(w, r, err)
-		return
-	}
-	m.metaMu.Lock()
-	defer m.metaMu.Unlock()
-	home := homeOf(req.Name, m.cfg.Name, pv.name)
-	primary := m.placePrimary(home, pv)
-	rv := revert.New()
-	defer rv.Fail()
-	start := time.Now()
-	info, err := c.mgr.Clone(src, req.Name)
-	took := time.Since(start)
-	if err != nil {
-		c.fail(w, r, err)
-		return
-	}
-	rv.Add(func() { _ = c.mgr.Delete(req.Name) })
-	if _, err := m.openVol(req.Name, home, initialState(primary == m.cfg.Name), true); err != nil {
-		c.fail(w, r, err)
-		return
-	}
-	rv.Add(func() { _ = m.removeVol(req.Name) })
-	if _, err := m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary).CloneVolume(r.Context(), src, req.Name); err != nil {
-		c.fail(w, r, fmt.Errorf("Failed to clone %q to %q on the mirror partner %s: %w", src, req.Name, pv.name, err))
-		return
-	}
-	rv.Success()
-	m.kick()
-	c.log.Info("Mirrored volume cloned", "source", src, "name", req.Name, "home", home, "primary", primary, "duration", took)
-	writeJSON(w, http.StatusCreated, adminclient.CloneResult{Volume: c.apiVolume(info), Duration: took.String(), Nanoseconds: took.Nanoseconds()})
 }
 
 // mirDelete deletes a volume, image or snapshot on both controllers: the partner
