@@ -280,8 +280,9 @@ func (v *vm) onEvent(ev qemu.Event) {
 		v.notifyMigration(st, eventTime(ev))
 	case "STOP":
 		// While migrating out, the guest stops here for the switch-over (QEMU 7.2 emits
-		// no "device" state unless pause-before-switchover is on): say so first, since
-		// every millisecond before the destination announces loses frames.
+		// no "device" state unless pause-before-switchover is on): signal the
+		// destination first, from this event reader, since every millisecond before
+		// it announces the guest loses frames.
 		v.mu.Lock()
 		signal := v.onSwitchover
 		v.mu.Unlock()
@@ -306,9 +307,8 @@ func (v *vm) onEvent(ev qemu.Event) {
 		nics, taps := v.rec.Spec.NICs, v.rec.Taps
 		v.mu.Unlock()
 		if cameIn {
-			v.a.log.Info("Migrated-in VM resumed", "vm", v.name, "qemu_at", eventTime(ev).Format("15:04:05.000000"))
 			// The guest now runs here: say so on the network at once rather than
-			// when the (possibly slow) guest gets to it.
+			// when the (possibly slow) guest gets to it, then tell the source.
 			if arr := v.takeArrival(); arr != nil {
 				arr.announce()
 				arr.resumed()
@@ -316,6 +316,7 @@ func (v *vm) onEvent(ev qemu.Event) {
 			} else {
 				v.announce(nics, taps)
 			}
+			v.a.log.Info("Migrated-in VM resumed", "vm", v.name, "qemu_at", eventTime(ev).Format("15:04:05.000000"))
 		}
 	}
 }
