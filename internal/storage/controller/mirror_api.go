@@ -391,7 +391,10 @@ func (c *Controller) handleResolve(w http.ResponseWriter, r *http.Request) {
 func (c *Controller) mirCreate(w http.ResponseWriter, r *http.Request, req adminclient.CreateVolumeRequest) {
 	c.mirNewVolume(w, r, req.Name,
 		func() (volume.Info, error) { return c.mgr.Create(req.Name, req.Size) },
-		func(cl *adminclient.Client) error { _, err := cl.CreateVolume(r.Context(), req.Name, req.Size); return err },
+		func(cl *adminclient.Client) error {
+			_, err := cl.CreateVolume(r.Context(), req.Name, req.Size)
+			return err
+		},
 		func(info volume.Info, _ time.Duration) { writeJSON(w, http.StatusCreated, c.apiVolume(info)) })
 }
 
