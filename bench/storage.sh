@@ -4,16 +4,23 @@
 # each serving an identical copy of the same data from the same filesystem, in one run;
 # plus the clone time of a 100 MiB and a 10 GiB image. Writes bench/results/storage.md.
 #
+# Every job runs in BENCH_ROUNDS rounds (default 3); each round runs it against every
+# server, starting with a different one each round, so that load from elsewhere on a
+# shared machine hits all servers alike. Figures are medians over the rounds; ratios are
+# the median of the ratios within each round (servers measured back to back).
+#
 # Environment: GROW_BIN (default bin/grow, built if missing), BENCH_RUNTIME (seconds per
-# job, default 15), BENCH_SIZE (data set, default 512M), BENCH_DIR (work directory on
-# the filesystem to measure, default a new directory under /var/tmp).
+# job and round, default 5), BENCH_ROUNDS, BENCH_SIZE (data set, default 512M),
+# BENCH_DIR (work directory on the filesystem to measure, default a new directory under
+# /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 export PATH="/usr/local/go/bin:$PATH"
 source bench/storage/lib.sh
 
-RUNTIME=${BENCH_RUNTIME:-15}
+RUNTIME=${BENCH_RUNTIME:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-512M}
 GROW=${GROW_BIN:-$REPO/bin/grow}
 OUT=${BENCH_OUT:-$REPO/bench/results/storage.md}
@@ -25,6 +32,7 @@ if [ ! -x "$GROW" ]; then
 	go build -o "$GROW" ./cmd/grow
 fi
 
+LOAD0=$(cut -d' ' -f1 /proc/loadavg)
 WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/grow-bench-storage.XXXXXX)}
 mkdir -p "$WORK"
 PIDS=()
@@ -85,9 +93,12 @@ JOBS=(
 )
 for job in "${JOBS[@]}"; do
 	read -r name rw bs unit <<<"$job"
-	for s in "${SERVERS[@]}"; do
-		log "fio $name against $s"
-		RES[$s,$name]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name.txt" "${SPID[$s]}")
+	for r in $(seq "$ROUNDS"); do
+		for i in "${!SERVERS[@]}"; do
+			s=${SERVERS[$(((i + r - 1) % ${#SERVERS[@]}))]}
+			log "fio $name against $s (round $r of $ROUNDS)"
+			RES[$s,$name,$r]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name-$r.txt" "${SPID[$s]}")
+		done
 	done
 done
 

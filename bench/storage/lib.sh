@@ -67,6 +67,26 @@ clone_ms() {
 		"$(printf '%s\n' "${cli[@]}" | sort -n | sed -n 3p | awk '{printf "%.1f", $1 / 1e6}')"
 }
 
+# median N...: the median of the numbers (the lower middle one of an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# field NAME SERVER COLUMN: column (1 IOPS, 2 MB/s, 3 CPU) of every round of job NAME on SERVER.
+field() {
+	local r
+	for r in $(seq "$ROUNDS"); do
+		echo "${RES[$2,$1,$r]}" | cut -d' ' -f"$3"
+	done
+}
+
+# round_ratio NAME COLUMN PEER: the median over rounds of grow's COLUMN divided by PEER's.
+round_ratio() {
+	local r out=()
+	for r in $(seq "$ROUNDS"); do
+		out+=("$(ratio "$(echo "${RES[grow,$1,$r]}" | cut -d' ' -f"$2")" "$(echo "${RES[$3,$1,$r]}" | cut -d' ' -f"$2")")")
+	done
+	median "${out[@]}"
+}
+
 # ratio A B: A/B with two decimals, "-" if B is zero.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 
@@ -103,27 +123,29 @@ write_report() {
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 		echo "- Machine: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r), work directory on $(df --output=fstype "$WORK" | tail -1 | xargs)"
 		echo "- Versions: grow $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $(fio --version), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdkit --version)"
-		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp; caches warmed by one full read first; dirty pages written back before every job; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
-		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs."
+		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp, ${ROUNDS} rounds with the server order rotated each round (figures: medians over rounds; ratios: median of the per-round ratios); caches warmed by one full read first; dirty pages written back before every job; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
+		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs. Load average at the start ${LOAD0:-?}, at the end $(cut -d' ' -f1 /proc/loadavg)."
 		echo
 		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | | server CPU µs per request (grow / qemu-nbd / nbdkit) |"
 		echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
-		local job name rw bs unit g q k gv qv kv gc qc kc target r
+		local job name rw bs unit col label target r s cpu
 		for job in "${JOBS[@]}"; do
 			read -r name rw bs unit <<<"$job"
-			read -r g gv gc <<<"${RES[grow,$name]}"
-			read -r q qv qc <<<"${RES[qemu,$name]}"
-			read -r k kv kc <<<"${RES[nbdkit,$name]}"
-			local cpu="$gc / $qc / $kc"
 			if [ "$unit" = iops ]; then
-				target=1.00
-				r=$(ratio "$g" "$k")
-				echo "| $name (IOPS) | $g | $q | $k | $r | $(ratio "$g" "$q") | >= $target | $(verdict "$r" "$target") | $cpu |"
+				col=1 label=IOPS target=1.00
 			else
-				target=0.90
-				r=$(ratio "$gv" "$kv")
-				echo "| $name (MB/s) | $gv | $qv | $kv | $r | $(ratio "$gv" "$qv") | >= $target | $(verdict "$r" "$target") | $cpu |"
+				col=2 label=MB/s target=0.90
 			fi
+			declare -A val=()
+			cpu=""
+			for s in grow qemu nbdkit; do
+				# shellcheck disable=SC2046
+				val[$s]=$(median $(field "$name" "$s" "$col"))
+				# shellcheck disable=SC2046
+				cpu+="${cpu:+ / }$(median $(field "$name" "$s" 3))"
+			done
+			r=$(round_ratio "$name" "$col" nbdkit)
+			echo "| $name ($label) | ${val[grow]} | ${val[qemu]} | ${val[nbdkit]} | $r | $(round_ratio "$name" "$col" qemu) | >= $target | $(verdict "$r" "$target") | $cpu |"
 		done
 		echo
 		echo "| Clone (median of 5) | in the controller | CLI round trip (incl. process start) |"
