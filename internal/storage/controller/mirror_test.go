@@ -141,6 +141,10 @@ func testPair(t *testing.T) (*node, *node, *witness.Store) {
 	}
 	t.Cleanup(func() {
 		for _, n := range []*node{a, b} {
+			if t.Failed() && n.cmd != nil && os.Getenv("GROW_TEST_DUMP") != "" {
+				_ = n.cmd.Process.Signal(syscall.SIGQUIT) // goroutine dump into the log
+				time.Sleep(time.Second)
+			}
 			n.kill()
 		}
 		if t.Failed() {
@@ -152,6 +156,29 @@ func testPair(t *testing.T) (*node, *node, *witness.Store) {
 		}
 	})
 	return a, b, ws
+}
+
+// startedPair is testPair with both controllers running and seeing each other.
+func startedPair(t *testing.T) (*node, *node, *witness.Store) {
+	t.Helper()
+	a, b, ws := testPair(t)
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+	return a, b, ws
+}
+
+// syncedVolume creates a volume through c and waits until it is synced on both sides;
+// it returns the primary, the secondary and the primary's view of the volume.
+func syncedVolume(t *testing.T, c, a, b *node, name string, size int64) (*node, *node, *adminclient.Volume) {
+	t.Helper()
+	if _, err := c.cl.CreateVolume(context.Background(), name, size); err != nil {
+		t.Fatal(err)
+	}
+	p, s := primaryAndSecondary(t, a, b, name)
+	pv := p.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+	s.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+	return p, s, pv
 }
 
 func (n *node) start() {
@@ -362,10 +389,7 @@ func sameBytes(t *testing.T, what string, x, y []byte) {
 // snapshot and delete apply on both sides.
 func TestMirrorPairReplicates(t *testing.T) {
 	needQemuIO(t)
-	a, b, _ := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
+	a, b, _ := startedPair(t)
 	ctx := context.Background()
 
 	for i, n := range []*node{a, b, a, b} {
@@ -448,17 +472,9 @@ func TestMirrorPairReplicates(t *testing.T) {
 // end identical. Then the same for the other controller.
 func TestMirrorFailoverOnKillAndResync(t *testing.T) {
 	needQemuIO(t)
-	a, b, ws := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
+	a, b, ws := startedPair(t)
 	ctx := context.Background()
-	if _, err := a.cl.CreateVolume(ctx, "v", 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	p, s := primaryAndSecondary(t, a, b, "v")
-	p.waitState(t, "v", "primary", adminclient.MirrorSynced, 10*time.Second)
-	s.waitState(t, "v", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	p, s, _ := syncedVolume(t, a, a, b, "v", 64<<20)
 	if out, err := qemuIOAt(p.cfg.NBDAddr, "v", "write -P 0x11 0 8M", "write -P 0x12 40M 1M", "flush"); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
@@ -514,17 +530,8 @@ func TestMirrorFailoverOnKillAndResync(t *testing.T) {
 // witness grants it the volume alone, then every write completes without an error.
 func TestMirrorSecondaryKilledDuringWrites(t *testing.T) {
 	needQemuIO(t)
-	a, b, _ := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
-	ctx := context.Background()
-	if _, err := a.cl.CreateVolume(ctx, "w", 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	p, s := primaryAndSecondary(t, a, b, "w")
-	pv := p.waitState(t, "w", "primary", adminclient.MirrorSynced, 10*time.Second)
-	s.waitState(t, "w", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	a, b, _ := startedPair(t)
+	p, s, pv := syncedVolume(t, a, a, b, "w", 64<<20)
 	var cmds, checks []string
 	for i := 0; i < 1000; i++ {
 		cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 64k", i%250+1, i*64<<10))
@@ -565,10 +572,7 @@ func TestMirrorSecondaryKilledDuringWrites(t *testing.T) {
 // nothing); resume gives the home volumes back once they are synced.
 func TestMirrorDrainResume(t *testing.T) {
 	needQemuIO(t)
-	a, b, _ := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
+	a, b, _ := startedPair(t)
 	ctx := context.Background()
 	var names []string
 	homes := map[string]string{}
@@ -675,10 +679,7 @@ func setStateFile(t *testing.T, n *node, vol, role string, epoch uint64) {
 // and resyncs until both are identical.
 func TestMirrorSplitAndResolve(t *testing.T) {
 	needQemuIO(t)
-	a, b, _ := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
+	a, b, _ := startedPair(t)
 	ctx := context.Background()
 	if _, err := a.cl.CreateVolume(ctx, "sp", 32<<20); err != nil {
 		t.Fatal(err)
@@ -750,10 +751,7 @@ func TestMirrorSplitAndResolve(t *testing.T) {
 // are mirrored volumes; a resize asked of the secondary is applied on both.
 func TestMirrorImageCloneResize(t *testing.T) {
 	needQemuIO(t)
-	a, b, _ := testPair(t)
-	a.start()
-	b.start()
-	pairUp(t, a, b)
+	a, b, _ := startedPair(t)
 	ctx := context.Background()
 	img := bytes.Repeat([]byte{0xab}, 4<<20)
 	copy(img[1<<20:], bytes.Repeat([]byte{0}, 1<<20))
@@ -821,13 +819,7 @@ func TestMirrorPairOverTLS(t *testing.T) {
 	a.start()
 	b.start()
 	pairUp(t, a, b)
-	ctx := context.Background()
-	if _, err := b.cl.CreateVolume(ctx, "t1", 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	p, s := primaryAndSecondary(t, a, b, "t1")
-	pv := p.waitState(t, "t1", "primary", adminclient.MirrorSynced, 10*time.Second)
-	s.waitState(t, "t1", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	_, s, pv := syncedVolume(t, b, a, b, "t1", 16<<20)
 	if out, err := qemuIOAt(pv.NBDAddress, "t1", "write -P 0x44 0 2M", "flush"); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
