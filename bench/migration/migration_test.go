@@ -383,10 +383,10 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	var info qemu.MigrationInfo
 	seen := false
 	for {
-		// The agent's loop: query every 20 ms, and at once on an end state's event.
+		// The agent's loop: query every 100 ms, and at once on an end state's event.
 		select {
 		case <-r.ended:
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 		if info, err = src.mon.QueryMigrate(ctx); err != nil {
 			t.Fatal(err)
@@ -551,7 +551,7 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	fmt.Fprintf(&sb, "operation's own record from created to succeeded (it defines the VM on the destination, makes its\n")
 	fmt.Fprintf(&sb, "taps, filters and seed, starts QEMU, migrates, checks the guest runs there, quits the source and\n")
 	fmt.Fprintf(&sb, "removes its taps and filters); for raw QMP, starting the destination QEMU by hand until the source\n")
-	fmt.Fprintf(&sb, "has quit (taps made once, beforehand). Both loops read query-migrate every 20 ms and at once on\n")
+	fmt.Fprintf(&sb, "has quit (taps made once, beforehand). Both loops read query-migrate every 100 ms and at once on\n")
 	fmt.Fprintf(&sb, "QEMU's end-state MIGRATION event. *Orchestration CPU* is what the agents plus this benchmark\n")
 	fmt.Fprintf(&sb, "process (raw side: this process alone; its ping readers count on both sides) ran during the\n")
 	fmt.Fprintf(&sb, "wall time; *machine busy* is the share of both CPUs busy then, everything included.\n\n")

@@ -582,7 +582,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 				continue
 			}
 			// An end state: read the figures now rather than at the next poll.
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(migrationPoll):
 		}
 		info, err := mon.QueryMigrate(bg)
 		if err != nil {
@@ -695,6 +695,10 @@ func (v *vm) finishMigration(ctx context.Context, o *operation, target *agentcli
 	ph.mark("source_gone")
 	return nil
 }
+
+// migrationPoll is how often a running migration's progress is read; its state
+// changes come as QEMU events at once.
+const migrationPoll = 100 * time.Millisecond
 
 // exitMigratedAway is the exit reason of a source QEMU after its guest moved.
 const exitMigratedAway = "migrated away"

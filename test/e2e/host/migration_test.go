@@ -26,7 +26,7 @@ import (
 type pinger struct {
 	cmd   *exec.Cmd
 	mu    sync.Mutex
-	got   map[int]bool
+	got   map[int]time.Time // when each answered probe's reply was read
 	start time.Time
 	done  chan struct{}
 }
@@ -35,7 +35,7 @@ var pingSeqRe = regexp.MustCompile(`seq=(\d+)`)
 
 func startPing(t *testing.T, ns, ip string) *pinger {
 	t.Helper()
-	p := &pinger{got: map[int]bool{}, done: make(chan struct{})}
+	p := &pinger{got: map[int]time.Time{}, done: make(chan struct{})}
 	p.cmd = exec.Command("ip", "netns", "exec", ns, "busybox", "ping", "-i", "0.05", ip)
 	out, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -54,7 +54,7 @@ func startPing(t *testing.T, ns, ip string) *pinger {
 			if m := pingSeqRe.FindStringSubmatch(sc.Text()); m != nil {
 				n, _ := strconv.Atoi(m[1])
 				p.mu.Lock()
-				p.got[n] = true
+				p.got[n] = time.Now()
 				p.mu.Unlock()
 			}
 		}
@@ -97,6 +97,22 @@ func (p *pinger) lost() (missing []int, answered int) {
 		}
 	}
 	return missing, len(seqs)
+}
+
+// clock formats a time as the agents' logs do.
+func clock(t time.Time) string { return t.Format("15:04:05.000000") }
+
+// sentAround estimates when unanswered probe seq was sent: 50 ms after each probe
+// since the last answered one before it.
+func (p *pinger) sentAround(seq int) time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for s := seq - 1; s >= 0; s-- {
+		if at, ok := p.got[s]; ok {
+			return at.Add(time.Duration(seq-s) * 50 * time.Millisecond)
+		}
+	}
+	return p.start.Add(time.Duration(seq) * 50 * time.Millisecond)
 }
 
 var writerRe = regexp.MustCompile(`GROW-WRITER disk=\S+ slots=(\d+) start=\d+\r?\n`)
@@ -230,6 +246,20 @@ func TestMigration(t *testing.T) {
 	for i, n := range perWindow {
 		if n > 1 {
 			t.Errorf("migration %d lost %d probes of the 50 ms ping stream (at most 1 allowed)", i, n)
+		}
+	}
+	if t.Failed() {
+		// To line the losses up with the agents' migration steps.
+		for _, s := range missing {
+			t.Logf("probe %d unanswered, sent about %s", s, clock(ping.sentAround(s)))
+		}
+		for _, h := range b.Hosts {
+			log, _ := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
+			for _, l := range strings.Split(string(log), "\n") {
+				if strings.Contains(l, "Migration timing") || strings.Contains(l, "Announced") || strings.Contains(l, "resumed") {
+					t.Logf("hostd %d: %s", h.Idx, l)
+				}
+			}
 		}
 	}
 	if len(missing) > rounds {
