@@ -62,7 +62,9 @@ func NewAnnouncer(bridge, tap, mac string) (*Announcer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to open a netlink socket: %w", err)
 	}
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+	// Protocol 0: the socket only sends. One opened for ETH_P_ALL would be handed a
+	// copy of every frame of the host while it waits (a migration stream included).
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		nl.Close()
 		return nil, fmt.Errorf("Failed to open a packet socket: %w", err)
