@@ -40,8 +40,9 @@ type allocator struct {
 	free      bitmap  // clusters that can be handed out
 	zero      bitmap  // free clusters known to read as zeroes (discarded)
 	groupFree []uint8 // free clusters per group
+	fullMap   bitmap  // groups of groupSize clusters that are entirely free
 	nfree     uint64
-	fullFree  uint64 // groups of groupSize clusters that are entirely free
+	fullFree  uint64 // groups in fullMap
 	groupHand uint64 // where the search for an entirely free group resumes
 	wordHand  uint64 // where the search for any free cluster resumes
 	resv      map[resvKey]uint64
@@ -55,6 +56,7 @@ func newAllocator(total uint64, used bitmap) allocator {
 		free:      newBitmap(total),
 		zero:      newBitmap(total),
 		groupFree: make([]uint8, len(used)), // a group is one word of the bitmap
+		fullMap:   newBitmap(uint64(len(used))),
 		resv:      make(map[resvKey]uint64),
 	}
 	for w := range a.free {
@@ -68,6 +70,7 @@ func newAllocator(total uint64, used bitmap) allocator {
 		a.nfree += uint64(n)
 		if n == groupSize {
 			a.fullFree++
+			a.fullMap.set(uint64(w))
 		}
 	}
 	return a
@@ -91,6 +94,7 @@ func (a *allocator) put(p uint64, zero bool) {
 	a.groupFree[g]++
 	if a.groupFree[g] == groupSize {
 		a.fullFree++
+		a.fullMap.set(g)
 	}
 }
 
@@ -99,6 +103,7 @@ func (a *allocator) take(p uint64) bool {
 	g := p >> groupShift
 	if a.groupFree[g] == groupSize {
 		a.fullFree--
+		a.fullMap.clear(g)
 	}
 	a.groupFree[g]--
 	a.nfree--
@@ -147,17 +152,21 @@ func (a *allocator) reserve(key resvKey, g uint64) {
 	a.resv[key] = g
 }
 
-// fullGroup finds an entirely free group, lowest first after the hand.
+// fullGroup finds an entirely free group, resuming where the last search stopped.
 func (a *allocator) fullGroup() (uint64, bool) {
 	if a.fullFree == 0 {
 		return 0, false
 	}
-	n := uint64(len(a.groupFree))
-	for i := uint64(0); i < n; i++ {
-		g := (a.groupHand + i) % n
-		if a.groupFree[g] == groupSize {
-			a.groupHand = g
-			return g, true
+	n := uint64(len(a.fullMap))
+	for i := uint64(0); i <= n; i++ {
+		w := (a.groupHand/64 + i) % n
+		v := a.fullMap[w]
+		if i == 0 {
+			v &^= 1<<(a.groupHand%64) - 1 // groups before the hand come last
+		}
+		if v != 0 {
+			a.groupHand = w*64 + uint64(bits.TrailingZeros64(v))
+			return a.groupHand, true
 		}
 	}
 	return 0, false

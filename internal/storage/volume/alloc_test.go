@@ -182,3 +182,61 @@ func TestNeighbourGoal(t *testing.T) {
 		t.Fatalf("goal %d, want %d", g, 2*groupSize+2)
 	}
 }
+
+// TestAllocatorModel runs random allocations and frees against a plain set and checks
+// after each step that the allocator hands out only free clusters, never fails while
+// one is free, and keeps its counts, group counts and map of free groups exact.
+func TestAllocatorModel(t *testing.T) {
+	for _, total := range []uint64{1, 63, 64, 200, 5*groupSize + 17} {
+		used := newBitmap(total)
+		a := newAllocator(total, used)
+		inUse := map[uint64]bool{}
+		r := rand.New(rand.NewPCG(total, 3))
+		for step := 0; step < 4000; step++ {
+			if r.IntN(3) > 0 {
+				goal := noGoal
+				if r.IntN(2) == 0 {
+					goal = r.Uint64N(total)
+				}
+				p, _, ok := a.get(r.Uint64N(4), r.Uint64N(1<<12), goal)
+				if ok != (len(inUse) < int(total)) {
+					t.Fatalf("total %d step %d: get ok=%v with %d of %d in use", total, step, ok, len(inUse), total)
+				}
+				if ok {
+					if inUse[p] || p >= total {
+						t.Fatalf("total %d step %d: handed out cluster %d, in use or out of range", total, step, p)
+					}
+					inUse[p] = true
+				}
+			} else if len(inUse) > 0 {
+				for p := range inUse {
+					delete(inUse, p)
+					a.put(p, r.IntN(2) == 0)
+					break
+				}
+			}
+			var free, full uint64
+			for g := uint64(0); g < uint64(len(a.groupFree)); g++ {
+				n := 0
+				for p := g * groupSize; p < min((g+1)*groupSize, total); p++ {
+					if a.free.has(p) == inUse[p] {
+						t.Fatalf("total %d step %d: cluster %d free=%v, in use=%v", total, step, p, a.free.has(p), inUse[p])
+					}
+					if a.free.has(p) {
+						n++
+					}
+				}
+				if int(a.groupFree[g]) != n || a.fullMap.has(g) != (n == groupSize) {
+					t.Fatalf("total %d step %d: group %d counts %d (full %v), has %d free", total, step, g, a.groupFree[g], a.fullMap.has(g), n)
+				}
+				free += uint64(n)
+				if n == groupSize {
+					full++
+				}
+			}
+			if free != a.nfree || full != a.fullFree {
+				t.Fatalf("total %d step %d: counts %d free, %d full groups; really %d and %d", total, step, a.nfree, a.fullFree, free, full)
+			}
+		}
+	}
+}

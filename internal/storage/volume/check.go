@@ -271,6 +271,9 @@ func (m *Manager) checkAllocator(rep *Report, used bitmap) {
 		if n == groupSize {
 			full++
 		}
+		if a.fullMap.has(uint64(g)) != (n == groupSize) {
+			rep.problem("allocator's map of free groups is wrong for group %d (%d free clusters)", g, n)
+		}
 	}
 	if free != a.nfree || full != a.fullFree {
 		rep.problem("allocator counts %d free clusters and %d free groups, its bitmap %d and %d", a.nfree, a.fullFree, free, full)
