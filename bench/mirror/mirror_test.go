@@ -442,13 +442,17 @@ func benchStall(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, kills int)
 		"A guest writes a 4 KiB block every 10 ms with O_DIRECT|O_DSYNC to a mirrored volume through QEMU's NBD client "+
 		"(reconnect-delay 20 s) at the volume's nbd_address; the volume's current primary is killed with SIGKILL %d times "+
 		"(restarted and resynced in between). Stall: the longest gap between the guest's timestamps of consecutive blocks "+
-		"from 5 blocks before the kill to 500 after (normal gap: 10 ms plus the write). Host side: kill to 10 more "+
+		"from 5 blocks before the kill to 500 after or the next kill (normal gap: 10 ms plus the write). Host side: kill to 10 more "+
 		"acknowledged writes on the console. I/O errors seen by the guest over the run: %d.\n\n", kills, len(ioErrs))
 	md.WriteString("| Kill | controller | stall (guest) | kill to 10 more writes (host) |\n|---:|---|---:|---:|\n")
 	var worst time.Duration
 	for i, k := range ks {
 		var gap time.Duration
-		for s := k.ack - min(k.ack-1, 5); s < k.ack+500 && s < last; s++ {
+		end := min(k.ack+500, last)
+		if i+1 < len(ks) {
+			end = min(end, ks[i+1].ack)
+		}
+		for s := k.ack - min(k.ack-1, 5); s < end; s++ {
 			a, ok1 := stamps[s]
 			c, ok2 := stamps[s+1]
 			if ok1 && ok2 {
@@ -485,9 +489,18 @@ func benchResync(t *testing.T, b *testbed.Bed, p *testbed.StoragePair) (string, 
 	md.WriteString("## Resync after an outage\n\n" +
 		"For each case: a new mirrored volume; its secondary is killed with SIGKILL; the changed bytes are written " +
 		"through the primary as 1 MiB writes spread evenly over the volume; the secondary is restarted; the time is from " +
-		"its restart to both sides reporting synced (it includes the controller's start). Copied: mirror_resync_bytes " +
+		"its restart to both sides reporting synced (it includes the controller's start). The volume is the only one on " +
+		"the pair. Copied: the volume's own resync progress (mirror.resync.done on the primary) and mirror_resync_bytes " +
 		"of both controllers, after minus before.\n\n" +
-		"| Volume | changed | resync time | copied | copied / changed |\n|---|---:|---:|---:|---:|\n")
+		"| Volume | changed | resync time | copied (volume) | copied (counter) | counter / changed |\n|---|---:|---:|---:|---:|---:|\n")
+	// Only the volume under test may be resynced: the earlier sections' volumes go.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, name := range []string{"fio", "stall"} {
+		if err := p.Ctl[0].Delete(ctx, "/v1/volumes/"+name); err != nil {
+			return "", err
+		}
+	}
 	var base time.Duration
 	for i, c := range cases {
 		if err := createMirrored(p, p.Ctl[i%2], c.vol, c.size); err != nil {
@@ -535,6 +548,22 @@ func benchResync(t *testing.T, b *testbed.Bed, p *testbed.StoragePair) (string, 
 			return md.String(), err
 		}
 		copied := after - before
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		v := p.View(ctx, c.vol)
+		cancel()
+		var own int64 = -1
+		for _, x := range v.Vol {
+			if x != nil && x.Mirror != nil && x.Mirror.Role == "primary" {
+				own = x.Mirror.Resync.Done
+			}
+		}
+		// The next case starts from a pair with no other volume to resync.
+		ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+		err = p.Ctl[0].Delete(ctx, "/v1/volumes/"+c.vol)
+		cancel()
+		if err != nil {
+			return md.String(), err
+		}
 		if c.changed == 0 {
 			base = took
 		}
@@ -543,8 +572,9 @@ func benchResync(t *testing.T, b *testbed.Bed, p *testbed.StoragePair) (string, 
 			per = fmt.Sprintf("%.2f", float64(copied)/float64(c.changed))
 		}
 		t.Logf("resync %s: %d MiB changed, %s, %d bytes copied", c.vol, c.changed/mib, took, copied)
-		fmt.Fprintf(&md, "| %s (%d GiB) | %.1f MiB (%.1f %%) | %s | %.1f MiB | %s |\n", c.vol, c.size>>30,
-			float64(c.changed)/mib, 100*float64(c.changed)/float64(c.size), took.Round(10*time.Millisecond), float64(copied)/mib, per)
+		fmt.Fprintf(&md, "| %s (%d GiB) | %.1f MiB (%.1f %%) | %s | %.1f MiB | %.1f MiB | %s |\n", c.vol, c.size>>30,
+			float64(c.changed)/mib, 100*float64(c.changed)/float64(c.size), took.Round(10*time.Millisecond),
+			float64(own)/mib, float64(copied)/mib, per)
 	}
 	fmt.Fprintf(&md, "\nThe first row (no change) is the fixed cost of a restart and reconnection (%s); "+
 		"the target is a resync time that grows with the changed data (1 %% vs 5 %% of 10 GiB) and not with the volume size "+

@@ -388,6 +388,11 @@ func (c *PairController) Post(ctx context.Context, path string, in, out any) err
 	return c.call(ctx, http.MethodPost, path, in, out)
 }
 
+// Delete sends DELETE path to the controller's admin API.
+func (c *PairController) Delete(ctx context.Context, path string) error {
+	return c.call(ctx, http.MethodDelete, path, nil, nil)
+}
+
 // GetText returns the body of GET path on the controller's admin API (e.g. /metrics).
 func (c *PairController) GetText(ctx context.Context, path string) (string, error) {
 	var b rawBody
