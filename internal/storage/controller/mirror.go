@@ -603,7 +603,9 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 		}
 	}
 	// Fenced: partner and witness both lost for longer than the fence timeout.
-	m.fenced = !pv.up && pv.lostFor > m.fenceTimeout && !pv.witnessU && len(keep)+len(want) > 0 && time.Since(m.started) > m.fenceTimeout
+	// Only held volumes (whose partner may take them over) make it fence itself; a side
+	// that holds its epochs alone cannot be overtaken.
+	m.fenced = !pv.up && pv.lostFor > m.fenceTimeout && !pv.witnessU && len(keep) > 0 && time.Since(m.started) > m.fenceTimeout
 	if m.fenced {
 		want, keep = map[string]bool{}, map[string]bool{}
 	}
@@ -619,7 +621,6 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 	if m.drained {
 		next = map[string]bool{}
 	}
-	prev := m.serving
 	m.serving = next
 	m.mu.Unlock()
 	if m.fenced {
@@ -667,7 +668,6 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			m.c.log.Info("Service address removed", "home", h, "address", p.String())
 		}
 	}
-	_ = prev
 }
 
 // status is GET /v1/mirror.

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -271,6 +272,20 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool
 	}
 }
 
+// metrics returns the controller's Prometheus text.
+func (n *node) metrics(t *testing.T) string {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, "http://"+n.cfg.APIAddr+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+n.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
 func (n *node) volume(name string) *adminclient.Volume {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -519,6 +534,10 @@ func TestMirrorFailoverOnKillAndResync(t *testing.T) {
 		// The returning side does not serve the volume.
 		if out, err := qemuIOAt(victim.cfg.NBDAddr, "v", "read 0 4k"); err == nil {
 			t.Fatalf("the returned %s serves the volume:\n%s", victim.name, out)
+		}
+		if m := survivor.metrics(t); !strings.Contains(m, fmt.Sprintf("grow_mirror_resync_bytes_total %d", after.MirrorResyncBytes)) ||
+			!strings.Contains(m, `grow_mirror_volumes{role="primary",state="synced"} 1`) {
+			t.Fatalf("metrics lack the mirror counters:\n%s", m)
 		}
 	}
 	a.stop()

@@ -57,6 +57,9 @@ type metrics struct {
 	cacheSize, cacheBytes, cacheHits, cacheMiss  *prometheus.Desc
 	poolState, diskState, rebuildDone            *prometheus.Desc
 	ops, ioBytes, conns, open, ioErrors          *prometheus.Desc
+
+	// Mirroring (only on a paired controller).
+	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness *prometheus.Desc
 }
 
 func newMetrics(c *Controller) *metrics {
@@ -85,6 +88,14 @@ func newMetrics(c *Controller) *metrics {
 		open:        d("nbd_open_exports", "NBD exports open now."),
 		ioErrors:    d("nbd_errors_total", "NBD requests answered with an error."),
 	}
+	md := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("grow_mirror_"+name, help, labels, nil)
+	}
+	m.mirResync = md("resync_bytes_total", "Bytes copied to the partner by resync since start.")
+	m.mirVolumes = md("volumes", "Mirrored volumes on this controller, by role and state.", "role", "state")
+	m.mirDirty = md("dirty_bytes", "Bytes of mirrored volumes known to differ from the partner.")
+	m.mirPartner = md("partner_up", "1 while the mirror partner answers.")
+	m.mirWitness = md("witness_up", "1 while the witness answers.")
 	m.reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -99,6 +110,11 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 		m.cacheSize, m.cacheBytes, m.cacheHits, m.cacheMiss, m.poolState, m.diskState, m.rebuildDone,
 		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors} {
 		ch <- d
+	}
+	if m.c.mir != nil {
+		for _, d := range []*prometheus.Desc{m.mirResync, m.mirVolumes, m.mirDirty, m.mirPartner, m.mirWitness} {
+			ch <- d
+		}
 	}
 }
 
@@ -146,4 +162,31 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ctr(m.conns, s.Connections)
 	g(m.open, s.OpenExports)
 	ctr(m.ioErrors, m.c.io.errors.Load())
+	if mir := m.c.mir; mir != nil {
+		ms := mir.status()
+		ctr(m.mirResync, ms.ResyncBytes)
+		pv := mir.view()
+		counts := map[[2]string]int64{}
+		var dirty int64
+		for _, v := range mir.volList() {
+			vm := v.apiMirror(pv)
+			counts[[2]string{vm.Role, vm.State}]++
+			dirty += vm.DirtyBytes
+		}
+		for _, role := range []string{"primary", "secondary"} {
+			for _, st := range []string{adminclient.MirrorSynced, adminclient.MirrorDegraded, adminclient.MirrorResyncing,
+				adminclient.MirrorStale, adminclient.MirrorFrozen, adminclient.MirrorSplit} {
+				g(m.mirVolumes, counts[[2]string{role, st}], role, st)
+			}
+		}
+		g(m.mirDirty, dirty)
+		up := func(b bool) int64 {
+			if b {
+				return 1
+			}
+			return 0
+		}
+		g(m.mirPartner, up(ms.PartnerReachable))
+		g(m.mirWitness, up(ms.WitnessReachable))
+	}
 }
