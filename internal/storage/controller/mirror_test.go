@@ -535,9 +535,15 @@ func TestMirrorFailoverOnKillAndResync(t *testing.T) {
 		if out, err := qemuIOAt(victim.cfg.NBDAddr, "v", "read 0 4k"); err == nil {
 			t.Fatalf("the returned %s serves the volume:\n%s", victim.name, out)
 		}
-		if m := survivor.metrics(t); !strings.Contains(m, fmt.Sprintf("grow_mirror_resync_bytes_total %d", after.MirrorResyncBytes)) ||
-			!strings.Contains(m, `grow_mirror_volumes{role="primary",state="synced"} 1`) {
-			t.Fatalf("metrics lack the mirror counters:\n%s", m)
+		m := survivor.metrics(t)
+		var got float64
+		for _, line := range strings.Split(m, "\n") {
+			if v, ok := strings.CutPrefix(line, "grow_mirror_resync_bytes_total "); ok {
+				fmt.Sscan(v, &got)
+			}
+		}
+		if int64(got) != after.MirrorResyncBytes || !strings.Contains(m, `grow_mirror_volumes{role="primary",state="synced"} 1`) {
+			t.Fatalf("metrics lack the mirror counters (resync bytes %v, want %d):\n%s", got, after.MirrorResyncBytes, m)
 		}
 	}
 	a.stop()
