@@ -13,7 +13,7 @@ import (
 // Check makes the metadata durable, then verifies it: it replays the on-disk
 // checkpoint and journals (checking every CRC), cross-checks the result (every mapped
 // cluster inside the device, no physical cluster owned twice, parents exist and are
-// frozen, no cycles) and compares it with the live state and the free list. I/O is
+// frozen, no cycles) and compares it with the live state and the free clusters. I/O is
 // paused while it runs. Report lists the problems; an error means it could not run.
 func (m *Manager) Check() (Report, error) {
 	if err := m.checkOpen("check"); err != nil {

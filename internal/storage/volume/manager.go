@@ -512,7 +512,7 @@ func (m *Manager) syncHeld() ([]uint64, error) {
 	return freed, nil
 }
 
-// release returns clusters whose freeing record is now durable to the free list,
+// release returns clusters whose freeing record is now durable to the allocator,
 // discarding them on the device first.
 func (m *Manager) release(freed []uint64) {
 	if len(freed) == 0 {

@@ -12,6 +12,11 @@
 // mapping never points at data that is not durable. A freed physical cluster is reused
 // only after the record that freed it is durable.
 //
+// Placement (alloc.go): each 4 MiB chunk of a volume goes to one 4 MiB group of the
+// device, cluster i of the chunk at cluster i of the group, so that sequential I/O is
+// one device call per chunk however the clusters were first written (out of order,
+// from several connections). It is a hint kept in memory, never a rule on disk.
+//
 // This package must never: write into a cluster that a read-only layer (image or
 // snapshot) maps, hand out a physical cluster that another layer maps or whose freeing
 // record is not yet durable, hold a manager-wide lock on the data path (reads, writes
