@@ -101,7 +101,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest
 func (v *vm) listenIncoming(ctx context.Context, host string, ph *phases) (string, error) {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
-	if err := v.startLocked(ctx, true); err != nil {
+	if err := v.startLockedTraced(ctx, true, ph); err != nil {
 		return "", err
 	}
 	ph.mark("started")

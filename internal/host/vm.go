@@ -153,6 +153,11 @@ func (v *vm) qemuConfig(taps []string, incoming bool) qemu.Config {
 // startLocked starts QEMU with taps, filters, shaping and limits; with incoming it waits
 // for a migration instead of booting. On any error nothing is left behind.
 func (v *vm) startLocked(ctx context.Context, incoming bool) error {
+	return v.startLockedTraced(ctx, incoming, nil)
+}
+
+// startLockedTraced is startLocked with its steps recorded in ph (may be nil).
+func (v *vm) startLockedTraced(ctx context.Context, incoming bool, ph *phases) error {
 	if v.instance() != nil {
 		return fmt.Errorf("VM %q is already %s: %w", v.name, v.state(), ErrConflict)
 	}
@@ -181,9 +186,11 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 		r.Add(func() { _ = network.DeleteTap(tap) })
 		r.Add(func() { _ = network.RemoveFilter(tap) })
 	}
+	ph.mark("taps")
 	if err := <-seedErr; err != nil {
 		return fmt.Errorf("Failed to write cloud-init seed of VM %q: %w", v.name, err)
 	}
+	ph.mark("seed")
 	// Filters and shaping: before QEMU for a booting guest; for an incoming one (whose
 	// guest cannot send before the migration that only starts after we return) while
 	// QEMU starts.
@@ -217,6 +224,7 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 		v.console = newConsole(cfg.ConsolePath(), cfg.ConsoleLog())
 	}
 	inst, err := qemu.Start(ctx, cfg, v.onEvent)
+	ph.mark("qemu")
 	if nerr := <-netErr; err == nil && nerr != nil {
 		_ = inst.Kill()
 		return nerr
@@ -225,6 +233,7 @@ func (v *vm) startLocked(ctx context.Context, incoming bool) error {
 		return err
 	}
 	r.Add(func() { _ = inst.Kill() })
+	ph.mark("filters")
 	if err := v.a.cg.apply(v.name, inst.PID, spec.Limits); err != nil {
 		return fmt.Errorf("Failed to apply limits to VM %q: %w", v.name, err)
 	}
