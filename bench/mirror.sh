@@ -8,7 +8,8 @@
 # Environment: BENCH_RUNTIME (seconds per fio job, default 10), BENCH_ROUNDS (fio rounds
 # per side, default 2), BENCH_KILLS (primary kills under the guest, default 5),
 # BENCH_SIZE_MIB (fio data set, default 512), BENCH_CACHE (controller cache, default
-# 256MiB), BENCH_RESYNC_RATE (--resync-rate, default the daemon's).
+# 256MiB), BENCH_RESYNC_RATE (--resync-rate, default the daemon's), BENCH_ONLY (comma list
+# of sections to run: fio, failover stall, resync; default all) and BENCH_OUT (result file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
