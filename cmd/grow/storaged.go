@@ -96,7 +96,7 @@ freezes rather than guess.`,
 	f.StringVar(&cfg.Mirror.ServiceAddress, "service-address", "", "this controller's moving service address for hosts, IP/PREFIX (needs --service-dev and --nbd on a wildcard address)")
 	f.StringVar(&cfg.Mirror.ServiceDev, "service-dev", "", "network device that carries the service addresses")
 	f.StringVar(&rate, "resync-rate", "0", "resync rate limit per second, e.g. 200MiB (0: unlimited)")
-	f.DurationVar(&cfg.Mirror.PeerTimeout, "peer-timeout", 0, "declare the partner lost after this long without an answer (default 1.5s)")
+	f.DurationVar(&cfg.Mirror.PeerTimeout, "peer-timeout", 0, "declare the partner lost after this long without an answer (default 1s; fencing follows 0.5s later, a takeover by the partner 1.5s later)")
 	return cmd
 }
 

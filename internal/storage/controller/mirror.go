@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/growserver/grow/internal/storage/adminclient"
@@ -44,7 +45,7 @@ type MirrorConfig struct {
 	// ResyncRate limits resync in bytes per second (0: unlimited).
 	ResyncRate int64
 	// PeerTimeout declares the partner lost after this long without an answer
-	// (default 1.5 s); the fence timeout is PeerTimeout+0.5 s and the takeover delay
+	// (default 1 s); the fence timeout is PeerTimeout+0.5 s and the takeover delay
 	// PeerTimeout+1.5 s.
 	PeerTimeout time.Duration
 }
@@ -57,6 +58,10 @@ const (
 )
 
 const heartbeatInterval = 250 * time.Millisecond
+
+// deadAfter is how long the partner's API must refuse connections before the partner
+// counts as dead (no process) rather than merely silent, which allows a quick takeover.
+const deadAfter = 500 * time.Millisecond
 
 // errUnavailable answers metadata operations while the partner is unreachable.
 var errUnavailable = errors.New("unavailable")
@@ -101,19 +106,22 @@ type mirrorMgr struct {
 	// metaMu serialises metadata operations on this side.
 	metaMu sync.Mutex
 
-	mu         sync.Mutex
-	vols       map[string]*mvol
-	info       *adminclient.MirrorStatus // partner's last answer
-	infoAt     time.Time                 // when the poll that got info was sent
-	peerName   string
-	peerSvc    string
-	lastPeerOK time.Time
-	lastWitOK  time.Time
-	started    time.Time
-	fenced     bool
-	drained    bool
-	serving    map[string]bool // homes served (addresses held or, without addresses, claimed)
-	addrs      map[string]bool // service addresses currently added, by home
+	mu     sync.Mutex
+	vols   map[string]*mvol
+	info   *adminclient.MirrorStatus // partner's last answer
+	infoAt time.Time                 // when the poll that got info was sent
+	// refusedSince is when the partner's API began refusing connections (its machine
+	// answers but no process listens: the controller is dead); zero otherwise.
+	refusedSince time.Time
+	peerName     string
+	peerSvc      string
+	lastPeerOK   time.Time
+	lastWitOK    time.Time
+	started      time.Time
+	fenced       bool
+	drained      bool
+	serving      map[string]bool // homes served (addresses held or, without addresses, claimed)
+	addrs        map[string]bool // service addresses currently added, by home
 	// addrMu serialises changes and renewals of service addresses.
 	addrMu sync.Mutex
 
@@ -183,7 +191,7 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 	m.rate.Store(cfg.ResyncRate)
 	m.peerTimeout = cfg.PeerTimeout
 	if m.peerTimeout <= 0 {
-		m.peerTimeout = 1500 * time.Millisecond
+		m.peerTimeout = time.Second
 	}
 	m.fenceTimeout = m.peerTimeout + 500*time.Millisecond
 	m.takeover = m.peerTimeout + 1500*time.Millisecond
@@ -384,6 +392,16 @@ func (m *mirrorMgr) pollLoop() {
 		ctx, cancel := context.WithTimeout(m.ctx, m.peerTimeout)
 		info, err := m.peer.MirrorStatus(ctx)
 		cancel()
+		m.mu.Lock()
+		switch {
+		case err != nil && errors.Is(err, syscall.ECONNREFUSED):
+			if m.refusedSince.IsZero() {
+				m.refusedSince = sent
+			}
+		default:
+			m.refusedSince = time.Time{}
+		}
+		m.mu.Unlock()
 		if err == nil && info.Name != "" && info.Name != m.cfg.Name {
 			m.mu.Lock()
 			m.info, m.infoAt, m.lastPeerOK = info, sent, time.Now()
@@ -468,6 +486,8 @@ type peerView struct {
 	infoAt   time.Time
 	name     string
 	witnessU bool
+	// dead: the partner's machine refuses connections to its API (the process is gone).
+	dead bool
 }
 
 func (m *mirrorMgr) view() peerView {
@@ -479,7 +499,8 @@ func (m *mirrorMgr) view() peerView {
 		last = m.started
 	}
 	pv := peerView{lostFor: now.Sub(last), info: m.info, infoAt: m.infoAt, name: m.peerName}
-	pv.up = !m.lastPeerOK.IsZero() && pv.lostFor < m.peerTimeout
+	pv.dead = !m.refusedSince.IsZero() && now.Sub(m.refusedSince) >= deadAfter
+	pv.up = !m.lastPeerOK.IsZero() && pv.lostFor < m.peerTimeout && !pv.dead
 	pv.witnessU = m.wit != nil && now.Sub(m.lastWitOK) < m.fenceTimeout
 	return pv
 }

@@ -328,7 +328,13 @@ func (v *mvol) reconcile(pv peerView) {
 			v.lastLinkBytes = n
 			v.linkActive.Store(time.Now().UnixNano())
 		}
-		if pv.up || pv.lostFor < m.takeover || time.Since(time.Unix(0, v.linkActive.Load())) < m.takeover {
+		// Wait longer than the primary may go on before fencing itself, unless its
+		// process is known dead (its machine refuses connections to its API).
+		delay := m.takeover
+		if pv.dead {
+			delay = deadAfter
+		}
+		if pv.up || pv.lostFor < delay || time.Since(time.Unix(0, v.linkActive.Load())) < delay {
 			return
 		}
 		// Last check before deposing the primary: does it answer right now?

@@ -104,7 +104,7 @@
 //   - Discovery and heartbeat: each controller polls GET /v1/mirror on its partner every
 //     250 ms with the partner's admin token; the answer carries the partner's name, link
 //     address, service address, and every volume's role and epoch. The partner is lost
-//     after --peer-timeout (1.5 s) without an answer.
+//     after --peer-timeout (1 s) without an answer.
 //   - Metadata: create, delete, resize, clone, snapshot and image import received by
 //     either controller are applied on both: forwarded with the X-Grow-Mirror-Forwarded
 //     header (never forwarded back), the local step undone if the partner refuses.
