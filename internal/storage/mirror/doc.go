@@ -127,8 +127,12 @@
 //     refused, it is stale. A secondary waits until the primary has been silent for
 //     peer-timeout + 1.5 s (longer than the primary's fence timeout, peer-timeout +
 //     0.5 s), and only if no write arrived over the link and a last probe fails, then
-//     asks for epoch+1 and takes the volume over. Without a witness nobody is granted
-//     anything: volumes freeze rather than guess.
+//     asks for epoch+1 and takes the volume over. When the partner's machine refuses
+//     connections to its API port for 0.5 s (its process is dead, not cut off), the
+//     secondary takes over after 0.5 s: a dead process writes nothing, and the witness
+//     still settles a race with a restarting one. A planned restart should therefore be
+//     preceded by a drain. Without a witness nobody is granted anything: volumes freeze
+//     rather than guess.
 //   - Fencing: a controller that has lost both partner and witness for longer than the
 //     fence timeout gives its service addresses up and closes its held connections.
 //   - Return: the side with the higher epoch resyncs the other, copying its own dirty
