@@ -103,7 +103,8 @@ type mirrorMgr struct {
 	rate                                atomic.Int64
 	retiredResync                       atomic.Int64
 
-	// metaMu serialises metadata operations on this side.
+	// metaMu serialises the metadata operations this side originates (never the
+	// forwarded ones, which the partner serialises).
 	metaMu sync.Mutex
 
 	mu     sync.Mutex
@@ -165,12 +166,16 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 	if m.peer, err = adminclient.New(cfg.Peer, m.peerTok); err != nil {
 		return nil, fmt.Errorf("Invalid --peer: %w", err)
 	}
-	hc := &http.Client{Timeout: 10 * time.Second}
+	// No overall timeout: an image copy takes as long as it takes. Heartbeats and
+	// elections carry their own deadlines; a partner that stops answering in the middle
+	// of a request is cut off by the transport's keep-alive and header timeouts.
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DialContext = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 5 * time.Second}).DialContext
+	tr.ResponseHeaderTimeout = 10 * time.Minute
 	if strings.HasPrefix(cfg.Peer, "https:") {
-		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.TLSClientConfig = m.clientTLS()
-		hc.Transport = tr
 	}
+	hc := &http.Client{Transport: tr}
 	m.peer = m.peer.WithHTTPClient(hc)
 	m.fwd = m.peer.WithHeader(hdrForwarded, cfg.Name)
 	if cfg.Witness != "" {

@@ -427,9 +427,11 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name s
 		c.fail(w, r, err)
 		return
 	}
-	m.metaMu.Lock()
-	defer m.metaMu.Unlock()
 	if !forwarded(r) {
+		// Only originated operations are serialised here: a forwarded one waiting for
+		// this lock while our own waits for the partner's would stall both.
+		m.metaMu.Lock()
+		defer m.metaMu.Unlock()
 		home = homeOf(name, m.cfg.Name, pv.name)
 		primary = m.placePrimary(home, pv)
 	}
@@ -492,9 +494,6 @@ func (c *Controller) mirDelete(w http.ResponseWriter, r *http.Request, name stri
 			c.fail(w, r, fmt.Errorf("Failed to delete %q on the mirror partner %s: %w", name, pv.name, err))
 			return
 		}
-	} else {
-		m.metaMu.Lock()
-		defer m.metaMu.Unlock()
 	}
 	v := m.get(name)
 	var home string
@@ -532,8 +531,6 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 	m := c.mir
 	v := m.get(name)
 	if forwarded(r) {
-		m.metaMu.Lock()
-		defer m.metaMu.Unlock()
 		if err := c.mgr.Resize(name, size); err != nil {
 			c.fail(w, r, err)
 			return
