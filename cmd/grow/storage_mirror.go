@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -114,7 +115,11 @@ func followMove(ctx context.Context, errw, out io.Writer, o *storageOpts, name s
 	for {
 		res, err := step(ctx)
 		if err != nil {
-			return apiErr(err)
+			// A partner that is not reachable yet (just started) is waited for.
+			if adminclient.StatusOf(err) != http.StatusServiceUnavailable || time.Now().After(deadline) {
+				return apiErr(err)
+			}
+			res = &adminclient.MoveResult{Message: err.Error()}
 		}
 		moved = append(moved, res.Moved...)
 		if res.Done {
@@ -126,6 +131,9 @@ func followMove(ctx context.Context, errw, out io.Writer, o *storageOpts, name s
 			return nil
 		}
 		msg := fmt.Sprintf("waiting for %d volume(s): %s", len(res.Waiting), strings.Join(res.Waiting, ", "))
+		if len(res.Waiting) == 0 {
+			msg = "waiting"
+		}
 		if res.Resync.Total > 0 {
 			msg += fmt.Sprintf(" (resync %s of %s)", units.FormatSize(res.Resync.Done), units.FormatSize(res.Resync.Total))
 		}

@@ -565,10 +565,21 @@ func homeOf(name, a, b string) string {
 // requirePeer refuses a metadata operation while the partner is unreachable.
 func (m *mirrorMgr) requirePeer() (peerView, error) {
 	pv := m.view()
+	// Just started: give the first heartbeat a moment before refusing.
+	for i := 0; i < 20 && !pv.up && m.neverSeenPeer(); i++ {
+		time.Sleep(100 * time.Millisecond)
+		pv = m.view()
+	}
 	if !pv.up || pv.name == "" {
 		return pv, fmt.Errorf("%w: the mirror partner %s is unreachable; volume, image and snapshot changes are refused until it returns (data I/O continues)", errUnavailable, m.cfg.Peer)
 	}
 	return pv, nil
+}
+
+func (m *mirrorMgr) neverSeenPeer() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.lastPeerOK.IsZero() && time.Since(m.started) < 5*time.Second
 }
 
 // placePrimary is who should be primary of a new volume of home.
