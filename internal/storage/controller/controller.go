@@ -3,9 +3,16 @@
 // cache, serves every volume over NBD (TCP and a unix socket) and offers the admin
 // HTTP/JSON API behind a bearer token.
 //
+// With a partner (Config.Mirror, `--peer`) it is one of a mirrored pair (mirror*.go):
+// every volume exists on both controllers, its primary replicates each write to the
+// secondary over the mirror link, roles and epochs are settled through a witness, and
+// a moving service address per home leads hosts to the current primary (see the
+// internal/storage/mirror package documentation for the whole design).
+//
 // It only wires the storage layers together and translates between them and the
 // outside world; it must never interpret on-disk data itself, never serve the admin
-// API without the token, and never log the token.
+// API without the token, never log the token, and never serve a mirrored volume over
+// NBD on a controller that is not its current primary.
 package controller
 
 import (
