@@ -20,6 +20,10 @@ const (
 	defaultMaxBufferBytes   = 64 << 20
 )
 
+// unixSendBuffer is the send buffer asked for on unix socket connections: room for
+// the largest read replies a client usually asks for (a few MiB).
+const unixSendBuffer = 4 << 20
+
 // ErrServerClosed is returned by Serve after Shutdown or Close; it wraps
 // net.ErrClosed, so callers that ignore closed listeners ignore it too.
 var ErrServerClosed = fmt.Errorf("nbd: server closed: %w", net.ErrClosed)
@@ -119,6 +123,13 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("Failed to accept NBD connection: %w", err)
 		}
 		delay = 0
+		if uc, ok := nc.(*net.UnixConn); ok {
+			// A unix socket holds at most its send buffer of replies in flight: make
+			// room for a whole large read reply, so that it is one write instead of
+			// several, each after waiting for the client to drain the last. The kernel
+			// caps the size at net.core.wmem_max; failing changes nothing else.
+			_ = uc.SetWriteBuffer(unixSendBuffer)
+		}
 		c := newConn(s, nc)
 		s.mu.Lock()
 		if s.closed {
