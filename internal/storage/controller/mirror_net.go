@@ -266,6 +266,19 @@ func checkDev(dev string) error {
 	return nil
 }
 
+// devAddr looks up dev and parses p as a netlink address.
+func devAddr(dev string, p netip.Prefix) (netlink.Link, *netlink.Addr, error) {
+	l, err := netlink.LinkByName(dev)
+	if err != nil {
+		return nil, nil, fmt.Errorf("Failed to find %q: %w", dev, err)
+	}
+	a, err := netlink.ParseAddr(p.String())
+	if err != nil {
+		return nil, nil, fmt.Errorf("Invalid service address %s: %w", p, err)
+	}
+	return l, a, nil
+}
+
 // addrLifetime is the valid lifetime, in seconds, of a service address this
 // controller holds; it is renewed several times a second, so the address disappears
 // by itself soon after the process dies or hangs (kill -9 leaves no one to remove it).
@@ -273,11 +286,7 @@ const addrLifetime = 3
 
 // addAddr adds p to dev, or renews its lifetime if it is there.
 func addAddr(dev string, p netip.Prefix) error {
-	l, err := netlink.LinkByName(dev)
-	if err != nil {
-		return fmt.Errorf("Failed to find %q: %w", dev, err)
-	}
-	a, err := netlink.ParseAddr(p.String())
+	l, a, err := devAddr(dev, p)
 	if err != nil {
 		return err
 	}
@@ -290,11 +299,7 @@ func addAddr(dev string, p netip.Prefix) error {
 
 // delAddr removes p from dev (no error if it is not there).
 func delAddr(dev string, p netip.Prefix) error {
-	l, err := netlink.LinkByName(dev)
-	if err != nil {
-		return fmt.Errorf("Failed to find %q: %w", dev, err)
-	}
-	a, err := netlink.ParseAddr(p.String())
+	l, a, err := devAddr(dev, p)
 	if err != nil {
 		return err
 	}
