@@ -51,6 +51,15 @@ func (c *Controller) mirrorRoutes(mux *http.ServeMux) {
 
 func forwarded(r *http.Request) bool { return r.Header.Get(hdrForwarded) != "" }
 
+// pairTimeout bounds an admin request that waits for the partner, so that a
+// partner cut off in the middle of it cannot hold it forever.
+const pairTimeout = 2 * time.Minute
+
+func withPairTimeout(r *http.Request) (*http.Request, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(r.Context(), pairTimeout)
+	return r.WithContext(ctx), cancel
+}
+
 func (m *mirrorMgr) setDrained(d bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -65,6 +74,8 @@ func (m *mirrorMgr) setDrained(d bool) error {
 }
 
 func (c *Controller) handleMirrorRate(w http.ResponseWriter, r *http.Request) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	var req adminclient.RateRequest
 	if err := decode(r, &req); err != nil {
 		c.fail(w, r, err)
@@ -249,6 +260,8 @@ func (m *mirrorMgr) moveHome(home string, pv peerView) adminclient.MoveResult {
 }
 
 func (c *Controller) handleDrain(w http.ResponseWriter, r *http.Request) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	name := r.PathValue("name")
 	pv, err := m.requirePeer()
@@ -282,6 +295,8 @@ func (c *Controller) handleDrain(w http.ResponseWriter, r *http.Request) {
 }
 
 func (c *Controller) handleResume(w http.ResponseWriter, r *http.Request) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	name := r.PathValue("name")
 	pv, err := m.requirePeer()
@@ -324,6 +339,8 @@ func (c *Controller) handleResume(w http.ResponseWriter, r *http.Request) {
 }
 
 func (c *Controller) handleResolve(w http.ResponseWriter, r *http.Request) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	name := r.PathValue("name")
 	var req adminclient.ResolveRequest
@@ -413,6 +430,8 @@ func (c *Controller) mirClone(w http.ResponseWriter, r *http.Request, src string
 // step if the partner refuses. Both sides start in sync at epoch 1.
 func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name string, build func() (volume.Info, error),
 	forward func(*adminclient.Client) error, answer func(volume.Info, time.Duration)) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	var home, primary string
 	pv, err := m.requirePeer()
@@ -473,6 +492,8 @@ func initialState(primary bool) mirror.State {
 // mirDelete deletes a volume, image or snapshot on both controllers: the partner
 // first (a refusal there changes nothing here), then here.
 func (c *Controller) mirDelete(w http.ResponseWriter, r *http.Request, name string) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	if !forwarded(r) {
 		pv, err := m.requirePeer()
@@ -528,6 +549,8 @@ func (c *Controller) proxyToPrimary(w http.ResponseWriter, r *http.Request, name
 
 // mirResize grows a volume on both controllers with its writes quiesced.
 func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name string, size int64) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	v := m.get(name)
 	if forwarded(r) {
@@ -628,6 +651,8 @@ func (v *mvol) resized() error {
 
 // mirSnapshot snapshots a volume on both controllers at the same point of its write stream.
 func (c *Controller) mirSnapshot(w http.ResponseWriter, r *http.Request, name string, req adminclient.SnapshotRequest) {
+	r, cancel := withPairTimeout(r)
+	defer cancel()
 	m := c.mir
 	v := m.get(name)
 	snapshot := func() (volume.Info, time.Duration, error) {

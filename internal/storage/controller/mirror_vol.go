@@ -388,7 +388,9 @@ func (v *mvol) startResync(epoch uint64, peerStale bool) {
 		}()
 		var peerDirty []uint64
 		if peerStale {
-			d, err := m.fwd.DirtyRegions(ctx, v.name)
+			dctx, dcancel := context.WithTimeout(ctx, 30*time.Second)
+			d, err := m.fwd.DirtyRegions(dctx, v.name)
+			dcancel()
 			if err != nil {
 				m.c.log.Warn("Failed to fetch the partner's dirty regions", "volume", v.name, "err", err)
 				return
