@@ -27,20 +27,21 @@ const (
 	writeInterval = "20ms"
 )
 
+// needTools fails the test if a tool is missing (`make deps` installs them all).
 func needTools(t *testing.T, tools ...string) {
 	t.Helper()
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed", tool)
+			t.Fatalf("%s is not installed (run make deps)", tool)
 		}
 	}
 }
 
-// setup builds a bed with one host and a controller pair.
+// setup builds a bed with one host and a controller pair (skipped with -short).
 func setup(t *testing.T, opts testbed.StoragePairOptions) (*testbed.Bed, *testbed.StoragePair) {
 	t.Helper()
-	needTools(t, "qemu-system-x86_64", "qemu-io", "nbdcopy", "nbdinfo", "nft")
 	b := testbed.New(t, testbed.Options{Hosts: 1})
+	needTools(t, "qemu-system-x86_64", "qemu-io", "nbdcopy", "nbdinfo", "nft")
 	if opts.DiskSize == "" {
 		opts.DiskSize = "1GiB"
 	}
