@@ -251,29 +251,13 @@ func fill(ns, uri string, size int64) error {
 	return nil
 }
 
-func createMirrored(p *testbed.StoragePair, c *testbed.PairController, name string, size int64) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := c.Post(ctx, "/v1/volumes", map[string]any{"name": name, "size": size}, nil); err != nil {
-		return err
-	}
-	_, err := p.WaitSynced(name, 60*time.Second)
-	return err
-}
-
-func primaryOf(p *testbed.StoragePair, name string) (*testbed.PairController, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return p.View(ctx, name).Primary(p)
-}
-
 func benchFio(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, lone *testbed.Storaged, dataMiB, runtimeSec, rounds int) (string, error) {
 	ns := b.Hosts[0].Netns
 	size := int64(dataMiB) * mib
-	if err := createMirrored(p, p.Ctl[0], "fio", size); err != nil {
+	if _, err := p.CreateVolume(p.Ctl[0], "fio", size); err != nil {
 		return "", err
 	}
-	pc, err := primaryOf(p, "fio")
+	pc, err := p.PrimaryOf("fio")
 	if err != nil {
 		return "", err
 	}
@@ -363,10 +347,10 @@ func benchStall(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, kills int)
 	const vol = "stall"
 	const size = 64 * mib
 	const slots = size / block.Size
-	if err := createMirrored(p, p.Ctl[1], vol, size); err != nil {
+	if _, err := p.CreateVolume(p.Ctl[1], vol, size); err != nil {
 		return "", err
 	}
-	pc, err := primaryOf(p, vol)
+	pc, err := p.PrimaryOf(vol)
 	if err != nil {
 		return "", err
 	}
@@ -402,7 +386,7 @@ func benchStall(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, kills int)
 		if _, err := p.WaitSynced(vol, 90*time.Second); err != nil {
 			return "", err
 		}
-		pc, err := primaryOf(p, vol)
+		pc, err := p.PrimaryOf(vol)
 		if err != nil {
 			return "", err
 		}
@@ -424,7 +408,7 @@ func benchStall(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, kills int)
 	vm.Kill()
 	last, _ := vm.Console.LastAck()
 	ioErrs := regexp.MustCompile(`GROW-WRITER-RETRY|GROW-WRITER-ERROR|I/O error`).FindAllString(vm.Console.Output(), -1)
-	pc, err = primaryOf(p, vol)
+	pc, err = p.PrimaryOf(vol)
 	if err != nil {
 		return "", err
 	}
@@ -508,10 +492,10 @@ func benchResync(t *testing.T, b *testbed.Bed, p *testbed.StoragePair) (string, 
 	}
 	var base time.Duration
 	for i, c := range cases {
-		if err := createMirrored(p, p.Ctl[i%2], c.vol, c.size); err != nil {
+		if _, err := p.CreateVolume(p.Ctl[i%2], c.vol, c.size); err != nil {
 			return md.String(), err
 		}
-		pc, err := primaryOf(p, c.vol)
+		pc, err := p.PrimaryOf(c.vol)
 		if err != nil {
 			return md.String(), err
 		}

@@ -658,3 +658,24 @@ func (p *StoragePair) WaitPaired(timeout time.Duration) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// CreateVolume creates a volume through controller c and waits until the pair reports it synced.
+func (p *StoragePair) CreateVolume(c *PairController, name string, size int64) (PairView, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.Post(ctx, "/v1/volumes", map[string]any{"name": name, "size": size}, nil); err != nil {
+		return PairView{}, fmt.Errorf("Failed to create volume %s on %s: %w", name, c.Name, err)
+	}
+	return p.WaitSynced(name, 60*time.Second)
+}
+
+// PrimaryOf returns the controller that is the volume's primary now.
+func (p *StoragePair) PrimaryOf(name string) (*PairController, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	pc, err := p.View(ctx, name).Primary(p)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", name, err)
+	}
+	return pc, nil
+}

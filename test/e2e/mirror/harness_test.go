@@ -51,12 +51,7 @@ func setup(t *testing.T, opts testbed.StoragePairOptions) (*testbed.Bed, *testbe
 // createVolume creates a volume through controller c and waits until the pair reports it synced.
 func createVolume(t *testing.T, p *testbed.StoragePair, c *testbed.PairController, name string, size int64) testbed.PairView {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := c.Post(ctx, "/v1/volumes", map[string]any{"name": name, "size": size}, nil); err != nil {
-		t.Fatalf("Failed to create volume %s on %s: %v", name, c.Name, err)
-	}
-	v, err := p.WaitSynced(name, 60*time.Second)
+	v, err := p.CreateVolume(c, name, size)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,11 +61,9 @@ func createVolume(t *testing.T, p *testbed.StoragePair, c *testbed.PairControlle
 // primaryOf returns the current primary of a volume and its partner.
 func primaryOf(t *testing.T, p *testbed.StoragePair, name string) (*testbed.PairController, *testbed.PairController) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	pc, err := p.View(ctx, name).Primary(p)
+	pc, err := p.PrimaryOf(name)
 	if err != nil {
-		t.Fatalf("volume %s: %v", name, err)
+		t.Fatal(err)
 	}
 	return pc, pc.Other()
 }
