@@ -311,8 +311,9 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 				return fmt.Errorf("mirror write of %d bytes exceeds %d", n, maxPayloadLen)
 			}
 			mem.acquire(n)
-			payload = make([]byte, n)
+			payload = getPayload(int(n))
 			if _, err := io.ReadFull(r, payload); err != nil {
+				putPayload(payload)
 				mem.release(n)
 				return err
 			}
@@ -320,7 +321,12 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 		sem <- struct{}{}
 		jobs.Add(1)
 		go func() {
-			defer func() { mem.release(int64(len(payload))); <-sem; jobs.Done() }()
+			defer func() {
+				mem.release(int64(len(payload)))
+				putPayload(payload)
+				<-sem
+				jobs.Done()
+			}()
 			reply(cookie, s.execute(t, op, flags, off, n, reqEpoch, payload))
 		}()
 	}
@@ -614,6 +620,47 @@ func (l *Link) ResyncDone() error { return l.call(opResyncDone, 0, 0, 0, nil) }
 func (l *Link) Close() error {
 	l.kill(net.ErrClosed)
 	return nil
+}
+
+// Payload buffers of the link server are reused (one pool per power-of-two size from
+// 4 KiB to maxPayloadLen), so a stream of large writes neither zeroes nor collects
+// a new buffer per request. The export never keeps a payload after WriteAt returns.
+const minPayloadShift = 12
+
+var payloadPools [26 - minPayloadShift + 1]sync.Pool
+
+func payloadClass(n int) int {
+	c := 0
+	for (1 << (minPayloadShift + c)) < n {
+		c++
+	}
+	return c
+}
+
+func getPayload(n int) []byte {
+	if n == 0 {
+		return nil
+	}
+	c := payloadClass(n)
+	if c >= len(payloadPools) {
+		return make([]byte, n)
+	}
+	if b, ok := payloadPools[c].Get().(*[]byte); ok {
+		return (*b)[:n]
+	}
+	return make([]byte, n, 1<<(minPayloadShift+c))
+}
+
+func putPayload(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
+	c := payloadClass(cap(b))
+	if c >= len(payloadPools) || cap(b) != 1<<(minPayloadShift+c) {
+		return
+	}
+	b = b[:cap(b)]
+	payloadPools[c].Put(&b)
 }
 
 // byteBudget bounds bytes held at once; one request larger than the budget waits for all others.
