@@ -61,7 +61,10 @@ const heartbeatInterval = 250 * time.Millisecond
 
 // deadAfter is how long the partner's API must refuse connections before the partner
 // counts as dead (no process) rather than merely silent, which allows a quick takeover.
-const deadAfter = 500 * time.Millisecond
+const deadAfter = 200 * time.Millisecond
+
+// refusedRepoll is how soon the partner is asked again after a refused connection.
+const refusedRepoll = 100 * time.Millisecond
 
 // errUnavailable answers metadata operations while the partner is unreachable.
 var errUnavailable = errors.New("unavailable")
@@ -397,9 +400,10 @@ func (m *mirrorMgr) pollLoop() {
 		ctx, cancel := context.WithTimeout(m.ctx, m.peerTimeout)
 		info, err := m.peer.MirrorStatus(ctx)
 		cancel()
+		refused := err != nil && errors.Is(err, syscall.ECONNREFUSED)
 		m.mu.Lock()
 		switch {
-		case err != nil && errors.Is(err, syscall.ECONNREFUSED):
+		case refused:
 			if m.refusedSince.IsZero() {
 				m.refusedSince = sent
 			}
@@ -407,6 +411,9 @@ func (m *mirrorMgr) pollLoop() {
 			m.refusedSince = time.Time{}
 		}
 		m.mu.Unlock()
+		if refused {
+			m.kick()
+		}
 		if err == nil && info.Name != "" && info.Name != m.cfg.Name {
 			m.mu.Lock()
 			m.info, m.infoAt, m.lastPeerOK = info, sent, time.Now()
@@ -432,10 +439,16 @@ func (m *mirrorMgr) pollLoop() {
 			}
 			cancel()
 		}
+		var quick <-chan time.Time
+		if refused {
+			// Confirm a dead partner quickly: a refusal is asked again in 100 ms.
+			quick = time.After(refusedRepoll)
+		}
 		select {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
+		case <-quick:
 		}
 	}
 }

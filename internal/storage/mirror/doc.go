@@ -128,9 +128,10 @@
 //     peer-timeout + 1.5 s (longer than the primary's fence timeout, peer-timeout +
 //     0.5 s), and only if no write arrived over the link and a last probe fails, then
 //     asks for epoch+1 and takes the volume over. When the partner's machine refuses
-//     connections to its API port for 0.5 s (its process is dead, not cut off), the
-//     secondary takes over after 0.5 s: a dead process writes nothing, and the witness
-//     still settles a race with a restarting one. A planned restart should therefore be
+//     connections to its API port twice over 0.2 s (its process is dead, not cut off),
+//     the secondary takes over at once: a dead process writes nothing, and the witness
+//     still settles a race with a restarting one (or with a live partner behind a
+//     firewall that rejects rather than drops: then one of the two wins the epoch). A planned restart should therefore be
 //     preceded by a drain. Without a witness nobody is granted anything: volumes freeze
 //     rather than guess.
 //   - Fencing: a controller that has lost both partner and witness for longer than the
