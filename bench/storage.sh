@@ -99,6 +99,7 @@ for job in "${JOBS[@]}"; do
 			s=${SERVERS[$(((i + r - 1) % ${#SERVERS[@]}))]}
 			log "fio $name against $s (round $r of $ROUNDS)"
 			RES[$s,$name,$r]=$(run_fio "${URI[$s]}" "$rw" "$bs" "$unit" "$RUNTIME" "$WORK/fio-$s-$name-$r.txt" "${SPID[$s]}")
+			log "  IOPS, MB/s, CPU us per request: ${RES[$s,$name,$r]} (load $(cut -d' ' -f1 /proc/loadavg))"
 		done
 	done
 done
