@@ -36,7 +36,7 @@ func volumesHomedOnBoth(t *testing.T, p *testbed.StoragePair, prefix string, siz
 }
 
 // TestDrainAndResume runs a guest on a volume homed on each controller, then for each
-// controller in turn: drains it (every primary moves to the partner), stops it as for
+// controller in turn, twice: drains it (every primary moves to the partner), stops it as for
 // maintenance, starts it again and resumes it (it resyncs and takes its primaries
 // back). Neither guest may see an I/O error, and every acknowledged block verifies.
 func TestDrainAndResume(t *testing.T) {
@@ -54,7 +54,9 @@ func TestDrainAndResume(t *testing.T) {
 			g.checkNoIOError(t, what)
 		}
 	}
-	for _, c := range p.Ctl {
+	// Two rounds: each hand-over is a chance for a reconnecting client to be caught
+	// between the old and the new holder of a service address.
+	for _, c := range []*testbed.PairController{p.Ctl[0], p.Ctl[1], p.Ctl[0], p.Ctl[1]} {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		out, err := c.CLI(ctx, "controller", "drain", c.Name)
 		cancel()
