@@ -615,6 +615,29 @@ func (m *mirrorMgr) placePrimary(home string, pv peerView) string {
 	return home
 }
 
+// allowLocal refuses NBD connections made to a service address this controller does
+// not hold now (one that reached it while the address was being given up).
+func (m *mirrorMgr) allowLocal(ip netip.Addr) bool {
+	if !m.svc.IsValid() || !ip.IsValid() {
+		return true
+	}
+	for _, h := range []string{m.cfg.Name, m.peerNameNow()} {
+		if p, ok := m.addrOf(h); ok && p.Addr() == ip {
+			m.mu.Lock()
+			held := m.addrs[h]
+			m.mu.Unlock()
+			return held
+		}
+	}
+	return true
+}
+
+func (m *mirrorMgr) peerNameNow() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.peerName
+}
+
 // addrOf is the service address of home.
 func (m *mirrorMgr) addrOf(home string) (netip.Prefix, bool) {
 	if home == m.cfg.Name {
@@ -715,6 +738,7 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			m.mu.Lock()
 			delete(m.addrs, h)
 			m.mu.Unlock()
+			m.conns.closeLocalIP(p.Addr())
 			m.c.log.Info("Service address removed", "home", h, "address", p.String())
 		}
 	}

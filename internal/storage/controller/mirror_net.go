@@ -48,22 +48,56 @@ func (t *connTracker) closeName(name string) {
 	}
 }
 
-// trackListener wraps an NBD listener so its connections are tracked.
+// closeLocalIP closes every connection made to ip (a service address this controller
+// just gave up: a connection that reached it in the last moment would otherwise hang,
+// its address gone, and QEMU does not time out a hanging reconnect).
+func (t *connTracker) closeLocalIP(ip netip.Addr) {
+	t.mu.Lock()
+	var victims []*trackedConn
+	for c := range t.conns {
+		if localIP(c.Conn) == ip {
+			victims = append(victims, c)
+		}
+	}
+	t.mu.Unlock()
+	for _, c := range victims {
+		_ = c.Close()
+	}
+}
+
+func localIP(c net.Conn) netip.Addr {
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			return ip.Unmap()
+		}
+	}
+	return netip.Addr{}
+}
+
+// trackListener wraps an NBD listener so its connections are tracked; a connection to
+// an address allow refuses (a service address not held now) is closed at once.
 type trackListener struct {
 	net.Listener
-	t *connTracker
+	t     *connTracker
+	allow func(netip.Addr) bool
 }
 
 func (l *trackListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.allow != nil && !l.allow(localIP(c)) {
+			_ = c.Close()
+			continue
+		}
+		tc := &trackedConn{Conn: c, t: l.t}
+		l.t.mu.Lock()
+		l.t.conns[tc] = struct{}{}
+		l.t.mu.Unlock()
+		return tc, nil
 	}
-	tc := &trackedConn{Conn: c, t: l.t}
-	l.t.mu.Lock()
-	l.t.conns[tc] = struct{}{}
-	l.t.mu.Unlock()
-	return tc, nil
 }
 
 // trackedConn sniffs the client's side of the NBD handshake for the export name: the
