@@ -41,12 +41,19 @@ func linkLocal(mac net.HardwareAddr) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
+// ndTarget is an IPv6 address as the 128-bit integer nft compares a raw payload with.
+func ndTarget(a netip.Addr) string {
+	b := a.As16()
+	return fmt.Sprintf("0x%x", b[:])
+}
+
 // FilterRules returns the nft script that installs (or replaces) the rules of one tap.
 // A frame from the guest passes only if its source MAC is the NIC's MAC and it is ARP,
 // IPv4 or IPv6 from one of the NIC's addresses; everything else is dropped. IPv4 DHCP
 // requests from 0.0.0.0 and IPv6 from :: (duplicate address detection) and from the
 // NIC's EUI-64 link-local address are allowed, and RARP (QEMU's announce after a
-// migration) from the NIC's MAC.
+// migration) from the NIC's MAC. Neighbour advertisements must name the NIC's own
+// addresses; DHCP server answers, router advertisements and redirects are dropped.
 func FilterRules(f FilterSpec) (string, error) {
 	mac, err := net.ParseMAC(f.MAC)
 	if err != nil || len(mac) != 6 {
@@ -89,6 +96,8 @@ func FilterRules(f FilterSpec) (string, error) {
 		r("ether type arp accept")
 		r("ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")
 		r("ether type ip ip saddr != { %s } drop", strings.Join(v4, ", "))
+		// A guest is never a DHCP server for its neighbours.
+		r("ether type ip udp sport 67 drop")
 		r("ether type ip accept")
 	} else {
 		r("ether type arp drop")
@@ -96,8 +105,19 @@ func FilterRules(f FilterSpec) (string, error) {
 		r("ether type ip drop")
 	}
 	if len(v6) > 0 {
-		allowed := append([]string{"::", linkLocal(mac).String()}, v6...)
+		ll := linkLocal(mac)
+		allowed := append([]string{"::", ll.String()}, v6...)
 		r("ether type ip6 ip6 saddr != { %s } drop", strings.Join(allowed, ", "))
+		// Neighbour advertisements only for its own addresses (the target, 8 bytes into
+		// the ICMPv6 header); no router advertisements, redirects or DHCPv6 server
+		// answers: a guest can neither claim a neighbour's address nor become its router.
+		targets := []string{ndTarget(ll)}
+		for _, a := range v6 {
+			targets = append(targets, ndTarget(netip.MustParseAddr(a)))
+		}
+		r("ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != { %s } drop", strings.Join(targets, ", "))
+		r("ether type ip6 icmpv6 type { nd-router-advert, nd-redirect } drop")
+		r("ether type ip6 udp sport 547 drop")
 		r("ether type ip6 accept")
 	} else {
 		r("ether type ip6 drop")

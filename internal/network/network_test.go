@@ -41,6 +41,9 @@ func TestFilterRules(t *testing.T) {
 		"add rule bridge grow from-gt1-0 ether type arp arp saddr ip != { 10.0.0.5, 10.0.0.6 } drop",
 		"add rule bridge grow from-gt1-0 ether type ip ip saddr != { 10.0.0.5, 10.0.0.6 } drop",
 		"add rule bridge grow from-gt1-0 ether type ip6 ip6 saddr != { ::, fe80::5054:ff:fe12:3456, 2001:db8::5 } drop",
+		"add rule bridge grow from-gt1-0 ether type ip udp sport 67 drop",
+		"add rule bridge grow from-gt1-0 ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != { 0xfe80000000000000505400fffe123456, 0x20010db8000000000000000000000005 } drop",
+		"add rule bridge grow from-gt1-0 ether type ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
 		"add rule bridge grow from-gt1-0 drop",
 		`add element bridge grow ports { "gt1-0" : jump from-gt1-0 }`,
 	} {
