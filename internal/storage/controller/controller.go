@@ -334,7 +334,7 @@ func (c *Controller) Serve(ctx context.Context) error {
 	if c.mir != nil {
 		// Track NBD connections so a deposed primary can close them (QEMU reconnects).
 		if nbdTCP != nil {
-			nbdTCP = &trackListener{Listener: nbdTCP, t: c.mir.conns, allow: c.mir.allowLocal}
+			nbdTCP = &trackListener{Listener: nbdTCP, t: c.mir.conns, allow: c.mir.allowLocal, log: c.log}
 		}
 		if nbdUnix != nil {
 			nbdUnix = &trackListener{Listener: nbdUnix, t: c.mir.conns}

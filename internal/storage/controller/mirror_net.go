@@ -80,6 +80,7 @@ type trackListener struct {
 	net.Listener
 	t     *connTracker
 	allow func(netip.Addr) bool
+	log   *slog.Logger
 }
 
 func (l *trackListener) Accept() (net.Conn, error) {
@@ -89,6 +90,9 @@ func (l *trackListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		if l.allow != nil && !l.allow(localIP(c)) {
+			if l.log != nil {
+				l.log.Info("NBD connection to a service address not held here refused", "local", c.LocalAddr().String(), "remote", c.RemoteAddr().String())
+			}
 			_ = c.Close()
 			continue
 		}

@@ -565,6 +565,7 @@ func (m *mirrorMgr) open(name string) (nbd.Export, bool, error) {
 	vol := v.vol
 	v.mu.Unlock()
 	if vol == nil || vol.Mode() == mirror.ModeFenced || m.fencedNow() {
+		m.c.log.Info("NBD open refused: not the volume's primary here", "volume", name)
 		return nil, true, fmt.Errorf("%w: volume %q is not served by this controller now (it is the mirror secondary, or stale)", nbd.ErrUnknownExport, name)
 	}
 	m.c.io.connections.Add(1)
