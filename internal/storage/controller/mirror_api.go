@@ -198,7 +198,13 @@ func (m *mirrorMgr) handover(v *mvol, pv peerView) error {
 		v.mu.Lock()
 		v.settleUntil = time.Now().Add(time.Second)
 		v.mu.Unlock()
-		return v.setState(mirror.State{Role: mirror.RoleSecondary, Epoch: next})
+		if err := v.setState(mirror.State{Role: mirror.RoleSecondary, Epoch: next}); err != nil {
+			return err
+		}
+		// Fenced before any write waiting for the quiesce can run: none may land
+		// here (now the secondary) without reaching the new primary.
+		vol.Fence()
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("Failed to hand %q over: %w", v.name, err)
