@@ -20,12 +20,23 @@ export GROW_GUEST_DIR=${GROW_GUEST_DIR:-$PWD/.cache/guest}
 [ -s "$GROW_GUEST_DIR/vmlinux" ] || { echo "bench/mirror: no test guest in $GROW_GUEST_DIR (make guest)" >&2; exit 1; }
 tmp=$(mktemp "${out}.XXXXXX")
 trap 'rm -f "$tmp" "$tmp.log"' EXIT
+# keep FILE EXT: move FILE out of the way (it would be removed on exit) and print where.
+keep() {
+	local dst
+	dst=$(mktemp --suffix=".$2" "${TMPDIR:-/tmp}/grow-bench-mirror.XXXXXX")
+	mv "$1" "$dst"
+	echo "$dst"
+}
 set +e
 GROW_BENCH_OUT=$tmp "$GO" test -count=1 -timeout 30m -run TestMirrorBench -v ./bench/mirror/ >"$tmp.log" 2>&1
 rc=$?
 set -e
 grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+mirror_test.go)' "$tmp.log" || true
-test -s "$tmp" || { echo "bench/mirror: no result written" >&2; exit 1; }
+test -s "$tmp" || { echo "bench/mirror: no result written; log: $(keep "$tmp.log" log)" >&2; exit 1; }
+if [ "$rc" -ne 0 ]; then
+	# A failed run does not replace the last good result.
+	echo "bench/mirror: failed (exit $rc); partial result: $(keep "$tmp" md), full log: $(keep "$tmp.log" log)" >&2
+	exit "$rc"
+fi
 mv "$tmp" "$out"
 cat "$out"
-exit $rc
