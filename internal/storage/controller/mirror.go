@@ -729,7 +729,12 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			m.addrs[h] = true
 			m.mu.Unlock()
 			m.c.log.Info("Service address added", "home", h, "address", p.String())
-			go announce(m.cfg.ServiceDev, p.Addr(), m.c.log)
+			home := h
+			go announce(m.cfg.ServiceDev, p.Addr(), func() bool {
+				m.mu.Lock()
+				defer m.mu.Unlock()
+				return m.addrs[home]
+			}, m.c.log)
 		case !next[h] && has:
 			if err := delAddr(m.cfg.ServiceDev, p); err != nil {
 				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)

@@ -349,9 +349,14 @@ func delAddr(dev string, p netip.Prefix) error {
 
 // announce sends gratuitous ARP (a request and a reply, five times over four seconds) for ip from dev,
 // so that neighbours move their cache entry for the address to this machine at once.
-func announce(dev string, ip netip.Addr, log *slog.Logger) {
+// It stops as soon as held reports the address given up: a late announcement from the
+// old holder would lead the segment back to it after the address moved on.
+func announce(dev string, ip netip.Addr, held func() bool, log *slog.Logger) {
 	for i, d := range []time.Duration{0, 200 * time.Millisecond, 800 * time.Millisecond, time.Second, 2 * time.Second} {
 		time.Sleep(d)
+		if !held() {
+			return
+		}
 		if err := sendGratuitousARP(dev, ip); err != nil {
 			log.Warn("Failed to send gratuitous ARP", "dev", dev, "ip", ip.String(), "try", i, "err", err)
 			return
