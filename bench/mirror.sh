@@ -13,7 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-out=${BENCH_OUT:-$PWD/bench/results/mirror.md}
+# Only a run of every section replaces bench/results/mirror.md by default.
+if [ -n "${BENCH_ONLY:-}" ]; then
+	out=${BENCH_OUT:-${TMPDIR:-/tmp}/grow-bench-mirror-partial.md}
+else
+	out=${BENCH_OUT:-$PWD/bench/results/mirror.md}
+fi
 export GROW_BIN=${GROW_BIN:-$PWD/bin/grow}
 export GROW_GUEST_DIR=${GROW_GUEST_DIR:-$PWD/.cache/guest}
 [ -x "$GROW_BIN" ] || { echo "bench/mirror: $GROW_BIN is missing (make build)" >&2; exit 1; }
