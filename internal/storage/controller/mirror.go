@@ -736,13 +736,20 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 				return m.addrs[home]
 			}, m.c.log)
 		case !next[h] && has:
-			if err := delAddr(m.cfg.ServiceDev, p); err != nil {
-				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)
-				continue
-			}
+			// Refuse and reset its connections while the address is still here (a
+			// reset sent after it is gone cannot leave, and the client would wait on a
+			// dead connection), then remove it, then reset any that slipped in.
 			m.mu.Lock()
 			delete(m.addrs, h)
 			m.mu.Unlock()
+			m.conns.closeLocalIP(p.Addr())
+			if err := delAddr(m.cfg.ServiceDev, p); err != nil {
+				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)
+				m.mu.Lock()
+				m.addrs[h] = true
+				m.mu.Unlock()
+				continue
+			}
 			m.conns.closeLocalIP(p.Addr())
 			m.c.log.Info("Service address removed", "home", h, "address", p.String())
 		}

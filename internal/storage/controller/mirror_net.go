@@ -44,8 +44,17 @@ func (t *connTracker) closeName(name string) {
 	}
 	t.mu.Unlock()
 	for _, c := range victims {
-		_ = c.Close()
+		c.abort()
 	}
+}
+
+// abort closes the connection with a reset, so that the client notices at once even
+// if it is only waiting to read.
+func (c *trackedConn) abort() {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
 }
 
 // closeLocalIP closes every connection made to ip (a service address this controller
@@ -61,7 +70,7 @@ func (t *connTracker) closeLocalIP(ip netip.Addr) {
 	}
 	t.mu.Unlock()
 	for _, c := range victims {
-		_ = c.Close()
+		c.abort()
 	}
 }
 
@@ -92,6 +101,9 @@ func (l *trackListener) Accept() (net.Conn, error) {
 		if l.allow != nil && !l.allow(localIP(c)) {
 			if l.log != nil {
 				l.log.Info("NBD connection to a service address not held here refused", "local", c.LocalAddr().String(), "remote", c.RemoteAddr().String())
+			}
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.SetLinger(0)
 			}
 			_ = c.Close()
 			continue

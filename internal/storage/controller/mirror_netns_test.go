@@ -340,3 +340,49 @@ func TestMirrorPartition(t *testing.T) {
 	b.stop()
 	sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
 }
+
+// Drain and resume move the address back and forth within seconds; a client on the
+// segment must reach the current holder each time (the neighbours follow the
+// gratuitous ARP of the new holder, never a late one of the old).
+func TestMirrorAddressFollowsQuickMoves(t *testing.T) {
+	needQemuIO(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	sg := newSegment(t, "q")
+	a, b := sg.a, sg.b
+	ctx := context.Background()
+	name := ""
+	for i := 0; name == ""; i++ {
+		if n := fmt.Sprintf("q%d", i); homeOf(n, a.name, b.name) == a.name {
+			name = n
+		}
+	}
+	if _, err := a.cl.CreateVolume(ctx, name, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	a.waitState(t, name, "primary", adminclient.MirrorSynced, 10*time.Second)
+	step := func(what string, call func() (*adminclient.MoveResult, error), holder, other string) {
+		t.Helper()
+		res, err := call()
+		for err == nil && !res.Done {
+			time.Sleep(100 * time.Millisecond)
+			res, err = call()
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		start := time.Now()
+		if out, err := sg.qio("10.77.0.11:10809", name, "write -P 0x42 0 64k", "flush"); err != nil {
+			t.Fatalf("after %s: %v\n%s", what, err, out)
+		}
+		t.Logf("after %s: reached the volume in %v", what, time.Since(start))
+		if !hasAddr(t, holder, "10.77.0.11") || hasAddr(t, other, "10.77.0.11") {
+			t.Fatalf("after %s the address is not on the right side only", what)
+		}
+	}
+	for round := 0; round < 3; round++ {
+		step("drain", func() (*adminclient.MoveResult, error) { return a.cl.Drain(ctx, a.name) }, sg.nsB, sg.nsA)
+		step("resume", func() (*adminclient.MoveResult, error) { return a.cl.Resume(ctx, a.name) }, sg.nsA, sg.nsB)
+	}
+}
