@@ -359,13 +359,17 @@ func delAddr(dev string, p netip.Prefix) error {
 	return nil
 }
 
-// announce sends gratuitous ARP (a request and a reply, five times over four seconds) for ip from dev,
+// announce sends gratuitous ARP (a request and a reply, every 250 ms for 6 s) for ip from dev,
 // so that neighbours move their cache entry for the address to this machine at once.
 // It stops as soon as held reports the address given up: a late announcement from the
 // old holder would lead the segment back to it after the address moved on.
 func announce(dev string, ip netip.Addr, held func() bool, log *slog.Logger) {
-	for i, d := range []time.Duration{0, 200 * time.Millisecond, 800 * time.Millisecond, time.Second, 2 * time.Second} {
-		time.Sleep(d)
+	// Every 250 ms for 6 s: a neighbour that ignores announcements within its lock
+	// time of the last change (1 s by default) still takes a later one.
+	for i := 0; i < 24; i++ {
+		if i > 0 {
+			time.Sleep(250 * time.Millisecond)
+		}
 		if !held() {
 			return
 		}
@@ -420,9 +424,9 @@ func garpFrame(mac net.HardwareAddr, ip [4]byte, op uint16) []byte {
 	copy(a[8:], mac)
 	copy(a[14:], ip[:])
 	if op == 2 {
-		for i := 18; i < 24; i++ {
-			a[i] = 0xff
-		}
+		// A gratuitous reply names the sender as its own target (Linux counts only
+		// such replies as gratuitous when deciding to replace a cache entry).
+		copy(a[18:], mac)
 	}
 	copy(a[24:], ip[:])
 	return f
