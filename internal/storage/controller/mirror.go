@@ -63,6 +63,10 @@ const heartbeatInterval = 250 * time.Millisecond
 // counts as dead (no process) rather than merely silent, which allows a quick takeover.
 const deadAfter = 200 * time.Millisecond
 
+// addrReleaseGrace is how long a service address stays, refusing connections, before
+// it is removed.
+const addrReleaseGrace = 200 * time.Millisecond
+
 // refusedRepoll is how soon the partner is asked again after a refused connection.
 const refusedRepoll = 100 * time.Millisecond
 
@@ -742,6 +746,11 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			m.mu.Lock()
 			delete(m.addrs, h)
 			m.mu.Unlock()
+			m.conns.closeLocalIP(p.Addr())
+			// Keep the address a moment while refusing: a client's immediate reconnect
+			// lands now and gets a reset it can receive, instead of a connection the
+			// kernel accepts just before the address goes, which could never be answered.
+			time.Sleep(addrReleaseGrace)
 			m.conns.closeLocalIP(p.Addr())
 			if err := delAddr(m.cfg.ServiceDev, p); err != nil {
 				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)
