@@ -98,6 +98,15 @@ func TestMirrorBench(t *testing.T) {
 		t0 := time.Now()
 		md, err := f()
 		if err != nil {
+			// The controllers' whole logs, for whoever investigates (the test's own output keeps only their tails).
+			for _, c := range p.Ctl {
+				f, ferr := os.CreateTemp("", "grow-bench-mirror-"+c.Name+"-*.log")
+				if ferr == nil {
+					_, _ = f.WriteString(c.Log())
+					f.Close()
+					t.Logf("%s log: %s", c.Name, f.Name())
+				}
+			}
 			t.Errorf("%s: %v", name, err)
 			md += fmt.Sprintf("\n**%s failed:** %s\n", name, strings.ReplaceAll(err.Error(), "\n", " "))
 		}
