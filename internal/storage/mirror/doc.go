@@ -144,7 +144,11 @@
 //     nbd_address is its home's. A controller holds the address of every home whose
 //     volumes it serves as primary, added to --service-dev with a 3 s lifetime renewed
 //     four times a second (so a killed process's address lapses by itself) and
-//     announced by gratuitous ARP; the NBD listener must be on the wildcard address.
+//     announced by gratuitous ARP (every 250 ms for 6 s, stopping as soon as the
+//     address is given up); the NBD listener must be on the wildcard address. A
+//     controller giving an address up first refuses and resets the connections made
+//     to it for 200 ms, then removes it: a connection accepted after the address is
+//     gone could never be answered, and QEMU does not time out a hung reconnect.
 //     Both controllers must share the hosts' L2 segment, as with keepalived VIPs. A
 //     controller that comes back after a takeover is secondary for everything and gets
 //     its volumes and address back only by `grow storage controller resume`.
