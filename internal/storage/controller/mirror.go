@@ -132,6 +132,8 @@ type mirrorMgr struct {
 	addrs        map[string]bool // service addresses currently added, by home
 	// addrMu serialises changes and renewals of service addresses.
 	addrMu sync.Mutex
+	// releasing names the homes whose address is being given up right now.
+	releasing map[string]bool
 
 	kickCh chan struct{}
 	cancel context.CancelFunc
@@ -165,7 +167,7 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 		return nil, fmt.Errorf("Failed to read the partner's token: %w", err)
 	}
 	m := &mirrorMgr{c: c, cfg: cfg, dir: filepath.Join(c.cfg.DataDir, "mirror"), peerTok: strings.TrimSpace(string(b)),
-		ownTok: c.token, vols: map[string]*mvol{}, serving: map[string]bool{}, addrs: map[string]bool{},
+		ownTok: c.token, vols: map[string]*mvol{}, serving: map[string]bool{}, addrs: map[string]bool{}, releasing: map[string]bool{},
 		kickCh: make(chan struct{}, 1), conns: newConnTracker(), linkTLS: serverTLS}
 	if m.peerTok == "" {
 		return nil, fmt.Errorf("The partner's token file %q is empty", cfg.PeerTokenFile)
@@ -619,8 +621,9 @@ func (m *mirrorMgr) placePrimary(home string, pv peerView) string {
 	return home
 }
 
-// allowLocal refuses NBD connections made to a service address this controller does
-// not hold now (one that reached it while the address was being given up).
+// allowLocal refuses NBD connections made to a service address this controller is
+// giving up right now (they could not be answered once it is gone). Others go on to
+// the handshake, where only the volume's primary serves it.
 func (m *mirrorMgr) allowLocal(ip netip.Addr) bool {
 	if !m.svc.IsValid() || !ip.IsValid() {
 		return true
@@ -628,9 +631,9 @@ func (m *mirrorMgr) allowLocal(ip netip.Addr) bool {
 	for _, h := range []string{m.cfg.Name, m.peerNameNow()} {
 		if p, ok := m.addrOf(h); ok && p.Addr() == ip {
 			m.mu.Lock()
-			held := m.addrs[h]
+			releasing := m.releasing[h]
 			m.mu.Unlock()
-			return held
+			return !releasing
 		}
 	}
 	return true
@@ -745,6 +748,7 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			// dead connection), then remove it, then reset any that slipped in.
 			m.mu.Lock()
 			delete(m.addrs, h)
+			m.releasing[h] = true
 			m.mu.Unlock()
 			m.conns.closeLocalIP(p.Addr())
 			// Keep the address a moment while refusing: a client's immediate reconnect
@@ -752,14 +756,18 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 			// kernel accepts just before the address goes, which could never be answered.
 			time.Sleep(addrReleaseGrace)
 			m.conns.closeLocalIP(p.Addr())
-			if err := delAddr(m.cfg.ServiceDev, p); err != nil {
-				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)
-				m.mu.Lock()
+			err := delAddr(m.cfg.ServiceDev, p)
+			m.conns.closeLocalIP(p.Addr())
+			m.mu.Lock()
+			delete(m.releasing, h)
+			if err != nil {
 				m.addrs[h] = true
-				m.mu.Unlock()
+			}
+			m.mu.Unlock()
+			if err != nil {
+				m.c.log.Error("Failed to remove service address", "home", h, "address", p.String(), "err", err)
 				continue
 			}
-			m.conns.closeLocalIP(p.Addr())
 			m.c.log.Info("Service address removed", "home", h, "address", p.String())
 		}
 	}

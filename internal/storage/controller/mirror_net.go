@@ -100,7 +100,7 @@ func (l *trackListener) Accept() (net.Conn, error) {
 		}
 		if l.allow != nil && !l.allow(localIP(c)) {
 			if l.log != nil {
-				l.log.Info("NBD connection to a service address not held here refused", "local", c.LocalAddr().String(), "remote", c.RemoteAddr().String())
+				l.log.Info("NBD connection to a service address being given up refused", "local", c.LocalAddr().String(), "remote", c.RemoteAddr().String())
 			}
 			if tc, ok := c.(*net.TCPConn); ok {
 				_ = tc.SetLinger(0)
