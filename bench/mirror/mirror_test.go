@@ -326,6 +326,12 @@ func benchFio(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, lone *testbe
 		}
 		fmt.Fprintf(&md, "| %s (%s) | %.0f | %.0f | %.2f | >= 0.80 | %s | %.1f / %.1f |\n", j.name, j.unit, mv, uv, ratio, verdict, cm, cu)
 	}
+	// The next sections measure one volume each.
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := pc.Delete(ctx, "/v1/volumes/fio"); err != nil {
+		return md.String(), err
+	}
 	return md.String(), nil
 }
 
