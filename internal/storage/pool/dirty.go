@@ -118,12 +118,19 @@ func (m *dirtyMap) close() {
 	}
 }
 
-// markWrite records the chunks a mutation is about to touch.
+// markWrite records the chunks a mutation is about to touch. Discards take no mark:
+// they are only for space no reader depends on (the volume layer discards only free
+// clusters, and discards all free space again at every open), so a crash between the
+// two disks' discards leaves a difference nobody can read. Marking them made the open
+// of a fresh pool mark every chunk, and a kill in the next seconds cost a full resync.
 func (p *Pool) markWrite(runs []run) error {
 	if p.dirty == nil {
 		return nil
 	}
 	for _, r := range runs {
+		if r.discard {
+			continue
+		}
 		first := (r.doff - p.l.dataOff) / p.chunk
 		last := (r.doff + r.n - 1 - p.l.dataOff) / p.chunk
 		if err := p.dirty.mark(r.pair, first, last); err != nil {

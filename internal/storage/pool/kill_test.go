@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"math/bits"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -234,5 +235,31 @@ func TestDirtyBitsCleared(t *testing.T) {
 	}
 	if !bytes.Equal(onDisk(), make([]byte, len(p.dirty.bits)*8)) {
 		t.Fatal("the cleaned bit is still in the file")
+	}
+}
+
+// TestDiscardTakesNoMark: a discard (free space, see markWrite) sets no write-intent
+// bit, so a controller killed right after discarding a whole fresh pool does not
+// resync every chunk when it comes back; a write still does.
+func TestDiscardTakesNoMark(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	p := openTestPool(t, state, paths, Options{HealthInterval: time.Hour})
+	if err := p.Discard(0, p.Size()); err != nil {
+		t.Fatal(err)
+	}
+	for w := range p.dirty.bits {
+		if p.dirty.bits[w].Load() != 0 {
+			t.Fatalf("a discard marked chunks (word %d)", w)
+		}
+	}
+	if _, err := p.WriteAt(make([]byte, 10), 5*p.l.unit); err != nil {
+		t.Fatal(err)
+	}
+	marked := 0
+	for w := range p.dirty.bits {
+		marked += bits.OnesCount64(p.dirty.bits[w].Load())
+	}
+	if marked != 1 {
+		t.Fatalf("a 10-byte write marked %d chunks, want 1", marked)
 	}
 }

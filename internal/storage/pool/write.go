@@ -108,7 +108,9 @@ func (p *Pool) WriteAt(b []byte, off int64) (int, error) {
 	return len(b), nil
 }
 
-// Discard gives the space of a range back on every live disk; the range then reads as zeroes.
+// Discard gives the space of a range back on every live disk; the range then reads as
+// zeroes. It is for space no reader depends on (see markWrite): until it returns, the
+// two disks of a pair may differ in the range, also after a crash.
 func (p *Pool) Discard(off, length int64) error {
 	if err := p.checkRange("discard", off, length); err != nil {
 		return err
