@@ -64,7 +64,7 @@ func TestStorageMirrorCLI(t *testing.T) {
 			"--peer-token-file", filepath.Join(c.peerDir, "admin.token"), "--mirror-listen", freeLoopback(t),
 			"--witness", "http://"+waddr, "--witness-token-file", filepath.Join(wdir, "admin.token"), "--resync-rate", "100MiB")
 	}
-	run := func(want int, args ...string) string {
+	try := func(args ...string) (string, int) {
 		t.Helper()
 		cmd := exec.Command(bin, append([]string{"storage", "--controller", "http://" + aapi, "--token-file", filepath.Join(adir, "admin.token")}, args...)...)
 		out, err := cmd.CombinedOutput()
@@ -74,15 +74,25 @@ func TestStorageMirrorCLI(t *testing.T) {
 		} else if err != nil {
 			t.Fatal(err)
 		}
+		return string(out), code
+	}
+	run := func(want int, args ...string) string {
+		t.Helper()
+		out, code := try(args...)
 		if code != want {
 			t.Fatalf("grow storage %v: exit %d, want %d\n%s", args, code, want, out)
 		}
-		return string(out)
+		return out
 	}
+	// The daemons were just started: until their APIs listen, status fails; wait for the pair.
 	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(run(0, "mirror", "status", "-o", "json")+"", `"partner_reachable": true`) {
+	for {
+		out, code := try("mirror", "status", "-o", "json")
+		if code == 0 && strings.Contains(out, `"partner_reachable": true`) {
+			break
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the pair did not form:\n%s", run(0, "mirror", "status"))
+			t.Fatalf("the pair did not form: exit %d\n%s", code, out)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
