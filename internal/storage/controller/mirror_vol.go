@@ -442,7 +442,12 @@ func (m *mirrorMgr) dialLink(ctx context.Context, name string, size int64, epoch
 		return nil, fmt.Errorf("Failed to dial the mirror link %s: %w", info.LinkAddress, err)
 	}
 	if m.linkTLS != nil {
-		tc := tlsClient(c, m.clientTLS())
+		cfg := m.clientTLS()
+		if cfg.ServerName == "" {
+			// A verified link checks the partner's certificate against the address dialled.
+			cfg.ServerName, _, _ = net.SplitHostPort(info.LinkAddress)
+		}
+		tc := tlsClient(c, cfg)
 		if err := tc.HandshakeContext(dctx); err != nil {
 			c.Close()
 			return nil, fmt.Errorf("TLS handshake on the mirror link failed: %w", err)
