@@ -233,10 +233,18 @@ type Storaged struct {
 	*Daemon
 	IP      string // address on the storage network
 	NBDAddr string // NBD TCP address (IP:10809), reachable from every host
+	// TLSClientDir, when the controller requires TLS, holds the CA and a client
+	// certificate (libnbd's tls-certificates, QEMU's tls-creds-x509 dir).
+	TLSClientDir string
 }
 
 // NBDURI returns the libnbd URI of an export, for tools run inside a bed namespace.
-func (s *Storaged) NBDURI(export string) string { return "nbd://" + s.NBDAddr + "/" + export }
+func (s *Storaged) NBDURI(export string) string {
+	if s.TLSClientDir != "" {
+		return "nbds://" + s.NBDAddr + "/" + export + "?tls-certificates=" + s.TLSClientDir
+	}
+	return "nbd://" + s.NBDAddr + "/" + export
+}
 
 // Disk returns a VM disk (host and port) for an export of this controller.
 func (s *Storaged) Disk(export string) Disk {

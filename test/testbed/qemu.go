@@ -27,6 +27,8 @@ type Disk struct {
 	ReadOnly       bool
 	Serial         string // virtio serial, visible in the guest as /sys/block/vdX/serial
 	ReconnectDelay int    // seconds QEMU keeps retrying a lost NBD server (default 5)
+	TLSCredsDir    string // NBD over TLS: ca-cert.pem (+ client-cert.pem, client-key.pem)
+	TLSHostname    string // name the server's certificate must carry (default: NBDHost)
 }
 
 // NIC is a virtio NIC on an existing tap device.
@@ -164,6 +166,14 @@ func (c VMConfig) Args(dir string) ([]string, error) {
 			file = map[string]any{"driver": "nbd", "server": server, "reconnect-delay": delay}
 			if d.Export != "" {
 				file["export"] = d.Export
+			}
+			if d.TLSCredsDir != "" {
+				id := fmt.Sprintf("tls%d", i)
+				args = append(args, "-object", "tls-creds-x509,id="+id+",endpoint=client,dir="+d.TLSCredsDir)
+				file["tls-creds"] = id
+				if d.TLSHostname != "" {
+					file["tls-hostname"] = d.TLSHostname
+				}
 			}
 		default:
 			return nil, fmt.Errorf("disk %d has neither a file nor an NBD server", i)

@@ -3,6 +3,8 @@ package testbed
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,6 +46,10 @@ type StoragePairOptions struct {
 	Unpaired bool
 	// Extra flags for both controllers.
 	Extra []string
+	// TLS gives both controllers a certificate of a test CA (StoragePair.PKI) and makes
+	// them require TLS with verified client certificates on NBD, the mirror link and the
+	// admin API (https); tools and VMs then need PKI.ClientDir to reach a disk.
+	TLS bool
 }
 
 // StoragePair is two `grow storaged` controllers mirroring each other, and a witness,
@@ -58,7 +64,9 @@ type StoragePair struct {
 	Bed     *Bed
 	Ctl     [2]*PairController
 	Witness *Daemon // nil when Unpaired
+	PKI     *PKI    // with StoragePairOptions.TLS
 
+	client      *http.Client // for the controllers' admin APIs
 	witnessPort string
 	t           testing.TB
 	mu          sync.Mutex
@@ -87,7 +95,7 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 	if opts.Cache == "" {
 		opts.Cache = "64MiB"
 	}
-	p := &StoragePair{Bed: b, t: t}
+	p := &StoragePair{Bed: b, t: t, client: http.DefaultClient}
 	// Cleanups run last-in first-out: the partition is lifted before the daemons
 	// stop, so a clean shutdown does not wait for an unreachable peer.
 	var witnessToken string
@@ -142,6 +150,13 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		}
 		prep[k] = prepared{ns: ns, dir: dir, args: args}
 	}
+	scheme := "http"
+	if opts.TLS {
+		scheme = "https"
+		if err := p.setupTLS(shortTempDir(t, "gtb-pki-"), func(k int, args ...string) { prep[k].args = append(prep[k].args, args...) }); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if !opts.Unpaired {
 		for k, c := range p.Ctl {
 			peer := p.Ctl[1-k]
@@ -155,7 +170,7 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 			}
 			prep[k].args = append(prep[k].args,
 				"--name", c.Name,
-				"--peer", fmt.Sprintf("http://%s:%d", peer.IP, PairAPIPort),
+				"--peer", fmt.Sprintf("%s://%s:%d", scheme, peer.IP, PairAPIPort),
 				"--peer-token-file", tokFile,
 				"--mirror-listen", c.MirrorAddr,
 				"--witness", p.Witness.PeerURL,
@@ -174,7 +189,7 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		args := append(prep[k].args, opts.Extra...)
 		d := &Daemon{Name: fmt.Sprintf("storaged-%s", c.Name), Netns: prep[k].ns,
 			Addr: fmt.Sprintf("%s:%d", c.IP, PairAPIPort), DataDir: prep[k].dir, Args: args, t: t,
-			PeerURL: fmt.Sprintf("http://%s:%d", c.IP, PairAPIPort)}
+			PeerURL: fmt.Sprintf("%s://%s:%d", scheme, c.IP, PairAPIPort)}
 		d.logPath = filepath.Join(shortTempDir(t, "gtb-log-"), d.Name+".log")
 		c.Daemon = d
 		t.Cleanup(func() {
@@ -196,7 +211,7 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		t.Fatal(err)
 	}
 	for _, c := range p.Ctl {
-		c.URL = "http://" + Forward(t, c.Netns, c.Addr)
+		c.URL = scheme + "://" + Forward(t, c.Netns, c.Addr)
 	}
 	if !opts.Unpaired {
 		if err := p.WaitPaired(30 * time.Second); err != nil {
@@ -208,6 +223,36 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 	t.Cleanup(b.killHostProcesses)
 	t.Cleanup(func() { _ = p.Heal() })
 	return p
+}
+
+// setupTLS writes the pair's PKI into dir/pki (a certificate valid for both
+// controllers' own and service addresses, and for the loopback forwarders of the
+// admin APIs), passes each controller its TLS flags through add, and makes the bed's
+// clients trust the CA and present the host certificate.
+func (p *StoragePair) setupTLS(dir string, add func(k int, args ...string)) error {
+	ips := []string{"127.0.0.1"}
+	for _, c := range p.Ctl {
+		ips = append(ips, c.IP, c.ServiceIP)
+	}
+	pki, err := NewPKI(filepath.Join(dir, "pki"), ips...)
+	if err != nil {
+		return fmt.Errorf("Failed to make the test PKI: %w", err)
+	}
+	p.PKI = pki
+	for k, c := range p.Ctl {
+		add(k, "--tls-cert", pki.ServerCert, "--tls-key", pki.ServerKey, "--tls-client-ca", pki.CA, "--tls-required")
+		c.TLSClientDir = pki.ClientDir
+	}
+	caPEM, err := os.ReadFile(pki.CA)
+	if err != nil {
+		return err
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	p.client = &http.Client{Transport: tr}
+	return nil
 }
 
 // addStorageNetns adds a namespace on the storage network with the next storage
@@ -422,7 +467,7 @@ func (c *PairController) call(ctx context.Context, method, path string, in, out 
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.pair.client.Do(req)
 	if err != nil {
 		return fmt.Errorf("%s %s on %s: %w", method, path, c.Name, err)
 	}
@@ -491,7 +536,11 @@ func (c *PairController) ResyncBytes(ctx context.Context) (int64, error) {
 // CLI runs `grow storage --controller URL --token TOKEN ARGS...` against this
 // controller and returns its combined output.
 func (c *PairController) CLI(ctx context.Context, args ...string) (string, error) {
-	argv := append([]string{"storage", "--controller", c.URL, "--token", c.Token}, args...)
+	argv := []string{"storage", "--controller", c.URL, "--token", c.Token}
+	if c.pair.PKI != nil {
+		argv = append(argv, "--ca-cert", c.pair.PKI.CA)
+	}
+	argv = append(argv, args...)
 	cmd := exec.CommandContext(ctx, GrowBinary(c.t), argv...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()

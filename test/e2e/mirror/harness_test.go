@@ -114,7 +114,7 @@ func startGuest(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, name, volu
 		Netns: b.Hosts[0].Netns,
 		Append: fmt.Sprintf("panic=-1 grow.run=diskwriter grow.disk=serial:growdata grow.slots=%d grow.write_interval=%s",
 			guestSlots, writeInterval),
-		Disks: []testbed.Disk{{NBDHost: host, NBDPort: port, Export: volume, Serial: "growdata", ReconnectDelay: 20}},
+		Disks: []testbed.Disk{guestDisk(p, host, port, volume)},
 	})
 	g := &guest{vm: vm, volume: volume}
 	if _, err := vm.Console.WaitReady(0, 150*time.Second); err != nil {
@@ -122,6 +122,17 @@ func startGuest(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, name, volu
 	}
 	g.waitAcks(t, 20, 60*time.Second, "its first writes")
 	return g
+}
+
+// guestDisk is the guest's data disk: the volume at its service address, over TLS
+// with the bed's host certificate when the pair requires it, verified against the
+// name both controllers' certificates carry (either may answer on that address).
+func guestDisk(p *testbed.StoragePair, host string, port int, volume string) testbed.Disk {
+	d := testbed.Disk{NBDHost: host, NBDPort: port, Export: volume, Serial: "growdata", ReconnectDelay: 20}
+	if p.PKI != nil {
+		d.TLSCredsDir, d.TLSHostname = p.PKI.ClientDir, testbed.TLSServerName
+	}
+	return d
 }
 
 // ioErrorRe matches what the guest prints when a write fails: the writer's retry or
