@@ -86,6 +86,7 @@ freezes rather than guess.`,
 	f.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key of --tls-cert")
 	f.StringVar(&cfg.TLSClientCA, "tls-client-ca", "", "PEM CA bundle; NBD clients must then present a certificate it signed")
 	f.BoolVar(&cfg.RequireTLS, "tls-required", false, "refuse NBD clients that do not upgrade to TLS")
+	f.StringVar(&cfg.TLSName, "tls-name", "", "name hosts verify the NBD certificate against (default: its first DNS name; give both controllers of a pair the same)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.StringVar(&cfg.Mirror.Name, "name", "", "this controller's name in a mirrored pair")
 	f.StringVar(&cfg.Mirror.Peer, "peer", "", "admin API URL of the mirror partner (enables mirroring)")

@@ -229,6 +229,10 @@ type Stats struct {
 	Uptime      string `json:"uptime"`
 	NBDAddress  string `json:"nbd_address"`
 	NBDSocket   string `json:"nbd_socket,omitempty"`
+	// NBDTLS is "required" or "offered" when the controller speaks NBD over TLS, and
+	// NBDTLSName the name hosts must verify its certificate against.
+	NBDTLS     string `json:"nbd_tls,omitempty"`
+	NBDTLSName string `json:"nbd_tls_name,omitempty"`
 	// MirrorResyncBytes counts bytes copied by mirror resync since start.
 	MirrorResyncBytes int64 `json:"mirror_resync_bytes"`
 }

@@ -73,6 +73,9 @@ type Config struct {
 	TLSClientCA string
 	// RequireTLS refuses NBD clients that do not upgrade to TLS.
 	RequireTLS bool
+	// TLSName is the name hosts verify the NBD certificate against (default: the
+	// certificate's first DNS name); both controllers of a pair should carry it.
+	TLSName string
 	// Logger receives the daemon's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Mirror pairs the controller with a partner (Mirror.Peer "" means unpaired).
@@ -271,6 +274,9 @@ func (c *Controller) tlsConfig() (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to load TLS certificate %q: %w", c.cfg.TLSCert, err)
 	}
+	if c.cfg.TLSName == "" && cert.Leaf != nil && len(cert.Leaf.DNSNames) > 0 {
+		c.cfg.TLSName = cert.Leaf.DNSNames[0]
+	}
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	if c.cfg.TLSClientCA != "" {
 		pem, err := os.ReadFile(c.cfg.TLSClientCA)
@@ -285,6 +291,18 @@ func (c *Controller) tlsConfig() (*tls.Config, error) {
 		cfg.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	return cfg, nil
+}
+
+// nbdTLS says whether NBD clients must ("required"), may ("offered") or cannot ("") use TLS.
+func (c *Controller) nbdTLS() string {
+	switch {
+	case c.nbd == nil || c.nbd.TLSConfig == nil:
+		return ""
+	case c.cfg.RequireTLS:
+		return "required"
+	default:
+		return "offered"
+	}
 }
 
 // Token is the admin API bearer token.

@@ -36,6 +36,10 @@ func (c *Controller) stats() adminclient.Stats {
 		Uptime:       time.Since(c.started).Round(time.Second).String(),
 		NBDAddress:   c.advertisedNBD(),
 		NBDSocket:    c.NBDSocket(),
+		NBDTLS:       c.nbdTLS(),
+	}
+	if s.NBDTLS != "" {
+		s.NBDTLSName = c.cfg.TLSName
 	}
 	if c.mir != nil {
 		s.MirrorResyncBytes = c.mir.resyncBytes()

@@ -85,6 +85,14 @@ func TestTLS(t *testing.T) {
 		t.Fatalf("the admin API is not HTTPS with a certificate: %s", c.API)
 	}
 	c.mustCLI("volume", "create", "secret", "--size", "16MiB")
+	// The control plane learns from the stats that hosts must use TLS, and the name to verify.
+	st, err := c.client().Stats(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.NBDTLS != "required" || st.NBDTLSName != "localhost" {
+		t.Errorf("stats report nbd_tls %q, nbd_tls_name %q; want required, localhost (the certificate's DNS name)", st.NBDTLS, st.NBDTLSName)
+	}
 
 	_, port, _ := net.SplitHostPort(c.NBDAddr)
 	tlsURI := func(dir string) string {
