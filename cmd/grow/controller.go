@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -14,12 +15,20 @@ func newControllerCmd() *cobra.Command {
 	o := &cpOpts{}
 	cmd := cpNoun("controller", "Storage controllers registered with the control plane", o)
 	var req client.StorageReq
+	var caFile string
 	add := &cobra.Command{
 		Use:   "add NAME --storage-url URL --storage-token TOKEN",
 		Short: "Register a storage controller (grow storaged)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Name = args[0]
+			if caFile != "" {
+				pem, err := os.ReadFile(caFile)
+				if err != nil {
+					return usageErr(fmt.Errorf("Failed to read --storage-ca-cert: %w", err))
+				}
+				req.CACert = string(pem)
+			}
 			return o.do(func(ctx context.Context, c *client.Client) error {
 				s, err := c.AddStorage(ctx, req)
 				if err != nil {
@@ -31,6 +40,7 @@ func newControllerCmd() *cobra.Command {
 	}
 	add.Flags().StringVar(&req.URL, "storage-url", "", "URL of the controller's admin API, for example http://10.0.0.9:7480")
 	add.Flags().StringVar(&req.Token, "storage-token", "", "the controller's token (its DATA/admin.token)")
+	add.Flags().StringVar(&caFile, "storage-ca-cert", "", "PEM CA that signed an https controller's certificate")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List storage controllers",

@@ -20,7 +20,7 @@ import (
 )
 
 func init() {
-	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin string
+	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin, nbdTLSDir string
 	cmd := &cobra.Command{
 		Use:   "hostd",
 		Short: "Run the hypervisor host agent (QEMU VMs, taps, consoles, migration)",
@@ -43,7 +43,7 @@ Stopping the agent never stops a VM.`,
 			defer stop()
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 			agent, err := host.New(ctx, host.Config{DataDir: dataDir, Bridge: bridge, Accel: accel,
-				CgroupParent: cgParent, QEMUBinary: qemuBin, Logger: log})
+				CgroupParent: cgParent, QEMUBinary: qemuBin, NBDTLSDir: nbdTLSDir, Logger: log})
 			if err != nil {
 				return err
 			}
@@ -75,5 +75,6 @@ Stopping the agent never stops a VM.`,
 	f.StringVar(&accel, "accel", "auto", "QEMU accelerator: auto (KVM if /dev/kvm works), kvm or tcg")
 	f.StringVar(&cgParent, "cgroup-parent", "grow", "cgroup directory that holds one cgroup per VM")
 	f.StringVar(&qemuBin, "qemu", "qemu-system-x86_64", "QEMU binary")
+	f.StringVar(&nbdTLSDir, "nbd-tls-dir", "", "x509 client credentials for NBD over TLS to storage controllers (ca-cert.pem, client-cert.pem, client-key.pem)")
 	rootCmd.AddCommand(cmd)
 }

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"crypto/x509"
 	"net/http"
 
 	"github.com/growserver/grow/internal/host/hostapi"
@@ -13,6 +14,8 @@ type StorageRequest struct {
 	Name  string `json:"name"`
 	URL   string `json:"url"`
 	Token string `json:"token"`
+	// CACert is the PEM CA that signed an https controller's certificate.
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 func (a *API) routeStorage() {
@@ -35,7 +38,10 @@ func (a *API) routeStorage() {
 		if !hostapi.ValidName(req.Name) || !validURL(req.URL) || req.Token == "" {
 			return invalid("A storage controller needs a name, the http(s) URL of its admin API and its token")
 		}
-		c := store.StorageController{Name: req.Name, URL: req.URL, Token: req.Token}
+		if req.CACert != "" && !x509.NewCertPool().AppendCertsFromPEM([]byte(req.CACert)) {
+			return invalid("ca_cert holds no PEM certificate")
+		}
+		c := store.StorageController{Name: req.Name, URL: req.URL, Token: req.Token, CACert: req.CACert}
 		if err := a.st.CreateStorage(r.Context(), &c); err != nil {
 			return err
 		}

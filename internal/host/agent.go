@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -29,6 +30,7 @@ type Config struct {
 	Accel        string // "auto", "kvm" or "tcg"
 	CgroupParent string // cgroup directory name for VMs (default "grow")
 	QEMUBinary   string // default qemu-system-x86_64
+	NBDTLSDir    string // x509 client credentials for disks with TLS: ca-cert.pem, client-cert.pem, client-key.pem
 	Logger       *slog.Logger
 }
 
@@ -59,6 +61,14 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	if cfg.CgroupParent == "" {
 		cfg.CgroupParent = "grow"
+	}
+	if cfg.NBDTLSDir != "" {
+		if !filepath.IsAbs(cfg.NBDTLSDir) {
+			return nil, fmt.Errorf("NBD TLS directory %q must be an absolute path", cfg.NBDTLSDir)
+		}
+		if _, err := os.Stat(filepath.Join(cfg.NBDTLSDir, "ca-cert.pem")); err != nil {
+			return nil, fmt.Errorf("NBD TLS directory %q has no usable ca-cert.pem: %w", cfg.NBDTLSDir, err)
+		}
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -149,6 +159,16 @@ func (a *Agent) defineAs(spec hostapi.VMSpec, base hostapi.Counters, durable boo
 				return hostapi.VM{}, fmt.Errorf("%w: NIC %d names no bridge and the agent has no --bridge", ErrInvalid, i)
 			}
 			spec.NICs[i].Bridge = a.cfg.Bridge
+		}
+	}
+	spec.Disks = slices.Clone(spec.Disks)
+	for i := range spec.Disks {
+		// Each host uses its own credentials, also for a VM that migrates in.
+		if d := &spec.Disks[i]; d.TLS {
+			if a.cfg.NBDTLSDir == "" {
+				return hostapi.VM{}, fmt.Errorf("%w: disk %q needs NBD over TLS and the agent has no --nbd-tls-dir", ErrInvalid, d.ID)
+			}
+			d.TLSCredsDir = a.cfg.NBDTLSDir
 		}
 	}
 	a.mu.Lock()

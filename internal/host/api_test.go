@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/growserver/grow/internal/host/agentclient"
@@ -124,5 +125,43 @@ func TestAPIAuthAndErrors(t *testing.T) {
 	}
 	if _, err := agentclient.New("http://x", ""); err == nil {
 		t.Error("empty token accepted")
+	}
+}
+
+// A disk that needs TLS gets this agent's credentials, whatever directory the spec
+// carried (a VM migrating in brings its source host's); without --nbd-tls-dir the
+// agent refuses it instead of starting a VM that cannot reach its disk.
+func TestDefineTLSDiskUsesAgentCredentials(t *testing.T) {
+	_, c, _ := newTestAgent(t)
+	ctx := context.Background()
+	s := spec("tls")
+	s.Disks[0].TLS = true
+	if _, err := c.Define(ctx, s); err == nil || !strings.Contains(err.Error(), "--nbd-tls-dir") {
+		t.Fatalf("TLS disk on an agent without credentials: %v", err)
+	}
+
+	dir := t.TempDir()
+	if _, err := New(ctx, Config{DataDir: t.TempDir(), Accel: "tcg", NBDTLSDir: dir}); err == nil {
+		t.Fatal("an NBD TLS directory without ca-cert.pem was accepted")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca-cert.pem"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(ctx, Config{DataDir: t.TempDir(), Bridge: "br-test", Accel: "tcg", NBDTLSDir: dir,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	s.Disks[0].TLSCredsDir = "/var/lib/grow/other-host-tls"
+	vm, err := a.Define(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := vm.Spec.Disks[0]; !d.TLS || d.TLSCredsDir != dir {
+		t.Fatalf("disk %+v, want TLS with credentials from %s", d, dir)
+	}
+	if s.Disks[0].TLSCredsDir != "/var/lib/grow/other-host-tls" {
+		t.Fatal("Define changed the caller's spec")
 	}
 }

@@ -64,6 +64,9 @@ type Clients struct{}
 // Storage returns an adminclient-backed Storage.
 func (Clients) Storage(c store.StorageController) (Storage, error) {
 	cl, err := adminclient.New(c.URL, c.Token)
+	if err == nil && c.CACert != "" {
+		cl, err = cl.WithCAPEM([]byte(c.CACert))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("Failed to reach storage controller %q: %w", c.Name, err)
 	}
@@ -118,23 +121,38 @@ func (s *storageClient) ImportImage(ctx context.Context, name string, r io.Reade
 // volume's service address over, so a failover is a stall and never an I/O error.
 const mirroredReconnectDelay = 30
 
+// Endpoint tells a host how to reach a volume: address, reconnect window, and TLS
+// (with the name to verify) when the controller speaks NBD over TLS.
 func (s *storageClient) Endpoint(ctx context.Context, volume string) (hostapi.Disk, error) {
-	// On a mirrored pair a volume has its own address, which follows its primary.
 	v, err := s.c.GetVolume(ctx, volume)
 	if err != nil {
 		return hostapi.Disk{}, fmt.Errorf("Failed to read volume %q on %q: %w", volume, s.name, err)
 	}
+	st, err := s.c.Stats(ctx)
+	if err != nil {
+		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)
+	}
+	d, err := s.endpoint(v, st)
+	if err != nil {
+		return hostapi.Disk{}, err
+	}
+	// TLS where offered: a customer's disk does not cross the storage network in clear
+	// (a local unix socket needs it only if the controller insists).
+	if st.NBDTLS == "required" || (st.NBDTLS != "" && d.Socket == "") {
+		d.TLS, d.TLSHostname = true, st.NBDTLSName
+	}
+	return d, nil
+}
+
+func (s *storageClient) endpoint(v *adminclient.Volume, st *adminclient.Stats) (hostapi.Disk, error) {
+	// On a mirrored pair a volume has its own address, which follows its primary.
 	if v.Mirror != nil && v.NBDAddress != "" {
 		h, p, err := net.SplitHostPort(v.NBDAddress)
 		port, perr := strconv.Atoi(p)
 		if err != nil || perr != nil {
-			return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q for %q", s.name, v.NBDAddress, volume)
+			return hostapi.Disk{}, fmt.Errorf("Storage controller %q reports a bad NBD address %q for %q", s.name, v.NBDAddress, v.Name)
 		}
 		return hostapi.Disk{Host: h, Port: port, ReconnectDelay: mirroredReconnectDelay}, nil
-	}
-	st, err := s.c.Stats(ctx)
-	if err != nil {
-		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)
 	}
 	// A TCP address other hosts can reach wins; a unix socket (or loopback) only serves
 	// hosts on the controller's own machine, as in the all-in-one installation.

@@ -173,6 +173,10 @@ CREATE TABLE witness_grants (
 	holder TEXT NOT NULL
 )
 `,
+	// 6: the CA that signed a storage controller's certificate (an https admin API).
+	`
+ALTER TABLE storage_controllers ADD COLUMN ca_cert TEXT NOT NULL DEFAULT ''
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.

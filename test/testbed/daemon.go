@@ -171,6 +171,8 @@ func shortTempDir(t testing.TB, prefix string) string {
 type HostdOptions struct {
 	DataDir string   // default: a new temporary directory
 	Extra   []string // more flags
+	// NBDTLSDir is --nbd-tls-dir: the client credentials for controllers that require TLS.
+	NBDTLSDir string
 }
 
 // HostdPort is the port hostd listens on inside its host namespace.
@@ -188,6 +190,9 @@ func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	addr := fmt.Sprintf("%s:%d", h.StorageIP, HostdPort)
 	args := []string{"hostd", "--data", dir, "--api", addr, "--bridge", h.Bridge,
 		"--cgroup-parent", fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)}
+	if opts.NBDTLSDir != "" {
+		args = append(args, "--nbd-tls-dir", opts.NBDTLSDir)
+	}
 	args = append(args, opts.Extra...)
 	// The bed removes the cgroups at teardown, once the VMs in them are gone.
 	h.Bed.mu.Lock()
@@ -226,6 +231,9 @@ type StoragedOptions struct {
 	DataDir string   // default: a new temporary directory
 	Disks   []string // --disk paths (none: DATA/disk0.img)
 	Extra   []string // more flags, e.g. --pool-size 2GiB --cache 64MiB
+	// TLS gives the controller a certificate of a new test CA (Storaged.PKI) and makes
+	// it require TLS with verified client certificates for NBD; its API is then https.
+	TLS bool
 }
 
 // Storaged is a storage controller in its own namespace on the storage network.
@@ -236,6 +244,7 @@ type Storaged struct {
 	// TLSClientDir, when the controller requires TLS, holds the CA and a client
 	// certificate (libnbd's tls-certificates, QEMU's tls-creds-x509 dir).
 	TLSClientDir string
+	PKI          *PKI // with StoragedOptions.TLS
 }
 
 // NBDURI returns the libnbd URI of an export, for tools run inside a bed namespace.
@@ -280,11 +289,26 @@ func (b *Bed) StartStoraged(t testing.TB, opts StoragedOptions) *Storaged {
 		args = append(args, "--disk", d)
 	}
 	args = append(args, opts.Extra...)
+	var pki *PKI
+	if opts.TLS {
+		var err error
+		if pki, err = NewPKI(shortTempDir(t, "gtb-pki-"), ip, "127.0.0.1"); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, "--tls-cert", pki.ServerCert, "--tls-key", pki.ServerKey, "--tls-client-ca", pki.CA, "--tls-required")
+	}
 	d := newDaemon(t, fmt.Sprintf("storaged-s%d", i), ns, addr, dir, args)
+	if pki != nil {
+		d.URL, d.PeerURL = "https"+strings.TrimPrefix(d.URL, "http"), "https"+strings.TrimPrefix(d.PeerURL, "http")
+	}
 	// Cleanups run last-in first-out, so this runs before the controller is stopped:
 	// VMs still connected would hold its graceful shutdown for its full timeout.
 	t.Cleanup(b.killHostProcesses)
-	return &Storaged{Daemon: d, IP: ip, NBDAddr: ip + ":10809"}
+	s := &Storaged{Daemon: d, IP: ip, NBDAddr: ip + ":10809", PKI: pki}
+	if pki != nil {
+		s.TLSClientDir = pki.ClientDir
+	}
+	return s
 }
 
 // killHostProcesses kills every process in the host namespaces (agents and VMs).

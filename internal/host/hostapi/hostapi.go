@@ -49,7 +49,8 @@ type Disk struct {
 	Port           int    `json:"port,omitempty"`   // TCP port
 	Socket         string `json:"socket,omitempty"` // unix socket path
 	Export         string `json:"export"`
-	TLSCredsDir    string `json:"tls_creds_dir,omitempty"` // x509 dir with ca-cert.pem (client side)
+	TLS            bool   `json:"tls,omitempty"`           // NBD over TLS with the agent's credentials (hostd --nbd-tls-dir)
+	TLSCredsDir    string `json:"tls_creds_dir,omitempty"` // x509 dir with ca-cert.pem (client side); set by the agent when TLS
 	TLSHostname    string `json:"tls_hostname,omitempty"`
 	ReconnectDelay int    `json:"reconnect_delay,omitempty"` // seconds; 0 = QEMU default (no reconnect)
 	ReadOnly       bool   `json:"read_only,omitempty"`

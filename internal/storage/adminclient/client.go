@@ -61,9 +61,17 @@ func (c *Client) WithCACert(caFile string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Failed to read CA certificate %q: %w", caFile, err)
 	}
+	if _, err := c.WithCAPEM(pem); err != nil {
+		return nil, fmt.Errorf("%w in %q", err, caFile)
+	}
+	return c, nil
+}
+
+// WithCAPEM makes the client trust the PEM certificates in pem for an https controller URL.
+func (c *Client) WithCAPEM(pem []byte) (*Client, error) {
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("No PEM certificate found in %q", caFile)
+		return nil, errors.New("No PEM certificate found")
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}

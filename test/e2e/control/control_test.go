@@ -199,9 +199,13 @@ func runScenario(t *testing.T, backend string) {
 	guest := testbed.GuestDir(t)
 	bed := testbed.New(t, testbed.Options{Hosts: 2})
 	c := &cluster{bed: bed}
-	c.stor = bed.StartStoraged(t, testbed.StoragedOptions{Extra: []string{"--pool-size", "4GiB", "--cache", "32MiB"}})
+	// The PostgreSQL run also puts every disk behind TLS: the controller requires it
+	// with verified client certificates, its API is https, and each host has its
+	// credentials; provisioning, online resize and migration must all work over it.
+	useTLS := backend == "postgres"
+	c.stor = bed.StartStoraged(t, testbed.StoragedOptions{Extra: []string{"--pool-size", "4GiB", "--cache", "32MiB"}, TLS: useTLS})
 	for _, h := range bed.Hosts {
-		d := h.StartHostd(t, testbed.HostdOptions{})
+		d := h.StartHostd(t, testbed.HostdOptions{NBDTLSDir: c.stor.TLSClientDir})
 		c.hostds = append(c.hostds, d)
 		ac, err := agentclient.New(d.URL, d.Token)
 		if err != nil {
@@ -212,6 +216,11 @@ func runScenario(t *testing.T, backend string) {
 	var err error
 	if c.sc, err = adminclient.New(c.stor.URL, c.stor.Token); err != nil {
 		t.Fatal(err)
+	}
+	if useTLS {
+		if c.sc, err = c.sc.WithCACert(c.stor.PKI.CA); err != nil {
+			t.Fatal(err)
+		}
 	}
 	dsn := ""
 	if backend == "postgres" {
@@ -229,7 +238,11 @@ func runScenario(t *testing.T, backend string) {
 	phase("daemons and grow serve up")
 
 	// The operator registers the daemons and the guest network, imports the gold master.
-	s.mustGrow("controller", "add", "s0", "--storage-url", c.stor.PeerURL, "--storage-token", c.stor.Token)
+	addStorage := []string{"controller", "add", "s0", "--storage-url", c.stor.PeerURL, "--storage-token", c.stor.Token}
+	if useTLS {
+		addStorage = append(addStorage, "--storage-ca-cert", c.stor.PKI.CA)
+	}
+	s.mustGrow(addStorage...)
 	for i, d := range c.hostds {
 		s.mustGrow("host", "add", fmt.Sprintf("h%d", i), "--agent-url", d.PeerURL, "--agent-token", d.Token, "--cpus", "2", "--memory", "2GiB")
 	}
@@ -256,6 +269,13 @@ func runScenario(t *testing.T, backend string) {
 	resp := c.query(t, "web1", testbed.GuestPrefix+"10")
 	web1 := c.server(t, "web1")
 	c.console(t, "web1", "echo console-ok-$((40+2))", "console-ok-42")
+	if useTLS {
+		// The controller refuses plain NBD, so the guest's disk can only be this TLS one.
+		vm, err := c.agents[c.hostIndex(t, web1.HostID)].Get(context.Background(), web1.ID)
+		if err != nil || len(vm.Spec.Disks) == 0 || !vm.Spec.Disks[0].TLS || vm.Spec.Disks[0].TLSCredsDir != c.stor.TLSClientDir {
+			t.Fatalf("web1's disk is not over TLS with the host's credentials: %+v, %v", vm.Spec.Disks, err)
+		}
+	}
 	if web1.IPv4 != testbed.GuestPrefix+"10" {
 		t.Fatalf("web1 has address %s", web1.IPv4)
 	}
