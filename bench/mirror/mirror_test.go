@@ -10,7 +10,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -335,9 +338,28 @@ func benchFio(t *testing.T, b *testbed.Bed, p *testbed.StoragePair, lone *testbe
 	return md.String(), nil
 }
 
+// postLone creates a volume on the lone (unpaired, plain HTTP) controller.
 func postLone(ctx context.Context, s *testbed.Storaged, name string, size int64) error {
-	c := &testbed.PairController{Storaged: s, Name: s.Name}
-	return c.Post(ctx, "/v1/volumes", map[string]any{"name": name, "size": size}, nil)
+	body, err := json.Marshal(map[string]any{"name": name, "size": size})
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.URL+"/v1/volumes", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+s.Token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("Failed to create volume %q on the lone controller: %w", name, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("Failed to create volume %q on the lone controller: %s: %s", name, resp.Status, bytes.TrimSpace(msg))
+	}
+	return nil
 }
 
 func median(rs []fioResult, f func(fioResult) float64) float64 {
