@@ -313,6 +313,17 @@ func (c *Cache) Discard(off, length int64) error {
 	return err
 }
 
+// SpliceTo passes a splice (see dev.Splicer) straight to the device: the cache is
+// write-through, so the device always holds the data of every completed write and
+// the cached copy never has to be consulted.
+func (c *Cache) SpliceTo(fd int, off int64, n int) error {
+	sp, ok := c.d.(dev.Splicer)
+	if !ok {
+		return fmt.Errorf("Failed to splice %d bytes at %d: %w", n, off, dev.ErrNoSplice)
+	}
+	return sp.SpliceTo(fd, off, n)
+}
+
 // Sync makes every completed write durable; the cache holds nothing dirty, so this is the device's Sync.
 func (c *Cache) Sync() error { return c.d.Sync() }
 

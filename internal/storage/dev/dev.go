@@ -3,6 +3,7 @@
 package dev
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -79,3 +80,23 @@ func (d *File) Discard(off, length int64) error {
 	}
 	return nil
 }
+
+// Splicer is implemented by Devices that can put a range's data into a pipe without
+// copying it through user space (splice(2) from the page cache of a backing file), so
+// that a server can send it on with another splice.
+//
+// The pipe then holds references to page-cache pages, not a copy: an implementation
+// must make sure that the pages it splices are never overwritten in place with other
+// data after the range is discarded (a discard must punch a hole, which detaches them),
+// and callers must treat the data as a read that is concurrent with any write issued
+// before the pipe is drained.
+type Splicer interface {
+	// SpliceTo appends the n bytes at off to the pipe whose write end is fd; the pipe
+	// must be non-blocking and have room for them. It returns an error wrapping
+	// ErrNoSplice when it cannot splice the range; after any error the pipe may hold
+	// part of the data and the caller should read the range with ReadAt instead.
+	SpliceTo(fd int, off int64, n int) error
+}
+
+// ErrNoSplice means a range cannot be spliced (see Splicer); ReadAt still reads it.
+var ErrNoSplice = errors.New("cannot splice this range")

@@ -12,6 +12,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -46,10 +47,12 @@ type conn struct {
 	workers    sync.WaitGroup
 	replies    chan *request
 	writerDone chan struct{}
-	out        []byte      // writer-owned output buffer
-	vec        net.Buffers // writer-owned scatter list
-	vecArr     [2][]byte   // backing array of vec
-	writeErr   error       // writer-owned
+	out        []byte          // writer-owned output buffer
+	vec        net.Buffers     // writer-owned scatter list
+	vecArr     [2][]byte       // backing array of vec
+	writeErr   error           // writer-owned
+	splicer    ReadSplicer     // the export, when READ replies may be spliced
+	rawc       syscall.RawConn // the socket, for splicing
 	hdr        [requestHeaderLen]byte
 	errLog     logLimiter
 }

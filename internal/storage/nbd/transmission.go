@@ -31,6 +31,7 @@ type request struct {
 	c *conn
 	requestHeader
 	buf    *[]byte // WRITE payload or READ data
+	pipe   *pipe   // READ data to splice to the socket (instead of buf)
 	cost   int64   // budget held
 	errno  uint32
 	chunks []readChunk // structured READ split around zero ranges; empty means one data chunk
@@ -68,6 +69,7 @@ func (c *conn) transmit() error {
 	c.work = make(chan *request)
 	c.writerDone = make(chan struct{})
 	c.out = make([]byte, 0, outBufferSize)
+	c.initSplice()
 	go c.writer()
 	err := c.readLoop()
 	// Every request already read is served and answered before the connection closes.
@@ -168,6 +170,10 @@ func (c *conn) finish(r *request) {
 	if r.buf != nil {
 		putBuf(r.buf)
 		r.buf = nil
+	}
+	if r.pipe != nil {
+		r.pipe.put()
+		r.pipe = nil
 	}
 	c.budget.release(r.cost)
 	r.c = nil
@@ -319,23 +325,35 @@ func (c *conn) execute(r *request) uint32 {
 	return 0
 }
 
-// read fills r.buf; a large structured READ without DF is split around zero ranges.
+// read fills r.buf, or r.pipe when the data can be spliced; a large structured READ
+// without DF is split around zero ranges.
 func (c *conn) read(r *request) uint32 {
-	r.buf = getBuf(int(r.length))
-	buf := *r.buf
-	if c.structured && r.flags&cmdFlagDF == 0 && r.length >= holeProbeMin && c.planRead(r) {
-		for _, ch := range r.chunks {
-			if ch.data == nil {
-				continue
+	if c.structured && r.flags&cmdFlagDF == 0 && r.length >= holeProbeMin {
+		r.buf = getBuf(int(r.length))
+		if c.planRead(r) {
+			for _, ch := range r.chunks {
+				if ch.data == nil {
+					continue
+				}
+				if err := c.export.ReadAt(ch.data, int64(ch.off)); err != nil {
+					r.chunks = r.chunks[:0]
+					return c.fail(r, err)
+				}
 			}
-			if err := c.export.ReadAt(ch.data, int64(ch.off)); err != nil {
-				r.chunks = r.chunks[:0]
-				return c.fail(r, err)
-			}
+			return 0
+		}
+	}
+	if c.spliceRead(r) {
+		if r.buf != nil {
+			putBuf(r.buf)
+			r.buf = nil
 		}
 		return 0
 	}
-	if err := c.export.ReadAt(buf, int64(r.off)); err != nil {
+	if r.buf == nil {
+		r.buf = getBuf(int(r.length))
+	}
+	if err := c.export.ReadAt(*r.buf, int64(r.off)); err != nil {
 		return c.fail(r, err)
 	}
 	return 0
@@ -508,6 +526,15 @@ func (c *conn) payload(p []byte) {
 	c.flushWith(p)
 }
 
+// readData sends the data of a successful READ after its header.
+func (c *conn) readData(r *request) {
+	if r.pipe != nil {
+		c.spliceOut(r.pipe, int(r.length))
+		return
+	}
+	c.payload(*r.buf)
+}
+
 func (c *conn) simpleHeader(errno uint32, cookie uint64) {
 	c.out = binary.BigEndian.AppendUint32(c.out, simpleMagic)
 	c.out = binary.BigEndian.AppendUint32(c.out, errno)
@@ -527,7 +554,7 @@ func (c *conn) encode(r *request) {
 	if !c.structured || (r.typ != cmdRead && r.typ != cmdBlockStatus) {
 		c.simpleHeader(r.errno, r.cookie)
 		if r.typ == cmdRead && r.errno == 0 {
-			c.payload(*r.buf)
+			c.readData(r)
 		}
 		return
 	}
@@ -549,9 +576,9 @@ func (c *conn) encode(r *request) {
 		return
 	}
 	if len(r.chunks) == 0 {
-		c.chunkHeader(chunkFlagDone, chunkOffsetData, r.cookie, uint32(8+len(*r.buf)))
+		c.chunkHeader(chunkFlagDone, chunkOffsetData, r.cookie, 8+r.length)
 		c.out = binary.BigEndian.AppendUint64(c.out, r.off)
-		c.payload(*r.buf)
+		c.readData(r)
 		return
 	}
 	for i, ch := range r.chunks {

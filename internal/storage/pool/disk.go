@@ -45,6 +45,10 @@ type disk struct {
 	dev   uint64 // identity of the opened file, compared with the path by the health check
 	ino   uint64
 	state atomic.Int32
+	// punch is set when a hole punched in the disk's unused header area succeeded at
+	// open: only such disks are spliced from (see SpliceTo), and their discards never
+	// fall back to writing zeroes in place. Immutable once the disk is in the pool.
+	punch bool
 	// volatile marks a failure kept in memory only: the disk was the last copy of its
 	// pair, so pool.json keeps it trusted and a restart retries it. Guarded by Pool.mu.
 	volatile bool
@@ -300,19 +304,56 @@ func (d *disk) checkTail(off int64, uuid string) error {
 }
 
 // discardDisk makes a range of the disk read as zeroes, punching a hole when it can.
+//
+// The whole pages of the range of a disk that is spliced from (d.punch) may still be
+// referenced by pipes and sockets: they must be detached from the page cache by a
+// punch, never overwritten in place. Only the partial pages at the edges of a range
+// are zeroed in place (as a punch itself does), when a block device refuses a range
+// that is not aligned to its blocks.
 func (p *Pool) discardDisk(d *disk, off, length int64) error {
 	if err := p.fault(d, "discard", off); err != nil {
 		return err
 	}
-	err := d.withFd(func(fd int) error {
-		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-	})
+	err := d.punchHole(off, length)
 	if err == nil {
 		return nil
 	}
 	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EINVAL) {
 		return err
 	}
+	if !d.punch {
+		return d.writeZeroes(off, length)
+	}
+	if !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	end := off + length
+	lo, hi := min((off+pageSize-1)/pageSize*pageSize, end), max(end/pageSize*pageSize, off)
+	if hi > lo {
+		if err := d.punchHole(lo, hi-lo); err != nil {
+			return err
+		}
+	} else {
+		lo, hi = end, end
+	}
+	if err := d.writeZeroes(off, lo-off); err != nil {
+		return err
+	}
+	return d.writeZeroes(hi, end-hi)
+}
+
+// pageSize is the page-cache granularity that discards of spliced disks respect.
+const pageSize = 4096
+
+// punchHole punches a hole in [off, off+length) of the disk.
+func (d *disk) punchHole(off, length int64) error {
+	return d.withFd(func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	})
+}
+
+// writeZeroes writes zeroes over [off, off+length) of the disk.
+func (d *disk) writeZeroes(off, length int64) error {
 	for length > 0 {
 		n := min(length, int64(len(zeroes)))
 		if _, err := d.f.WriteAt(zeroes[:n], off); err != nil {
@@ -322,6 +363,12 @@ func (p *Pool) discardDisk(d *disk, off, length int64) error {
 		length -= n
 	}
 	return nil
+}
+
+// probePunch reports whether the disk punches holes: it punches the last block of
+// the header area, which holds nothing (the header is its first block).
+func (p *Pool) probePunch(d *disk) bool {
+	return d.punchHole(p.l.dataOff-pageSize, pageSize) == nil
 }
 
 // readHeader reads and decodes the disk's header block.

@@ -197,6 +197,11 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 		p.closeDisks()
 		return nil, err
 	}
+	for i := range p.disks {
+		if d := p.disks[i].Load(); d.f != nil {
+			d.punch = p.probePunch(d)
+		}
+	}
 	var marked []int64
 	sameBoot := false
 	if n > 1 {

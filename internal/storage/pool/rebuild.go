@@ -84,6 +84,7 @@ func (p *Pool) Replace(oldPath, newPath string) error {
 		nd.close()
 		return fmt.Errorf("Refusing to overwrite %q: it is a disk of another pool (%s)", newPath, h.PoolUUID)
 	}
+	nd.punch = p.probePunch(nd)
 	nd.state.Store(stRebuilding)
 	if err := nd.writeTail(p.l.tailOff(), p.uuid); err != nil {
 		nd.close()

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/growserver/grow/internal/storage/dev"
+	"golang.org/x/sys/unix"
 )
 
 // Handle is one opener's view of a volume (for example one NBD connection). Its
@@ -50,30 +53,105 @@ func (h *Handle) inRange(op string, off, n int64) error {
 
 // ReadAt fills p from the volume at off.
 func (h *Handle) ReadAt(p []byte, off int64) error {
+	return h.read(&devIO{kind: ioRead, p: p}, off, int64(len(p)))
+}
+
+// SpliceTo appends the n bytes at off to the pipe whose write end is fd (see
+// dev.Splicer), without copying data that the device can splice: large reads of a
+// plain NBD connection go from the page cache to the socket. Unallocated and zero
+// ranges are written into the pipe as zeroes. It fails with dev.ErrNoSplice when the
+// device cannot splice; after any error the caller should use ReadAt instead.
+func (h *Handle) SpliceTo(fd int, off int64, n int) error {
+	if h.m.splice == nil {
+		return fmt.Errorf("Failed to splice %q: %w", h.o.name, dev.ErrNoSplice)
+	}
+	return h.read(&devIO{kind: ioSplice, fd: fd}, off, int64(n))
+}
+
+// read reads length bytes at off into x (a buffer or a pipe).
+func (h *Handle) read(x *devIO, off, length int64) error {
 	if err := h.usable("read"); err != nil {
 		return err
 	}
 	o := h.o
 	o.io.RLock()
 	defer o.io.RUnlock()
-	if err := h.inRange("read", off, int64(len(p))); err != nil {
+	if err := h.inRange("read", off, length); err != nil {
 		return err
 	}
-	for len(p) > 0 {
+	for length > 0 {
 		vc := uint64(off >> clusterShift)
 		in := off & (ClusterSize - 1)
-		n, err := h.run(vc, in, p, false)
+		n, err := h.run(vc, in, length, x)
 		if err == nil && n == 0 {
-			n = min(int64(len(p)), ClusterSize-in)
-			err = h.readCluster(vc, in, p[:n])
+			n = min(length, ClusterSize-in)
+			err = h.readCluster(vc, in, n, x)
 		}
 		if err != nil {
 			return fmt.Errorf("Failed to read %q at %d: %w", o.name, off, err)
 		}
-		p = p[n:]
+		x.advance(n)
+		length -= n
 		off += n
 	}
 	return nil
+}
+
+// ioKind is what the device calls of one data-path operation do.
+type ioKind uint8
+
+const (
+	ioRead ioKind = iota
+	ioWrite
+	ioSplice
+)
+
+// devIO is the device side of one read, write or splice: p holds the bytes still to be
+// read or written; a splice appends to the pipe fd instead.
+type devIO struct {
+	kind ioKind
+	p    []byte
+	fd   int
+}
+
+// do performs the next n bytes of the operation at device offset at.
+func (x *devIO) do(m *Manager, at, n int64) error {
+	var err error
+	switch x.kind {
+	case ioRead:
+		_, err = m.dev.ReadAt(x.p[:n], at)
+	case ioWrite:
+		_, err = m.dev.WriteAt(x.p[:n], at)
+	default:
+		err = m.splice.SpliceTo(x.fd, at, int(n))
+	}
+	return err
+}
+
+// zero performs the next n bytes of a read of a range that reads as zeroes.
+func (x *devIO) zero(n int64) error {
+	if x.kind != ioSplice {
+		clear(x.p[:n])
+		return nil
+	}
+	for n > 0 {
+		k, err := unix.Write(x.fd, zeroCluster[:min(n, ClusterSize)])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return fmt.Errorf("Failed to write zeroes into the pipe: %w", err)
+		}
+		n -= int64(k)
+	}
+	return nil
+}
+
+// advance moves past n bytes that were done.
+func (x *devIO) advance(n int64) {
+	if x.kind != ioSplice {
+		x.p = x.p[n:]
+	}
 }
 
 // maxRun bounds how many clusters one device call covers (distinct busy stripes).
@@ -83,8 +161,8 @@ const maxRun = busyStripes
 // physical clusters (in the top layer of a writable volume, anywhere in the chain of
 // a frozen one) with one device call, and returns the bytes it covered: 0 when vc
 // itself is not mapped that way, and the caller falls back to one cluster at a time.
-func (h *Handle) run(vc uint64, in int64, p []byte, write bool) (int64, error) {
-	o, d := h.o, h.m.dev
+func (h *Handle) run(vc uint64, in, length int64, x *devIO) (int64, error) {
+	o := h.o
 	top := o.layer
 	var e uint64
 	var n int64
@@ -93,12 +171,12 @@ func (h *Handle) run(vc uint64, in int64, p []byte, write bool) (int64, error) {
 		if e = resolve(top, vc); !isPhys(e) {
 			return 0, nil
 		}
-		n = min(int64(len(p)), ClusterSize-in)
-		for k := uint64(1); k < maxRun && n < int64(len(p)); k++ {
+		n = min(length, ClusterSize-in)
+		for k := uint64(1); k < maxRun && n < length; k++ {
 			if resolve(top, vc+k) != e+k {
 				break
 			}
-			n += min(int64(len(p))-n, ClusterSize)
+			n += min(length-n, ClusterSize)
 		}
 	} else {
 		var held [maxRun]*paddedRWMutex
@@ -117,8 +195,8 @@ func (h *Handle) run(vc uint64, in int64, p []byte, write bool) (int64, error) {
 		if !isPhys(e) {
 			return 0, nil
 		}
-		n = min(int64(len(p)), ClusterSize-in)
-		for k := uint64(1); k < maxRun && n < int64(len(p)); k++ {
+		n = min(length, ClusterSize-in)
+		for k := uint64(1); k < maxRun && n < length; k++ {
 			// Never wait for a further stripe while holding one: no lock cycles.
 			b := o.busyLock(vc + k)
 			if !b.TryRLock() {
@@ -133,24 +211,18 @@ func (h *Handle) run(vc uint64, in int64, p []byte, write bool) (int64, error) {
 			}
 			held[nheld] = b
 			nheld++
-			n += min(int64(len(p))-n, ClusterSize)
+			n += min(length-n, ClusterSize)
 		}
 		if testHookIO != nil {
 			testHookIO()
 		}
 	}
-	at := int64(e-entPhys)<<clusterShift + in
-	var err error
-	if write {
-		_, err = d.WriteAt(p[:n], at)
-	} else {
-		_, err = d.ReadAt(p[:n], at)
-	}
-	return n, err
+	return n, x.do(h.m, int64(e-entPhys)<<clusterShift+in, n)
 }
 
-func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
-	o, d := h.o, h.m.dev
+// readCluster reads n bytes at in within virtual cluster vc into x.
+func (h *Handle) readCluster(vc uint64, in, n int64, x *devIO) error {
+	o := h.o
 	top := o.layer
 	var e uint64
 	if o.readOnly() {
@@ -165,7 +237,7 @@ func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
 			if testHookIO != nil {
 				testHookIO()
 			}
-			_, err := d.ReadAt(p, int64(e-entPhys)<<clusterShift+in)
+			err := x.do(h.m, int64(e-entPhys)<<clusterShift+in, n)
 			busy.RUnlock()
 			return err
 		}
@@ -175,11 +247,9 @@ func (h *Handle) readCluster(vc uint64, in int64, p []byte) error {
 		}
 	}
 	if isPhys(e) {
-		_, err := d.ReadAt(p, int64(e-entPhys)<<clusterShift+in)
-		return err
+		return x.do(h.m, int64(e-entPhys)<<clusterShift+in, n)
 	}
-	clear(p)
-	return nil
+	return x.zero(n)
 }
 
 // WriteAt writes p at off; with fua it is durable when WriteAt returns.
@@ -215,7 +285,7 @@ func (h *Handle) write(p []byte, off int64) error {
 		var n int64
 		var err error
 		if !h.o.readOnly() { // an import writes into its image's own layer cluster by cluster
-			n, err = h.run(vc, in, p, true)
+			n, err = h.run(vc, in, int64(len(p)), &devIO{kind: ioWrite, p: p})
 		}
 		if err == nil && n == 0 {
 			n = min(int64(len(p)), ClusterSize-in)

@@ -25,8 +25,10 @@ type Manager struct {
 	dir  string
 	dev  dev.Device
 	disc dev.Discarder
-	opts Options
-	lock *os.File
+	// splice is the device as a Splicer, nil when it cannot splice.
+	splice dev.Splicer
+	opts   Options
+	lock   *os.File
 
 	ckptMu sync.Mutex // one checkpoint or check at a time
 	mu     sync.Mutex // admin operations; the set of objects and layers
@@ -96,6 +98,7 @@ func Open(metaDir string, d dev.Device, opts Options) (*Manager, error) {
 		kick:  make(chan struct{}, 1),
 	}
 	m.disc, _ = d.(dev.Discarder)
+	m.splice, _ = d.(dev.Splicer)
 	if err := m.load(); err != nil {
 		lf.Close()
 		return nil, err

@@ -1,0 +1,199 @@
+package nbd
+
+import (
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ReadSplicer may be implemented by an Export whose data can be put into a pipe without
+// copying it through user space. On connections without TLS, READs of at least
+// spliceMin bytes are then sent from the pipe to the socket with splice(2), so that the
+// server copies none of their data.
+//
+// SpliceRead appends exactly the n bytes at off to the pipe whose write end is fd (the
+// pipe is non-blocking and has room for them) or returns an error; after an error the
+// server drops the pipe and serves the read with ReadAt, which reports real failures.
+// The pipe may reference the export's storage rather than hold a copy, so a write
+// that is concurrent with the READ (issued before its reply was received) may show in it.
+type ReadSplicer interface {
+	SpliceRead(fd int, off int64, n int) error
+}
+
+const (
+	// spliceMin is the smallest READ sent with splice; smaller ones cost less as one copy.
+	spliceMin = 128 << 10
+	// pipeSize is the capacity asked for each pipe: the largest spliced READ.
+	pipeSize = 1 << 20
+	// maxPipes bounds the pipes open in the whole server (two descriptors each).
+	maxPipes = 256
+	// maxIdlePipes bounds the empty pipes kept for reuse.
+	maxIdlePipes = 64
+)
+
+// pipe is one pipe used to splice READ replies; both ends are non-blocking.
+type pipe struct {
+	r, w int
+}
+
+// pipes is the server-wide set of pipes; a READ that finds none free is copied.
+var pipes struct {
+	mu     sync.Mutex
+	idle   []*pipe
+	open   int
+	broken atomic.Bool // pipes cannot be made big enough: splicing is off
+}
+
+// getPipe returns an empty pipe of pipeSize bytes, or nil when none can be had.
+func getPipe() *pipe {
+	if pipes.broken.Load() {
+		return nil
+	}
+	pipes.mu.Lock()
+	if n := len(pipes.idle); n > 0 {
+		p := pipes.idle[n-1]
+		pipes.idle = pipes.idle[:n-1]
+		pipes.mu.Unlock()
+		return p
+	}
+	if pipes.open >= maxPipes {
+		pipes.mu.Unlock()
+		return nil
+	}
+	pipes.open++
+	pipes.mu.Unlock()
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		releasePipeSlot()
+		return nil
+	}
+	p := &pipe{r: fds[0], w: fds[1]}
+	if sz, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, pipeSize); err != nil || sz < pipeSize {
+		// Over the per-user pipe quota or /proc/sys/fs/pipe-max-size: do without.
+		pipes.broken.Store(true)
+		p.close()
+		return nil
+	}
+	return p
+}
+
+func releasePipeSlot() {
+	pipes.mu.Lock()
+	pipes.open--
+	pipes.mu.Unlock()
+}
+
+// close closes both ends of the pipe and gives up its slot.
+func (p *pipe) close() {
+	unix.Close(p.r)
+	unix.Close(p.w)
+	releasePipeSlot()
+}
+
+// buffered returns the number of bytes in the pipe.
+func (p *pipe) buffered() (int, error) {
+	return unix.IoctlGetInt(p.r, unix.TIOCINQ) // FIONREAD
+}
+
+// put gives the pipe back for reuse if it is empty, and closes it otherwise.
+func (p *pipe) put() {
+	if n, err := p.buffered(); err != nil || n != 0 {
+		p.close()
+		return
+	}
+	pipes.mu.Lock()
+	if len(pipes.idle) < maxIdlePipes {
+		pipes.idle = append(pipes.idle, p)
+		pipes.mu.Unlock()
+		return
+	}
+	pipes.mu.Unlock()
+	p.close()
+}
+
+// initSplice enables spliced READ replies when the connection has no TLS, is a socket
+// and the export implements ReadSplicer.
+func (c *conn) initSplice() {
+	if c.tls {
+		return
+	}
+	rs, ok := c.export.(ReadSplicer)
+	if !ok {
+		return
+	}
+	sc, ok := c.raw.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	c.splicer, c.rawc = rs, rc
+}
+
+// spliceRead tries to put r's data into a pipe; it reports whether r.pipe now holds
+// all of it. On false the caller reads the data into a buffer.
+func (c *conn) spliceRead(r *request) bool {
+	if c.splicer == nil || r.length < spliceMin || r.length > pipeSize || r.off%4096 != 0 {
+		return false
+	}
+	p := getPipe()
+	if p == nil {
+		return false
+	}
+	err := c.splicer.SpliceRead(p.w, int64(r.off), int(r.length))
+	if err == nil {
+		// The writer relies on the pipe holding exactly the reply's data.
+		if n, ierr := p.buffered(); ierr != nil || n != int(r.length) {
+			err = errors.New("pipe does not hold the data")
+		}
+	}
+	if err != nil {
+		p.put()
+		return false
+	}
+	r.pipe = p
+	return true
+}
+
+// spliceOut sends the buffered replies, then the n bytes in p, to the socket.
+func (c *conn) spliceOut(p *pipe, n int) {
+	c.flush()
+	if c.writeErr != nil {
+		return
+	}
+	c.srv.stats.writes.Add(1)
+	c.nc.SetWriteDeadline(time.Now().Add(c.srv.writeTimeout()))
+	var serr error
+	err := c.rawc.Write(func(fd uintptr) bool {
+		for n > 0 {
+			k, err := unix.Splice(p.r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return false // the socket is full (the pipe holds n bytes): wait
+			case err != nil:
+				serr = err
+				return true
+			case k == 0:
+				serr = io.ErrUnexpectedEOF
+				return true
+			}
+			n -= int(k)
+		}
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		c.writeFailed(err)
+	}
+}
