@@ -80,6 +80,17 @@ func (x *export) ReadAt(p []byte, off int64) error {
 	return x.mapErr(x.h.ReadAt(p, off))
 }
 
+// SpliceRead is ReadAt into a pipe (nbd.ReadSplicer); on an error the server retries
+// with ReadAt, which counts and maps it.
+func (x *export) SpliceRead(fd int, off int64, n int) error {
+	if err := x.h.SpliceTo(fd, off, n); err != nil {
+		return err
+	}
+	x.io.readOps.Add(1)
+	x.io.readBytes.Add(int64(n))
+	return nil
+}
+
 func (x *export) WriteAt(p []byte, off int64, fua bool) error {
 	x.io.writeOps.Add(1)
 	x.io.writeBytes.Add(int64(len(p)))
