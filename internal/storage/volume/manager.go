@@ -393,10 +393,14 @@ func (m *Manager) background() {
 		case <-tick:
 		case <-m.kick:
 		}
+		// Only buffered metadata is made durable here. Data that plain writes left in
+		// the device's cache needs no sync until a FLUSH or FUA asks (m.dirty stays
+		// set for it); syncing it every interval would write back, mid-stream, pages
+		// that are being overwritten.
 		m.jmu.Lock()
 		idle := len(m.jbuf) == 0
 		m.jmu.Unlock()
-		if !idle || m.dirty.Load() {
+		if !idle {
 			if err := m.sync(); err != nil {
 				m.opts.Logger.Error("Background sync of volume metadata failed", "err", err)
 				continue
