@@ -529,13 +529,21 @@ func (m *mirrorMgr) view() peerView {
 	return pv
 }
 
+// reconcile applies one heartbeat's rules to every volume, each in its own goroutine:
+// a volume waiting for the witness or the partner (up to about a second) does not
+// delay the others, so a controller with many volumes takes them over in the time of
+// one election, not of one per volume.
 func (m *mirrorMgr) reconcile() {
 	pv := m.view()
-	vols := m.volList()
-	sort.Slice(vols, func(i, j int) bool { return vols[i].name < vols[j].name })
-	for _, v := range vols {
-		v.reconcile(pv)
+	var wg sync.WaitGroup
+	for _, v := range m.volList() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v.reconcile(pv)
+		}()
 	}
+	wg.Wait()
 	m.reconcileAddrs(pv)
 }
 
@@ -807,9 +815,7 @@ func (m *mirrorMgr) status() adminclient.MirrorStatus {
 
 func (m *mirrorMgr) resyncBytes() int64 {
 	n := m.retiredResync.Load()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, v := range m.vols {
+	for _, v := range m.volList() {
 		n += v.resyncBytes()
 	}
 	return n
@@ -857,8 +863,8 @@ func (m *mirrorMgr) stop() {
 	vols := m.volList()
 	for _, v := range vols {
 		v.mu.Lock()
-		if v.vol != nil && v.vol.Mode() == mirror.ModeHeld {
-			v.vol.Release(false)
+		if vol := v.vol.Load(); vol != nil && vol.Mode() == mirror.ModeHeld {
+			vol.Release(false)
 			m.conns.closeName(v.name)
 		}
 		v.mu.Unlock()

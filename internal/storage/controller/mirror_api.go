@@ -145,13 +145,13 @@ func (m *mirrorMgr) applyState(name string, req adminclient.MirrorStateRequest) 
 	}
 	v.settleUntil = time.Now().Add(time.Second)
 	if isPrimary(role) {
-		if v.vol != nil {
+		if v.vol.Load() != nil {
 			v.dropVolume()
 		}
 		if err := v.makeVolume(st); err != nil {
 			return err
 		}
-	} else if v.vol != nil {
+	} else if v.vol.Load() != nil {
 		v.dropVolume()
 	}
 	m.kick()
@@ -162,9 +162,7 @@ func (m *mirrorMgr) applyState(name string, req adminclient.MirrorStateRequest) 
 // with writes quiesced and flushed on both sides, the witness grants epoch+1 to the
 // partner, the partner becomes primary and this side secondary at that epoch.
 func (m *mirrorMgr) handover(v *mvol, pv peerView) error {
-	v.mu.Lock()
-	vol := v.vol
-	v.mu.Unlock()
+	vol := v.vol.Load()
 	st := v.target.State()
 	if vol == nil || !isPrimary(st.Role) {
 		return nil
@@ -210,7 +208,7 @@ func (m *mirrorMgr) handover(v *mvol, pv peerView) error {
 		return fmt.Errorf("Failed to hand %q over: %w", v.name, err)
 	}
 	v.mu.Lock()
-	if v.vol == vol {
+	if v.vol.Load() == vol {
 		v.dropVolume()
 	}
 	v.mu.Unlock()
@@ -233,9 +231,7 @@ func (m *mirrorMgr) moveHome(home string, pv peerView) adminclient.MoveResult {
 	sort.Slice(vols, func(i, j int) bool { return vols[i].name < vols[j].name })
 	var errs []error
 	for _, v := range vols {
-		v.mu.Lock()
-		vol := v.vol
-		v.mu.Unlock()
+		vol := v.vol.Load()
 		if vol == nil {
 			continue
 		}
@@ -586,9 +582,7 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 		c.answerVolume(w, r, http.StatusOK, name)
 		return
 	}
-	v.mu.Lock()
-	vol := v.vol
-	v.mu.Unlock()
+	vol := v.vol.Load()
 	if vol == nil {
 		c.proxyToPrimary(w, r, name, func(ctx context.Context) error { _, err := m.peer.ResizeVolume(ctx, name, size); return err })
 		return
@@ -627,7 +621,7 @@ func (v *mvol) resized() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	st := v.target.State()
-	wasPrimary := v.vol != nil
+	wasPrimary := v.vol.Load() != nil
 	if wasPrimary {
 		v.dropVolume()
 	}
@@ -688,9 +682,7 @@ func (c *Controller) mirSnapshot(w http.ResponseWriter, r *http.Request, name st
 		c.fail(w, r, err)
 		return
 	}
-	v.mu.Lock()
-	vol := v.vol
-	v.mu.Unlock()
+	vol := v.vol.Load()
 	if vol == nil {
 		res, err := m.peer.Snapshot(r.Context(), name, req.Name)
 		if err != nil {

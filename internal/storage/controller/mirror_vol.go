@@ -38,6 +38,11 @@ func isPrimary(r mirror.Role) bool {
 // mvol is one mirrored volume on this controller. Its role and epoch live in the
 // Target (whose lock the link server also uses); vol is the replicating export while
 // this side is primary.
+//
+// mu serialises the volume's state changes, which may wait for the witness or the
+// partner (a second or so); readers that must never wait for that (the admin API,
+// the partner's heartbeat, NBD opens and requests) load vol without it. Lock order:
+// mu before mirrorMgr.mu, never the reverse.
 type mvol struct {
 	m    *mirrorMgr
 	name string
@@ -49,7 +54,7 @@ type mvol struct {
 	fileMu sync.Mutex
 
 	mu           sync.Mutex
-	vol          *mirror.Volume
+	vol          atomic.Pointer[mirror.Volume] // set under mu
 	resyncing    bool
 	resyncCancel context.CancelFunc
 	linkFailedAt time.Time
@@ -148,7 +153,7 @@ func (v *mvol) makeVolume(st mirror.State) error {
 	vol.SetHoldOnPeerLoss(v.m.kick)
 	vol.SetExclusive(st.Role == mirror.RolePrimaryDegraded)
 	vol.HoldIfNotExclusive()
-	v.vol = vol
+	v.vol.Store(vol)
 	return nil
 }
 
@@ -158,21 +163,19 @@ func (v *mvol) dropVolume() {
 	if v.resyncCancel != nil {
 		v.resyncCancel()
 	}
-	if v.vol != nil {
-		v.vol.Fence()
-		v.m.retiredResync.Add(v.vol.Progress().Bytes)
-		v.vol = nil
+	if vol := v.vol.Load(); vol != nil {
+		vol.Fence()
+		v.m.retiredResync.Add(vol.Progress().Bytes)
+		v.vol.Store(nil)
 	}
 	v.m.conns.closeName(v.name)
 }
 
 func (v *mvol) resyncBytes() int64 {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.vol == nil {
-		return 0
+	if vol := v.vol.Load(); vol != nil {
+		return vol.Progress().Bytes
 	}
-	return v.vol.Progress().Bytes
+	return 0
 }
 
 // close releases the volume's handle and bitmap (controller shutdown or volume deletion).
@@ -181,7 +184,7 @@ func (v *mvol) close() {
 	if v.resyncCancel != nil {
 		v.resyncCancel()
 	}
-	vol := v.vol
+	vol := v.vol.Load()
 	v.mu.Unlock()
 	if vol != nil {
 		// Fencing records what the partner may lack in the bitmap and never waits for it.
@@ -203,12 +206,11 @@ const (
 // serveState says whether this side serves the volume (primary and writable), holds
 // it (primary waiting for the witness), or not.
 func (v *mvol) serveState() serveKind {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.vol == nil {
+	vol := v.vol.Load()
+	if vol == nil {
 		return serveNo
 	}
-	switch v.vol.Mode() {
+	switch vol.Mode() {
 	case mirror.ModeFenced:
 		return serveNo
 	case mirror.ModeHeld:
@@ -255,13 +257,15 @@ func (v *mvol) reconcile(pv peerView) {
 	}
 	switch {
 	case isPrimary(st.Role):
-		if v.vol == nil {
+		vol := v.vol.Load()
+		if vol == nil {
 			if err := v.makeVolume(st); err != nil {
 				m.c.log.Error("Failed to open replicating export", "volume", v.name, "err", err)
 				return
 			}
+			vol = v.vol.Load()
 		}
-		mode := v.vol.Mode()
+		mode := vol.Mode()
 		if mode == mirror.ModeFenced {
 			// The link told us the partner holds a newer epoch.
 			if err := v.setState(mirror.State{Role: mirror.RoleStale, Epoch: st.Epoch}); err == nil {
@@ -280,10 +284,10 @@ func (v *mvol) reconcile(pv peerView) {
 				v.resyncCancel()
 			}
 			if mode == mirror.ModeSynced || mode == mirror.ModeResyncing {
-				if _, err := v.vol.Hold(); err != nil {
+				if _, err := vol.Hold(); err != nil {
 					m.c.log.Error("Failed to hold volume after losing the partner", "volume", v.name, "err", err)
 				}
-				mode = v.vol.Mode()
+				mode = vol.Mode()
 			}
 		}
 		if mode == mirror.ModeHeld {
@@ -307,19 +311,19 @@ func (v *mvol) reconcile(pv peerView) {
 					m.c.log.Error("Failed to record mirror state", "volume", v.name, "err", err)
 					return
 				}
-				v.vol.Release(true)
+				vol.Release(true)
 				m.c.log.Warn("Partner lost: volume goes on alone (degraded)", "volume", v.name, "epoch", next.Epoch)
 			case mirror.RoleStale:
 				if err := v.setState(next); err != nil {
 					return
 				}
-				v.vol.Release(false)
+				vol.Release(false)
 				v.dropVolume()
 				m.c.log.Warn("Partner took the volume over: this side is stale", "volume", v.name)
 			}
 			return
 		}
-		if pv.up && known && v.vol != nil && !v.resyncing && (mode == mirror.ModeDegraded) && v.canResyncTo(pr, ps.Epoch, st.Epoch) {
+		if pv.up && known && !v.resyncing && (mode == mirror.ModeDegraded) && v.canResyncTo(pr, ps.Epoch, st.Epoch) {
 			v.startResync(st.Epoch, pr == mirror.RoleStale)
 		}
 
@@ -376,7 +380,7 @@ func (v *mvol) startResync(epoch uint64, peerStale bool) {
 	m := v.m
 	ctx, cancel := context.WithCancel(m.ctx)
 	v.resyncing, v.resyncCancel = true, cancel
-	vol := v.vol
+	vol := v.vol.Load()
 	size := v.exp.Size()
 	go func() {
 		defer func() {
@@ -481,9 +485,7 @@ func (v *mvol) apiMirror(pv peerView) adminclient.VolumeMirror {
 	m := v.m
 	out := adminclient.VolumeMirror{Role: "secondary", Epoch: st.Epoch, Home: v.home, DirtyBytes: int64(v.bm.Count()) * v.bm.RegionSize()}
 	out.Resync.Rate = m.rate.Load()
-	v.mu.Lock()
-	vol := v.vol
-	v.mu.Unlock()
+	vol := v.vol.Load()
 	var ps adminclient.PeerVolume
 	known := false
 	if pv.up && pv.info != nil {
@@ -552,11 +554,9 @@ func (m *mirrorMgr) fencedNow() bool {
 func (v *mvol) peerVolume() adminclient.PeerVolume {
 	st := v.target.State()
 	p := adminclient.PeerVolume{Role: st.Role.String(), Epoch: st.Epoch, Home: v.home}
-	v.mu.Lock()
-	if v.vol != nil {
-		p.Mode = v.vol.Mode().String()
+	if vol := v.vol.Load(); vol != nil {
+		p.Mode = vol.Mode().String()
 	}
-	v.mu.Unlock()
 	return p
 }
 
@@ -566,9 +566,7 @@ func (m *mirrorMgr) open(name string) (nbd.Export, bool, error) {
 	if v == nil {
 		return nil, false, nil
 	}
-	v.mu.Lock()
-	vol := v.vol
-	v.mu.Unlock()
+	vol := v.vol.Load()
 	if vol == nil || vol.Mode() == mirror.ModeFenced || m.fencedNow() {
 		m.c.log.Info("NBD open refused: not the volume's primary here", "volume", name)
 		return nil, true, fmt.Errorf("%w: volume %q is not served by this controller now (it is the mirror secondary, or stale)", nbd.ErrUnknownExport, name)
@@ -593,10 +591,7 @@ type mirExport struct {
 var errDeposed = errors.New("this controller is no longer the volume's primary")
 
 func (x *mirExport) deposed() bool {
-	x.v.mu.Lock()
-	cur := x.v.vol
-	x.v.mu.Unlock()
-	return cur != x.vol || x.vol.Mode() == mirror.ModeFenced
+	return x.v.vol.Load() != x.vol || x.vol.Mode() == mirror.ModeFenced
 }
 
 // check turns a fenced result into a closed connection.
@@ -700,7 +695,7 @@ func (m *mirrorMgr) removeVol(name string) error {
 	delete(m.vols, name)
 	m.mu.Unlock()
 	v.mu.Lock()
-	if v.vol != nil {
+	if v.vol.Load() != nil {
 		v.dropVolume()
 	}
 	v.mu.Unlock()
