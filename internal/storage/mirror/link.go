@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -266,31 +267,88 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 	if err := s.welcome(c, statusOK, st, size); err != nil {
 		return fmt.Errorf("Failed to answer mirror hello: %w", err)
 	}
+	return s.serveRequests(c, r, t)
+}
 
-	var wmu sync.Mutex
-	var senders atomic.Int32
-	w := bufio.NewWriterSize(c, 4096)
+// linkJob is one request read from the link, waiting for a worker.
+type linkJob struct {
+	op, flags uint16
+	cookie    uint64
+	off, n    int64
+	epoch     uint64
+	payload   []byte
+}
+
+// serveRequests reads requests and runs them on up to maxServerJobs workers, which stay
+// for the connection's life; replies are written by one goroutine, all that completed
+// since its last write in one syscall.
+func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error {
+	var rmu sync.Mutex
+	var replies []byte
+	rkick := make(chan struct{}, 1)
+	stop := make(chan struct{})
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		var buf []byte
+		for {
+			select {
+			case <-rkick:
+			case <-stop:
+				return
+			}
+			runtime.Gosched() // as in Link.writeLoop: let ready workers add their replies
+			rmu.Lock()
+			buf, replies = replies, buf[:0]
+			rmu.Unlock()
+			if len(buf) == 0 {
+				continue
+			}
+			if _, err := c.Write(buf); err != nil {
+				c.Close()
+				return
+			}
+		}
+	}()
 	reply := func(cookie uint64, status uint32) {
 		var b [replyLen]byte
 		binary.BigEndian.PutUint32(b[0:], replyMagic)
 		binary.BigEndian.PutUint32(b[4:], status)
 		binary.BigEndian.PutUint64(b[8:], cookie)
-		senders.Add(1)
-		wmu.Lock()
-		defer wmu.Unlock()
-		_, err := w.Write(b[:])
-		// Replies queued behind this one will flush; only the last one pays the syscall.
-		if senders.Add(-1) == 0 && err == nil {
-			err = w.Flush()
-		}
-		if err != nil {
-			c.Close()
+		rmu.Lock()
+		replies = append(replies, b[:]...)
+		rmu.Unlock()
+		select {
+		case rkick <- struct{}{}:
+		default:
 		}
 	}
-	sem := make(chan struct{}, maxServerJobs)
 	mem := newByteBudget(maxServerBytes)
-	var jobs sync.WaitGroup
-	defer jobs.Wait()
+	jobs := make(chan linkJob, maxServerJobs)
+	var idle atomic.Int32
+	workers := 0
+	var wg sync.WaitGroup
+	worker := func() {
+		defer wg.Done()
+		for {
+			idle.Add(1)
+			j, ok := <-jobs
+			idle.Add(-1)
+			if !ok {
+				return
+			}
+			st := s.execute(t, j.op, j.flags, j.off, j.n, j.epoch, j.payload)
+			mem.release(int64(len(j.payload)))
+			putPayload(j.payload)
+			reply(j.cookie, st)
+		}
+	}
+	defer func() {
+		close(jobs)
+		wg.Wait()
+		close(stop)
+		<-writerDone
+	}()
 	for {
 		var q [requestLen]byte
 		if _, err := io.ReadFull(r, q[:]); err != nil {
@@ -299,36 +357,32 @@ func (s *LinkServer) serveConn(c net.Conn) error {
 		if binary.BigEndian.Uint32(q[0:]) != requestMagic {
 			return errors.New("mirror request has a bad magic")
 		}
-		op := binary.BigEndian.Uint16(q[4:])
-		flags := binary.BigEndian.Uint16(q[6:])
-		cookie := binary.BigEndian.Uint64(q[8:])
-		off := int64(binary.BigEndian.Uint64(q[16:]))
-		n := int64(binary.BigEndian.Uint32(q[24:]))
-		reqEpoch := binary.BigEndian.Uint64(q[28:])
-		var payload []byte
-		if op == opWrite {
-			if n > maxPayloadLen {
-				return fmt.Errorf("mirror write of %d bytes exceeds %d", n, maxPayloadLen)
+		j := linkJob{
+			op:     binary.BigEndian.Uint16(q[4:]),
+			flags:  binary.BigEndian.Uint16(q[6:]),
+			cookie: binary.BigEndian.Uint64(q[8:]),
+			off:    int64(binary.BigEndian.Uint64(q[16:])),
+			n:      int64(binary.BigEndian.Uint32(q[24:])),
+			epoch:  binary.BigEndian.Uint64(q[28:]),
+		}
+		if j.op == opWrite {
+			if j.n > maxPayloadLen {
+				return fmt.Errorf("mirror write of %d bytes exceeds %d", j.n, maxPayloadLen)
 			}
-			mem.acquire(n)
-			payload = getPayload(int(n))
-			if _, err := io.ReadFull(r, payload); err != nil {
-				putPayload(payload)
-				mem.release(n)
+			mem.acquire(j.n)
+			j.payload = getPayload(int(j.n))
+			if _, err := io.ReadFull(r, j.payload); err != nil {
+				putPayload(j.payload)
+				mem.release(j.n)
 				return err
 			}
 		}
-		sem <- struct{}{}
-		jobs.Add(1)
-		go func() {
-			defer func() {
-				mem.release(int64(len(payload)))
-				putPayload(payload)
-				<-sem
-				jobs.Done()
-			}()
-			reply(cookie, s.execute(t, op, flags, off, n, reqEpoch, payload))
-		}()
+		if idle.Load() == 0 && workers < maxServerJobs {
+			workers++
+			wg.Add(1)
+			go worker()
+		}
+		jobs <- j
 	}
 }
 
@@ -381,24 +435,44 @@ func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch ui
 }
 
 // Link is the primary's client side of the mirror link for one volume; safe for concurrent use.
+//
+// Requests are queued and written by one writer goroutine, so the requests queued
+// while it is in a write syscall go out together in the next one (a writev of their
+// headers and payloads); replies are read in bulk by one reader goroutine. A watchdog
+// kills the link when a request has waited longer than the timeout, which also
+// unblocks a write to a peer that stopped reading.
 type Link struct {
 	conn    net.Conn
 	name    string
 	epoch   uint64
 	timeout time.Duration
 
-	wmu     sync.Mutex
-	w       *bufio.Writer
-	senders atomic.Int32 // requests waiting to write; the last one flushes the buffer
-
 	mu      sync.Mutex
-	pending map[uint64]chan uint32
+	pending map[uint64]*call
+	queue   []*call // requests not yet handed to the writer
 	next    uint64
 	err     error // set once the link is dead
 	done    chan struct{}
+	kick    chan struct{} // wakes the writer
+	// writerDone is closed when the writer has stopped: no payload is referenced any more.
+	writerDone chan struct{}
 	// BytesSent counts write payload bytes sent over the link.
 	BytesSent atomic.Int64
 }
+
+// call is one request in flight; reused once its reply was received.
+type call struct {
+	hdr     [requestLen]byte
+	payload []byte
+	start   time.Time
+	reply   chan uint32
+}
+
+var callPool = sync.Pool{New: func() any { return &call{reply: make(chan uint32, 1)} }}
+
+// bigPayload is the size from which a payload is written from the caller's buffer
+// instead of being copied into the writer's batch buffer.
+const bigPayload = 64 << 10
 
 // DialLink connects to the peer's link server at addr for volume name of size bytes at epoch.
 // A refusal of the epoch returns a *StaleError carrying the peer's state. timeout bounds every
@@ -458,9 +532,11 @@ func NewLink(ctx context.Context, c net.Conn, name string, size int64, epoch uin
 		c.Close()
 		return nil, fmt.Errorf("Failed mirror hello with %s for %q: refused with status %d (peer size %d, ours %d)", addr, name, status, binary.BigEndian.Uint64(wb[24:]), size)
 	}
-	l := &Link{conn: c, name: name, epoch: epoch, timeout: timeout, w: bufio.NewWriterSize(c, 256<<10),
-		pending: map[uint64]chan uint32{}, done: make(chan struct{})}
+	l := &Link{conn: c, name: name, epoch: epoch, timeout: timeout, pending: map[uint64]*call{},
+		done: make(chan struct{}), kick: make(chan struct{}, 1), writerDone: make(chan struct{})}
 	go l.readLoop()
+	go l.writeLoop()
+	go l.watchdog()
 	return l, nil
 }
 
@@ -481,14 +557,99 @@ func (l *Link) readLoop() {
 		}
 		cookie := binary.BigEndian.Uint64(b[8:])
 		l.mu.Lock()
-		ch, ok := l.pending[cookie]
+		c, ok := l.pending[cookie]
 		delete(l.pending, cookie)
 		l.mu.Unlock()
 		if !ok {
 			l.kill(fmt.Errorf("reply for unknown request %d", cookie))
 			return
 		}
-		ch <- binary.BigEndian.Uint32(b[4:])
+		c.reply <- binary.BigEndian.Uint32(b[4:])
+	}
+}
+
+// writeLoop writes queued requests, all that queued up since its last write in one go.
+func (l *Link) writeLoop() {
+	defer close(l.writerDone)
+	var batch, big []*call
+	var small []byte
+	var cuts []int
+	var bufs net.Buffers
+	for {
+		select {
+		case <-l.kick:
+		case <-l.done:
+			return
+		}
+		// Let the goroutines that are ready to run queue their requests too: under load
+		// they join this write; when idle this returns at once.
+		runtime.Gosched()
+		l.mu.Lock()
+		batch, l.queue = l.queue, batch[:0]
+		l.mu.Unlock()
+		if len(batch) == 0 {
+			continue
+		}
+		// Headers and small payloads are copied into one buffer; a big payload is written
+		// from the caller's memory, which stays untouched until its reply (or writerDone).
+		small, big, cuts = small[:0], big[:0], cuts[:0]
+		var sent int64
+		for _, c := range batch {
+			small = append(small, c.hdr[:]...)
+			if len(c.payload) < bigPayload {
+				small = append(small, c.payload...)
+			} else {
+				cuts = append(cuts, len(small))
+				big = append(big, c)
+			}
+			if binary.BigEndian.Uint16(c.hdr[4:]) == opWrite {
+				sent += int64(len(c.payload))
+			}
+		}
+		bufs = bufs[:0]
+		from := 0
+		for i, cut := range cuts {
+			bufs = append(bufs, small[from:cut], big[i].payload)
+			from = cut
+		}
+		if from < len(small) {
+			bufs = append(bufs, small[from:])
+		}
+		w := bufs // WriteTo consumes its receiver; bufs keeps the backing array
+		_, err := w.WriteTo(l.conn)
+		clear(batch)
+		clear(big)
+		if err != nil {
+			l.kill(err)
+			return
+		}
+		l.BytesSent.Add(sent)
+	}
+}
+
+// watchdog kills the link when a request has waited longer than the timeout.
+func (l *Link) watchdog() {
+	t := time.NewTicker(max(l.timeout/8, time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-l.done:
+			return
+		case now := <-t.C:
+			l.mu.Lock()
+			late := false
+			for _, c := range l.pending {
+				if now.Sub(c.start) > l.timeout {
+					late = true
+					break
+				}
+			}
+			l.mu.Unlock()
+			if late {
+				l.kill(fmt.Errorf("request timed out after %v", l.timeout))
+				return
+			}
+		}
 	}
 }
 
@@ -503,50 +664,49 @@ func (l *Link) kill(err error) {
 	l.conn.Close()
 }
 
-func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
-	ch := make(chan uint32, 1)
+func (l *Link) lostErr() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return fmt.Errorf("%w: %w", ErrPeerLost, l.err)
+}
+
+// send queues one request; payload must stay unchanged until wait returns.
+func (l *Link) send(op, flags uint16, off, n int64, payload []byte) (*call, error) {
+	c := callPool.Get().(*call)
+	binary.BigEndian.PutUint32(c.hdr[0:], requestMagic)
+	binary.BigEndian.PutUint16(c.hdr[4:], op)
+	binary.BigEndian.PutUint16(c.hdr[6:], flags)
+	binary.BigEndian.PutUint64(c.hdr[16:], uint64(off))
+	binary.BigEndian.PutUint32(c.hdr[24:], uint32(n))
+	binary.BigEndian.PutUint64(c.hdr[28:], l.epoch)
+	c.payload, c.start = payload, time.Now()
 	l.mu.Lock()
 	if l.err != nil {
 		err := l.err
 		l.mu.Unlock()
-		return fmt.Errorf("%w: %w", ErrPeerLost, err)
+		c.payload = nil
+		callPool.Put(c)
+		return nil, fmt.Errorf("%w: %w", ErrPeerLost, err)
 	}
 	l.next++
-	cookie := l.next
-	l.pending[cookie] = ch
+	binary.BigEndian.PutUint64(c.hdr[8:], l.next)
+	l.pending[l.next] = c
+	l.queue = append(l.queue, c)
 	l.mu.Unlock()
-
-	var h [requestLen]byte
-	binary.BigEndian.PutUint32(h[0:], requestMagic)
-	binary.BigEndian.PutUint16(h[4:], op)
-	binary.BigEndian.PutUint16(h[6:], flags)
-	binary.BigEndian.PutUint64(h[8:], cookie)
-	binary.BigEndian.PutUint64(h[16:], uint64(off))
-	binary.BigEndian.PutUint32(h[24:], uint32(n))
-	binary.BigEndian.PutUint64(h[28:], l.epoch)
-	l.senders.Add(1)
-	l.wmu.Lock()
-	l.conn.SetWriteDeadline(time.Now().Add(l.timeout))
-	_, err := l.w.Write(h[:])
-	if err == nil && len(payload) > 0 {
-		_, err = l.w.Write(payload)
-	}
-	// Requests queued behind this one will flush; only the last sender pays the syscall.
-	if l.senders.Add(-1) == 0 && err == nil {
-		err = l.w.Flush()
-	}
-	l.wmu.Unlock()
-	if err != nil {
-		l.kill(err)
-		return fmt.Errorf("%w: %w", ErrPeerLost, err)
-	}
-	if op == opWrite {
-		l.BytesSent.Add(int64(len(payload)))
-	}
-	timer := time.NewTimer(l.timeout)
-	defer timer.Stop()
 	select {
-	case st := <-ch:
+	case l.kick <- struct{}{}:
+	default:
+	}
+	return c, nil
+}
+
+// wait waits for the reply to c. When the link died instead, it returns only once the
+// writer stopped, so that the caller may reuse the payload's memory.
+func (l *Link) wait(c *call) error {
+	select {
+	case st := <-c.reply:
+		c.payload = nil
+		callPool.Put(c)
 		switch st {
 		case statusOK:
 			return nil
@@ -558,14 +718,18 @@ func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
 			return fmt.Errorf("%w: status %d", ErrPeerIO, st)
 		}
 	case <-l.done:
-		l.mu.Lock()
-		err := l.err
-		l.mu.Unlock()
-		return fmt.Errorf("%w: %w", ErrPeerLost, err)
-	case <-timer.C:
-		l.kill(fmt.Errorf("request timed out after %v", l.timeout))
-		return fmt.Errorf("%w: request timed out after %v", ErrPeerLost, l.timeout)
+		// c is not reused: the read loop may still hold it.
+		<-l.writerDone
+		return l.lostErr()
 	}
+}
+
+func (l *Link) call(op, flags uint16, off, n int64, payload []byte) error {
+	c, err := l.send(op, flags, off, n, payload)
+	if err != nil {
+		return err
+	}
+	return l.wait(c)
 }
 
 func fuaFlag(fua bool) uint16 {
@@ -581,6 +745,21 @@ func (l *Link) WriteAt(p []byte, off int64, fua bool) error {
 		return fmt.Errorf("mirror write of %d bytes exceeds %d: %w", len(p), maxPayloadLen, nbd.ErrInvalid)
 	}
 	return l.call(opWrite, fuaFlag(fua), off, int64(len(p)), p)
+}
+
+// startWrite sends a write of p at off and returns the function that waits for its
+// reply; p must stay unchanged until that function returned.
+func (l *Link) startWrite(p []byte, off int64, fua bool) func() error {
+	if len(p) > maxPayloadLen {
+		return func() error {
+			return fmt.Errorf("mirror write of %d bytes exceeds %d: %w", len(p), maxPayloadLen, nbd.ErrInvalid)
+		}
+	}
+	c, err := l.send(opWrite, fuaFlag(fua), off, int64(len(p)), p)
+	if err != nil {
+		return func() error { return err }
+	}
+	return func() error { return l.wait(c) }
 }
 
 func checkLength(op string, length int64) error {

@@ -130,19 +130,6 @@ func (v *Volume) currentPeer() (Peer, Mode) {
 	return v.peer, v.mode
 }
 
-// markPending records that regions of [off, off+n) were sent to the peer and are not yet flushed there.
-func (v *Volume) markPending(off, n int64) {
-	first, last, ok := v.bm.span(off, n)
-	if !ok {
-		return
-	}
-	v.mu.Lock()
-	for r := first; r <= last; r++ {
-		v.pendingCur.m[r] = struct{}{}
-	}
-	v.mu.Unlock()
-}
-
 // absorbPendingLocked moves every pending region into the bitmap; v.mu is held.
 func (v *Volume) absorbPendingLocked() error {
 	regs := make([]uint64, 0, len(v.pendingCur.m))
@@ -160,31 +147,6 @@ func (v *Volume) absorbPendingLocked() error {
 	v.pendingCur = newRegionSet()
 	v.pendingFlushing = nil
 	return nil
-}
-
-// beginIntent marks the regions of [off, off+n) as being written while synced and
-// makes the marks durable; it reports whether endIntent must be called.
-func (v *Volume) beginIntent(off, n int64) (bool, error) {
-	first, last, ok := v.bm.span(off, n)
-	if !ok {
-		return false, nil
-	}
-	v.mu.Lock()
-	if v.mode != ModeSynced {
-		v.mu.Unlock()
-		return false, nil
-	}
-	v.intentSeq++
-	for r := first; r <= last; r++ {
-		v.intentInflight[r]++
-		v.intentLast[r] = v.intentSeq
-	}
-	v.mu.Unlock()
-	if err := v.bm.MarkDurable(off, n); err != nil {
-		v.endIntent(off, n)
-		return false, fmt.Errorf("Failed to record write intent: %w", err)
-	}
-	return true, nil
 }
 
 func (v *Volume) endIntent(off, n int64) {
@@ -256,16 +218,54 @@ func (v *Volume) peerFailed(p Peer, err error) error {
 	return nil
 }
 
+// enter takes modeMu shared once the volume is not held (the caller releases it) and,
+// under one hold of v.mu, reads the peer and mode, records [off, off+n) as pending on
+// the peer and, while synced, as write intent in memory; intent tells whether
+// endIntent must be called (the intent is not durable yet).
+func (v *Volume) enter(off, n int64) (peer Peer, mode Mode, intent bool) {
+	first, last, ok := v.bm.span(off, n)
+	for {
+		v.modeMu.RLock()
+		v.mu.Lock()
+		if v.mode != ModeHeld {
+			break
+		}
+		ch := v.heldCh
+		v.mu.Unlock()
+		v.modeMu.RUnlock()
+		if ch != nil {
+			<-ch
+		}
+	}
+	defer v.mu.Unlock()
+	peer, mode = v.peer, v.mode
+	if peer == nil || mode == ModeFenced || !ok {
+		return peer, mode, false
+	}
+	for r := first; r <= last; r++ {
+		v.pendingCur.m[r] = struct{}{}
+	}
+	if mode != ModeSynced {
+		return peer, mode, false
+	}
+	v.intentSeq++
+	for r := first; r <= last; r++ {
+		v.intentInflight[r]++
+		v.intentLast[r] = v.intentSeq
+	}
+	return peer, mode, true
+}
+
 // mutate runs one write-like operation on both sides (or locally with the bitmap marked).
-// With localFirst the peer is only asked once the local side succeeded.
-func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remote func(Peer) error) error {
+// With localFirst the peer is only asked once the local side succeeded. send, if not
+// nil, starts the operation on a *Link without a goroutine and returns its wait.
+func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remote func(Peer) error, send func(*Link) func() error) error {
 	if n == 0 {
 		return local()
 	}
 	lr := v.locks.lock(off, n)
 	defer v.locks.unlock(lr)
-	v.rlockUnheld()
-	peer, mode := v.currentPeer()
+	peer, mode, endIntent := v.enter(off, n)
 	if mode == ModeFenced {
 		v.modeMu.RUnlock()
 		return ErrFenced
@@ -278,15 +278,13 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 		}
 		return local()
 	}
-	v.markPending(off, n)
-	endIntent := false
-	if mode == ModeSynced {
-		began, err := v.beginIntent(off, n)
-		if err != nil {
+	if endIntent {
+		// Synced: the intent is durable before either side can see the write.
+		if err := v.bm.MarkDurable(off, n); err != nil {
+			v.endIntent(off, n)
 			v.modeMu.RUnlock()
-			return err
+			return fmt.Errorf("Failed to record write intent: %w", err)
 		}
-		endIntent = began
 	}
 	var lerr, perr error
 	if localFirst {
@@ -299,10 +297,16 @@ func (v *Volume) mutate(off, n int64, localFirst bool, local func() error, remot
 		}
 		perr = remote(peer)
 	} else {
-		perrc := make(chan error, 1)
-		go func() { perrc <- remote(peer) }()
+		var wait func() error
+		if l, ok := peer.(*Link); ok && send != nil {
+			wait = send(l)
+		} else {
+			perrc := make(chan error, 1)
+			go func() { perrc <- remote(peer) }()
+			wait = func() error { return <-perrc }
+		}
 		lerr = local()
-		perr = <-perrc
+		perr = wait()
 	}
 	if endIntent {
 		v.endIntent(off, n)
@@ -489,14 +493,15 @@ func (v *Volume) ReadAt(p []byte, off int64) error { return v.local.ReadAt(p, of
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 	return v.mutate(off, int64(len(p)), false,
 		func() error { return v.local.WriteAt(p, off, fua) },
-		func(pr Peer) error { return pr.WriteAt(p, off, fua) })
+		func(pr Peer) error { return pr.WriteAt(p, off, fua) },
+		func(l *Link) func() error { return l.startWrite(p, off, fua) })
 }
 
 // Trim discards a range on both sides.
 func (v *Volume) Trim(off, length int64, fua bool) error {
 	return v.mutate(off, length, false,
 		func() error { return v.local.Trim(off, length, fua) },
-		func(pr Peer) error { return pr.Trim(off, length, fua) })
+		func(pr Peer) error { return pr.Trim(off, length, fua) }, nil)
 }
 
 // WriteZeroes zeroes a range on both sides; a fast zero is tried locally first and
@@ -507,7 +512,7 @@ func (v *Volume) WriteZeroes(off, length int64, f nbd.ZeroFlags) error {
 	pf.Fast = false
 	return v.mutate(off, length, f.Fast,
 		func() error { return v.local.WriteZeroes(off, length, f) },
-		func(pr Peer) error { return pr.WriteZeroes(off, length, pf.NoHole, pf.FUA) })
+		func(pr Peer) error { return pr.WriteZeroes(off, length, pf.NoHole, pf.FUA) }, nil)
 }
 
 // Flush makes every completed write durable on both sides (locally, with the bitmap, while degraded).
