@@ -46,7 +46,8 @@ var pipes struct {
 	mu     sync.Mutex
 	idle   []*pipe
 	open   int
-	broken atomic.Bool // pipes cannot be made big enough: splicing is off
+	limit  int         // pipes that may be open: maxPipes, less once the kernel refused one
+	broken atomic.Bool // not even one pipe can be made big enough: splicing is off
 }
 
 // getPipe returns an empty pipe of pipeSize bytes, or nil when none can be had.
@@ -61,7 +62,10 @@ func getPipe() *pipe {
 		pipes.mu.Unlock()
 		return p
 	}
-	if pipes.open >= maxPipes {
+	if pipes.limit == 0 {
+		pipes.limit = maxPipes
+	}
+	if pipes.open >= pipes.limit {
 		pipes.mu.Unlock()
 		return nil
 	}
@@ -73,13 +77,31 @@ func getPipe() *pipe {
 		return nil
 	}
 	p := &pipe{r: fds[0], w: fds[1]}
-	if sz, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, pipeSize); err != nil || sz < pipeSize {
-		// Over the per-user pipe quota or /proc/sys/fs/pipe-max-size: do without.
-		pipes.broken.Store(true)
-		p.close()
+	if err := growPipe(p.w); err != nil {
+		// Over /proc/sys/fs/pipe-max-size, or over the per-user quota of pipe pages
+		// (fs/pipe-user-pages-soft) for a process without CAP_SYS_RESOURCE: make do
+		// with the pipes already open, or without splicing if there are none.
+		unix.Close(p.r)
+		unix.Close(p.w)
+		pipes.mu.Lock()
+		pipes.open--
+		pipes.limit = max(pipes.open, 1)
+		if pipes.open == 0 {
+			pipes.broken.Store(true)
+		}
+		pipes.mu.Unlock()
 		return nil
 	}
 	return p
+}
+
+// growPipe makes the pipe hold pipeSize bytes (a variable for tests).
+var growPipe = func(fd int) error {
+	sz, err := unix.FcntlInt(uintptr(fd), unix.F_SETPIPE_SZ, pipeSize)
+	if err == nil && sz < pipeSize {
+		err = unix.ENOMEM
+	}
+	return err
 }
 
 func releasePipeSlot() {

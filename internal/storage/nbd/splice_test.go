@@ -186,3 +186,67 @@ func TestSplicedReads(t *testing.T) {
 		})
 	}
 }
+
+// TestPipeQuota: when the kernel refuses to grow a pipe (the per-user quota of pipe
+// pages), the server keeps using the pipes it has and stops splicing only when it
+// has none.
+func TestPipeQuota(t *testing.T) {
+	pipes.mu.Lock()
+	if pipes.open != len(pipes.idle) {
+		pipes.mu.Unlock()
+		t.Skip("pipes in use by another test")
+	}
+	for _, p := range pipes.idle {
+		unix.Close(p.r)
+		unix.Close(p.w)
+	}
+	pipes.idle, pipes.open, pipes.limit = nil, 0, 0
+	pipes.mu.Unlock()
+	orig := growPipe
+	t.Cleanup(func() {
+		growPipe = orig
+		pipes.mu.Lock()
+		pipes.limit = 0
+		pipes.mu.Unlock()
+		pipes.broken.Store(false)
+	})
+	var grown atomic.Int64
+	growPipe = func(fd int) error {
+		if grown.Load() >= 3 {
+			return unix.EPERM
+		}
+		if err := orig(fd); err != nil {
+			return err
+		}
+		grown.Add(1)
+		return nil
+	}
+	var got []*pipe
+	for i := 0; i < 5; i++ {
+		if p := getPipe(); p != nil {
+			got = append(got, p)
+		}
+	}
+	if len(got) != 3 || pipes.broken.Load() {
+		t.Fatalf("got %d pipes (broken %v), want the 3 the kernel allowed", len(got), pipes.broken.Load())
+	}
+	for _, p := range got {
+		p.put()
+	}
+	if p := getPipe(); p == nil {
+		t.Fatal("an idle pipe was not reused")
+	} else {
+		p.put()
+	}
+	// With none open, a refusal turns splicing off.
+	pipes.mu.Lock()
+	for _, p := range pipes.idle {
+		unix.Close(p.r)
+		unix.Close(p.w)
+	}
+	pipes.idle, pipes.open, pipes.limit = nil, 0, 0
+	pipes.mu.Unlock()
+	if p := getPipe(); p != nil || !pipes.broken.Load() {
+		t.Fatalf("pipe %v, broken %v: splicing should be off", p, pipes.broken.Load())
+	}
+}
