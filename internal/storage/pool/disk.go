@@ -47,7 +47,7 @@ type disk struct {
 	state atomic.Int32
 	// punch is set when a hole punched in the disk's unused header area succeeded at
 	// open: only such disks are spliced from (see SpliceTo), and their discards never
-	// fall back to writing zeroes in place. Immutable once the disk is in the pool.
+	// overwrite whole pages in place (see discardDisk). Immutable once the disk is in the pool.
 	punch bool
 	// volatile marks a failure kept in memory only: the disk was the last copy of its
 	// pair, so pool.json keeps it trusted and a restart retries it. Guarded by Pool.mu.
