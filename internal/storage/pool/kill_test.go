@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"math/bits"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -204,18 +206,22 @@ func TestKillBetweenMirrorWrites(t *testing.T) {
 	}
 }
 
-// TestDirtyBitsCleared: a chunk's bit is set before it is written and cleared, in
-// memory and in the file, once the chunk has been idle for a cleaning interval.
+// TestDirtyBitsCleared: a chunk's bit is in the file for as long as a write to it is
+// in flight, across many cleaning passes, and is cleared, in memory and in the file,
+// soon after the write completed: a kill then recopies only what was being written,
+// not everything written in the last seconds.
 func TestDirtyBitsCleared(t *testing.T) {
 	state, paths := makeDisks(t, 4, testDiskSize)
-	p := openTestPool(t, state, paths, Options{HealthInterval: 20 * time.Millisecond})
-	if _, err := p.WriteAt(make([]byte, 10), 5*p.l.unit); err != nil { // pair 1, disk unit 2
-		t.Fatal(err)
+	inWrite, release := make(chan struct{}), make(chan struct{})
+	var armed atomic.Bool
+	hook := func(disk int, op string, off int64) error {
+		if disk == 3 && op == "write" && armed.CompareAndSwap(true, false) {
+			close(inWrite)
+			<-release
+		}
+		return nil
 	}
-	r := 1*p.dirty.perPair + (2*p.l.unit)/p.chunk
-	if p.dirty.bits[r/64].Load()&(1<<(r%64)) == 0 {
-		t.Fatal("the written chunk is not marked")
-	}
+	p := openTestPool(t, state, paths, Options{HealthInterval: 20 * time.Millisecond, Fault: hook}) // cleaning every 2 ms
 	onDisk := func() []byte {
 		b, err := os.ReadFile(filepath.Join(state, dirtyFile))
 		if err != nil {
@@ -223,18 +229,88 @@ func TestDirtyBitsCleared(t *testing.T) {
 		}
 		return b
 	}
-	if bytes.Equal(onDisk(), make([]byte, len(p.dirty.bits)*8)) {
-		t.Fatal("the mark is not in the file")
+	zero := make([]byte, len(p.dirty.bits)*8)
+	// Written in full (4 MiB over both pairs), then idle: no mark is left for long.
+	if _, err := p.WriteAt(make([]byte, 4<<20), 0); err != nil {
+		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for p.dirty.bits[r/64].Load() != 0 {
+	for !bytes.Equal(onDisk(), zero) {
 		if time.Now().After(deadline) {
-			t.Fatal("the idle chunk was never cleaned")
+			t.Fatal("chunks written 5 s ago are still marked in the file")
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
-	if !bytes.Equal(onDisk(), make([]byte, len(p.dirty.bits)*8)) {
-		t.Fatal("the cleaned bit is still in the file")
+	armed.Store(true)
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.WriteAt(make([]byte, 10), 5*p.l.unit) // pair 1, disk unit 2: disk 2 first, then disk 3
+		done <- err
+	}()
+	<-inWrite
+	r := 1*p.dirty.perPair + (2*p.l.unit)/p.chunk
+	for i := 0; i < 20; i++ {
+		time.Sleep(5 * time.Millisecond)
+		if b := onDisk(); b[r/8]&(1<<(r%8)) == 0 {
+			t.Fatalf("the chunk being written is not marked in the file (after %d ms)", 5*(i+1))
+		}
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	for p.dirty.bits[r/64].Load() != 0 || !bytes.Equal(onDisk(), zero) {
+		if time.Now().After(deadline) {
+			t.Fatal("the chunk was never cleaned after its write")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestDirtyMarksRaceCleaner: writers on few chunks and a cleaner running every
+// millisecond; every disk write must find its chunk marked in the file.
+func TestDirtyMarksRaceCleaner(t *testing.T) {
+	state, paths := makeDisks(t, 4, testDiskSize)
+	var p *Pool
+	var f *os.File
+	var armed atomic.Bool
+	var bad atomic.Value
+	hook := func(disk int, op string, off int64) error {
+		if op != "write" || !armed.Load() {
+			return nil
+		}
+		r := int64(disk/2)*p.dirty.perPair + (off-p.l.dataOff)/p.chunk
+		var b [1]byte
+		if _, err := f.ReadAt(b[:], r/8); err != nil || b[0]&(1<<(r%8)) == 0 {
+			bad.Store(fmt.Sprintf("write to disk %d at %d (chunk %d) not marked in the file (%v)", disk, off, r, err))
+		}
+		return nil
+	}
+	p = openTestPool(t, state, paths, Options{HealthInterval: 10 * time.Millisecond, Fault: hook})
+	f, err := os.Open(filepath.Join(state, dirtyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	armed.Store(true)
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 4096)
+			for i := 0; i < 2000; i++ {
+				off := int64((g*7+i*13)%6)*p.chunk/2 + int64(i%8)*4096
+				if _, err := p.WriteAt(buf, off); err != nil {
+					bad.Store(err.Error())
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if v := bad.Load(); v != nil {
+		t.Fatal(v)
 	}
 }
 

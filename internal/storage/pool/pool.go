@@ -260,7 +260,7 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 	go p.healthLoop()
 	if p.dirty != nil {
 		p.wg.Add(1)
-		go p.cleanLoop(5 * opts.HealthInterval)
+		go p.cleanLoop(max(opts.HealthInterval/10, time.Millisecond))
 	}
 	return p, nil
 }

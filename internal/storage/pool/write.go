@@ -215,6 +215,9 @@ func (p *Pool) mutate(runs []run, parallel bool) error {
 			return pairError(r.pair)
 		}
 	}
+	// Both sides have it: the chunks may be unmarked. After a failure they stay marked
+	// (until the next Open), whatever the failed disk's recorded state.
+	p.endWrite(runs)
 	return nil
 }
 
