@@ -35,12 +35,13 @@
 // one. Requests are a fixed 36-byte header (magic, op, flags, cookie, offset, length,
 // epoch) plus payload for writes; replies are 16 bytes (magic, error, cookie) and may
 // come out of order. A stale-epoch reply is distinct from an I/O error: the primary
-// that receives it has been deposed and must stop accepting writes. Each side has one
-// writer goroutine per connection that sends everything queued since its last write in
-// one syscall (requests as one writev, headers and small payloads copied together,
-// large payloads from the caller's buffer), and the secondary runs requests on workers
-// kept for the connection's life; a replicated write thus costs the primary no
-// goroutine and, under load, a fraction of a syscall on each side.
+// that receives it has been deposed and must stop accepting writes. On each side the
+// sender (of a request or a reply) that finds no write in progress writes its own and
+// every one queued meanwhile in one syscall, while the others only queue (requests as
+// one writev, headers and small payloads copied together, large payloads from the
+// caller's buffer); the secondary runs requests on workers kept for the connection's
+// life. A replicated write thus costs the primary no goroutine and, under load, a
+// fraction of a syscall on each side.
 //
 // # Degraded mode and the dirty-region bitmap
 //

@@ -280,36 +280,13 @@ type linkJob struct {
 }
 
 // serveRequests reads requests and runs them on up to maxServerJobs workers, which stay
-// for the connection's life; replies are written by one goroutine, all that completed
-// since its last write in one syscall.
+// for the connection's life; replies that complete together go out in one write.
 func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error {
+	// Replies are written by the worker that finds no write in progress, together with
+	// every reply queued meanwhile (the other workers just queue theirs and go on).
 	var rmu sync.Mutex
-	var replies []byte
-	rkick := make(chan struct{}, 1)
-	stop := make(chan struct{})
-	writerDone := make(chan struct{})
-	go func() {
-		defer close(writerDone)
-		var buf []byte
-		for {
-			select {
-			case <-rkick:
-			case <-stop:
-				return
-			}
-			runtime.Gosched() // as in Link.writeLoop: let ready workers add their replies
-			rmu.Lock()
-			buf, replies = replies, buf[:0]
-			rmu.Unlock()
-			if len(buf) == 0 {
-				continue
-			}
-			if _, err := c.Write(buf); err != nil {
-				c.Close()
-				return
-			}
-		}
-	}()
+	var replies, spare []byte
+	writing := false
 	reply := func(cookie uint64, status uint32) {
 		var b [replyLen]byte
 		binary.BigEndian.PutUint32(b[0:], replyMagic)
@@ -317,10 +294,32 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 		binary.BigEndian.PutUint64(b[8:], cookie)
 		rmu.Lock()
 		replies = append(replies, b[:]...)
+		if writing {
+			rmu.Unlock()
+			return
+		}
+		writing = true
 		rmu.Unlock()
-		select {
-		case rkick <- struct{}{}:
-		default:
+		runtime.Gosched() // as in Link.flush: let ready workers add their replies
+		for {
+			rmu.Lock()
+			if len(replies) == 0 {
+				writing = false
+				rmu.Unlock()
+				return
+			}
+			buf := replies
+			replies = spare[:0]
+			rmu.Unlock()
+			_, err := c.Write(buf)
+			spare = buf
+			if err != nil {
+				c.Close()
+				rmu.Lock()
+				writing, replies = false, replies[:0]
+				rmu.Unlock()
+				return
+			}
 		}
 	}
 	mem := newByteBudget(maxServerBytes)
@@ -346,8 +345,6 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 	defer func() {
 		close(jobs)
 		wg.Wait()
-		close(stop)
-		<-writerDone
 	}()
 	for {
 		var q [requestLen]byte
@@ -436,11 +433,10 @@ func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch ui
 
 // Link is the primary's client side of the mirror link for one volume; safe for concurrent use.
 //
-// Requests are queued and written by one writer goroutine, so the requests queued
-// while it is in a write syscall go out together in the next one (a writev of their
-// headers and payloads); replies are read in bulk by one reader goroutine. A watchdog
-// kills the link when a request has waited longer than the timeout, which also
-// unblocks a write to a peer that stopped reading.
+// A sender that finds no write in progress writes its request and every one queued
+// meanwhile in one writev (see flush); replies are read in bulk by one reader
+// goroutine. A watchdog kills the link when a request has waited longer than the
+// timeout, which also unblocks a write to a peer that stopped reading.
 type Link struct {
 	conn    net.Conn
 	name    string
@@ -453,9 +449,15 @@ type Link struct {
 	next    uint64
 	err     error // set once the link is dead
 	done    chan struct{}
-	kick    chan struct{} // wakes the writer
-	// writerDone is closed when the writer has stopped: no payload is referenced any more.
-	writerDone chan struct{}
+	// writing is set while a sender writes the queue for everyone (see flush); wdone
+	// signals its end. Only the writer touches the batch buffers below.
+	writing bool
+	wdone   *sync.Cond
+	batch   []*call
+	big     []*call
+	small   []byte
+	cuts    []int
+	bufs    net.Buffers
 	// BytesSent counts write payload bytes sent over the link.
 	BytesSent atomic.Int64
 }
@@ -533,9 +535,9 @@ func NewLink(ctx context.Context, c net.Conn, name string, size int64, epoch uin
 		return nil, fmt.Errorf("Failed mirror hello with %s for %q: refused with status %d (peer size %d, ours %d)", addr, name, status, binary.BigEndian.Uint64(wb[24:]), size)
 	}
 	l := &Link{conn: c, name: name, epoch: epoch, timeout: timeout, pending: map[uint64]*call{},
-		done: make(chan struct{}), kick: make(chan struct{}, 1), writerDone: make(chan struct{})}
+		done: make(chan struct{})}
+	l.wdone = sync.NewCond(&l.mu)
 	go l.readLoop()
-	go l.writeLoop()
 	go l.watchdog()
 	return l, nil
 }
@@ -568,63 +570,75 @@ func (l *Link) readLoop() {
 	}
 }
 
-// writeLoop writes queued requests, all that queued up since its last write in one go.
-func (l *Link) writeLoop() {
-	defer close(l.writerDone)
-	var batch, big []*call
-	var small []byte
-	var cuts []int
-	var bufs net.Buffers
-	for {
-		select {
-		case <-l.kick:
-		case <-l.done:
-			return
-		}
-		// Let the goroutines that are ready to run queue their requests too: under load
-		// they join this write; when idle this returns at once.
-		runtime.Gosched()
+// flushBatches is how many batches one sender writes for the others before it hands
+// the rest of the queue to a goroutine and goes back to its own request.
+const flushBatches = 4
+
+// flush writes the queue until it is empty: the sender that found no write in progress
+// writes, in one writev per batch, its own request and every one queued meanwhile (the
+// others just queue and leave), so there is no hand-off when idle and a batch under
+// load. l.writing is set by the caller.
+func (l *Link) flush() {
+	// Let the goroutines that are ready to run queue their requests too: under load
+	// they join this write; when idle this returns at once.
+	runtime.Gosched()
+	for i := 0; ; i++ {
 		l.mu.Lock()
-		batch, l.queue = l.queue, batch[:0]
-		l.mu.Unlock()
-		if len(batch) == 0 {
-			continue
-		}
-		// Headers and small payloads are copied into one buffer; a big payload is written
-		// from the caller's memory, which stays untouched until its reply (or writerDone).
-		small, big, cuts = small[:0], big[:0], cuts[:0]
-		var sent int64
-		for _, c := range batch {
-			small = append(small, c.hdr[:]...)
-			if len(c.payload) < bigPayload {
-				small = append(small, c.payload...)
-			} else {
-				cuts = append(cuts, len(small))
-				big = append(big, c)
-			}
-			if binary.BigEndian.Uint16(c.hdr[4:]) == opWrite {
-				sent += int64(len(c.payload))
-			}
-		}
-		bufs = bufs[:0]
-		from := 0
-		for i, cut := range cuts {
-			bufs = append(bufs, small[from:cut], big[i].payload)
-			from = cut
-		}
-		if from < len(small) {
-			bufs = append(bufs, small[from:])
-		}
-		w := bufs // WriteTo consumes its receiver; bufs keeps the backing array
-		_, err := w.WriteTo(l.conn)
-		clear(batch)
-		clear(big)
-		if err != nil {
-			l.kill(err)
+		if len(l.queue) == 0 || l.err != nil {
+			l.writing = false
+			l.wdone.Broadcast()
+			l.mu.Unlock()
 			return
 		}
-		l.BytesSent.Add(sent)
+		if i == flushBatches {
+			l.mu.Unlock()
+			go l.flush()
+			return
+		}
+		l.batch, l.queue = l.queue, l.batch[:0]
+		l.mu.Unlock()
+		if err := l.writeBatch(); err != nil {
+			l.kill(err)
+		}
 	}
+}
+
+// writeBatch sends l.batch. Headers and small payloads are copied into one buffer; a
+// big payload is written from the caller's memory, which stays untouched until its
+// reply (or, if the link dies, until wait saw the writer finish).
+func (l *Link) writeBatch() error {
+	l.small, l.big, l.cuts = l.small[:0], l.big[:0], l.cuts[:0]
+	var sent int64
+	for _, c := range l.batch {
+		l.small = append(l.small, c.hdr[:]...)
+		if len(c.payload) < bigPayload {
+			l.small = append(l.small, c.payload...)
+		} else {
+			l.cuts = append(l.cuts, len(l.small))
+			l.big = append(l.big, c)
+		}
+		if binary.BigEndian.Uint16(c.hdr[4:]) == opWrite {
+			sent += int64(len(c.payload))
+		}
+	}
+	l.bufs = l.bufs[:0]
+	from := 0
+	for i, cut := range l.cuts {
+		l.bufs = append(l.bufs, l.small[from:cut], l.big[i].payload)
+		from = cut
+	}
+	if from < len(l.small) {
+		l.bufs = append(l.bufs, l.small[from:])
+	}
+	w := l.bufs // WriteTo consumes its receiver; l.bufs keeps the backing array
+	_, err := w.WriteTo(l.conn)
+	clear(l.batch)
+	clear(l.big)
+	if err != nil {
+		return err
+	}
+	l.BytesSent.Add(sent)
+	return nil
 }
 
 // watchdog kills the link when a request has waited longer than the timeout.
@@ -692,16 +706,17 @@ func (l *Link) send(op, flags uint16, off, n int64, payload []byte) (*call, erro
 	binary.BigEndian.PutUint64(c.hdr[8:], l.next)
 	l.pending[l.next] = c
 	l.queue = append(l.queue, c)
+	write := !l.writing
+	l.writing = true
 	l.mu.Unlock()
-	select {
-	case l.kick <- struct{}{}:
-	default:
+	if write {
+		l.flush()
 	}
 	return c, nil
 }
 
-// wait waits for the reply to c. When the link died instead, it returns only once the
-// writer stopped, so that the caller may reuse the payload's memory.
+// wait waits for the reply to c. When the link died instead, it returns only once no
+// write is in progress, so that the caller may reuse the payload's memory.
 func (l *Link) wait(c *call) error {
 	select {
 	case st := <-c.reply:
@@ -719,7 +734,11 @@ func (l *Link) wait(c *call) error {
 		}
 	case <-l.done:
 		// c is not reused: the read loop may still hold it.
-		<-l.writerDone
+		l.mu.Lock()
+		for l.writing {
+			l.wdone.Wait()
+		}
+		l.mu.Unlock()
 		return l.lostErr()
 	}
 }
