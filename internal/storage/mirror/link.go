@@ -709,7 +709,12 @@ func (l *Link) send(op, flags uint16, off, n int64, payload []byte) (*call, erro
 	write := !l.writing
 	l.writing = true
 	l.mu.Unlock()
-	if write {
+	switch {
+	case !write:
+	case len(payload) >= bigPayload:
+		// Sending it may wait for the peer's window: the caller's local write goes on meanwhile.
+		go l.flush()
+	default:
 		l.flush()
 	}
 	return c, nil
