@@ -467,7 +467,11 @@ func (c *PairController) call(ctx context.Context, method, path string, in, out 
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := c.pair.client.Do(req)
+	client := http.DefaultClient
+	if c.pair != nil && c.pair.client != nil {
+		client = c.pair.client
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return fmt.Errorf("%s %s on %s: %w", method, path, c.Name, err)
 	}
@@ -537,7 +541,7 @@ func (c *PairController) ResyncBytes(ctx context.Context) (int64, error) {
 // controller and returns its combined output.
 func (c *PairController) CLI(ctx context.Context, args ...string) (string, error) {
 	argv := []string{"storage", "--controller", c.URL, "--token", c.Token}
-	if c.pair.PKI != nil {
+	if c.pair != nil && c.pair.PKI != nil {
 		argv = append(argv, "--ca-cert", c.pair.PKI.CA)
 	}
 	argv = append(argv, args...)
