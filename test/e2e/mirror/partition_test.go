@@ -95,12 +95,14 @@ func partitionCase(t *testing.T, cut func(p *testbed.StoragePair, primary *testb
 	if len(accepted[1]) > 0 {
 		winner, loser = 1, 0
 	}
-	v, err := p.WaitVolume(vol, 60*time.Second, "synced, frozen or split after the heal", func(v testbed.PairView) bool {
+	// Frozen (a fenced or held side) is no end state: it lasts until the sides see
+	// each other again, and only a split waits for the operator.
+	v, err := p.WaitVolume(vol, 60*time.Second, "synced or split after the heal", func(v testbed.PairView) bool {
 		if v.Synced() {
 			return true
 		}
 		for _, x := range v.Vol {
-			if x != nil && x.Mirror != nil && (x.Mirror.State == "split" || x.Mirror.State == "frozen") {
+			if x != nil && x.Mirror != nil && x.Mirror.State == "split" {
 				return true
 			}
 		}
