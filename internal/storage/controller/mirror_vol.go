@@ -497,6 +497,8 @@ func (v *mvol) apiMirror(pv peerView) adminclient.VolumeMirror {
 		switch vol.Mode() {
 		case mirror.ModeSynced:
 			out.State = adminclient.MirrorSynced
+			// Its marks are write intent (the activity log), not data the partner lacks.
+			out.DirtyBytes = 0
 		case mirror.ModeResyncing:
 			out.State = adminclient.MirrorResyncing
 			p := vol.Progress()

@@ -138,6 +138,8 @@ func newPrimary(t *testing.T, size int64) (*Volume, *fileExport, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Tests of exact marks clear every mark a FLUSH allows (TestWriteIntentKeepsHotRegions covers the activity log).
+	v.SetIntentKeep(0)
 	t.Cleanup(func() { v.Detach() })
 	return v, disk, path
 }

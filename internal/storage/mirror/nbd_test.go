@@ -137,6 +137,7 @@ func TestQemuThroughMirroredVolumeManagers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	v.SetIntentKeep(0)
 	t.Cleanup(func() { v.Detach() })
 	if err := v.Resync(context.Background(), sec.dial(1), ResyncOptions{}); err != nil {
 		t.Fatal(err)

@@ -1,9 +1,11 @@
 package mirror
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,6 +67,12 @@ type Volume struct {
 	intentSeq      uint64
 	intentInflight map[uint64]int
 	intentLast     map[uint64]uint64
+	// intentKeep is how many of the most recently written regions keep their mark
+	// after a FLUSH (an activity log, like DRBD's al-extents); see IntentKeep.
+	intentKeep int
+	// flushedUpTo is the sequence at which the last FLUSH that succeeded on both sides
+	// began: regions last written before it hold the same data on both sides.
+	flushedUpTo uint64
 
 	// holdOnLoss makes a synced volume that loses its peer wait in ModeHeld for
 	// Release instead of going degraded on its own; onHold is told when that happens.
@@ -94,7 +102,21 @@ func NewVolume(local nbd.Export, bm *Bitmap) (*Volume, error) {
 		return nil, fmt.Errorf("Failed to create mirrored volume: bitmap is for %d bytes, export has %d", bm.size, local.Size())
 	}
 	return &Volume{local: local, bm: bm, locks: newRangeLock(), mode: ModeDegraded, pendingCur: newRegionSet(),
-		intentInflight: map[uint64]int{}, intentLast: map[uint64]uint64{}}, nil
+		intentInflight: map[uint64]int{}, intentLast: map[uint64]uint64{}, intentKeep: IntentKeep}, nil
+}
+
+// IntentKeep is how many recently written regions a synced primary keeps marked after
+// a FLUSH. A guest that flushes often (every journal commit) writes the same few
+// regions again and again; clearing their marks would cost a bitmap fsync before the
+// next write to each. The price is at most this many clean regions recopied after a
+// crash of the primary (128 MiB with 1 MiB regions).
+const IntentKeep = 128
+
+// SetIntentKeep changes how many recently written regions keep their mark after a FLUSH.
+func (v *Volume) SetIntentKeep(n int) {
+	v.mu.Lock()
+	v.intentKeep = max(n, 0)
+	v.mu.Unlock()
 }
 
 // Mode returns the current mode.
@@ -164,17 +186,28 @@ func (v *Volume) endIntent(off, n int64) {
 }
 
 // clearIntent drops the intent marks of regions whose writes all completed before the
-// FLUSH that began at sequence upTo and succeeded on both sides.
+// FLUSH that began at sequence upTo and succeeded on both sides, but for the
+// intentKeep most recently written ones.
 func (v *Volume) clearIntent(upTo uint64) error {
 	cleared := false
 	v.mu.Lock()
 	if v.mode == ModeSynced {
+		v.flushedUpTo = max(v.flushedUpTo, upTo)
+	}
+	if excess := len(v.intentLast) - v.intentKeep; v.mode == ModeSynced && excess > 0 {
+		// The least recently written of the clearable regions go; the others stay marked.
+		type mark struct{ region, seq uint64 }
+		var clearable []mark
 		for r, s := range v.intentLast {
 			if s <= upTo && v.intentInflight[r] == 0 {
-				v.bm.Clear(r)
-				delete(v.intentLast, r)
-				cleared = true
+				clearable = append(clearable, mark{r, s})
 			}
+		}
+		slices.SortFunc(clearable, func(a, b mark) int { return cmp.Compare(a.seq, b.seq) })
+		for _, c := range clearable[:min(excess, len(clearable))] {
+			v.bm.Clear(c.region)
+			delete(v.intentLast, c.region)
+			cleared = true
 		}
 	}
 	v.mu.Unlock()
@@ -192,6 +225,17 @@ func (v *Volume) clearIntent(upTo uint64) error {
 func (v *Volume) peerFailed(p Peer, err error) error {
 	v.mu.Lock()
 	if v.peer == p {
+		if v.mode == ModeSynced {
+			// Regions of the activity log last written before a FLUSH on both sides hold
+			// the same data on both: only what was pending (and what changes from now on)
+			// is dirty.
+			for r, s := range v.intentLast {
+				if s <= v.flushedUpTo && v.intentInflight[r] == 0 {
+					v.bm.Clear(r)
+					delete(v.intentLast, r)
+				}
+			}
+		}
 		v.peer = nil
 		v.peerFailures.Add(1)
 		var stale *StaleError
@@ -476,8 +520,29 @@ func (v *Volume) Quiesce(f func() error) error {
 		if err := peer.Flush(); err != nil {
 			return fmt.Errorf("Failed to flush the mirror peer before quiescing: %w", err)
 		}
+		if m == ModeSynced {
+			// Both sides are flushed with no write in flight: the activity log can go.
+			if err := v.clearAllIntent(); err != nil {
+				return err
+			}
+		}
 	}
 	return f()
+}
+
+// clearAllIntent drops every write-intent mark; only when both sides are flushed and
+// writes are held (modeMu taken exclusively).
+func (v *Volume) clearAllIntent() error {
+	v.mu.Lock()
+	for r := range v.intentLast {
+		v.bm.Clear(r)
+	}
+	clear(v.intentLast)
+	v.mu.Unlock()
+	if err := v.bm.Persist(); err != nil {
+		return fmt.Errorf("Failed to clear write intent: %w", err)
+	}
+	return nil
 }
 
 // Size is the volume size.

@@ -737,3 +737,55 @@ func (b *blockingPeer) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	return b.Peer.WriteAt(p, off, fua)
 }
+
+// After a FLUSH a synced primary keeps the marks of its most recently written regions
+// (the activity log), clearing the least recently written beyond that number, so a guest
+// rewriting a few hot regions between flushes does not re-mark (fsync) them each time.
+func TestWriteIntentKeepsHotRegions(t *testing.T) {
+	v, _, _, path := syncedPair(t)
+	v.SetIntentKeep(2)
+	onDisk := func() []uint64 {
+		t.Helper()
+		bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer bm.Close()
+		return bm.Dirty()
+	}
+	write := func(region int64) {
+		t.Helper()
+		if err := v.WriteAt(pattern(int(region), 4096), region<<20, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush := func() {
+		t.Helper()
+		if err := v.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for r := int64(1); r <= 5; r++ {
+		write(r)
+	}
+	flush()
+	if got := onDisk(); !slices.Equal(got, []uint64{4, 5}) {
+		t.Fatalf("marks after FLUSH keeping 2: %v, want [4 5]", got)
+	}
+	write(4) // region 4 is now more recent than 5
+	write(6)
+	flush()
+	if got := onDisk(); !slices.Equal(got, []uint64{4, 6}) {
+		t.Fatalf("marks after the second FLUSH: %v, want [4 6] (5 least recently written)", got)
+	}
+	mustMode(t, v, ModeSynced)
+	// When the peer is lost, flushed regions of the log are the same on both sides: only
+	// the write that found the peer gone is dirty, and a resync will copy only it.
+	cur, _ := v.currentPeer()
+	cur.Close()
+	write(7)
+	mustMode(t, v, ModeDegraded)
+	if got := onDisk(); !slices.Equal(got, []uint64{7}) {
+		t.Fatalf("dirty after losing the peer: %v, want [7]", got)
+	}
+}
