@@ -16,6 +16,11 @@ import (
 func benchTargets(b *testing.B) map[string]nbd.Export {
 	size := int64(256 << 20)
 	plain := newFileExportB(b, "plain.img", size)
+	return map[string]nbd.Export{"local": plain, "mirrored": syncedPrimaryB(b, size).Export()}
+}
+
+// syncedPrimaryB returns a primary synced with a secondary over a loopback link.
+func syncedPrimaryB(b *testing.B, size int64) *Volume {
 	v, _ := newPrimaryB(b, size)
 	sec := newFileExportB(b, "secondary.img", size)
 	s := &secondary{t: nil, disk: sec, target: NewTarget(sec, State{RoleSecondary, 1})}
@@ -28,7 +33,7 @@ func benchTargets(b *testing.B) map[string]nbd.Export {
 	if err := v.Resync(context.Background(), l, ResyncOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	return map[string]nbd.Export{"local": plain, "mirrored": v.Export()}
+	return v
 }
 
 func benchWrites(b *testing.B, n int, random bool) {
@@ -94,20 +99,8 @@ func BenchmarkJournalingGuest(b *testing.B) {
 			name = "keep0"
 		}
 		b.Run(name, func(b *testing.B) {
-			size := int64(256 << 20)
-			v, _ := newPrimaryB(b, size)
+			v := syncedPrimaryB(b, 256<<20)
 			v.SetIntentKeep(keep)
-			sec := newFileExportB(b, "secondary.img", size)
-			s := &secondary{t: nil, disk: sec, target: NewTarget(sec, State{RoleSecondary, 1})}
-			s.startB(b)
-			b.Cleanup(func() { s.srv.Close(); <-s.done })
-			l, err := DialLink(context.Background(), s.addr, "vol", size, 1, 30*time.Second)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := v.Resync(context.Background(), l, ResyncOptions{}); err != nil {
-				b.Fatal(err)
-			}
 			buf := pattern(1, 4096)
 			rng := rand.New(rand.NewPCG(1, 2))
 			b.SetBytes(4096)

@@ -661,15 +661,7 @@ func TestRepeatedSecondaryCrashesUnderLoad(t *testing.T) {
 // by a FLUSH on both sides, so a primary crash leaves its possibly divergent regions marked.
 func TestWriteIntentWhileSynced(t *testing.T) {
 	v, _, _, path := syncedPair(t)
-	onDisk := func() []uint64 {
-		t.Helper()
-		bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer bm.Close()
-		return bm.Dirty()
-	}
+	onDisk := func() []uint64 { return marksOnDisk(t, path) }
 	if err := v.WriteAt(pattern(1, 4096), 7<<20, false); err != nil {
 		t.Fatal(err)
 	}
@@ -744,15 +736,7 @@ func (b *blockingPeer) WriteAt(p []byte, off int64, fua bool) error {
 func TestWriteIntentKeepsHotRegions(t *testing.T) {
 	v, _, _, path := syncedPair(t)
 	v.SetIntentKeep(2)
-	onDisk := func() []uint64 {
-		t.Helper()
-		bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer bm.Close()
-		return bm.Dirty()
-	}
+	onDisk := func() []uint64 { return marksOnDisk(t, path) }
 	write := func(region int64) {
 		t.Helper()
 		if err := v.WriteAt(pattern(int(region), 4096), region<<20, false); err != nil {
@@ -788,4 +772,15 @@ func TestWriteIntentKeepsHotRegions(t *testing.T) {
 	if got := onDisk(); !slices.Equal(got, []uint64{7}) {
 		t.Fatalf("dirty after losing the peer: %v, want [7]", got)
 	}
+}
+
+// marksOnDisk returns the regions marked in the bitmap file at path, as a restart would read them.
+func marksOnDisk(t *testing.T, path string) []uint64 {
+	t.Helper()
+	bm, err := OpenBitmap(path, testSize, DefaultRegionSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bm.Close()
+	return bm.Dirty()
 }
