@@ -196,6 +196,9 @@ func newStorageMirrorCmd(o *storageOpts) *cobra.Command {
 				rate = units.FormatSize(s.ResyncRate) + "/s"
 			}
 			fmt.Fprintf(w, "Resync:      %s of %s running, rate %s, %s copied since start\n", units.FormatSize(s.Resync.Done), units.FormatSize(s.Resync.Total), rate, units.FormatSize(s.ResyncBytes))
+			if s.MetaPending > 0 {
+				fmt.Fprintf(w, "Made alone:  %d volume creations and deletions, replayed to the partner when it returns\n", s.MetaPending)
+			}
 			return nil
 		},
 	}

@@ -93,3 +93,9 @@ func (c *Client) MirrorKick(ctx context.Context) error {
 func (c *Client) MirrorUndrain(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/v1/mirror/undrain", nil, nil, nil)
 }
+
+// AdoptMeta tells the partner that every metadata change made alone up to epoch has
+// been replayed to it (pair-internal).
+func (c *Client) AdoptMeta(ctx context.Context, epoch uint64) error {
+	return c.do(ctx, http.MethodPost, "/v1/mirror/meta", nil, MetaAdoptRequest{Epoch: epoch}, nil)
+}

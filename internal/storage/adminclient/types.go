@@ -100,6 +100,18 @@ type MirrorStatus struct {
 	Volumes map[string]PeerVolume `json:"volumes"`
 	// ResyncBytes counts bytes copied by resync since start (as mirror_resync_bytes in the stats).
 	ResyncBytes int64 `json:"resync_bytes"`
+	// MetaEpoch is the pair's metadata epoch as this controller knows it: the witness
+	// grants the next one to a controller that creates or deletes volumes alone.
+	MetaEpoch uint64 `json:"meta_epoch"`
+	// MetaPending counts volume creations and deletions this controller made while its
+	// partner was away and has not yet replayed to it.
+	MetaPending int `json:"meta_pending"`
+}
+
+// MetaAdoptRequest is POST /v1/mirror/meta (pair-internal): the partner replayed every
+// change it made alone up to Epoch.
+type MetaAdoptRequest struct {
+	Epoch uint64 `json:"epoch"`
 }
 
 // DirtyRegions is GET /v1/mirror/volumes/{name}/dirty: the regions this side marked.

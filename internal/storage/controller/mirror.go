@@ -113,6 +113,14 @@ type mirrorMgr struct {
 	// metaMu serialises the metadata operations this side originates (never the
 	// forwarded ones, which the partner serialises).
 	metaMu sync.Mutex
+	// meta is the journal of volume changes made alone (mirror_alone.go), under
+	// metaFileMu; its summary is published in the atomics for the heartbeat.
+	metaFileMu  sync.Mutex
+	meta        metaFile
+	metaEpoch   atomic.Uint64
+	metaPending atomic.Int64
+	metaAlone   atomic.Bool
+	replaying   atomic.Bool
 
 	mu     sync.Mutex
 	vols   map[string]*mvol
@@ -241,6 +249,9 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 	var cf ctrlFile
 	if readJSON(filepath.Join(m.dir, "controller.json"), &cf) == nil {
 		m.drained = cf.Drained
+	}
+	if err := m.loadMeta(); err != nil {
+		return nil, err
 	}
 	l, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -492,6 +503,7 @@ func (m *mirrorMgr) reconcileLoop() {
 	t := time.NewTicker(heartbeatInterval)
 	defer t.Stop()
 	for {
+		m.replayIfReturned(m.view())
 		m.reconcile()
 		select {
 		case <-m.ctx.Done():
@@ -599,6 +611,9 @@ func (m *mirrorMgr) requirePeer() (peerView, error) {
 	}
 	if !pv.up || pv.name == "" {
 		return pv, fmt.Errorf("%w: the mirror partner %s is unreachable; volume, image and snapshot changes are refused until it returns (data I/O continues)", errUnavailable, m.cfg.Peer)
+	}
+	if pv.info != nil && pv.info.MetaPending > 0 && pv.info.MetaEpoch > m.metaEpoch.Load() {
+		return pv, fmt.Errorf("%w: the mirror partner %s is replaying the volume changes it made while this controller was away; try again in a moment", errUnavailable, pv.name)
 	}
 	return pv, nil
 }
@@ -810,6 +825,7 @@ func (m *mirrorMgr) status() adminclient.MirrorStatus {
 	}
 	s.Resync.Rate = s.ResyncRate
 	s.ResyncBytes = m.resyncBytes()
+	s.MetaEpoch, s.MetaPending = m.metaEpoch.Load(), int(m.metaPending.Load())
 	return s
 }
 

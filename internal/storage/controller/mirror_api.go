@@ -27,6 +27,7 @@ import (
 //	POST /v1/volumes/{name}/resolve          {keep}: settle a split volume
 //	GET  /v1/mirror/volumes/{name}/dirty     pair-internal: this side's dirty regions
 //	POST /v1/mirror/volumes/{name}/state     pair-internal: take a role (hand-over, resolve)
+//	POST /v1/mirror/meta                     pair-internal: the partner's changes made alone were replayed
 //	POST /v1/mirror/kick, /v1/mirror/undrain pair-internal
 func (c *Controller) mirrorRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/mirror", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, c.mir.status()) })
@@ -36,6 +37,7 @@ func (c *Controller) mirrorRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/volumes/{name}/resolve", c.handleResolve)
 	mux.HandleFunc("GET /v1/mirror/volumes/{name}/dirty", c.handleDirty)
 	mux.HandleFunc("POST /v1/mirror/volumes/{name}/state", c.handleMirrorState)
+	mux.HandleFunc("POST /v1/mirror/meta", c.handleMetaAdopt)
 	mux.HandleFunc("POST /v1/mirror/kick", func(w http.ResponseWriter, r *http.Request) {
 		c.mir.kick()
 		w.WriteHeader(http.StatusNoContent)
@@ -408,7 +410,7 @@ func (c *Controller) handleResolve(w http.ResponseWriter, r *http.Request) {
 
 // mirCreate creates a volume on both controllers.
 func (c *Controller) mirCreate(w http.ResponseWriter, r *http.Request, req adminclient.CreateVolumeRequest) {
-	c.mirNewVolume(w, r, req.Name,
+	c.mirNewVolume(w, r, metaOp{Op: metaCreate, Name: req.Name, Size: req.Size},
 		func() (volume.Info, error) { return c.mgr.Create(req.Name, req.Size) },
 		func(cl *adminclient.Client) error {
 			_, err := cl.CreateVolume(r.Context(), req.Name, req.Size)
@@ -419,7 +421,7 @@ func (c *Controller) mirCreate(w http.ResponseWriter, r *http.Request, req admin
 
 // mirClone clones an image or snapshot into a new volume on both controllers.
 func (c *Controller) mirClone(w http.ResponseWriter, r *http.Request, src string, req adminclient.CloneVolumeRequest) {
-	c.mirNewVolume(w, r, req.Name,
+	c.mirNewVolume(w, r, metaOp{Op: metaClone, Name: req.Name, Source: src},
 		func() (volume.Info, error) { return c.mgr.Clone(src, req.Name) },
 		func(cl *adminclient.Client) error { _, err := cl.CloneVolume(r.Context(), src, req.Name); return err },
 		func(info volume.Info, took time.Duration) {
@@ -429,20 +431,32 @@ func (c *Controller) mirClone(w http.ResponseWriter, r *http.Request, src string
 
 // mirNewVolume makes a new mirrored volume here (with build) and, unless the request was
 // forwarded by the partner, on the partner too (with forward), undoing the local
-// step if the partner refuses. Both sides start in sync at epoch 1.
-func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name string, build func() (volume.Info, error),
+// step if the partner refuses. Both sides start in sync at epoch 1. With the partner
+// unreachable the volume is made here alone (mirror_alone.go).
+func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, op metaOp, build func() (volume.Info, error),
 	forward func(*adminclient.Client) error, answer func(volume.Info, time.Duration)) {
 	r, cancel := withPairTimeout(r)
 	defer cancel()
 	m := c.mir
+	name := op.Name
 	var home, primary string
-	pv, err := m.requirePeer()
+	st := mirror.State{}
+	var pv peerView
+	var alone bool
+	var err error
+	if !forwarded(r) {
+		pv, alone, err = m.peerOrAlone()
+	}
 	switch {
 	case forwarded(r):
 		home, primary = r.Header.Get(hdrHome), r.Header.Get(hdrPrimary)
 		if home == "" || primary == "" {
 			c.fail(w, r, fmt.Errorf("%w: a forwarded request needs the home and primary headers", errBadRequest))
 			return
+		}
+		st = initialState(primary == m.cfg.Name)
+		if r.Header.Get(hdrInitial) == "stale" {
+			st = mirror.State{Role: mirror.RoleStale}
 		}
 	case err != nil:
 		c.fail(w, r, err)
@@ -453,8 +467,21 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name s
 		// this lock while our own waits for the partner's would stall both.
 		m.metaMu.Lock()
 		defer m.metaMu.Unlock()
-		home = homeOf(name, m.cfg.Name, pv.name)
+		if err := m.beforeChange(r.Context(), alone, op); err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		home = homeOf(name, m.cfg.Name, m.peerNameNow())
 		primary = m.placePrimary(home, pv)
+		st = initialState(primary == m.cfg.Name)
+		if alone {
+			epoch, err := m.electNewVolume(r.Context(), name)
+			if err != nil {
+				c.fail(w, r, err)
+				return
+			}
+			primary, st = m.cfg.Name, aloneState(epoch)
+		}
 	}
 	rv := revert.New()
 	defer rv.Fail()
@@ -466,12 +493,14 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, name s
 		return
 	}
 	rv.Add(func() { _ = c.mgr.Delete(name) })
-	if _, err := m.openVol(name, home, initialState(primary == m.cfg.Name), true); err != nil {
+	if _, err := m.openVol(name, home, st, true); err != nil {
 		c.fail(w, r, err)
 		return
 	}
 	rv.Add(func() { _ = m.removeVol(name) })
-	if !forwarded(r) {
+	if alone {
+		c.log.Warn("Mirrored volume made alone: the partner receives it when it returns", "name", name, "home", home, "epoch", st.Epoch, "duration", took)
+	} else if !forwarded(r) {
 		if err := forward(m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary)); err != nil {
 			c.fail(w, r, fmt.Errorf("Failed to make volume %q on the mirror partner %s: %w", name, pv.name, err))
 			return
@@ -498,24 +527,38 @@ func (c *Controller) mirDelete(w http.ResponseWriter, r *http.Request, name stri
 	defer cancel()
 	m := c.mir
 	if !forwarded(r) {
-		pv, err := m.requirePeer()
+		pv, alone, err := m.peerOrAlone()
 		if err != nil {
 			c.fail(w, r, err)
 			return
 		}
 		m.metaMu.Lock()
 		defer m.metaMu.Unlock()
-		if _, err := c.mgr.Get(name); err != nil {
+		info, err := c.mgr.Get(name)
+		if err != nil {
 			c.fail(w, r, err)
 			return
 		}
-		if v := m.get(name); v != nil && v.opens.Load() > 0 {
+		v := m.get(name)
+		if v != nil && v.opens.Load() > 0 {
 			c.fail(w, r, fmt.Errorf("Failed to delete %q: NBD clients have it open: %w", name, volume.ErrInUse))
 			return
 		}
-		if err := m.fwd.DeleteVolume(r.Context(), name); err != nil && !adminclient.IsNotFound(err) {
-			c.fail(w, r, fmt.Errorf("Failed to delete %q on the mirror partner %s: %w", name, pv.name, err))
+		if alone && (v == nil || info.Kind != volume.KindVolume || v.vol.Load() == nil) {
+			// Images and snapshots exist on both sides and go together; a volume whose
+			// primary is the partner may still be in use there.
+			c.fail(w, r, fmt.Errorf("%w: the mirror partner %s is unreachable and %q is not a volume this controller serves; it can be deleted once the partner returns", errUnavailable, m.cfg.Peer, name))
 			return
+		}
+		if err := m.beforeChange(r.Context(), alone, metaOp{Op: metaDelete, Name: name}); err != nil {
+			c.fail(w, r, err)
+			return
+		}
+		if !alone {
+			if err := m.fwd.DeleteVolume(r.Context(), name); err != nil && !adminclient.IsNotFound(err) {
+				c.fail(w, r, fmt.Errorf("Failed to delete %q on the mirror partner %s: %w", name, pv.name, err))
+				return
+			}
 		}
 	}
 	v := m.get(name)

@@ -66,14 +66,23 @@ func runTestController(js string) int {
 	return 0
 }
 
+// handedOut remembers the addresses freeAddr gave, which the kernel may offer again
+// once their probe listener is closed (before the controller binds them).
+var handedOut sync.Map
+
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if _, dup := handedOut.LoadOrStore(addr, true); !dup {
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // node is one controller process of a test pair.
@@ -814,10 +823,15 @@ func TestMirrorImageCloneResize(t *testing.T) {
 	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x02 7M 64k", "flush", "read -P 0x01 2M 4k"); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	// A partner that is down makes metadata changes wait (503) but not I/O.
+	// A partner that is down makes resizes wait (503) but not I/O (creations and
+	// deletions go on alone: TestMirrorChangesWhilePartnerAway).
 	s.kill()
-	if _, err := p.cl.CreateVolume(ctx, "nope", 1<<20); adminclient.StatusOf(err) != 503 {
-		t.Fatalf("create with the partner down: %v", err)
+	waitFor(t, 10*time.Second, p.name+" to lose its partner", func() (bool, string) {
+		st, err := p.cl.MirrorStatus(ctx)
+		return err == nil && !st.PartnerReachable, "reachable"
+	})
+	if _, err := p.cl.ResizeVolume(ctx, "c1", 16<<20); adminclient.StatusOf(err) != 503 {
+		t.Fatalf("resize with the partner down: %v", err)
 	}
 	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x03 3M 4k", "flush"); err != nil {
 		t.Fatalf("I/O with the partner down: %v\n%s", err, out)

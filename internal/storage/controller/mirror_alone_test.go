@@ -1,0 +1,133 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/growserver/grow/internal/storage/adminclient"
+)
+
+// While one controller is away (maintenance), the other still clones, creates and
+// deletes volumes alone; when the partner returns it receives every change before
+// anything else, the new volumes are resynced, and both sides end identical. The
+// witness lets only one side change volumes alone: a side that missed changes made by
+// the other refuses to make its own until that partner has returned and replayed them.
+func TestMirrorChangesWhilePartnerAway(t *testing.T) {
+	needQemuIO(t)
+	a, b, ws := startedPair(t)
+	ctx := context.Background()
+	img := bytes.Repeat([]byte{0xab}, 4<<20)
+	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
+		t.Fatal(err)
+	}
+	syncedVolume(t, a, a, b, "old", 8<<20)
+
+	// b goes away; a takes "old" over and changes volumes alone.
+	b.stop()
+	a.waitState(t, "old", "primary", adminclient.MirrorDegraded, 15*time.Second)
+	if _, err := a.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
+		t.Fatalf("clone with the partner away: %v", err)
+	}
+	if _, err := a.cl.CreateVolume(ctx, "e1", 8<<20); err != nil {
+		t.Fatalf("create with the partner away: %v", err)
+	}
+	if err := a.cl.DeleteVolume(ctx, "old"); err != nil {
+		t.Fatalf("delete with the partner away: %v", err)
+	}
+	for name, cmds := range map[string][]string{
+		"c1": {"read -P 0xab 0 4M", "write -P 0x11 1M 64k", "write -z 3M 64k", "flush"},
+		"e1": {"read -P 0 0 8M", "write -P 0x22 0 4k", "write -P 0x23 7M 1M", "flush"},
+	} {
+		v := a.waitState(t, name, "primary", adminclient.MirrorDegraded, 5*time.Second)
+		if out, err := qemuIOAt(v.NBDAddress, name, cmds...); err != nil {
+			t.Fatalf("I/O on %s made alone: %v\n%s", name, err, out)
+		}
+	}
+	// What cannot be done alone is refused with a clear reason, and changes nothing.
+	if _, err := a.cl.Snapshot(ctx, "c1", "s1"); adminclient.StatusOf(err) != 503 {
+		t.Fatalf("snapshot with the partner away: %v", err)
+	}
+	if _, err := a.cl.CreateVolume(ctx, "old", 8<<20); adminclient.StatusOf(err) != 409 || !strings.Contains(err.Error(), "deleted while the partner is away") {
+		t.Fatalf("re-using a name deleted alone: %v", err)
+	}
+	st, err := a.cl.MirrorStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.MetaPending != 3 || st.MetaEpoch != 1 {
+		t.Fatalf("journal: %d changes at metadata epoch %d, want 3 at 1", st.MetaPending, st.MetaEpoch)
+	}
+	if rec := ws.Get(metaKey(a.name, b.name)); rec.Holder != a.name || rec.Epoch != 1 {
+		t.Fatalf("witness holds the pair's metadata as %+v", rec)
+	}
+
+	// b returns: it learns every change, then the new volumes are resynced.
+	b.start()
+	waitFor(t, 20*time.Second, "replay to the returned partner", func() (bool, string) {
+		st, err := a.cl.MirrorStatus(ctx)
+		return err == nil && st.MetaPending == 0, "pending"
+	})
+	for _, name := range []string{"c1", "e1"} {
+		a.waitState(t, name, "primary", adminclient.MirrorSynced, 20*time.Second)
+		b.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+	}
+	if b.volume("old") != nil {
+		t.Fatal("the volume deleted alone survived on the returned partner")
+	}
+	if st, err := b.cl.MirrorStatus(ctx); err != nil || st.MetaEpoch != 1 {
+		t.Fatalf("the returned partner's metadata epoch: %+v %v", st, err)
+	}
+	// Changes are made on both sides again.
+	if _, err := b.cl.CreateVolume(ctx, "old", 8<<20); err != nil {
+		t.Fatalf("re-use of the name once the partner returned: %v", err)
+	}
+	if a.volume("old") == nil {
+		t.Fatal("a volume created with both sides up is missing on one")
+	}
+
+	// Now a is away and b changes volumes alone (metadata epoch 2) ...
+	a.stop()
+	if _, err := b.cl.CloneVolume(ctx, "gold", "c2"); err != nil {
+		t.Fatalf("clone on the other side alone: %v", err)
+	}
+	// ... and then b goes too, and a returns alone: it missed b's change, so it refuses its own.
+	b.stop()
+	a.start()
+	if _, err := a.cl.CreateVolume(ctx, "e2", 8<<20); adminclient.StatusOf(err) != 503 || !strings.Contains(err.Error(), "changed volumes while this controller was away") {
+		t.Fatalf("create on a side that missed the partner's changes: %v", err)
+	}
+	if a.volume("e2") != nil {
+		t.Fatal("a refused create left a volume behind")
+	}
+	b.start()
+	waitFor(t, 20*time.Second, "replay of the second side's changes", func() (bool, string) {
+		st, err := b.cl.MirrorStatus(ctx)
+		return err == nil && st.MetaPending == 0 && a.volume("c2") != nil, "pending"
+	})
+	if _, err := a.cl.CreateVolume(ctx, "e2", 8<<20); err != nil {
+		t.Fatalf("create once the partner replayed its changes: %v", err)
+	}
+	p, s := primaryAndSecondary(t, a, b, "c2")
+	p.waitState(t, "c2", "primary", adminclient.MirrorSynced, 20*time.Second)
+	s.waitState(t, "c2", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	for _, name := range []string{"c1", "e1"} {
+		a.waitState(t, name, "primary", adminclient.MirrorSynced, 20*time.Second)
+	}
+
+	a.stop()
+	b.stop()
+	for _, name := range []string{"c1", "e1", "c2"} {
+		sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
+	}
+	c1 := readVolume(t, b.cfg.DataDir, "c1")
+	if c1[0] != 0xab || c1[1<<20] != 0x11 || c1[3<<20] != 0 || c1[4<<20-1] != 0xab {
+		t.Fatalf("c1 on the returned partner: %x %x %x %x", c1[0], c1[1<<20], c1[3<<20], c1[4<<20-1])
+	}
+	e1 := readVolume(t, b.cfg.DataDir, "e1")
+	if e1[0] != 0x22 || e1[7<<20] != 0x23 || e1[4<<20] != 0 {
+		t.Fatalf("e1 on the returned partner: %x %x %x", e1[0], e1[7<<20], e1[4<<20])
+	}
+}
