@@ -41,6 +41,8 @@ func newControllerCmd() *cobra.Command {
 	add.Flags().StringVar(&req.URL, "storage-url", "", "URL of the controller's admin API, for example http://10.0.0.9:7480")
 	add.Flags().StringVar(&req.Token, "storage-token", "", "the controller's token (its DATA/admin.token)")
 	add.Flags().StringVar(&caFile, "storage-ca-cert", "", "PEM CA that signed an https controller's certificate")
+	add.Flags().StringVar(&req.PartnerURL, "partner-url", "", "admin API URL of the controller's mirror partner, used while the controller does not answer")
+	add.Flags().StringVar(&req.PartnerToken, "partner-token", "", "the mirror partner's token (its DATA/admin.token)")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List storage controllers",

@@ -457,3 +457,39 @@ func TestWitness(t *testing.T) {
 		})
 	}
 }
+
+// TestStoragePartner checks the registration of a controller's mirror partner: a
+// partner needs its own URL and token, and neither token ever leaves the control plane.
+func TestStoragePartner(t *testing.T) {
+	f := newFixture(t, "sqlite")
+	for _, bad := range []client.StorageReq{
+		{Name: "p1", URL: "http://10.0.0.1:7480", Token: "x", PartnerURL: "http://10.0.0.2:7480"},
+		{Name: "p2", URL: "http://10.0.0.1:7480", Token: "x", PartnerURL: "ftp://10.0.0.2", PartnerToken: "y"},
+		{Name: "p3", URL: "http://10.0.0.1:7480", Token: "x", PartnerURL: "http://10.0.0.1:7480", PartnerToken: "y"},
+		{Name: "p4", URL: "http://10.0.0.1:7480", Token: "x", PartnerToken: "y"},
+	} {
+		if _, err := f.admin.AddStorage(f.ctx, bad); err == nil || !strings.Contains(err.Error(), "mirror partner") {
+			t.Fatalf("%+v accepted: %v", bad, err)
+		}
+	}
+	s, err := f.admin.AddStorage(f.ctx, client.StorageReq{Name: "pair1", URL: "http://10.0.0.1:7480", Token: "tok-a-secret",
+		PartnerURL: "http://10.0.0.2:7480", PartnerToken: "tok-b-secret"})
+	if err != nil || s.PartnerURL != "http://10.0.0.2:7480" {
+		t.Fatalf("register with a partner: %+v %v", s, err)
+	}
+	stored, err := f.st.GetStorage(f.ctx, "pair1")
+	if err != nil || stored.PartnerToken != "tok-b-secret" || stored.PartnerURL != "http://10.0.0.2:7480" {
+		t.Fatalf("stored: %+v %v", stored, err)
+	}
+	req, _ := http.NewRequest("GET", f.srv.URL+"/v1/storage", nil)
+	req.Header.Set("Authorization", "Bearer "+f.adminTok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || strings.Contains(string(body), "secret") || !strings.Contains(string(body), "10.0.0.2") {
+		t.Fatalf("GET /v1/storage: %d %s", resp.StatusCode, body)
+	}
+}

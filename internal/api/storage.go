@@ -14,8 +14,12 @@ type StorageRequest struct {
 	Name  string `json:"name"`
 	URL   string `json:"url"`
 	Token string `json:"token"`
-	// CACert is the PEM CA that signed an https controller's certificate.
+	// CACert is the PEM CA that signed an https controller's certificate (and its partner's).
 	CACert string `json:"ca_cert,omitempty"`
+	// PartnerURL and PartnerToken reach the controller's mirror partner, which answers
+	// for the pair while the controller does not.
+	PartnerURL   string `json:"partner_url,omitempty"`
+	PartnerToken string `json:"partner_token,omitempty"`
 }
 
 func (a *API) routeStorage() {
@@ -41,7 +45,10 @@ func (a *API) routeStorage() {
 		if req.CACert != "" && !x509.NewCertPool().AppendCertsFromPEM([]byte(req.CACert)) {
 			return invalid("ca_cert holds no PEM certificate")
 		}
-		c := store.StorageController{Name: req.Name, URL: req.URL, Token: req.Token, CACert: req.CACert}
+		if (req.PartnerURL != "" || req.PartnerToken != "") && (!validURL(req.PartnerURL) || req.PartnerToken == "" || req.PartnerURL == req.URL) {
+			return invalid("A mirror partner needs the http(s) URL of its own admin API (not the controller's) and its token")
+		}
+		c := store.StorageController{Name: req.Name, URL: req.URL, Token: req.Token, CACert: req.CACert, PartnerURL: req.PartnerURL, PartnerToken: req.PartnerToken}
 		if err := a.st.CreateStorage(r.Context(), &c); err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package jobs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -61,16 +62,25 @@ var ErrGone = fmt.Errorf("VM does not exist on the host")
 // Clients is the Connector over the real HTTP clients of `grow storaged` and `grow hostd`.
 type Clients struct{}
 
-// Storage returns an adminclient-backed Storage.
+// Storage returns an adminclient-backed Storage: the controller's API, and its mirror
+// partner's for when the controller does not answer.
 func (Clients) Storage(c store.StorageController) (Storage, error) {
-	cl, err := adminclient.New(c.URL, c.Token)
-	if err == nil && c.CACert != "" {
-		cl, err = cl.WithCAPEM([]byte(c.CACert))
+	sc := &storageClient{name: c.Name}
+	for _, ep := range [][2]string{{c.URL, c.Token}, {c.PartnerURL, c.PartnerToken}} {
+		if ep[0] == "" {
+			continue
+		}
+		cl, err := adminclient.New(ep[0], ep[1])
+		if err == nil && c.CACert != "" {
+			cl, err = cl.WithCAPEM([]byte(c.CACert))
+		}
+		if err != nil {
+			return nil, fmt.Errorf("Failed to reach storage controller %q: %w", c.Name, err)
+		}
+		sc.cls = append(sc.cls, cl)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("Failed to reach storage controller %q: %w", c.Name, err)
-	}
-	return &storageClient{c: cl, name: c.Name}, nil
+	sc.c = sc.cls[0]
+	return sc, nil
 }
 
 // Host returns an agentclient-backed Host.
@@ -83,26 +93,43 @@ func (Clients) Host(h store.Host) (Host, error) {
 }
 
 type storageClient struct {
-	c    *adminclient.Client
+	c    *adminclient.Client   // the controller
+	cls  []*adminclient.Client // the controller, then its mirror partner if registered
 	name string
 }
 
+// either runs call on the controller or, when it does not answer at all, on its mirror
+// partner, which answers for the pair (mirrored controllers forward and proxy volume
+// changes to each other, and make them alone while the other is away).
+func (s *storageClient) either(call func(*adminclient.Client) error) error {
+	var err error
+	for _, c := range s.cls {
+		if err = call(c); !errors.Is(err, adminclient.ErrUnreachable) {
+			return err
+		}
+	}
+	return err
+}
+
 func (s *storageClient) CloneVolume(ctx context.Context, src, dst string) error {
-	if _, err := s.c.CloneVolume(ctx, src, dst); err != nil {
+	err := s.either(func(c *adminclient.Client) error { _, err := c.CloneVolume(ctx, src, dst); return err })
+	if err != nil {
 		return fmt.Errorf("Failed to clone %q to %q on %q: %w", src, dst, s.name, err)
 	}
 	return nil
 }
 
 func (s *storageClient) ResizeVolume(ctx context.Context, name string, size int64) error {
-	if _, err := s.c.ResizeVolume(ctx, name, size); err != nil {
+	err := s.either(func(c *adminclient.Client) error { _, err := c.ResizeVolume(ctx, name, size); return err })
+	if err != nil {
 		return fmt.Errorf("Failed to resize volume %q on %q: %w", name, s.name, err)
 	}
 	return nil
 }
 
 func (s *storageClient) DeleteVolume(ctx context.Context, name string) error {
-	if err := s.c.DeleteVolume(ctx, name); err != nil && !adminclient.IsNotFound(err) {
+	err := s.either(func(c *adminclient.Client) error { return c.DeleteVolume(ctx, name) })
+	if err != nil && !adminclient.IsNotFound(err) {
 		return fmt.Errorf("Failed to delete volume %q on %q: %w", name, s.name, err)
 	}
 	return nil
@@ -124,11 +151,19 @@ const mirroredReconnectDelay = 30
 // Endpoint tells a host how to reach a volume: address, reconnect window, and TLS
 // (with the name to verify) when the controller speaks NBD over TLS.
 func (s *storageClient) Endpoint(ctx context.Context, volume string) (hostapi.Disk, error) {
-	v, err := s.c.GetVolume(ctx, volume)
-	if err != nil {
+	var v *adminclient.Volume
+	var st *adminclient.Stats
+	err := s.either(func(c *adminclient.Client) error {
+		var err error
+		if v, err = c.GetVolume(ctx, volume); err != nil {
+			return err
+		}
+		st, err = c.Stats(ctx)
+		return err
+	})
+	if v == nil {
 		return hostapi.Disk{}, fmt.Errorf("Failed to read volume %q on %q: %w", volume, s.name, err)
 	}
-	st, err := s.c.Stats(ctx)
 	if err != nil {
 		return hostapi.Disk{}, fmt.Errorf("Failed to read NBD address of %q: %w", s.name, err)
 	}
@@ -175,10 +210,15 @@ func (s *storageClient) endpoint(v *adminclient.Volume, st *adminclient.Stats) (
 
 func (s *storageClient) Health(ctx context.Context) (string, error) {
 	p, err := s.c.Pool(ctx)
-	if err != nil {
-		return "", fmt.Errorf("Storage controller %q does not answer: %w", s.name, err)
+	if err == nil {
+		return "pool " + p.State, nil
 	}
-	return "pool " + p.State, nil
+	if len(s.cls) > 1 && errors.Is(err, adminclient.ErrUnreachable) {
+		if pp, perr := s.cls[1].Pool(ctx); perr == nil {
+			return "unreachable; its mirror partner answers for the pair (pool " + pp.State + ")", nil
+		}
+	}
+	return "", fmt.Errorf("Storage controller %q does not answer: %w", s.name, err)
 }
 
 func (h *hostClient) Health(ctx context.Context) (string, error) {

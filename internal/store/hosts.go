@@ -110,6 +110,10 @@ type StorageController struct {
 	CreatedAt time.Time `json:"created_at"`
 	// CACert is the PEM CA the control plane trusts for the controller's https API.
 	CACert string `json:"ca_cert,omitempty"`
+	// PartnerURL and PartnerToken reach the controller's mirror partner, which answers
+	// for the pair while the controller itself does not (its maintenance, a dead machine).
+	PartnerURL   string `json:"partner_url,omitempty"`
+	PartnerToken string `json:"-"`
 }
 
 // CreateStorage registers a storage controller.
@@ -121,29 +125,30 @@ func (s *Store) CreateStorage(ctx context.Context, c *StorageController) error {
 		c.State = StateActive
 	}
 	c.CreatedAt = time.Now().UTC()
-	_, err := s.exec(ctx, `INSERT INTO storage_controllers (id, name, url, token, state, created_at, ca_cert) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		c.ID, c.Name, c.URL, c.Token, c.State, ts(c.CreatedAt), c.CACert)
+	_, err := s.exec(ctx, `INSERT INTO storage_controllers (id, name, url, token, state, created_at, ca_cert, partner_url, partner_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		c.ID, c.Name, c.URL, c.Token, c.State, ts(c.CreatedAt), c.CACert, c.PartnerURL, c.PartnerToken)
 	if err != nil {
 		return fmt.Errorf("Failed to register storage controller %q: %w", c.Name, err)
 	}
 	return nil
 }
 
-// UpdateStorage saves the address, token, CA and state of c.
+// UpdateStorage saves the address, token, CA, partner and state of c.
 func (s *Store) UpdateStorage(ctx context.Context, c StorageController) error {
-	err := affected(s.exec(ctx, `UPDATE storage_controllers SET url = ?, token = ?, state = ?, ca_cert = ? WHERE id = ?`, c.URL, c.Token, c.State, c.CACert, c.ID))
+	err := affected(s.exec(ctx, `UPDATE storage_controllers SET url = ?, token = ?, state = ?, ca_cert = ?, partner_url = ?, partner_token = ? WHERE id = ?`,
+		c.URL, c.Token, c.State, c.CACert, c.PartnerURL, c.PartnerToken, c.ID))
 	if err != nil {
 		return fmt.Errorf("Failed to update storage controller %q: %w", c.Name, err)
 	}
 	return nil
 }
 
-const storageCols = `id, name, url, token, state, created_at, ca_cert`
+const storageCols = `id, name, url, token, state, created_at, ca_cert, partner_url, partner_token`
 
 func scanStorage(sc interface{ Scan(...any) error }) (StorageController, error) {
 	var c StorageController
 	var at int64
-	if err := sc.Scan(&c.ID, &c.Name, &c.URL, &c.Token, &c.State, &at, &c.CACert); err != nil {
+	if err := sc.Scan(&c.ID, &c.Name, &c.URL, &c.Token, &c.State, &at, &c.CACert, &c.PartnerURL, &c.PartnerToken); err != nil {
 		return StorageController{}, mapErr(err)
 	}
 	c.CreatedAt = fromTS(at)

@@ -177,6 +177,13 @@ CREATE TABLE witness_grants (
 	`
 ALTER TABLE storage_controllers ADD COLUMN ca_cert TEXT NOT NULL DEFAULT ''
 `,
+	// 7, 8: the mirror partner of a storage controller, reached when the controller is not.
+	`
+ALTER TABLE storage_controllers ADD COLUMN partner_url TEXT NOT NULL DEFAULT ''
+`,
+	`
+ALTER TABLE storage_controllers ADD COLUMN partner_token TEXT NOT NULL DEFAULT ''
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.

@@ -7,7 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/growserver/grow/internal/jobs"
 	"github.com/growserver/grow/internal/storage/adminclient"
+	"github.com/growserver/grow/internal/store"
 )
 
 // While one controller is away (maintenance), the other still clones, creates and
@@ -25,11 +27,25 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 	}
 	syncedVolume(t, a, a, b, "old", 8<<20)
 
-	// b goes away; a takes "old" over and changes volumes alone.
+	// The control plane registered the pair as b, with a as b's partner.
+	cp, err := jobs.Clients{}.Storage(store.StorageController{Name: "pair", URL: "http://" + b.cfg.APIAddr, Token: b.token,
+		PartnerURL: "http://" + a.cfg.APIAddr, PartnerToken: a.token})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// b goes away; a takes "old" over and changes volumes alone. The control plane's
+	// order of a new server reaches a, although it knows the pair as b.
 	b.stop()
 	a.waitState(t, "old", "primary", adminclient.MirrorDegraded, 15*time.Second)
-	if _, err := a.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
+	if err := cp.CloneVolume(ctx, "gold", "c1"); err != nil {
 		t.Fatalf("clone with the partner away: %v", err)
+	}
+	if d, err := cp.Endpoint(ctx, "c1"); err != nil || d.Port == 0 {
+		t.Fatalf("the control plane's endpoint of c1 with the registered controller away: %+v %v", d, err)
+	}
+	if h, err := cp.Health(ctx); err != nil || !strings.Contains(h, "partner answers") {
+		t.Fatalf("health of the pair with the registered controller away: %q %v", h, err)
 	}
 	if _, err := a.cl.CreateVolume(ctx, "e1", 8<<20); err != nil {
 		t.Fatalf("create with the partner away: %v", err)
