@@ -55,6 +55,7 @@ const (
 	hdrForwarded = "X-Grow-Mirror-Forwarded"
 	hdrHome      = "X-Grow-Mirror-Home"
 	hdrPrimary   = "X-Grow-Mirror-Primary"
+	hdrEpoch     = "X-Grow-Mirror-Epoch"
 )
 
 const heartbeatInterval = 250 * time.Millisecond

@@ -147,3 +147,31 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 		t.Fatalf("e1 on the returned partner: %x %x %x", e1[0], e1[7<<20], e1[4<<20])
 	}
 }
+
+// A volume made under the name of an earlier one starts above the epoch the witness
+// remembers of it, so that its takeover can still be granted.
+func TestMirrorRecreatedNameTakesOver(t *testing.T) {
+	needQemuIO(t)
+	a, b, ws := startedPair(t)
+	if _, err := ws.Grant("x", "an-earlier-controller", 7); err != nil {
+		t.Fatal(err)
+	}
+	p, s, pv := syncedVolume(t, a, a, b, "x", 8<<20)
+	if pv.Mirror.Epoch != 8 {
+		t.Fatalf("epoch of a volume whose name the witness holds at 7: %d", pv.Mirror.Epoch)
+	}
+	if sv := s.volume("x"); sv.Mirror.Epoch != 8 {
+		t.Fatalf("the secondary's epoch: %d", sv.Mirror.Epoch)
+	}
+	if out, err := qemuIOAt(pv.NBDAddress, "x", "write -P 0x31 0 1M", "flush"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	p.kill()
+	sv := s.waitState(t, "x", "primary", adminclient.MirrorDegraded, 15*time.Second)
+	if sv.Mirror.Epoch != 9 {
+		t.Fatalf("epoch after the takeover: %d", sv.Mirror.Epoch)
+	}
+	if out, err := qemuIOAt(sv.NBDAddress, "x", "read -P 0x31 0 1M"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+}

@@ -455,6 +455,9 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, op met
 			return
 		}
 		st = initialState(primary == m.cfg.Name)
+		if e, err := strconv.ParseUint(r.Header.Get(hdrEpoch), 10, 64); err == nil && e > 0 {
+			st.Epoch = e
+		}
 		if r.Header.Get(hdrInitial) == "stale" {
 			st = mirror.State{Role: mirror.RoleStale}
 		}
@@ -474,6 +477,9 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, op met
 		home = homeOf(name, m.cfg.Name, m.peerNameNow())
 		primary = m.placePrimary(home, pv)
 		st = initialState(primary == m.cfg.Name)
+		if !alone {
+			st.Epoch = m.firstEpoch(r.Context(), name)
+		}
 		if alone {
 			epoch, err := m.electNewVolume(r.Context(), name)
 			if err != nil {
@@ -501,7 +507,7 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, op met
 	if alone {
 		c.log.Warn("Mirrored volume made alone: the partner receives it when it returns", "name", name, "home", home, "epoch", st.Epoch, "duration", took)
 	} else if !forwarded(r) {
-		if err := forward(m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary)); err != nil {
+		if err := forward(m.fwd.WithHeader(hdrHome, home).WithHeader(hdrPrimary, primary).WithHeader(hdrEpoch, strconv.FormatUint(st.Epoch, 10))); err != nil {
 			c.fail(w, r, fmt.Errorf("Failed to make volume %q on the mirror partner %s: %w", name, pv.name, err))
 			return
 		}
@@ -510,6 +516,22 @@ func (c *Controller) mirNewVolume(w http.ResponseWriter, r *http.Request, op met
 	rv.Success()
 	m.kick()
 	answer(info, took)
+}
+
+// firstEpoch is a new volume's epoch: 1, or one above what the witness remembers of an
+// earlier volume of the same name, so that a takeover's epoch+1 can be granted.
+func (m *mirrorMgr) firstEpoch(ctx context.Context, name string) uint64 {
+	if m.wit == nil {
+		return 1
+	}
+	wctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	rec, err := m.wit.Get(wctx, name)
+	if err != nil {
+		m.c.log.Warn("Witness unreachable at volume creation: epoch 1 (a volume of the same name deleted earlier may block its takeover)", "volume", name, "err", err)
+		return 1
+	}
+	return rec.Epoch + 1
 }
 
 // initialState is a new volume's state: both sides are empty (or the same clone) and so in sync.
