@@ -20,11 +20,12 @@ import (
 )
 
 // agentFlags are the connection flags of the direct host-agent verbs.
-type agentFlags struct{ url, token string }
+type agentFlags struct{ url, token, caFile string }
 
 func (f *agentFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.url, "agent", "", "host agent URL (default $GROW_HOST_URL)")
 	cmd.Flags().StringVar(&f.token, "token", "", "host agent token (default $GROW_TOKEN)")
+	cmd.Flags().StringVar(&f.caFile, "ca-cert", "", "PEM CA that signed an https agent's certificate")
 }
 
 func (f *agentFlags) client() (*agentclient.Client, error) {
@@ -41,7 +42,14 @@ func (f *agentFlags) client() (*agentclient.Client, error) {
 	if tok == "" {
 		return nil, &ExitError{Code: exitAuth, Err: errors.New("No token: give --token or set $GROW_TOKEN")}
 	}
-	c, err := agentclient.New(u, tok)
+	var ca []byte
+	if f.caFile != "" {
+		var err error
+		if ca, err = os.ReadFile(f.caFile); err != nil {
+			return nil, &ExitError{Code: exitUsage, Err: fmt.Errorf("Failed to read --ca-cert: %w", err)}
+		}
+	}
+	c, err := agentclient.NewWithCAPEM(u, tok, string(ca))
 	if err != nil {
 		return nil, &ExitError{Code: exitUsage, Err: err}
 	}

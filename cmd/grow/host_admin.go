@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -16,7 +17,7 @@ import (
 func init() {
 	o := &cpOpts{}
 	var req client.HostRequest
-	var mem string
+	var mem, caFile string
 	add := &cobra.Command{
 		Use:   "add NAME --url URL --token TOKEN --cpus N --memory SIZE",
 		Short: "Register a host agent with the control plane",
@@ -28,6 +29,13 @@ func init() {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --memory %q: want a size such as 64GiB", mem)}
 			}
 			req.MemoryBytes = n
+			if caFile != "" {
+				pem, err := os.ReadFile(caFile)
+				if err != nil {
+					return usageErr(fmt.Errorf("Failed to read --agent-ca-cert: %w", err))
+				}
+				req.CACert = string(pem)
+			}
 			return o.do(func(ctx context.Context, c *client.Client) error {
 				h, err := c.AddHost(ctx, req)
 				if err != nil {
@@ -44,6 +52,7 @@ func init() {
 	f.IntVar(&req.CPUs, "cpus", 0, "CPU threads servers may use")
 	f.StringVar(&mem, "memory", "", "memory servers may use, for example 64GiB")
 	f.StringVar(&req.CPUModel, "cpu-model", "", "CPU model, for information")
+	f.StringVar(&caFile, "agent-ca-cert", "", "PEM CA that signed an https agent's certificate")
 
 	lo := &cpOpts{}
 	list := &cobra.Command{

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,7 +21,7 @@ import (
 )
 
 func init() {
-	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin, nbdTLSDir string
+	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin, nbdTLSDir, tlsCert, tlsKey string
 	cmd := &cobra.Command{
 		Use:   "hostd",
 		Short: "Run the hypervisor host agent (QEMU VMs, taps, consoles, migration)",
@@ -31,6 +32,17 @@ Stopping the agent never stops a VM.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dataDir == "" || apiAddr == "" {
 				return &ExitError{Code: exitUsage, Err: errors.New("--data and --api are required")}
+			}
+			if (tlsCert == "") != (tlsKey == "") {
+				return &ExitError{Code: exitUsage, Err: errors.New("--tls-cert and --tls-key go together")}
+			}
+			var tlsCfg *tls.Config
+			if tlsCert != "" {
+				cert, err := tls.LoadX509KeyPair(tlsCert, tlsKey)
+				if err != nil {
+					return &ExitError{Code: exitUsage, Err: fmt.Errorf("Failed to load --tls-cert/--tls-key: %w", err)}
+				}
+				tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 			}
 			if err := os.MkdirAll(dataDir, 0o700); err != nil {
 				return fmt.Errorf("Failed to create data directory %q: %w", dataDir, err)
@@ -52,11 +64,17 @@ Stopping the agent never stops a VM.`,
 			if err != nil {
 				return fmt.Errorf("Failed to listen on %q: %w", apiAddr, err)
 			}
-			srv := &http.Server{Handler: agent.Handler(token), ReadHeaderTimeout: 10 * time.Second}
-			log.Info("Host agent API listening", "addr", l.Addr().String())
+			srv := &http.Server{Handler: agent.Handler(token), ReadHeaderTimeout: 10 * time.Second, TLSConfig: tlsCfg}
+			log.Info("Host agent API listening", "addr", l.Addr().String(), "https", tlsCfg != nil)
 			fmt.Fprintf(cmd.OutOrStdout(), "listening on %s\n", l.Addr().String())
 			errc := make(chan error, 1)
-			go func() { errc <- srv.Serve(l) }()
+			go func() {
+				if tlsCfg != nil {
+					errc <- srv.ServeTLS(l, "", "")
+					return
+				}
+				errc <- srv.Serve(l)
+			}()
 			select {
 			case <-ctx.Done():
 			case err := <-errc:
@@ -75,6 +93,8 @@ Stopping the agent never stops a VM.`,
 	f.StringVar(&accel, "accel", "auto", "QEMU accelerator: auto (KVM if /dev/kvm works), kvm or tcg")
 	f.StringVar(&cgParent, "cgroup-parent", "grow", "cgroup directory that holds one cgroup per VM")
 	f.StringVar(&qemuBin, "qemu", "qemu-system-x86_64", "QEMU binary")
+	f.StringVar(&tlsCert, "tls-cert", "", "PEM certificate: serve the API over https (register the host with its CA: grow host add --agent-ca-cert)")
+	f.StringVar(&tlsKey, "tls-key", "", "PEM private key of --tls-cert")
 	f.StringVar(&nbdTLSDir, "nbd-tls-dir", "", "x509 client credentials for NBD over TLS to storage controllers (ca-cert.pem, client-cert.pem, client-key.pem)")
 	rootCmd.AddCommand(cmd)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/growserver/grow/internal/storage/witness"
 	"github.com/growserver/grow/internal/store"
 	"github.com/growserver/grow/internal/store/storetest"
+	"github.com/growserver/grow/test/testbed"
 )
 
 type fixture struct {
@@ -491,5 +492,29 @@ func TestStoragePartner(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || strings.Contains(string(body), "secret") || !strings.Contains(string(body), "10.0.0.2") {
 		t.Fatalf("GET /v1/storage: %d %s", resp.StatusCode, body)
+	}
+}
+
+// TestHostCACert checks that a host's CA must be PEM and is kept for the https agent.
+func TestHostCACert(t *testing.T) {
+	f := newFixture(t, "sqlite")
+	req := client.HostRequest{Name: "h9", URL: "https://10.0.0.9:8444", Token: "x", CPUs: 4, MemoryBytes: 4 << 30, CACert: "not a certificate"}
+	if _, err := f.admin.AddHost(f.ctx, req); err == nil || !strings.Contains(err.Error(), "ca_cert") {
+		t.Fatalf("a host with a CA that is no PEM certificate: %v", err)
+	}
+	pki, err := testbed.NewPKI(t.TempDir(), "10.0.0.9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pem, err := os.ReadFile(pki.CA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.CACert = string(pem)
+	if _, err := f.admin.AddHost(f.ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := f.st.GetHost(f.ctx, "h9"); err != nil || h.CACert != string(pem) {
+		t.Fatalf("stored host: %+v %v", h, err)
 	}
 }

@@ -18,13 +18,13 @@ func (a *API) routeConsole() {
 		if err != nil {
 			return err
 		}
-		url, token, err := a.jobs.ConsoleEndpoint(r.Context(), sv)
+		url, token, hc, err := a.jobs.ConsoleEndpoint(r.Context(), sv)
 		if err != nil {
 			return err
 		}
 		hdr := http.Header{}
 		hdr.Set("Authorization", "Bearer "+token)
-		up, resp, err := websocket.Dial(r.Context(), url, &websocket.DialOptions{HTTPHeader: hdr})
+		up, resp, err := websocket.Dial(r.Context(), url, &websocket.DialOptions{HTTPHeader: hdr, HTTPClient: hc})
 		if err != nil {
 			if resp != nil && resp.StatusCode == http.StatusConflict {
 				return &httpError{http.StatusConflict, CodeConflict, "Server " + sv.Name + " is not running"}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"crypto/x509"
 	"net/http"
 	"net/url"
 
@@ -18,6 +19,8 @@ type HostRequest struct {
 	MemoryBytes int64  `json:"memory_bytes,omitempty"`
 	CPUModel    string `json:"cpu_model,omitempty"`
 	State       string `json:"state,omitempty"`
+	// CACert is the PEM CA that signed an https agent's certificate.
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 func validState(s string) bool {
@@ -61,7 +64,10 @@ func (a *API) routeHosts() {
 		if !validState(req.State) {
 			return invalid("Unknown host state %q", req.State)
 		}
-		h := store.Host{Name: req.Name, URL: req.URL, Token: req.Token, CPUs: req.CPUs, MemoryBytes: req.MemoryBytes, CPUModel: req.CPUModel, State: req.State}
+		if req.CACert != "" && !x509.NewCertPool().AppendCertsFromPEM([]byte(req.CACert)) {
+			return invalid("ca_cert holds no PEM certificate")
+		}
+		h := store.Host{Name: req.Name, URL: req.URL, Token: req.Token, CPUs: req.CPUs, MemoryBytes: req.MemoryBytes, CPUModel: req.CPUModel, State: req.State, CACert: req.CACert}
 		if err := a.st.CreateHost(r.Context(), &h); err != nil {
 			return err
 		}

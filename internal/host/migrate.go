@@ -401,7 +401,7 @@ func (a *Agent) Migrate(ctx context.Context, name string, req hostapi.MigrateReq
 	if net.ParseIP(req.ListenHost) == nil {
 		return hostapi.Operation{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
 	}
-	target, err := agentclient.New(req.TargetURL, req.TargetToken)
+	target, err := agentclient.NewWithCAPEM(req.TargetURL, req.TargetToken, req.TargetCACert)
 	if err != nil {
 		return hostapi.Operation{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
@@ -498,7 +498,7 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	// Remember where the guest is going, so that a restarted agent can settle it.
 	v.mu.Lock()
 	v.rec.State = hostapi.StateMigrating
-	v.rec.MigratingTo = &migrationTarget{URL: req.TargetURL, Token: req.TargetToken}
+	v.rec.MigratingTo = &migrationTarget{URL: req.TargetURL, Token: req.TargetToken, CACert: req.TargetCACert}
 	perr := v.persistDurableLocked()
 	v.mu.Unlock()
 	if perr != nil {
@@ -745,7 +745,7 @@ func (v *vm) recoverMigration() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	log := v.a.log.With("vm", v.name, "target", mt.URL)
-	target, err := agentclient.New(mt.URL, mt.Token)
+	target, err := agentclient.NewWithCAPEM(mt.URL, mt.Token, mt.CACert)
 	if err != nil {
 		log.Error("Cannot settle an interrupted migration", "err", err)
 		return

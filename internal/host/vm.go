@@ -38,8 +38,9 @@ type record struct {
 
 // migrationTarget is the destination agent of a migration in flight.
 type migrationTarget struct {
-	URL   string `json:"url"`
-	Token string `json:"token"`
+	URL    string `json:"url"`
+	Token  string `json:"token"`
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // vm is one VM of the agent. opMu serialises lifecycle operations; mu guards rec and inst.
@@ -547,7 +548,7 @@ func (v *vm) recover(ctx context.Context) {
 // forgetIfMigrated drops the record of a VM whose QEMU vanished while it migrated out,
 // if the destination reports that it runs the guest.
 func (v *vm) forgetIfMigrated(mt migrationTarget) {
-	target, err := agentclient.New(mt.URL, mt.Token)
+	target, err := agentclient.NewWithCAPEM(mt.URL, mt.Token, mt.CACert)
 	if err != nil {
 		return
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/growserver/grow/internal/host/agentclient"
@@ -385,19 +386,19 @@ func (m *Manager) Console(ctx context.Context, sv store.Server) ([]byte, error) 
 }
 
 // ConsoleEndpoint returns the websocket URL of a server's serial console on its host
-// agent and the token to present there; only internal/api uses it, after checking the
-// caller may see the server.
-func (m *Manager) ConsoleEndpoint(ctx context.Context, sv store.Server) (string, string, error) {
+// agent, the token to present there and the HTTP client that trusts the agent's
+// certificate; only internal/api uses it, after checking the caller may see the server.
+func (m *Manager) ConsoleEndpoint(ctx context.Context, sv store.Server) (string, string, *http.Client, error) {
 	if sv.HostID == "" {
-		return "", "", fmt.Errorf("Server %q has no host yet: %w", sv.Name, ErrConflict)
+		return "", "", nil, fmt.Errorf("Server %q has no host yet: %w", sv.Name, ErrConflict)
 	}
 	h, err := m.st.GetHost(ctx, sv.HostID)
 	if err != nil {
-		return "", "", err
+		return "", "", nil, err
 	}
-	c, err := agentclient.New(h.URL, h.Token)
+	c, err := agentclient.NewWithCAPEM(h.URL, h.Token, h.CACert)
 	if err != nil {
-		return "", "", fmt.Errorf("Failed to reach host %q: %w", h.Name, err)
+		return "", "", nil, fmt.Errorf("Failed to reach host %q: %w", h.Name, err)
 	}
-	return c.ConsoleURL(sv.ID), h.Token, nil
+	return c.ConsoleURL(sv.ID), h.Token, c.HTTPClient(), nil
 }

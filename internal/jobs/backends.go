@@ -85,7 +85,7 @@ func (Clients) Storage(c store.StorageController) (Storage, error) {
 
 // Host returns an agentclient-backed Host.
 func (Clients) Host(h store.Host) (Host, error) {
-	cl, err := agentclient.New(h.URL, h.Token)
+	cl, err := agentclient.NewWithCAPEM(h.URL, h.Token, h.CACert)
 	if err != nil {
 		return nil, fmt.Errorf("Failed to reach host %q: %w", h.Name, err)
 	}
@@ -308,7 +308,7 @@ func (h *hostClient) Migrate(ctx context.Context, name string, target store.Host
 	if err != nil {
 		return fmt.Errorf("Host %q has a bad URL %q: %w", target.Name, target.URL, err)
 	}
-	op, err := h.c.Migrate(ctx, name, hostapi.MigrateRequest{TargetURL: target.URL, TargetToken: target.Token, ListenHost: u.Hostname()})
+	op, err := h.c.Migrate(ctx, name, hostapi.MigrateRequest{TargetURL: target.URL, TargetToken: target.Token, TargetCACert: target.CACert, ListenHost: u.Hostname()})
 	if err != nil {
 		return fmt.Errorf("Failed to start migrating VM %q from %q to %q: %w", name, h.name, target.Name, err)
 	}

@@ -24,6 +24,9 @@ type Host struct {
 	CPUModel    string    `json:"cpu_model"`
 	State       string    `json:"state"`
 	CreatedAt   time.Time `json:"created_at"`
+	// CACert is the PEM CA the control plane (and the other agents, during a migration)
+	// trusts for the agent's https API.
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // CreateHost registers a host agent.
@@ -35,30 +38,30 @@ func (s *Store) CreateHost(ctx context.Context, h *Host) error {
 		h.State = StateActive
 	}
 	h.CreatedAt = time.Now().UTC()
-	_, err := s.exec(ctx, `INSERT INTO hosts (id, name, url, token, cpus, memory_bytes, cpu_model, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		h.ID, h.Name, h.URL, h.Token, h.CPUs, h.MemoryBytes, h.CPUModel, h.State, ts(h.CreatedAt))
+	_, err := s.exec(ctx, `INSERT INTO hosts (id, name, url, token, cpus, memory_bytes, cpu_model, state, created_at, ca_cert) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		h.ID, h.Name, h.URL, h.Token, h.CPUs, h.MemoryBytes, h.CPUModel, h.State, ts(h.CreatedAt), h.CACert)
 	if err != nil {
 		return fmt.Errorf("Failed to register host %q: %w", h.Name, err)
 	}
 	return nil
 }
 
-// UpdateHost saves the address, token, capacity and state of h.
+// UpdateHost saves the address, token, CA, capacity and state of h.
 func (s *Store) UpdateHost(ctx context.Context, h Host) error {
-	err := affected(s.exec(ctx, `UPDATE hosts SET url = ?, token = ?, cpus = ?, memory_bytes = ?, cpu_model = ?, state = ? WHERE id = ?`,
-		h.URL, h.Token, h.CPUs, h.MemoryBytes, h.CPUModel, h.State, h.ID))
+	err := affected(s.exec(ctx, `UPDATE hosts SET url = ?, token = ?, cpus = ?, memory_bytes = ?, cpu_model = ?, state = ?, ca_cert = ? WHERE id = ?`,
+		h.URL, h.Token, h.CPUs, h.MemoryBytes, h.CPUModel, h.State, h.CACert, h.ID))
 	if err != nil {
 		return fmt.Errorf("Failed to update host %q: %w", h.Name, err)
 	}
 	return nil
 }
 
-const hostCols = `id, name, url, token, cpus, memory_bytes, cpu_model, state, created_at`
+const hostCols = `id, name, url, token, cpus, memory_bytes, cpu_model, state, created_at, ca_cert`
 
 func scanHost(sc interface{ Scan(...any) error }) (Host, error) {
 	var h Host
 	var at int64
-	if err := sc.Scan(&h.ID, &h.Name, &h.URL, &h.Token, &h.CPUs, &h.MemoryBytes, &h.CPUModel, &h.State, &at); err != nil {
+	if err := sc.Scan(&h.ID, &h.Name, &h.URL, &h.Token, &h.CPUs, &h.MemoryBytes, &h.CPUModel, &h.State, &at, &h.CACert); err != nil {
 		return Host{}, mapErr(err)
 	}
 	h.CreatedAt = fromTS(at)

@@ -184,6 +184,10 @@ ALTER TABLE storage_controllers ADD COLUMN partner_url TEXT NOT NULL DEFAULT ''
 	`
 ALTER TABLE storage_controllers ADD COLUMN partner_token TEXT NOT NULL DEFAULT ''
 `,
+	// 9: the CA that signed a host agent's certificate (an https agent API).
+	`
+ALTER TABLE hosts ADD COLUMN ca_cert TEXT NOT NULL DEFAULT ''
+`,
 }
 
 // SchemaVersion is the version a fully migrated database has.

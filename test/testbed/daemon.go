@@ -173,6 +173,9 @@ type HostdOptions struct {
 	Extra   []string // more flags
 	// NBDTLSDir is --nbd-tls-dir: the client credentials for controllers that require TLS.
 	NBDTLSDir string
+	// TLS serves the agent's API over https with this PKI's server certificate (which
+	// must name the host's storage address and 127.0.0.1); its URLs are then https.
+	TLS *PKI
 }
 
 // HostdPort is the port hostd listens on inside its host namespace.
@@ -193,12 +196,19 @@ func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	if opts.NBDTLSDir != "" {
 		args = append(args, "--nbd-tls-dir", opts.NBDTLSDir)
 	}
+	if opts.TLS != nil {
+		args = append(args, "--tls-cert", opts.TLS.ServerCert, "--tls-key", opts.TLS.ServerKey)
+	}
 	args = append(args, opts.Extra...)
 	// The bed removes the cgroups at teardown, once the VMs in them are gone.
 	h.Bed.mu.Lock()
 	h.Bed.cgroups = append(h.Bed.cgroups, fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index))
 	h.Bed.mu.Unlock()
-	return newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
+	d := newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
+	if opts.TLS != nil {
+		d.URL, d.PeerURL = "https"+strings.TrimPrefix(d.URL, "http"), "https"+strings.TrimPrefix(d.PeerURL, "http")
+	}
+	return d
 }
 
 // removeCgroups removes an (empty) cgroup tree named parent under every hierarchy.

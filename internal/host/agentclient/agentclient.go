@@ -6,6 +6,8 @@ package agentclient
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,6 +42,21 @@ func NewWithHTTPClient(baseURL, token string, hc *http.Client) (*Client, error) 
 		return nil, fmt.Errorf("No token given for agent %q", baseURL)
 	}
 	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, http: hc}, nil
+}
+
+// NewWithCAPEM is New for an https agent whose certificate a CA in caPEM signed (New
+// when caPEM is empty).
+func NewWithCAPEM(baseURL, token, caPEM string) (*Client, error) {
+	if caPEM == "" {
+		return New(baseURL, token)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM([]byte(caPEM)) {
+		return nil, fmt.Errorf("No PEM certificate in the CA given for agent %q", baseURL)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	return NewWithHTTPClient(baseURL, token, &http.Client{Timeout: 5 * time.Minute, Transport: tr})
 }
 
 // HTTPClient is the HTTP client the client uses (for websocket dials).

@@ -121,6 +121,8 @@ type StopRequest struct {
 type MigrateRequest struct {
 	TargetURL   string `json:"target_url"`
 	TargetToken string `json:"target_token"`
+	// TargetCACert is the PEM CA that signed an https target agent's certificate.
+	TargetCACert string `json:"target_ca_cert,omitempty"`
 	// ListenHost is the address the destination QEMU listens on for the migration stream.
 	ListenHost string `json:"listen_host"`
 	// DowntimeLimitMS caps the guest pause at switch-over (default 50).

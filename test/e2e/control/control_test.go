@@ -204,10 +204,27 @@ func runScenario(t *testing.T, backend string) {
 	// credentials; provisioning, online resize and migration must all work over it.
 	useTLS := backend == "postgres"
 	c.stor = bed.StartStoraged(t, testbed.StoragedOptions{Extra: []string{"--pool-size", "4GiB", "--cache", "32MiB"}, TLS: useTLS})
+	// The host agents' APIs are https too (the control plane, and each agent during a
+	// migration, trust their CA).
+	var hostPKI *testbed.PKI
+	var hostCA []byte
+	if useTLS {
+		ips := []string{"127.0.0.1"}
+		for _, h := range bed.Hosts {
+			ips = append(ips, h.StorageIP)
+		}
+		var err error
+		if hostPKI, err = testbed.NewPKI(t.TempDir(), ips...); err != nil {
+			t.Fatal(err)
+		}
+		if hostCA, err = os.ReadFile(hostPKI.CA); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, h := range bed.Hosts {
-		d := h.StartHostd(t, testbed.HostdOptions{NBDTLSDir: c.stor.TLSClientDir})
+		d := h.StartHostd(t, testbed.HostdOptions{NBDTLSDir: c.stor.TLSClientDir, TLS: hostPKI})
 		c.hostds = append(c.hostds, d)
-		ac, err := agentclient.New(d.URL, d.Token)
+		ac, err := agentclient.NewWithCAPEM(d.URL, d.Token, string(hostCA))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -244,7 +261,14 @@ func runScenario(t *testing.T, backend string) {
 	}
 	s.mustGrow(addStorage...)
 	for i, d := range c.hostds {
-		s.mustGrow("host", "add", fmt.Sprintf("h%d", i), "--agent-url", d.PeerURL, "--agent-token", d.Token, "--cpus", "2", "--memory", "2GiB")
+		addHost := []string{"host", "add", fmt.Sprintf("h%d", i), "--agent-url", d.PeerURL, "--agent-token", d.Token, "--cpus", "2", "--memory", "2GiB"}
+		if useTLS {
+			if !strings.HasPrefix(d.PeerURL, "https://") {
+				t.Fatalf("host agent %d is not https: %s", i, d.PeerURL)
+			}
+			addHost = append(addHost, "--agent-ca-cert", hostPKI.CA)
+		}
+		s.mustGrow(addHost...)
 	}
 	s.mustGrow("ippool", "create", "guests", "--cidr", "10.77.0.0/24", "--first", testbed.GuestPrefix+"10", "--last", testbed.GuestPrefix+"60")
 	s.mustGrow("image", "import", "tiny", filepath.Join(guest, "disk.raw"), "--kernel", filepath.Join(guest, "vmlinux"),
