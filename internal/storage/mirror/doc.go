@@ -39,9 +39,12 @@
 // sender (of a request or a reply) that finds no write in progress writes its own and
 // every one queued meanwhile in one syscall, while the others only queue (requests as
 // one writev, headers and small payloads copied together, large payloads from the
-// caller's buffer); the secondary runs requests on workers kept for the connection's
-// life. A replicated write thus costs the primary no goroutine and, under load, a
-// fraction of a syscall on each side.
+// caller's buffer). The secondary's reader applies plain writes itself, in arrival
+// order, from one reused buffer (they only copy into the page cache), and answers them
+// in one write once it has no further request buffered; FLUSH, FUA writes, trims and
+// zeroes, which may wait for the disks, run on workers kept for the connection's life.
+// A replicated write thus costs the primary no goroutine, the secondary no hand-off,
+// and, under load, a fraction of a syscall on each side.
 //
 // # Degraded mode and the dirty-region bitmap
 //

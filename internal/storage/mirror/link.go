@@ -279,28 +279,42 @@ type linkJob struct {
 	payload   []byte
 }
 
-// serveRequests reads requests and runs them on up to maxServerJobs workers, which stay
-// for the connection's life; replies that complete together go out in one write.
+// inlineKeep is the largest payload buffer a connection keeps for writes it applies
+// itself (see serveRequests); a larger write uses a pooled buffer once.
+const inlineKeep = 4 << 20
+
+// repliesPerWrite is how many replies of writes applied by the reader may wait for the
+// next reply write while more requests are already buffered.
+const repliesPerWrite = 32
+
+// serveRequests reads requests and applies plain writes itself, in the order they
+// arrive, from one reused buffer; FLUSH, FUA writes, trims and zeroes (which may wait
+// for the disks) run on up to maxServerJobs workers, which stay for the connection's
+// life. Replies that complete together go out in one write: those of the reader's
+// writes when it has no further request buffered (or repliesPerWrite of them wait).
 func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error {
-	// Replies are written by the worker that finds no write in progress, together with
-	// every reply queued meanwhile (the other workers just queue theirs and go on).
+	// Replies are written by whoever finds no write in progress, together with every
+	// reply queued meanwhile (the others just queue theirs and go on).
 	var rmu sync.Mutex
 	var replies, spare []byte
 	writing := false
-	reply := func(cookie uint64, status uint32) {
+	queueReply := func(cookie uint64, status uint32) {
 		var b [replyLen]byte
 		binary.BigEndian.PutUint32(b[0:], replyMagic)
 		binary.BigEndian.PutUint32(b[4:], status)
 		binary.BigEndian.PutUint64(b[8:], cookie)
 		rmu.Lock()
 		replies = append(replies, b[:]...)
-		if writing {
+		rmu.Unlock()
+	}
+	sendReplies := func() {
+		rmu.Lock()
+		if writing || len(replies) == 0 {
 			rmu.Unlock()
 			return
 		}
 		writing = true
 		rmu.Unlock()
-		runtime.Gosched() // as in Link.flush: let ready workers add their replies
 		for {
 			rmu.Lock()
 			if len(replies) == 0 {
@@ -339,14 +353,23 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 			st := s.execute(t, j.op, j.flags, j.off, j.n, j.epoch, j.payload)
 			mem.release(int64(len(j.payload)))
 			putPayload(j.payload)
-			reply(j.cookie, st)
+			queueReply(j.cookie, st)
+			runtime.Gosched() // as in Link.flush: let ready workers add their replies
+			sendReplies()
 		}
 	}
 	defer func() {
 		close(jobs)
 		wg.Wait()
 	}()
+	var inline []byte // the reader's payload buffer, reused
+	unsent := 0       // replies of the reader's writes not yet handed to sendReplies
 	for {
+		if unsent > 0 && (unsent >= repliesPerWrite || !nextBuffered(r)) {
+			// Nothing more to apply without waiting for the peer: answer first.
+			sendReplies()
+			unsent = 0
+		}
 		var q [requestLen]byte
 		if _, err := io.ReadFull(r, q[:]); err != nil {
 			return err
@@ -362,10 +385,36 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 			n:      int64(binary.BigEndian.Uint32(q[24:])),
 			epoch:  binary.BigEndian.Uint64(q[28:]),
 		}
-		if j.op == opWrite {
-			if j.n > maxPayloadLen {
-				return fmt.Errorf("mirror write of %d bytes exceeds %d", j.n, maxPayloadLen)
+		if j.op == opWrite && j.n > maxPayloadLen {
+			return fmt.Errorf("mirror write of %d bytes exceeds %d", j.n, maxPayloadLen)
+		}
+		if j.op == opWrite && j.flags&flagFUA == 0 {
+			// A plain write only copies into the page cache: applying it here saves a
+			// hand-off to a worker and a buffer per write. The primary never has two
+			// overlapping writes in flight, so the order among writes does not matter.
+			var p []byte
+			if j.n <= inlineKeep {
+				if int64(cap(inline)) < j.n {
+					inline = make([]byte, j.n)
+				}
+				p = inline[:j.n]
+			} else {
+				p = getPayload(int(j.n))
 			}
+			_, err := io.ReadFull(r, p)
+			if err == nil {
+				queueReply(j.cookie, s.execute(t, j.op, j.flags, j.off, j.n, j.epoch, p))
+				unsent++
+			}
+			if j.n > inlineKeep {
+				putPayload(p)
+			}
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if j.op == opWrite {
 			mem.acquire(j.n)
 			j.payload = getPayload(int(j.n))
 			if _, err := io.ReadFull(r, j.payload); err != nil {
@@ -374,6 +423,10 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 				return err
 			}
 		}
+		if unsent > 0 {
+			sendReplies()
+			unsent = 0
+		}
 		if idle.Load() == 0 && workers < maxServerJobs {
 			workers++
 			wg.Add(1)
@@ -381,6 +434,19 @@ func (s *LinkServer) serveRequests(c net.Conn, r *bufio.Reader, t *Target) error
 		}
 		jobs <- j
 	}
+}
+
+// nextBuffered reports whether r holds the whole next request (header and payload).
+func nextBuffered(r *bufio.Reader) bool {
+	if r.Buffered() < requestLen {
+		return false
+	}
+	q, _ := r.Peek(requestLen)
+	n := requestLen
+	if binary.BigEndian.Uint16(q[4:]) == opWrite {
+		n += int(binary.BigEndian.Uint32(q[24:]))
+	}
+	return r.Buffered() >= n
 }
 
 func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch uint64, payload []byte) uint32 {
