@@ -12,7 +12,8 @@
 # Environment: GROW_BIN (default bin/grow, built if missing), BENCH_RUNTIME (seconds per
 # job and round, default 5), BENCH_ROUNDS, BENCH_SIZE (data set, default 512M),
 # BENCH_DIR (work directory on the filesystem to measure, default a new directory under
-# /var/tmp).
+# /var/tmp), BENCH_JOBS (space-separated job names to run, e.g. "seqwrite-1m"; default
+# all), BENCH_CLONE=0 (skip the clone times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -92,6 +93,16 @@ JOBS=(
 	"seqread-1m read 1m bw"
 	"seqwrite-1m write 1m bw"
 )
+if [ -n "${BENCH_JOBS:-}" ]; then
+	sel=()
+	for job in "${JOBS[@]}"; do
+		for want in $BENCH_JOBS; do
+			[ "${job%% *}" = "$want" ] && sel+=("$job")
+		done
+	done
+	[ ${#sel[@]} -gt 0 ] || die "BENCH_JOBS=$BENCH_JOBS names no job"
+	JOBS=("${sel[@]}")
+fi
 for job in "${JOBS[@]}"; do
 	read -r name rw bs unit <<<"$job"
 	for r in $(seq "$ROUNDS"); do
@@ -105,16 +116,19 @@ for job in "${JOBS[@]}"; do
 done
 
 # Clone times: a 100 MiB image of random data and a 10 GiB image with data spread over it.
-log "clone times"
-head -c 100M /dev/urandom >"$WORK/img100m.raw"
-gs image import img100m "$WORK/img100m.raw" >/dev/null 2>&1
-qemu-img create -q -f qcow2 "$WORK/img10g.qcow2" 10G
-cmds=()
-for i in $(seq 0 63); do cmds+=(-c "write -P $((i + 1)) $((i * 160))M 1M"); done
-qemu-io -f qcow2 "${cmds[@]}" "$WORK/img10g.qcow2" >/dev/null
-gs image import img10g "$WORK/img10g.qcow2" >/dev/null 2>&1
-CLONE100=$(clone_ms img100m)
-CLONE10G=$(clone_ms img10g)
+CLONE100="- -" CLONE10G="- -"
+if [ "${BENCH_CLONE:-1}" != 0 ]; then
+	log "clone times"
+	head -c 100M /dev/urandom >"$WORK/img100m.raw"
+	gs image import img100m "$WORK/img100m.raw" >/dev/null 2>&1
+	qemu-img create -q -f qcow2 "$WORK/img10g.qcow2" 10G
+	cmds=()
+	for i in $(seq 0 63); do cmds+=(-c "write -P $((i + 1)) $((i * 160))M 1M"); done
+	qemu-io -f qcow2 "${cmds[@]}" "$WORK/img10g.qcow2" >/dev/null
+	gs image import img10g "$WORK/img10g.qcow2" >/dev/null 2>&1
+	CLONE100=$(clone_ms img100m)
+	CLONE10G=$(clone_ms img10g)
+fi
 
 # Where the controller spends its CPU during 4 KiB random writes (for the owners of slow paths).
 if [ -n "${BENCH_PROFILE:-}" ]; then

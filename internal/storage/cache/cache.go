@@ -324,6 +324,26 @@ func (c *Cache) SpliceTo(fd int, off int64, n int) error {
 	return sp.SpliceTo(fd, off, n)
 }
 
+// pipeWriter is a device that can take a write's data from a pipe (pool.SpliceFrom).
+type pipeWriter interface {
+	SpliceFrom(fd int, off int64, n int) error
+}
+
+// SpliceFrom writes the next n bytes of the pipe whose read end is fd at off through to
+// the device (which takes them from the pipe without a copy in user space), then forgets
+// every cached page the range overlaps, as a failed WriteAt does: the cache never sees
+// the data. It fails with dev.ErrNoSplice, leaving the pipe untouched, when the device
+// cannot take data from a pipe.
+func (c *Cache) SpliceFrom(fd int, off int64, n int) error {
+	pw, ok := c.d.(pipeWriter)
+	if !ok {
+		return fmt.Errorf("Failed to write %d bytes at %d from a pipe: %w", n, off, dev.ErrNoSplice)
+	}
+	err := pw.SpliceFrom(fd, off, n)
+	c.invalidate(off, int64(n))
+	return err
+}
+
 // Sync makes every completed write durable; the cache holds nothing dirty, so this is the device's Sync.
 func (c *Cache) Sync() error { return c.d.Sync() }
 

@@ -97,6 +97,17 @@ func (x *export) WriteAt(p []byte, off int64, fua bool) error {
 	return x.mapErr(x.h.WriteAt(p, off, fua))
 }
 
+// SpliceWrite is WriteAt from a pipe (nbd.WriteSplicer). When it fails with the pipe
+// still full the server retries with WriteAt, which counts the write.
+func (x *export) SpliceWrite(fd int, off int64, n int, fua bool) error {
+	if err := x.h.SpliceFrom(fd, off, n, fua); err != nil {
+		return x.mapErr(err)
+	}
+	x.io.writeOps.Add(1)
+	x.io.writeBytes.Add(int64(n))
+	return nil
+}
+
 func (x *export) Flush() error {
 	x.io.flushOps.Add(1)
 	return x.mapErr(x.h.Flush())

@@ -52,6 +52,7 @@ type conn struct {
 	vecArr     [2][]byte       // backing array of vec
 	writeErr   error           // writer-owned
 	splicer    ReadSplicer     // the export, when READ replies may be spliced
+	wsplicer   WriteSplicer    // the export, when WRITE payloads may be spliced
 	rawc       syscall.RawConn // the socket, for splicing
 	hdr        [requestHeaderLen]byte
 	errLog     logLimiter

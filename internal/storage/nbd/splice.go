@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,19 @@ import (
 // that is concurrent with the READ (issued before its reply was received) may show in it.
 type ReadSplicer interface {
 	SpliceRead(fd int, off int64, n int) error
+}
+
+// WriteSplicer may be implemented by an Export that can take a WRITE's data from a
+// pipe without copying it through user space. On connections without TLS, the payloads
+// of WRITEs of spliceMin to pipeSize bytes are then moved from the socket into a pipe
+// with splice(2) and handed to SpliceWrite.
+//
+// SpliceWrite writes the n bytes held in the pipe whose read end is fd (non-blocking) at
+// off, with fua as WriteAt, taking them from the pipe. When it fails with all n bytes
+// still in the pipe, the server reads them out and calls WriteAt, which reports real
+// failures; when it took some, the request fails with its error.
+type WriteSplicer interface {
+	SpliceWrite(fd int, off int64, n int, fua bool) error
 }
 
 const (
@@ -138,14 +152,15 @@ func (p *pipe) put() {
 	p.close()
 }
 
-// initSplice enables spliced READ replies when the connection has no TLS, is a socket
-// and the export implements ReadSplicer.
+// initSplice enables spliced READ replies and WRITE payloads when the connection has no
+// TLS, is a socket and the export implements ReadSplicer or WriteSplicer.
 func (c *conn) initSplice() {
 	if c.tls {
 		return
 	}
-	rs, ok := c.export.(ReadSplicer)
-	if !ok {
+	rs, _ := c.export.(ReadSplicer)
+	ws, _ := c.export.(WriteSplicer)
+	if rs == nil && ws == nil {
 		return
 	}
 	sc, ok := c.raw.(syscall.Conn)
@@ -156,7 +171,140 @@ func (c *conn) initSplice() {
 	if err != nil {
 		return
 	}
-	c.splicer, c.rawc = rs, rc
+	c.splicer, c.wsplicer, c.rawc = rs, ws, rc
+}
+
+// readPayload reads r's WRITE payload into a pipe when the export can take it from
+// one, else (or when the pipe cannot hold it) into r.buf.
+func (c *conn) readPayload(r *request) error {
+	n := int(r.length)
+	done := 0
+	if c.wsplicer != nil && n >= spliceMin && n <= pipeSize && !spliceWriteOff {
+		if p := getPipe(); p != nil {
+			var err error
+			done, err = c.spliceIn(p, n)
+			if err == nil && done == n {
+				r.pipe = p
+				return nil
+			}
+			if err == nil {
+				// The pipe is full (its slots hold small pieces): copy what it holds
+				// and read the rest.
+				r.buf = getBuf(n)
+				err = readPipe(p.r, (*r.buf)[:done])
+			}
+			p.put()
+			if err != nil {
+				return err
+			}
+		}
+	}
+	if r.buf == nil {
+		r.buf = getBuf(n)
+	}
+	_, err := io.ReadFull(c.br, (*r.buf)[done:])
+	return err
+}
+
+// spliceWriteOff turns spliced WRITE payloads off (for tests of the copy path).
+var spliceWriteOff bool
+
+// spliceIn moves the next n bytes of the connection into the empty pipe p: the bytes
+// the reader already buffered by copy, the rest with splice(2) from the socket. It
+// returns how many bytes p holds; fewer than n without an error means p is full.
+func (c *conn) spliceIn(p *pipe, n int) (int, error) {
+	done := 0
+	if k := min(c.br.Buffered(), n); k > 0 {
+		b, _ := c.br.Peek(k)
+		for done < k {
+			w, err := unix.Write(p.w, b[done:])
+			if err == unix.EINTR {
+				continue
+			}
+			if err == unix.EAGAIN || (err == nil && w == 0) {
+				break
+			}
+			if err != nil {
+				c.br.Discard(done)
+				return done, fmt.Errorf("Failed to write payload into a pipe: %w", err)
+			}
+			done += w
+		}
+		c.br.Discard(done)
+		if done < k {
+			return done, nil
+		}
+	}
+	full := false
+	var serr error
+	err := c.rawc.Read(func(fd uintptr) bool {
+		for done < n {
+			k, err := unix.Splice(int(fd), nil, p.w, nil, n-done, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				// The socket is empty (wait for it) or the pipe is full.
+				if q, qerr := unix.IoctlGetInt(int(fd), unix.SIOCINQ); qerr == nil && q > 0 {
+					full = true
+					return true
+				}
+				return false
+			case err != nil:
+				serr = err
+				return true
+			case k == 0:
+				serr = io.ErrUnexpectedEOF
+				return true
+			}
+			done += int(k)
+		}
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil || full {
+		return done, err
+	}
+	return done, nil
+}
+
+// readPipe fills b from the non-blocking pipe fd, which holds at least len(b) bytes.
+func readPipe(fd int, b []byte) error {
+	for len(b) > 0 {
+		k, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN || (err == nil && k == 0):
+			return errors.New("pipe holds less than the payload")
+		case err != nil:
+			return fmt.Errorf("Failed to read payload from a pipe: %w", err)
+		}
+		b = b[k:]
+	}
+	return nil
+}
+
+// writeSpliced serves a WRITE whose payload is in r.pipe.
+func (c *conn) writeSpliced(r *request, off int64, fua bool) uint32 {
+	err := c.wsplicer.SpliceWrite(r.pipe.r, off, int(r.length), fua)
+	if err == nil {
+		return 0
+	}
+	if n, ierr := r.pipe.buffered(); ierr != nil || n != int(r.length) {
+		return c.fail(r, err)
+	}
+	// Nothing was taken from the pipe: write the data from a buffer.
+	r.buf = getBuf(int(r.length))
+	if err := readPipe(r.pipe.r, *r.buf); err != nil {
+		return c.fail(r, err)
+	}
+	if err := c.export.WriteAt(*r.buf, off, fua); err != nil {
+		return c.fail(r, err)
+	}
+	return 0
 }
 
 // spliceRead tries to put r's data into a pipe; it reports whether r.pipe now holds

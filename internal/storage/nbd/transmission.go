@@ -31,7 +31,7 @@ type request struct {
 	c *conn
 	requestHeader
 	buf    *[]byte // WRITE payload or READ data
-	pipe   *pipe   // READ data to splice to the socket (instead of buf)
+	pipe   *pipe   // READ data to splice to the socket, or WRITE payload (instead of buf)
 	cost   int64   // budget held
 	errno  uint32
 	chunks []readChunk // structured READ split around zero ranges; empty means one data chunk
@@ -122,8 +122,7 @@ func (c *conn) readLoop() error {
 		r.requestHeader = h
 		r.cost = cost
 		if h.typ == cmdWrite {
-			r.buf = getBuf(int(h.length))
-			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+			if err := c.readPayload(r); err != nil {
 				c.finish(r)
 				if c.isStopping() && errors.Is(err, os.ErrDeadlineExceeded) {
 					return nil
@@ -271,6 +270,9 @@ func (c *conn) execute(r *request) uint32 {
 			return errInval
 		case !c.inRange(h):
 			return errNoSpc
+		}
+		if r.pipe != nil {
+			return c.writeSpliced(r, off, fua)
 		}
 		if err := c.export.WriteAt(*r.buf, off, fua); err != nil {
 			return c.fail(r, err)

@@ -3,6 +3,7 @@ package pool
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/growserver/grow/internal/storage/dev"
 	"golang.org/x/sys/unix"
@@ -82,4 +83,91 @@ func (p *Pool) spliceDisk(d *disk, pipe int, doff int64, n int) error {
 		return err
 	}
 	return p.checkSize(d)
+}
+
+// SpliceFrom writes the next n bytes of the pipe whose read end is fd (non-blocking,
+// holding at least n bytes) at off, as WriteAt writes a buffer: under the same chunk
+// locks and write-intent marks, to every live disk of the owning pair, marking a disk
+// that errors as failed. On a pool of one disk the data moves from the pipe into the
+// disk with splice(2), so it is copied once, in the kernel; a pool of mirror pairs reads
+// it from the pipe into a buffer and writes that to both disks. An error before any byte
+// was taken from the pipe is a range error; after one, the pipe's content is undefined.
+func (p *Pool) SpliceFrom(fd int, off int64, n int) error {
+	if err := p.checkRange("write", off, int64(n)); err != nil {
+		return err
+	}
+	if len(p.disks) != 1 {
+		b := getPipeBuf(n)
+		defer pipeBufs.Put(b)
+		if err := readPipe(fd, *b); err != nil {
+			return fmt.Errorf("Failed to write %d bytes at %d: %w", n, off, err)
+		}
+		_, err := p.WriteAt(*b, off)
+		return err
+	}
+	var small [4]run
+	runs := p.split(small[:0], nil, off, int64(n))
+	for i := range runs {
+		runs[i].pipe = fd
+		runs[i].fromPipe = true
+	}
+	if err := p.mutate(runs, false); err != nil {
+		return fmt.Errorf("Failed to write %d bytes at %d: %w", n, off, err)
+	}
+	return nil
+}
+
+// errPipeShort means the pipe held fewer bytes than a write promised.
+var errPipeShort = errors.New("pipe holds less than the write")
+
+// spliceIntoDisk moves n bytes from the pipe into d at doff with splice(2).
+func (p *Pool) spliceIntoDisk(d *disk, pipe int, doff, n int64) error {
+	if err := p.fault(d, "write", doff); err != nil {
+		return err
+	}
+	return d.withFd(func(fd int) error {
+		for n > 0 {
+			k, err := unix.Splice(pipe, nil, fd, &doff, int(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN || (err == nil && k == 0):
+				return errPipeShort
+			case err != nil:
+				return err
+			}
+			n -= k
+		}
+		return nil
+	})
+}
+
+// pipeBufs holds buffers for writes read out of a pipe (pools of mirror pairs).
+var pipeBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// getPipeBuf returns a pooled buffer of n bytes.
+func getPipeBuf(n int) *[]byte {
+	b := pipeBufs.Get().(*[]byte)
+	if cap(*b) < n {
+		*b = make([]byte, n)
+	}
+	*b = (*b)[:n]
+	return b
+}
+
+// readPipe fills b from the non-blocking pipe fd, which must hold at least len(b) bytes.
+func readPipe(fd int, b []byte) error {
+	for len(b) > 0 {
+		k, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN || (err == nil && k == 0):
+			return errPipeShort
+		case err != nil:
+			return err
+		}
+		b = b[k:]
+	}
+	return nil
 }

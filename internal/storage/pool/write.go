@@ -61,6 +61,8 @@ type run struct {
 	b        []byte
 	iovs     [][]byte
 	discard  bool
+	fromPipe bool // the data is the next n bytes of the pipe whose read end is pipe
+	pipe     int
 }
 
 // split cuts the request [off, off+n) into one run per pair; b is nil for a discard.
@@ -226,6 +228,8 @@ func (p *Pool) applyRun(d *disk, r *run) error {
 	switch {
 	case r.discard:
 		return p.discardDisk(d, r.doff, r.n)
+	case r.fromPipe:
+		return p.spliceIntoDisk(d, r.pipe, r.doff, r.n)
 	case r.iovs != nil:
 		return p.writevDisk(d, r.iovs, r.doff)
 	default:

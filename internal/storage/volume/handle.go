@@ -2,6 +2,7 @@ package volume
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -104,10 +105,20 @@ const (
 	ioRead ioKind = iota
 	ioWrite
 	ioSplice
+	ioPipeWrite
 )
 
+// pipeWriter is a device that can take a write's data from a pipe without a copy in user
+// space (cache.Cache and pool.Pool). SpliceFrom writes the next n bytes of the pipe whose
+// read end is fd at off; it fails with dev.ErrNoSplice, taking nothing from the pipe,
+// when it cannot.
+type pipeWriter interface {
+	SpliceFrom(fd int, off int64, n int) error
+}
+
 // devIO is the device side of one read, write or splice: p holds the bytes still to be
-// read or written; a splice appends to the pipe fd instead.
+// read or written; a splice appends to the pipe fd instead, and a pipe write takes its
+// data from the pipe fd.
 type devIO struct {
 	kind ioKind
 	p    []byte
@@ -122,6 +133,24 @@ func (x *devIO) do(m *Manager, at, n int64) error {
 		_, err = m.dev.ReadAt(x.p[:n], at)
 	case ioWrite:
 		_, err = m.dev.WriteAt(x.p[:n], at)
+	case ioPipeWrite:
+		if m.pipeIn != nil {
+			err = m.pipeIn.SpliceFrom(x.fd, at, int(n))
+			if !errors.Is(err, dev.ErrNoSplice) {
+				break
+			}
+		}
+		// The device cannot take the data from the pipe: copy it through a buffer.
+		for err = nil; n > 0 && err == nil; {
+			k := min(n, ClusterSize)
+			buf := clusterPool.Get().(*[ClusterSize]byte)
+			if err = readPipe(x.fd, buf[:k]); err == nil {
+				_, err = m.dev.WriteAt(buf[:k], at)
+			}
+			clusterPool.Put(buf)
+			at += k
+			n -= k
+		}
 	default:
 		err = m.splice.SpliceTo(x.fd, at, int(n))
 	}
@@ -149,9 +178,29 @@ func (x *devIO) zero(n int64) error {
 
 // advance moves past n bytes that were done.
 func (x *devIO) advance(n int64) {
-	if x.kind != ioSplice {
+	if x.kind != ioSplice && x.kind != ioPipeWrite {
 		x.p = x.p[n:]
 	}
+}
+
+// errPipeShort means the pipe held fewer bytes than a write promised.
+var errPipeShort = errors.New("pipe holds less than the write")
+
+// readPipe fills b from the non-blocking pipe fd, which must hold at least len(b) bytes.
+func readPipe(fd int, b []byte) error {
+	for len(b) > 0 {
+		k, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN || (err == nil && k == 0):
+			return errPipeShort
+		case err != nil:
+			return fmt.Errorf("Failed to read write data from the pipe: %w", err)
+		}
+		b = b[k:]
+	}
+	return nil
 }
 
 // maxRun bounds how many clusters one device call covers (distinct busy stripes).
@@ -254,6 +303,22 @@ func (h *Handle) readCluster(vc uint64, in, n int64, x *devIO) error {
 
 // WriteAt writes p at off; with fua it is durable when WriteAt returns.
 func (h *Handle) WriteAt(p []byte, off int64, fua bool) error {
+	return h.writeFrom(&devIO{kind: ioWrite, p: p}, off, int64(len(p)), fua)
+}
+
+// SpliceFrom writes the n bytes held in the pipe whose read end is fd (non-blocking) at
+// off, as WriteAt writes a buffer, taking them from the pipe: into mapped clusters the
+// device moves them with splice(2) (see pool.Pool.SpliceFrom), so a large write of a
+// plain NBD connection is never copied through user space; a first write of a cluster
+// reads its part into a buffer for the copy-on-write. An error before any byte was taken
+// leaves the pipe full (the caller may then use WriteAt); after one, the range's content
+// is undefined, as after a failed WriteAt.
+func (h *Handle) SpliceFrom(fd int, off int64, n int, fua bool) error {
+	return h.writeFrom(&devIO{kind: ioPipeWrite, fd: fd}, off, int64(n), fua)
+}
+
+// writeFrom writes length bytes from x at off; with fua they are durable when it returns.
+func (h *Handle) writeFrom(x *devIO, off, length int64, fua bool) error {
 	if err := h.usable("write"); err != nil {
 		return err
 	}
@@ -262,9 +327,9 @@ func (h *Handle) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	o := h.o
 	o.io.RLock()
-	err := h.inRange("write", off, int64(len(p)))
+	err := h.inRange("write", off, length)
 	if err == nil {
-		err = h.write(p, off)
+		err = h.write(x, off, length)
 	}
 	o.io.RUnlock()
 	if err != nil {
@@ -277,24 +342,34 @@ func (h *Handle) WriteAt(p []byte, off int64, fua bool) error {
 	return nil
 }
 
-// write writes p at off cluster by cluster; caller holds o.io shared.
-func (h *Handle) write(p []byte, off int64) error {
-	for len(p) > 0 {
+// write writes length bytes from x at off cluster by cluster; caller holds o.io shared.
+func (h *Handle) write(x *devIO, off, length int64) error {
+	for length > 0 {
 		vc := uint64(off >> clusterShift)
 		in := off & (ClusterSize - 1)
 		var n int64
 		var err error
 		if !h.o.readOnly() { // an import writes into its image's own layer cluster by cluster
-			n, err = h.run(vc, in, int64(len(p)), &devIO{kind: ioWrite, p: p})
+			n, err = h.run(vc, in, length, x)
 		}
 		if err == nil && n == 0 {
-			n = min(int64(len(p)), ClusterSize-in)
-			err = h.writeCluster(vc, in, p[:n])
+			n = min(length, ClusterSize-in)
+			if x.kind == ioPipeWrite {
+				// A first write copies on write in a buffer: take the data out of the pipe.
+				buf := clusterPool.Get().(*[ClusterSize]byte)
+				if err = readPipe(x.fd, buf[:n]); err == nil {
+					err = h.writeCluster(vc, in, buf[:n])
+				}
+				clusterPool.Put(buf)
+			} else {
+				err = h.writeCluster(vc, in, x.p[:n])
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("Failed to write %q at %d: %w", h.o.name, off, err)
 		}
-		p = p[n:]
+		x.advance(n)
+		length -= n
 		off += n
 	}
 	return nil

@@ -27,6 +27,8 @@ type Manager struct {
 	disc dev.Discarder
 	// splice is the device as a Splicer, nil when it cannot splice.
 	splice dev.Splicer
+	// pipeIn is the device as a pipeWriter, nil when it cannot take data from a pipe.
+	pipeIn pipeWriter
 	opts   Options
 	lock   *os.File
 
@@ -99,6 +101,7 @@ func Open(metaDir string, d dev.Device, opts Options) (*Manager, error) {
 	}
 	m.disc, _ = d.(dev.Discarder)
 	m.splice, _ = d.(dev.Splicer)
+	m.pipeIn, _ = d.(pipeWriter)
 	if err := m.load(); err != nil {
 		lf.Close()
 		return nil, err
