@@ -21,7 +21,7 @@ import (
 )
 
 func init() {
-	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin, nbdTLSDir, tlsCert, tlsKey string
+	var dataDir, apiAddr, bridge, accel, cgParent, qemuBin, nbdTLSDir, tlsCert, tlsKey, migTLSDir string
 	cmd := &cobra.Command{
 		Use:   "hostd",
 		Short: "Run the hypervisor host agent (QEMU VMs, taps, consoles, migration)",
@@ -55,7 +55,7 @@ Stopping the agent never stops a VM.`,
 			defer stop()
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 			agent, err := host.New(ctx, host.Config{DataDir: dataDir, Bridge: bridge, Accel: accel,
-				CgroupParent: cgParent, QEMUBinary: qemuBin, NBDTLSDir: nbdTLSDir, Logger: log})
+				CgroupParent: cgParent, QEMUBinary: qemuBin, NBDTLSDir: nbdTLSDir, MigrationTLSDir: migTLSDir, Logger: log})
 			if err != nil {
 				return err
 			}
@@ -95,6 +95,7 @@ Stopping the agent never stops a VM.`,
 	f.StringVar(&qemuBin, "qemu", "qemu-system-x86_64", "QEMU binary")
 	f.StringVar(&tlsCert, "tls-cert", "", "PEM certificate: serve the API over https (register the host with its CA: grow host add --agent-ca-cert)")
 	f.StringVar(&tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+	f.StringVar(&migTLSDir, "migration-tls-dir", "", "x509 credentials that encrypt live migrations in and out (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem); every host then needs them")
 	f.StringVar(&nbdTLSDir, "nbd-tls-dir", "", "x509 client credentials for NBD over TLS to storage controllers (ca-cert.pem, client-cert.pem, client-key.pem)")
 	rootCmd.AddCommand(cmd)
 }

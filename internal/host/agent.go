@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,7 +32,10 @@ type Config struct {
 	CgroupParent string // cgroup directory name for VMs (default "grow")
 	QEMUBinary   string // default qemu-system-x86_64
 	NBDTLSDir    string // x509 client credentials for disks with TLS: ca-cert.pem, client-cert.pem, client-key.pem
-	Logger       *slog.Logger
+	// MigrationTLSDir holds x509 credentials (migrationTLSFiles) with which every live
+	// migration in or out of this host is encrypted and both hosts are verified.
+	MigrationTLSDir string
+	Logger          *slog.Logger
 }
 
 // Agent runs the VMs of one host.
@@ -68,6 +72,16 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		}
 		if _, err := os.Stat(filepath.Join(cfg.NBDTLSDir, "ca-cert.pem")); err != nil {
 			return nil, fmt.Errorf("NBD TLS directory %q has no usable ca-cert.pem: %w", cfg.NBDTLSDir, err)
+		}
+	}
+	if cfg.MigrationTLSDir != "" {
+		if !filepath.IsAbs(cfg.MigrationTLSDir) {
+			return nil, fmt.Errorf("Migration TLS directory %q must be an absolute path", cfg.MigrationTLSDir)
+		}
+		for _, f := range migrationTLSFiles {
+			if _, err := os.Stat(filepath.Join(cfg.MigrationTLSDir, f)); err != nil {
+				return nil, fmt.Errorf("Migration TLS directory %q lacks %s (it needs %s): %w", cfg.MigrationTLSDir, f, strings.Join(migrationTLSFiles, ", "), err)
+			}
 		}
 	}
 	if cfg.Logger == nil {

@@ -2,6 +2,7 @@ package host
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -163,5 +164,40 @@ func TestDefineTLSDiskUsesAgentCredentials(t *testing.T) {
 	}
 	if s.Disks[0].TLSCredsDir != "/var/lib/grow/other-host-tls" {
 		t.Fatal("Define changed the caller's spec")
+	}
+}
+
+// A host with migration credentials accepts only TLS migrations, one without only plain
+// ones, each with a reason naming the flag; a credentials directory must be complete.
+func TestMigrationTLSMustMatch(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for i, f := range migrationTLSFiles {
+		if _, err := New(ctx, Config{DataDir: t.TempDir(), Accel: "tcg", MigrationTLSDir: dir, Logger: quiet}); err == nil || !strings.Contains(err.Error(), f) {
+			t.Fatalf("a migration TLS directory with %d of its files: %v", i, err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	withTLS, err := New(ctx, Config{DataDir: t.TempDir(), Bridge: "br-test", Accel: "tcg", MigrationTLSDir: dir, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer withTLS.Close()
+	plain, _, _ := newTestAgent(t)
+	req := hostapi.IncomingRequest{Spec: spec("in"), ListenHost: "127.0.0.1"}
+	if _, err := withTLS.PrepareIncoming(ctx, req); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "only over TLS") {
+		t.Fatalf("plain migration into a TLS host: %v", err)
+	}
+	req.TLS = true
+	if _, err := plain.PrepareIncoming(ctx, req); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "--migration-tls-dir") {
+		t.Fatalf("TLS migration into a host without credentials: %v", err)
+	}
+	for _, a := range []*Agent{withTLS, plain} {
+		if vms := a.List(); len(vms) != 0 {
+			t.Fatalf("a refused migration left %d VMs defined", len(vms))
+		}
 	}
 }

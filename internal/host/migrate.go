@@ -74,11 +74,48 @@ func (a *Agent) CancelOperation(id string) error {
 	return nil
 }
 
+// migrationTLSFiles are the credentials of --migration-tls-dir, in QEMU's tls-creds-x509
+// layout: the server pair for incoming streams, the client pair for outgoing ones.
+var migrationTLSFiles = []string{"ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"}
+
+// migrationTLSID is the id of the tls-creds-x509 object of a QEMU's migration stream.
+const migrationTLSID = "grow-migration-tls"
+
+// migrationTLS makes a QEMU's migration stream TLS when this host has credentials:
+// endpoint "server" (incoming: the source must present a certificate of the CA) or
+// "client" (outgoing: the destination's certificate must name peer).
+func (a *Agent) migrationTLS(ctx context.Context, exec func(context.Context, string, any, any) error, endpoint, peer string) error {
+	dir := a.cfg.MigrationTLSDir
+	if dir == "" {
+		return nil
+	}
+	// A QEMU that migrated out before (and came back, or failed) has the object already.
+	_ = exec(ctx, "object-del", map[string]any{"id": migrationTLSID}, nil)
+	obj := map[string]any{"qom-type": "tls-creds-x509", "id": migrationTLSID, "dir": dir, "endpoint": endpoint, "verify-peer": true}
+	if err := exec(ctx, "object-add", obj, nil); err != nil {
+		return fmt.Errorf("Failed to load the migration TLS credentials of %s: %w", dir, err)
+	}
+	params := map[string]any{"tls-creds": migrationTLSID}
+	if peer != "" {
+		params["tls-hostname"] = peer
+	}
+	if err := exec(ctx, "migrate-set-parameters", params, nil); err != nil {
+		return fmt.Errorf("Failed to make the migration stream TLS: %w", err)
+	}
+	return nil
+}
+
 // PrepareIncoming defines a VM from spec and starts its QEMU waiting for a migration
 // on listenHost; it returns the URI the source must migrate to.
 func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest) (hostapi.IncomingReply, error) {
 	if net.ParseIP(req.ListenHost) == nil {
 		return hostapi.IncomingReply{}, fmt.Errorf("%w: listen_host %q is not an IP address", ErrInvalid, req.ListenHost)
+	}
+	switch mine := a.cfg.MigrationTLSDir != ""; {
+	case req.TLS && !mine:
+		return hostapi.IncomingReply{}, fmt.Errorf("%w: the source migrates over TLS but this host has no --migration-tls-dir", ErrInvalid)
+	case !req.TLS && mine:
+		return hostapi.IncomingReply{}, fmt.Errorf("%w: this host accepts migrations only over TLS; give the source host --migration-tls-dir", ErrInvalid)
 	}
 	ph := newPhases()
 	if _, err := a.defineAs(req.Spec, req.Counters, false); err != nil {
@@ -90,7 +127,7 @@ func (a *Agent) PrepareIncoming(ctx context.Context, req hostapi.IncomingRequest
 		return hostapi.IncomingReply{}, err
 	}
 	uri, err := v.listenIncoming(ctx, req.ListenHost, ph)
-	a.log.Info("Incoming migration prepared", "vm", req.Spec.Name, "uri", uri, "phases", ph.String(), "err", err)
+	a.log.Info("Incoming migration prepared", "vm", req.Spec.Name, "uri", uri, "tls", req.TLS, "phases", ph.String(), "err", err)
 	if err != nil {
 		_ = a.Delete(context.Background(), req.Spec.Name, true)
 		return hostapi.IncomingReply{}, err
@@ -114,6 +151,9 @@ func (v *vm) listenIncoming(ctx context.Context, host string, ph *phases) (strin
 	announce := map[string]any{"announce-initial": 5, "announce-step": 50, "announce-rounds": 5, "announce-max": 200}
 	if err := inst.Monitor.Execute(ctx, "migrate-set-parameters", announce, nil); err != nil {
 		return "", fmt.Errorf("Failed to set announce parameters: %w", err)
+	}
+	if err := v.a.migrationTLS(ctx, inst.Monitor.Execute, "server", ""); err != nil {
+		return "", err
 	}
 	// The port is picked here and handed to QEMU: another process could take it in
 	// between, in which case migrate-incoming fails and the source sees the error.
@@ -464,7 +504,8 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	o.update(func(op *hostapi.Operation) { op.Message = "preparing destination" })
 	ph := newPhases()
 	defer func() { v.a.log.Info("Migration timing", "vm", v.name, "ok", err == nil, "phases", ph.String()) }()
-	reply, err := target.PrepareIncoming(ctx, hostapi.IncomingRequest{Spec: spec, ListenHost: req.ListenHost, Counters: v.counters()})
+	reply, err := target.PrepareIncoming(ctx, hostapi.IncomingRequest{Spec: spec, ListenHost: req.ListenHost, Counters: v.counters(),
+		TLS: v.a.cfg.MigrationTLSDir != ""})
 	if err != nil {
 		return fmt.Errorf("Failed to prepare the destination: %w", err)
 	}
@@ -493,6 +534,9 @@ func (v *vm) migrate(ctx context.Context, o *operation, target *agentclient.Clie
 	params := map[string]any{"downtime-limit": req.DowntimeLimitMS, "max-bandwidth": bw}
 	if err := mon.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
 		return fmt.Errorf("Failed to set migration parameters: %w", err)
+	}
+	if err := v.a.migrationTLS(ctx, mon.Execute, "client", req.ListenHost); err != nil {
+		return err
 	}
 	ph.mark("params")
 	// Remember where the guest is going, so that a restarted agent can settle it.

@@ -135,6 +135,9 @@ type MigrateRequest struct {
 type IncomingRequest struct {
 	Spec       VMSpec `json:"spec"`
 	ListenHost string `json:"listen_host"`
+	// TLS: the source sends the stream over TLS (its agent has --migration-tls-dir); the
+	// destination must then have credentials too, and refuses the other case as well.
+	TLS bool `json:"tls,omitempty"`
 	// Counters carries the VM's traffic so far, so that its counters continue on the destination.
 	Counters Counters `json:"counters"`
 }

@@ -205,9 +205,11 @@ func runScenario(t *testing.T, backend string) {
 	useTLS := backend == "postgres"
 	c.stor = bed.StartStoraged(t, testbed.StoragedOptions{Extra: []string{"--pool-size", "4GiB", "--cache", "32MiB"}, TLS: useTLS})
 	// The host agents' APIs are https too (the control plane, and each agent during a
-	// migration, trust their CA).
+	// migration, trust their CA), and live migrations between them are TLS with both
+	// hosts verified (a host with credentials refuses a plain stream).
 	var hostPKI *testbed.PKI
 	var hostCA []byte
+	var hostExtra []string
 	if useTLS {
 		ips := []string{"127.0.0.1"}
 		for _, h := range bed.Hosts {
@@ -220,9 +222,21 @@ func runScenario(t *testing.T, backend string) {
 		if hostCA, err = os.ReadFile(hostPKI.CA); err != nil {
 			t.Fatal(err)
 		}
+		migDir := t.TempDir()
+		for dst, src := range map[string]string{"ca-cert.pem": hostPKI.CA, "server-cert.pem": hostPKI.ServerCert, "server-key.pem": hostPKI.ServerKey,
+			"client-cert.pem": filepath.Join(hostPKI.ClientDir, "client-cert.pem"), "client-key.pem": filepath.Join(hostPKI.ClientDir, "client-key.pem")} {
+			b, err := os.ReadFile(src)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(migDir, dst), b, 0o600)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		hostExtra = []string{"--migration-tls-dir", migDir}
 	}
 	for _, h := range bed.Hosts {
-		d := h.StartHostd(t, testbed.HostdOptions{NBDTLSDir: c.stor.TLSClientDir, TLS: hostPKI})
+		d := h.StartHostd(t, testbed.HostdOptions{NBDTLSDir: c.stor.TLSClientDir, TLS: hostPKI, Extra: hostExtra})
 		c.hostds = append(c.hostds, d)
 		ac, err := agentclient.NewWithCAPEM(d.URL, d.Token, string(hostCA))
 		if err != nil {
