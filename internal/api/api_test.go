@@ -364,16 +364,9 @@ func TestHealthShown(t *testing.T) {
 		t.Fatalf("storage health: %+v, %v", cs, err)
 	}
 	// Tokens of the daemons never leave the control plane.
-	req, _ := http.NewRequest("GET", f.srv.URL+"/v1/hosts", nil)
-	req.Header.Set("Authorization", "Bearer "+f.adminTok)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || strings.Contains(string(body), `"token"`) || !strings.Contains(string(body), `"reachable": false`) {
-		t.Fatalf("GET /v1/hosts: %d %s", resp.StatusCode, body)
+	status, body := f.adminGET(t, "/v1/hosts")
+	if status != 200 || strings.Contains(body, `"token"`) || !strings.Contains(body, `"reachable": false`) {
+		t.Fatalf("GET /v1/hosts: %d %s", status, body)
 	}
 }
 
@@ -482,16 +475,8 @@ func TestStoragePartner(t *testing.T) {
 	if err != nil || stored.PartnerToken != "tok-b-secret" || stored.PartnerURL != "http://10.0.0.2:7480" {
 		t.Fatalf("stored: %+v %v", stored, err)
 	}
-	req, _ := http.NewRequest("GET", f.srv.URL+"/v1/storage", nil)
-	req.Header.Set("Authorization", "Bearer "+f.adminTok)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || strings.Contains(string(body), "secret") || !strings.Contains(string(body), "10.0.0.2") {
-		t.Fatalf("GET /v1/storage: %d %s", resp.StatusCode, body)
+	if status, body := f.adminGET(t, "/v1/storage"); status != 200 || strings.Contains(body, "secret") || !strings.Contains(body, "10.0.0.2") {
+		t.Fatalf("GET /v1/storage: %d %s", status, body)
 	}
 }
 
@@ -517,4 +502,18 @@ func TestHostCACert(t *testing.T) {
 	if h, err := f.st.GetHost(f.ctx, "h9"); err != nil || h.CACert != string(pem) {
 		t.Fatalf("stored host: %+v %v", h, err)
 	}
+}
+
+// adminGET is a raw GET of path with the admin token: the status and the body as sent.
+func (f *fixture) adminGET(t *testing.T, path string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", f.srv.URL+path, nil)
+	req.Header.Set("Authorization", "Bearer "+f.adminTok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
 }
