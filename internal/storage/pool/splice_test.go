@@ -152,3 +152,83 @@ func TestDiscardUnalignedOnSplicedDisk(t *testing.T) {
 	verify(t, p, model)
 	compareSides(t, p, paths)
 }
+
+// fillPipe writes b into the pipe's write end w.
+func fillPipe(t *testing.T, w int, b []byte) {
+	t.Helper()
+	for len(b) > 0 {
+		k, err := unix.Write(w, b)
+		if err != nil {
+			t.Fatalf("pipe write: %v", err)
+		}
+		b = b[k:]
+	}
+}
+
+// TestSpliceFrom: writes taken from a pipe land where WriteAt puts them, on one disk
+// (spliced) and on mirror pairs (both sides identical afterwards), for pieces that start
+// and end inside stripe units and cross pairs; the pipe is drained exactly.
+func TestSpliceFrom(t *testing.T) {
+	for _, n := range []int{1, 2, 4} {
+		t.Run(fmt.Sprintf("%d disks", n), func(t *testing.T) {
+			state, paths := makeDisks(t, n, testDiskSize)
+			p := openTestPool(t, state, paths, Options{})
+			model := fill(t, p, 5)
+			r, w := testPipe(t)
+			for i, c := range [][2]int64{{0, 4096}, {4096, 1 << 20}, {65536 - 4096, 3 * 65536}, {100_000, 1_000_000}, {p.Size() - 70_000, 70_000}} {
+				data := bytes.Repeat([]byte{byte(i + 1), byte(i * 7)}, int(c[1]/2))
+				fillPipe(t, w, data)
+				if err := p.SpliceFrom(r, c[0], int(c[1])); err != nil {
+					t.Fatalf("SpliceFrom(%d, %d): %v", c[0], c[1], err)
+				}
+				if k, err := unix.IoctlGetInt(r, unix.TIOCINQ); err != nil || k != 0 {
+					t.Fatalf("pipe holds %d bytes after SpliceFrom (%v)", k, err)
+				}
+				copy(model[c[0]:], data)
+			}
+			verify(t, p, model)
+			if n > 1 {
+				compareSides(t, p, paths)
+			}
+			// Out of range: an error, and the pipe is left as it was.
+			fillPipe(t, w, make([]byte, 8192))
+			if err := p.SpliceFrom(r, p.Size()-4096, 8192); err == nil {
+				t.Fatal("SpliceFrom past the end succeeded")
+			}
+			if k, _ := unix.IoctlGetInt(r, unix.TIOCINQ); k != 8192 {
+				t.Fatalf("a refused SpliceFrom took %d bytes from the pipe", 8192-k)
+			}
+		})
+	}
+}
+
+// TestSpliceFromFailingDisk: a disk that fails a spliced write is marked failed like
+// one that fails WriteAt; a pair keeps its data on the survivor.
+func TestSpliceFromFailingDisk(t *testing.T) {
+	for _, n := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d disks", n), func(t *testing.T) {
+			state, paths := makeDisks(t, n, testDiskSize)
+			var fl faults
+			p := openTestPool(t, state, paths, Options{Fault: fl.hook})
+			model := fill(t, p, 6)
+			r, w := testPipe(t)
+			fl.set(0)
+			data := bytes.Repeat([]byte{0xa5}, 256<<10)
+			fillPipe(t, w, data)
+			err := p.SpliceFrom(r, 1<<20, len(data))
+			if n == 1 {
+				if err == nil {
+					t.Fatal("a spliced write to a failing lone disk succeeded")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("SpliceFrom with one side failing: %v", err)
+			}
+			fl.clear(0)
+			waitState(t, p, 0, DiskFailed)
+			copy(model[1<<20:], data)
+			verify(t, p, model)
+		})
+	}
+}

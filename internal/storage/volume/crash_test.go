@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -76,7 +77,8 @@ func crashChildRun() error {
 	if err != nil {
 		return err
 	}
-	m, err := Open(filepath.Join(dir, "meta"), d, Options{SyncInterval: 5 * time.Millisecond, JournalLimit: 16 << 10})
+	// Half the writes take their data from a pipe (SpliceFrom), as large NBD writes do.
+	m, err := Open(filepath.Join(dir, "meta"), &pipeFile{File: d}, Options{SyncInterval: 5 * time.Millisecond, JournalLimit: 16 << 10})
 	if err != nil {
 		return err
 	}
@@ -87,6 +89,13 @@ func crashChildRun() error {
 		}
 	}
 	buf := make([]byte, 3*ClusterSize)
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return err
+	}
+	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, len(buf)); err != nil {
+		return err
+	}
 	snaps := 0
 	for {
 		seq++
@@ -101,8 +110,21 @@ func crashChildRun() error {
 				sectorData(buf[i:i+sector], uint32(seq), (off+i)/sector)
 			}
 			report("B %d %d w %d %d", seq, vi, off, n)
-			if err := h.WriteAt(buf[:n], off, fua); err != nil {
-				return err
+			if rng.IntN(2) == 0 {
+				if err := h.WriteAt(buf[:n], off, fua); err != nil {
+					return err
+				}
+			} else {
+				for b := buf[:n]; len(b) > 0; {
+					k, err := unix.Write(fds[1], b)
+					if err != nil {
+						return err
+					}
+					b = b[k:]
+				}
+				if err := h.SpliceFrom(fds[0], off, int(n), fua); err != nil {
+					return err
+				}
 			}
 			if fua {
 				report("U %d", seq)
