@@ -31,8 +31,9 @@ import (
 //
 // A volume made alone starts as a degraded primary whose every write is marked in its
 // bitmap; the partner receives it as a stale copy (empty, or the same clone of the
-// same image) and the ordinary resync copies the marked regions. Resizes, snapshots and
-// images still need both controllers.
+// same image) and the ordinary resync copies the marked regions. A volume this side
+// serves may also be grown alone (its marks carry over to the larger bitmap). Snapshots
+// and images still need both controllers.
 
 // metaFileName is the journal of changes made alone, in DATA/mirror.
 const metaFileName = "meta.json"
@@ -46,6 +47,7 @@ const (
 	metaCreate = "create"
 	metaClone  = "clone"
 	metaDelete = "delete"
+	metaResize = "resize"
 )
 
 // metaOp is one volume change made alone.
@@ -181,6 +183,18 @@ func (m *mirrorMgr) replayOp(ctx context.Context, op metaOp) error {
 		if adminclient.IsCode(err, adminclient.CodeExists) {
 			return nil // replayed before an interruption
 		}
+		return err
+	case metaResize:
+		if v == nil {
+			return nil
+		}
+		// The partner takes this side's size (never smaller than the journaled one,
+		// unless the resize failed here after journaling, then it keeps its own).
+		size := v.exp.Size()
+		if size < op.Size {
+			return nil
+		}
+		_, err := m.fwd.ResizeVolume(ctx, op.Name, size)
 		return err
 	case metaDelete:
 		if v != nil {

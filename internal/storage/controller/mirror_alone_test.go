@@ -62,6 +62,17 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 			t.Fatalf("I/O on %s made alone: %v\n%s", name, err, out)
 		}
 	}
+	// e1 grows alone, keeping the marks of what was written before.
+	if err := cp.ResizeVolume(ctx, "e1", 16<<20); err != nil {
+		t.Fatalf("resize with the partner away: %v", err)
+	}
+	v := a.waitState(t, "e1", "primary", adminclient.MirrorDegraded, 5*time.Second)
+	if v.Size != 16<<20 {
+		t.Fatalf("e1 is %d bytes after growing alone", v.Size)
+	}
+	if out, err := qemuIOAt(v.NBDAddress, "e1", "read -P 0x23 7M 1M", "write -P 0x24 12M 64k", "flush"); err != nil {
+		t.Fatalf("I/O on e1 grown alone: %v\n%s", err, out)
+	}
 	// What cannot be done alone is refused with a clear reason, and changes nothing.
 	if _, err := a.cl.Snapshot(ctx, "c1", "s1"); adminclient.StatusOf(err) != 503 {
 		t.Fatalf("snapshot with the partner away: %v", err)
@@ -73,8 +84,8 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.MetaPending != 3 || st.MetaEpoch != 1 {
-		t.Fatalf("journal: %d changes at metadata epoch %d, want 3 at 1", st.MetaPending, st.MetaEpoch)
+	if st.MetaPending != 4 || st.MetaEpoch != 1 {
+		t.Fatalf("journal: %d changes at metadata epoch %d, want 4 at 1", st.MetaPending, st.MetaEpoch)
 	}
 	if rec := ws.Get(metaKey(a.name, b.name)); rec.Holder != a.name || rec.Epoch != 1 {
 		t.Fatalf("witness holds the pair's metadata as %+v", rec)
@@ -143,8 +154,8 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 		t.Fatalf("c1 on the returned partner: %x %x %x %x", c1[0], c1[1<<20], c1[3<<20], c1[4<<20-1])
 	}
 	e1 := readVolume(t, b.cfg.DataDir, "e1")
-	if e1[0] != 0x22 || e1[7<<20] != 0x23 || e1[4<<20] != 0 {
-		t.Fatalf("e1 on the returned partner: %x %x %x", e1[0], e1[7<<20], e1[4<<20])
+	if len(e1) != 16<<20 || e1[0] != 0x22 || e1[7<<20] != 0x23 || e1[4<<20] != 0 || e1[12<<20] != 0x24 {
+		t.Fatalf("e1 on the returned partner (%d bytes): %x %x %x %x", len(e1), e1[0], e1[7<<20], e1[4<<20], e1[12<<20])
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -634,8 +635,13 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 		c.answerVolume(w, r, http.StatusOK, name)
 		return
 	}
-	if _, err := m.requirePeer(); err != nil {
+	_, alone, err := m.peerOrAlone()
+	if err != nil {
 		c.fail(w, r, err)
+		return
+	}
+	if alone {
+		c.mirResizeAlone(w, r, v, name, size)
 		return
 	}
 	if v == nil {
@@ -658,7 +664,11 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 	}
 	m.metaMu.Lock()
 	defer m.metaMu.Unlock()
-	err := vol.Quiesce(func() error {
+	if err := m.replayAlone(r.Context()); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	err = vol.Quiesce(func() error {
 		if _, err := m.fwd.ResizeVolume(r.Context(), name, size); err != nil {
 			return fmt.Errorf("Failed to resize %q on the mirror partner: %w", name, err)
 		}
@@ -680,8 +690,8 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 	c.answerVolume(w, r, http.StatusOK, name)
 }
 
-// resized re-creates the bitmap (and replicating export) for the volume's new size;
-// NBD clients reconnect and see the new size.
+// resized re-creates the bitmap (and replicating export) for the volume's new size,
+// keeping its marks (a volume only grows); NBD clients reconnect and see the new size.
 func (v *mvol) resized() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -690,15 +700,20 @@ func (v *mvol) resized() error {
 	if wasPrimary {
 		v.dropVolume()
 	}
-	if v.bm.Count() != 0 {
-		return fmt.Errorf("Failed to resize the mirror state of %q: it has dirty regions: %w", v.name, errConflict)
-	}
+	dirty := v.bm.Dirty()
 	_ = v.bm.Close()
+	_ = os.Remove(v.m.bitmapPath(v.name) + ".new")
 	bm, err := mirror.OpenBitmap(v.m.bitmapPath(v.name)+".new", v.exp.Size(), mirror.DefaultRegionSize)
 	if err != nil {
 		return fmt.Errorf("Failed to create the bitmap of %q: %w", v.name, err)
 	}
+	if err := bm.MarkRegions(dirty); err == nil && len(dirty) > 0 {
+		err = bm.Persist()
+	}
 	_ = bm.Close()
+	if err != nil {
+		return fmt.Errorf("Failed to carry the dirty regions of %q over to its new size: %w", v.name, err)
+	}
 	if err := renameSync(v.m.bitmapPath(v.name)+".new", v.m.bitmapPath(v.name)); err != nil {
 		return err
 	}
@@ -712,6 +727,32 @@ func (v *mvol) resized() error {
 	}
 	v.m.kick()
 	return nil
+}
+
+// mirResizeAlone grows a volume this side serves while the partner is away; the resize
+// is journaled and replayed to the partner when it returns (mirror_alone.go).
+func (c *Controller) mirResizeAlone(w http.ResponseWriter, r *http.Request, v *mvol, name string, size int64) {
+	m := c.mir
+	if v == nil || v.vol.Load() == nil {
+		c.fail(w, r, fmt.Errorf("%w: the mirror partner %s is unreachable and %q is not a volume this controller serves; it can be resized once the partner returns", errUnavailable, m.cfg.Peer, name))
+		return
+	}
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	if err := m.recordAlone(metaOp{Op: metaResize, Name: name, Size: size}); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	if err := c.mgr.Resize(name, size); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	if err := v.resized(); err != nil {
+		c.fail(w, r, err)
+		return
+	}
+	c.log.Warn("Mirrored volume resized alone: the partner follows when it returns", "name", name, "size", size)
+	c.answerVolume(w, r, http.StatusOK, name)
 }
 
 // mirSnapshot snapshots a volume on both controllers at the same point of its write stream.

@@ -823,15 +823,15 @@ func TestMirrorImageCloneResize(t *testing.T) {
 	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x02 7M 64k", "flush", "read -P 0x01 2M 4k"); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	// A partner that is down makes resizes wait (503) but not I/O (creations and
-	// deletions go on alone: TestMirrorChangesWhilePartnerAway).
+	// A partner that is down makes snapshots wait (503) but not I/O (creations,
+	// deletions and resizes go on alone: TestMirrorChangesWhilePartnerAway).
 	s.kill()
 	waitFor(t, 10*time.Second, p.name+" to lose its partner", func() (bool, string) {
 		st, err := p.cl.MirrorStatus(ctx)
 		return err == nil && !st.PartnerReachable, "reachable"
 	})
-	if _, err := p.cl.ResizeVolume(ctx, "c1", 16<<20); adminclient.StatusOf(err) != 503 {
-		t.Fatalf("resize with the partner down: %v", err)
+	if _, err := p.cl.Snapshot(ctx, "c1", "s9"); adminclient.StatusOf(err) != 503 {
+		t.Fatalf("snapshot with the partner down: %v", err)
 	}
 	if out, err := qemuIOAt(pv.NBDAddress, "c1", "write -P 0x03 3M 4k", "flush"); err != nil {
 		t.Fatalf("I/O with the partner down: %v\n%s", err, out)
