@@ -122,6 +122,9 @@ type mirrorMgr struct {
 	metaPending atomic.Int64
 	metaAlone   atomic.Bool
 	replaying   atomic.Bool
+	// seeding is set while volumes the partner lacks are rebuilt there (mirror_seed.go).
+	seeding atomic.Bool
+	seedOnce
 
 	mu     sync.Mutex
 	vols   map[string]*mvol
@@ -504,7 +507,9 @@ func (m *mirrorMgr) reconcileLoop() {
 	t := time.NewTicker(heartbeatInterval)
 	defer t.Stop()
 	for {
-		m.replayIfReturned(m.view())
+		pv := m.view()
+		m.replayIfReturned(pv)
+		m.seedIfLacking(pv)
 		m.reconcile()
 		select {
 		case <-m.ctx.Done():

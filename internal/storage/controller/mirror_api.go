@@ -658,7 +658,7 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 		c.proxyToPrimary(w, r, name, func(ctx context.Context) error { _, err := m.peer.ResizeVolume(ctx, name, size); return err })
 		return
 	}
-	if vol.Mode() != mirror.ModeSynced {
+	if !waitSynced(r.Context(), m, vol, syncWait) {
 		c.fail(w, r, fmt.Errorf("Failed to resize %q: it is %v, not synced with its partner; try again after the resync: %w", name, vol.Mode(), errConflict))
 		return
 	}
@@ -688,6 +688,28 @@ func (c *Controller) mirResize(w http.ResponseWriter, r *http.Request, name stri
 	}
 	c.log.Info("Mirrored volume resized", "name", name, "size", size)
 	c.answerVolume(w, r, http.StatusOK, name)
+}
+
+// syncWait is how long a resize waits for a volume to be synced: a new volume's link is
+// set up within a heartbeat or two, and a short resync takes a few seconds.
+const syncWait = 10 * time.Second
+
+// waitSynced waits up to d for vol to be synced with the partner (it is at once after
+// its link is up, for a volume just made) and reports whether it is.
+func waitSynced(ctx context.Context, m *mirrorMgr, vol *mirror.Volume, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for vol.Mode() != mirror.ModeSynced {
+		if time.Now().After(deadline) {
+			return false
+		}
+		m.kick()
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // resized re-creates the bitmap (and replicating export) for the volume's new size,
