@@ -32,6 +32,7 @@ import (
 	"github.com/growserver/grow/internal/storage/controller"
 	"github.com/growserver/grow/internal/store"
 	"github.com/growserver/grow/internal/units"
+	"github.com/growserver/grow/internal/web"
 )
 
 // serveConfig is what `grow serve` is started with.
@@ -152,9 +153,12 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: api.New(api.Config{Store: st, Jobs: m, Logger: log, WitnessToken: witnessToken}), ReadHeaderTimeout: 10 * time.Second}
-	log.Info("Control plane API listening", "url", url, "database", st.Dialect(), "data", cfg.data)
-	fmt.Fprintf(cmd.OutOrStdout(), "grow serve: API on %s, admin token in %s\n", url, filepath.Join(cfg.data, "admin.token"))
+	// The web console (static files under /ui/) sits in front of the API; every other
+	// path, each /v1 endpoint included, is the API with its own token check.
+	apiHandler := api.New(api.Config{Store: st, Jobs: m, Logger: log, WitnessToken: witnessToken})
+	srv := &http.Server{Handler: web.Mount(apiHandler), ReadHeaderTimeout: 10 * time.Second}
+	log.Info("Control plane API listening", "url", url, "console", url+web.Prefix, "database", st.Dialect(), "data", cfg.data)
+	fmt.Fprintf(cmd.OutOrStdout(), "grow serve: API on %s, web console on %s%s, admin token in %s\n", url, url, web.Prefix, filepath.Join(cfg.data, "admin.token"))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	select {

@@ -118,7 +118,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		a.witness.ServeHTTP(w, r)
 		return
 	}
-	tok := authtoken.FromRequest(r)
+	tok := requestToken(r)
 	if tok == "" {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="grow"`)
 		writeError(w, http.StatusUnauthorized, CodeUnauthorized, "Missing bearer token")
