@@ -186,3 +186,16 @@ func TestMirrorRecreatedNameTakesOver(t *testing.T) {
 		t.Fatalf("%v\n%s", err, out)
 	}
 }
+
+// A primary restarted while its partner runs waits for the partner's first answer and
+// resyncs at the same epoch, instead of electing itself a new one.
+func TestMirrorRestartKeepsEpoch(t *testing.T) {
+	a, b, _ := startedPair(t)
+	p, _, pv := syncedVolume(t, a, a, b, "v", 8<<20)
+	p.stop()
+	p.start()
+	v := p.waitState(t, "v", "primary", adminclient.MirrorSynced, 15*time.Second)
+	if v.Mirror.Epoch != pv.Mirror.Epoch {
+		t.Fatalf("epoch %d after a restart beside a running partner, was %d", v.Mirror.Epoch, pv.Mirror.Epoch)
+	}
+}

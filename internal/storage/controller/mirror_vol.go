@@ -291,6 +291,11 @@ func (v *mvol) reconcile(pv peerView) {
 			}
 		}
 		if mode == mirror.ModeHeld {
+			if !pv.up && !pv.dead && pv.lostFor < m.peerTimeout && m.neverSeenPeer() {
+				// Just started: the partner's first answer decides, not a new epoch
+				// (unless its process is known dead, or it stays silent a peer timeout).
+				return
+			}
 			linkBroken := !v.linkFailedAt.IsZero() && time.Since(v.linkFailedAt) < 3*time.Second
 			if pv.up && !linkBroken {
 				if known && v.canResyncTo(pr, ps.Epoch, st.Epoch) && !v.resyncing {
