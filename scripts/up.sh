@@ -56,6 +56,7 @@ cat <<INFO
 
 GrowServer is up.
   API:          $GROW_URL   (grow serve pid $(cat "$PIDFILE"), log $LOG)
+  Web console:  $GROW_URL/ui/   (sign in with the admin token below)
   Admin token:  $(cat "$DATA/admin.token")   (in $DATA/admin.token; the grow CLI on this host finds it)
   Demo server:  demo, plan E, customer demo, address ${ip:-none}
     grow server show demo         its details

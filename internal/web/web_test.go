@@ -202,3 +202,7 @@ func TestJavaScriptSyntax(t *testing.T) {
 func TestJavaScriptFunctions(t *testing.T) {
 	node(t, []string{"GROW_APP_JS=" + moduleCopy(t)}, filepath.Join("testdata", "app_test.mjs"))
 }
+
+func TestJavaScriptDOM(t *testing.T) {
+	node(t, []string{"GROW_APP_JS=" + moduleCopy(t)}, filepath.Join("testdata", "dom_test.mjs"))
+}

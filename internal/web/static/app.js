@@ -396,10 +396,9 @@ function leaveView() {
   cleanups = [];
 }
 
-/** show replaces the main area with nodes. */
+/** show replaces the main area with nodes (null and false are skipped). */
 function show(...nodes) {
-  const main = $('main');
-  main.replaceChildren(...nodes.flat());
+  $('main').replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 function errorBox(err) {

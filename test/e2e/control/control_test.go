@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -267,6 +269,17 @@ func runScenario(t *testing.T, backend string) {
 	s := startServe(t, bed.Hosts[0].Netns, dsn)
 	c.s = s
 	phase("daemons and grow serve up")
+
+	// The web console answers from the running serve, with its CSP.
+	if resp, err := http.Get(s.url + "/ui/"); err != nil {
+		t.Fatalf("GET /ui/: %v", err)
+	} else {
+		page, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if csp := resp.Header.Get("Content-Security-Policy"); resp.StatusCode != http.StatusOK || !strings.HasPrefix(csp, "default-src 'none'") || !bytes.Contains(page, []byte(`src="app.js"`)) {
+			t.Fatalf("GET /ui/: HTTP %d, CSP %q, page %.200q", resp.StatusCode, csp, page)
+		}
+	}
 
 	// The operator registers the daemons and the guest network, imports the gold master.
 	addStorage := []string{"controller", "add", "s0", "--storage-url", c.stor.PeerURL, "--storage-token", c.stor.Token}
