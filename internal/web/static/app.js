@@ -543,7 +543,7 @@ async function viewServer(id) {
       const op = await api(method, path, body);
       opBox.hidden = false;
       const done = await followOperation(op, opBox);
-      if (opDone(done) && done.kind === 'delete' && done.state === 'succeeded') {
+      if (done.kind === 'server.delete' && done.state === 'succeeded') {
         location.hash = '#/servers';
         flash('Server ' + sv.name + ' was deleted.');
         return;

@@ -158,6 +158,13 @@ function answer(method, url, token, body) {
     case 'POST /v1/servers/srv-1/resize':
       assert.deepEqual(JSON.parse(body), { plan: 'D' });
       return [409, { code: 'no_capacity', message: 'No host has room for plan D' }];
+    case 'POST /v1/servers/srv-1/migrate':
+      assert.deepEqual(JSON.parse(body), { to: 'h2' });
+      return [202, { id: 'op-1', kind: 'server.migrate', state: 'pending', progress: 0 }];
+    case 'DELETE /v1/servers/srv-1':
+      return [202, { id: 'op-2', kind: 'server.delete', state: 'running', progress: 50 }];
+    case 'GET /v1/operations/op-2':
+      return [200, { id: 'op-2', kind: 'server.delete', state: 'succeeded', progress: 100 }];
     case 'GET /v1/operations/op-1':
       opPolls++;
       return [200, { id: 'op-1', kind: 'server.reboot', state: 'succeeded', progress: 100 }];
@@ -252,6 +259,23 @@ plan.value = 'D';
 find(main(), (e) => e.tagName === 'FORM' && e.textContent.includes('Resize')).fire('submit');
 await settle(60);
 assert.match(main().textContent, /Resize: No host has room for plan D/);
+
+// Migrate to a chosen host (the server's own host is not offered).
+await go('#/servers/srv-1', 60);
+const to = find(main(), (e) => e.tagName === 'SELECT' && e.attributes.name === 'to');
+assert.deepEqual(to.children.map((o) => o.value), ['', 'h2']);
+to.value = 'h2';
+find(main(), (e) => e.tagName === 'FORM' && e.textContent.includes('Migrate')).fire('submit');
+await settle(60);
+assert.match(main().textContent, /server\.migrate: pending 0%/);
+// Delete (confirmed) follows its operation and returns to the list.
+await go('#/servers/srv-1', 60);
+byText(main(), 'BUTTON', 'Delete').fire('click');
+await settle(60);
+assert.match(main().textContent, /server\.delete: running 50%/);
+await new Promise((r) => setTimeout(r, 1300));
+assert.equal(location.hash, '#/servers');
+assert.match(ids.flash.textContent, /web1 was deleted/);
 
 await go('#/servers/srv-1/console', 30);
 const ws = sockets.at(-1);
