@@ -139,6 +139,17 @@ func TestConsoleSubprotocolToken(t *testing.T) {
 			t.Errorf("GET %s with a subprotocol token: HTTP %d, want 401", path, resp.StatusCode)
 		}
 	}
+	// A failure that is logged (the host agent went away) logs no token either.
+	agent.Close()
+	if c, resp, err := dial("/v1/servers/"+f.web1.ID+"/console/ws", bearer(f.aliceTok), api.ConsoleProtocol); err == nil {
+		c.CloseNow()
+		t.Error("the console opened without its host agent")
+	} else if resp == nil || resp.StatusCode != http.StatusInternalServerError {
+		t.Errorf("console without its host agent: %v, want HTTP 500", resp)
+	}
+	if !strings.Contains(logs.String(), "Request failed") {
+		t.Fatalf("the failure was not logged:\n%s", logs.String())
+	}
 	for _, tok := range []string{f.aliceTok, f.adminTok, f.bobTok} {
 		if strings.Contains(logs.String(), tok) {
 			t.Fatalf("a token appears in the logs:\n%s", logs.String())
