@@ -507,6 +507,7 @@ async function viewServers() {
     can(me, 'create') ? h('div', { class: 'actions' }, h('a', { href: '#/create' }, h('button', { type: 'button' }, 'Create a server'))) : null,
     tbl, h('div', { class: 'pager' }, more, count));
   const lookups = await loadLookups(true);
+  if (gen !== generation) return;
   let after = '';
   let n = 0;
   const loadPage = async () => {
@@ -531,8 +532,10 @@ async function viewServers() {
 }
 
 async function viewServer(id) {
-  const sv = await api('GET', pathFor('servers', id));
-  const lookups = await loadLookups(can(me, 'migrate'));
+  const gen = generation;
+  const [sv, lookups, unfinished] = await Promise.all([api('GET', pathFor('servers', id)), loadLookups(can(me, 'migrate')),
+    api('GET', withPage('/v1/operations?unfinished=true&server=' + encodeURIComponent(id), '', 10))]);
+  if (gen !== generation) return;
   const opBox = h('div', { class: 'panel', hidden: true });
   const errBox = h('div');
   const buttons = [];
@@ -587,6 +590,7 @@ async function viewServer(id) {
   const admin = [];
   if (can(me, 'resize')) {
     const plans = await fetchAll(getPage, '/v1/plans');
+    if (gen !== generation) return;
     const sel = h('select', { name: 'plan' }, plans.map((p) => h('option', { value: p.name, selected: p.name === sv.plan }, planLabel(p))));
     const b = h('button', { type: 'submit' }, 'Resize');
     buttons.push(b);
@@ -620,6 +624,13 @@ async function viewServer(id) {
     admin.push(h('div', { class: 'actions' }, b));
   }
   opBox.classList.add('opresult');
+  const running = (unfinished.items || [])[0];
+  if (running) {
+    opBox.hidden = false;
+    followOperation(running, opBox).then((done) => {
+      if (gen === generation && opDone(done)) render();
+    });
+  }
   show(h('p', {}, h('a', { href: '#/servers' }, '← Servers')),
     h('h1', {}, 'Server ' + sv.name),
     h('div', { class: 'panel' }, h('dl', { class: 'fields' }, fields.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]))),
@@ -681,8 +692,10 @@ function viewConsole(id) {
 }
 
 async function viewCreate() {
+  const gen = generation;
   const [plans, images, customers] = await Promise.all([fetchAll(getPage, '/v1/plans'),
     fetchAll(getPage, '/v1/images'), fetchAll(getPage, '/v1/customers')]);
+  if (gen !== generation) return;
   const name = h('input', { name: 'name', required: true, maxlength: 63, pattern: '[a-z0-9]([a-z0-9-]*[a-z0-9])?', autocomplete: 'off' });
   const customer = h('select', { name: 'customer', required: true }, customers.map((c) => h('option', { value: c.name }, c.name)));
   const plan = h('select', { name: 'plan', required: true }, plans.map((p) => h('option', { value: p.name }, planLabel(p))));
@@ -723,6 +736,7 @@ async function viewInvoices() {
   let customer = null;
   if (can(me, 'chooseCustomer')) {
     const cs = await fetchAll(getPage, '/v1/customers');
+    if (gen !== generation) return;
     customer = h('select', { name: 'customer' }, cs.map((c) => h('option', { value: c.id }, c.name)));
   }
   const out = h('div');
@@ -759,7 +773,9 @@ async function viewInvoices() {
 }
 
 async function viewPlans() {
+  const gen = generation;
   const plans = await fetchAll(getPage, '/v1/plans');
+  if (gen !== generation) return;
   show(h('h1', {}, 'Plans'), table(['Plan', 'vCPUs', 'Memory', 'Disk', 'Traffic', 'Price / month'],
     plans.map((p) => ({ cells: [p.name, p.vcpus, formatBytes(p.memory_bytes), formatBytes(p.disk_bytes),
       formatBytes(p.traffic_bytes), formatYen(p.price_yen)] })), [1, 2, 3, 4, 5]));
@@ -772,26 +788,34 @@ function healthCell(hl) {
 }
 
 async function viewHosts() {
+  const gen = generation;
   const hosts = await fetchAll(getPage, '/v1/hosts');
+  if (gen !== generation) return;
   show(h('h1', {}, 'Hosts'), table(['Name', 'State', 'Health', 'CPUs', 'Memory', 'CPU model', 'Agent URL', 'Created'],
     hosts.map((x) => ({ cells: [x.name, stateBadge(x.state), healthCell(x.health), x.cpus, formatBytes(x.memory_bytes),
       x.cpu_model || '—', x.url, formatDate(x.created_at)] }))));
 }
 
 async function viewStorage() {
+  const gen = generation;
   const cs = await fetchAll(getPage, '/v1/storage');
+  if (gen !== generation) return;
   show(h('h1', {}, 'Storage controllers'), table(['Name', 'State', 'Health', 'URL', 'Mirror partner', 'Created'],
     cs.map((c) => ({ cells: [c.name, stateBadge(c.state), healthCell(c.health), c.url, c.partner_url || '—', formatDate(c.created_at)] }))));
 }
 
 async function viewImages() {
+  const gen = generation;
   const ims = await fetchAll(getPage, '/v1/images');
+  if (gen !== generation) return;
   show(h('h1', {}, 'Images'), table(['Name', 'State', 'Size', 'Storage', 'Created'],
     ims.map((i) => ({ cells: [i.name, stateBadge(i.state), formatBytes(i.size_bytes), i.storage_id || '—', formatDate(i.created_at)] }))));
 }
 
 async function viewCustomers() {
+  const gen = generation;
   const cs = await fetchAll(getPage, '/v1/customers');
+  if (gen !== generation) return;
   show(h('h1', {}, 'Customers'), table(['Name', 'ID', 'Email', 'Max servers', 'Created'],
     cs.map((c) => ({ cells: [c.name, c.id, c.email || '—', c.max_servers || 'unlimited', formatDate(c.created_at)] }))));
 }

@@ -127,6 +127,8 @@ const sv2 = { ...sv1, id: 'srv-2', name: 'web2', ipv4: '198.51.100.11', state: '
 const month = new Date().toISOString().slice(0, 7);
 const calls = [];
 let opPolls = 0;
+// unfinishedOps are the operations GET /v1/operations?unfinished=true answers once.
+const unfinishedOps = [];
 const adminOnly = ['/v1/hosts', '/v1/storage', '/v1/customers'];
 
 function answer(method, url, token, body) {
@@ -165,6 +167,12 @@ function answer(method, url, token, body) {
       return [202, { id: 'op-2', kind: 'server.delete', state: 'running', progress: 50 }];
     case 'GET /v1/operations/op-2':
       return [200, { id: 'op-2', kind: 'server.delete', state: 'succeeded', progress: 100 }];
+    case 'GET /v1/operations':
+      assert.equal(u.searchParams.get('unfinished'), 'true');
+      assert.equal(u.searchParams.get('server'), 'srv-1');
+      return list(unfinishedOps.splice(0));
+    case 'GET /v1/operations/op-3':
+      return [200, { id: 'op-3', kind: 'server.create', state: 'succeeded', progress: 100 }];
     case 'GET /v1/operations/op-1':
       opPolls++;
       return [200, { id: 'op-1', kind: 'server.reboot', state: 'succeeded', progress: 100 }];
@@ -260,6 +268,15 @@ find(main(), (e) => e.tagName === 'FORM' && e.textContent.includes('Resize')).fi
 await settle(60);
 assert.match(main().textContent, /Resize: No host has room for plan D/);
 
+// An operation already running on the server is followed when its page opens.
+unfinishedOps.push({ id: 'op-3', kind: 'server.create', state: 'running', progress: 70, step: 'waiting for the guest' });
+await go('#/servers/srv-1', 60);
+assert.match(main().textContent, /server\.create: running 70% — waiting for the guest/);
+await new Promise((r) => setTimeout(r, 1300));
+assert.ok(calls.includes('GET /v1/operations/op-3'), 'the running operation was polled');
+assert.match(main().textContent, /Server web1/);
+assert.ok(!/server\.create: running/.test(main().textContent), 'the page was redrawn when it finished');
+
 // Migrate to a chosen host (the server's own host is not offered).
 await go('#/servers/srv-1', 60);
 const to = find(main(), (e) => e.tagName === 'SELECT' && e.attributes.name === 'to');
@@ -295,6 +312,13 @@ await go('#/plans', 30);
 assert.ok(ws.closed, 'leaving the console closes its websocket');
 assert.match(main().textContent, /¥1,100/);
 assert.match(main().textContent, /512 MiB/);
+
+// Leaving a view before its data arrived: the late answer never draws over the new view.
+location.hash = '#/servers/srv-1';
+for (const f of windowListeners.hashchange) f();
+await go('#/plans', 60);
+assert.match(main().textContent, /Plans/);
+assert.ok(!/Server web1/.test(main().textContent), 'a stale view drew over the current one');
 
 await go('#/invoices', 60);
 txt = main().textContent;
