@@ -687,7 +687,7 @@ function viewConsole(id) {
   });
   term.addEventListener('paste', (ev) => {
     ev.preventDefault();
-    send((ev.clipboardData.getData('text') || '').replace(/\r?\n/g, '\r'));
+    send(((ev.clipboardData && ev.clipboardData.getData('text')) || '').replace(/\r?\n/g, '\r'));
   });
 }
 
