@@ -147,30 +147,26 @@ func TestStoragePairMaintenance(t *testing.T) {
 // waitMoved drains controller name through cl until every primary has moved off it.
 func waitMoved(t *testing.T, cl *adminclient.Client, name string) {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		r, err := cl.Drain(context.Background(), name)
-		if err == nil && r.Done {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("drain of %s did not finish: %+v %v", name, r, err)
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+	repeatMove(t, "drain of "+name, 60*time.Second, func() (*adminclient.MoveResult, error) { return cl.Drain(context.Background(), name) })
 }
 
 // waitResumed resumes controller name through cl until it has its primaries back.
 func waitResumed(t *testing.T, cl *adminclient.Client, name string) {
 	t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	repeatMove(t, "resume of "+name, 90*time.Second, func() (*adminclient.MoveResult, error) { return cl.Resume(context.Background(), name) })
+}
+
+// repeatMove repeats a drain or resume step until it reports done.
+func repeatMove(t *testing.T, what string, timeout time.Duration, step func() (*adminclient.MoveResult, error)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
-		r, err := cl.Resume(context.Background(), name)
+		r, err := step()
 		if err == nil && r.Done {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("resume of %s did not finish: %+v %v", name, r, err)
+			t.Fatalf("%s did not finish: %+v %v", what, r, err)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
