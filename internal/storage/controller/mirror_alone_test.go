@@ -87,6 +87,9 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 	if st.MetaPending != 4 || st.MetaEpoch != 1 {
 		t.Fatalf("journal: %d changes at metadata epoch %d, want 4 at 1", st.MetaPending, st.MetaEpoch)
 	}
+	if m := a.metrics(t); !strings.Contains(m, "grow_mirror_meta_pending 4") {
+		t.Fatalf("metrics lack the pending changes:\n%s", m)
+	}
 	if rec := ws.Get(metaKey(a.name, b.name)); rec.Holder != a.name || rec.Epoch != 1 {
 		t.Fatalf("witness holds the pair's metadata as %+v", rec)
 	}

@@ -63,7 +63,7 @@ type metrics struct {
 	ops, ioBytes, conns, open, ioErrors          *prometheus.Desc
 
 	// Mirroring (only on a paired controller).
-	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness *prometheus.Desc
+	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness, mirPending *prometheus.Desc
 }
 
 func newMetrics(c *Controller) *metrics {
@@ -100,6 +100,7 @@ func newMetrics(c *Controller) *metrics {
 	m.mirDirty = md("dirty_bytes", "Bytes of mirrored volumes known to differ from the partner.")
 	m.mirPartner = md("partner_up", "1 while the mirror partner answers.")
 	m.mirWitness = md("witness_up", "1 while the witness answers.")
+	m.mirPending = md("meta_pending", "Volume changes made while the partner was away, not yet replayed to it.")
 	m.reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -116,7 +117,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 		ch <- d
 	}
 	if m.c.mir != nil {
-		for _, d := range []*prometheus.Desc{m.mirResync, m.mirVolumes, m.mirDirty, m.mirPartner, m.mirWitness} {
+		for _, d := range []*prometheus.Desc{m.mirResync, m.mirVolumes, m.mirDirty, m.mirPartner, m.mirWitness, m.mirPending} {
 			ch <- d
 		}
 	}
@@ -192,5 +193,6 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 		g(m.mirPartner, up(ms.PartnerReachable))
 		g(m.mirWitness, up(ms.WitnessReachable))
+		g(m.mirPending, int64(ms.MetaPending))
 	}
 }
