@@ -23,7 +23,10 @@ type conn struct {
 	raw net.Conn // the accepted connection
 	nc  net.Conn // raw, or the TLS connection over it
 	br  *bufio.Reader
-	bw  *bufio.Writer // handshake-phase writer
+	// fill is what br reads from on a connection without TLS: the socket, with reads
+	// capped while a spliced WRITE's payload may follow (see readLoop).
+	fill *capReader
+	bw   *bufio.Writer // handshake-phase writer
 
 	mu       sync.Mutex
 	stopping bool // Shutdown asked to stop reading new requests
@@ -112,7 +115,8 @@ func (c *conn) serve() {
 		return
 	}
 	c.raw.SetDeadline(time.Now().Add(c.srv.handshakeTimeout()))
-	c.br = bufio.NewReaderSize(c.nc, 64<<10)
+	c.fill = &capReader{r: c.nc}
+	c.br = bufio.NewReaderSize(c.fill, 64<<10)
 	c.bw = bufio.NewWriterSize(c.nc, 4096)
 	err := c.handshake()
 	if err != nil {

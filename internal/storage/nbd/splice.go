@@ -185,6 +185,7 @@ func (c *conn) readPayload(r *request) error {
 			done, err = c.spliceIn(p, n)
 			if err == nil && done == n {
 				r.pipe = p
+				c.expectSpliced(true)
 				return nil
 			}
 			if err == nil {
@@ -202,6 +203,7 @@ func (c *conn) readPayload(r *request) error {
 	if r.buf == nil {
 		r.buf = getBuf(n)
 	}
+	c.expectSpliced(false)
 	_, err := io.ReadFull(c.br, (*r.buf)[done:])
 	return err
 }
@@ -365,5 +367,36 @@ func (c *conn) spliceOut(p *pipe, n int) {
 	}
 	if err != nil {
 		c.writeFailed(err)
+	}
+}
+
+// capReader reads from r at most max bytes per Read when max > 0.
+type capReader struct {
+	r   io.Reader
+	max int
+}
+
+func (c *capReader) Read(p []byte) (int, error) {
+	if c.max > 0 && len(p) > c.max {
+		p = p[:c.max]
+	}
+	return c.r.Read(p)
+}
+
+// headerFill is how much the reader takes from the socket while it expects a spliced
+// WRITE's header: the header and the start of a payload, so that little of the payload
+// lands in the reader's buffer and must be copied into the pipe.
+const headerFill = 4096
+
+// expectSpliced caps the reader's next fill after a spliced WRITE (another one probably
+// follows) and lifts the cap once a request that is not spliced is read.
+func (c *conn) expectSpliced(spliced bool) {
+	if c.fill == nil || c.tls {
+		return
+	}
+	if spliced {
+		c.fill.max = headerFill
+	} else {
+		c.fill.max = 0
 	}
 }

@@ -130,6 +130,9 @@ func (c *conn) readLoop() error {
 				return fmt.Errorf("Failed to read write payload of %d bytes: %w", h.length, err)
 			}
 		}
+		if h.typ != cmdWrite {
+			c.expectSpliced(false)
+		}
 		c.handlers.Add(1)
 		c.dispatch(r)
 	}
