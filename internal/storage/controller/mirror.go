@@ -341,12 +341,14 @@ func (m *mirrorMgr) load() error {
 			return fmt.Errorf("Failed to load mirror state of %q: %w", info.Name, err)
 		} else {
 			// No state (made before pairing, or a crash during create): never write,
-			// let the partner's copy win.
-			m.c.log.Warn("Volume has no mirror state; it starts stale", "volume", info.Name)
+			// let the partner's copy win; if the partner has none, adopt it (adoptIfOnly).
+			m.c.log.Warn("Volume has no mirror state; it starts stale until the partner shows whether it has a copy", "volume", info.Name)
 		}
-		if _, err := m.openVol(info.Name, home, st, false); err != nil {
+		v, err := m.openVol(info.Name, home, st, false)
+		if err != nil {
 			return err
 		}
+		v.unpaired = st == (mirror.State{Role: mirror.RoleStale})
 	}
 	return nil
 }

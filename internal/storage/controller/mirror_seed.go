@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/growserver/grow/internal/storage/adminclient"
 	"github.com/growserver/grow/internal/storage/mirror"
@@ -158,4 +159,34 @@ func (m *mirrorMgr) seedVolume(ctx context.Context, v *mvol, has map[string]bool
 // seedOnce holds the once-per-run warnings of rebuilding.
 type seedOnce struct {
 	seedWarnOnce sync.Once
+}
+
+// adoptIfOnly makes this side the degraded primary of a volume that had no mirror state
+// (made before the controller was paired) once the partner answers without a copy of it:
+// this copy is then the only one, and the partner receives it (seedIfLacking). While the
+// partner is silent, or has a copy (which wins), the volume stays stale. v.mu is held.
+func (v *mvol) adoptIfOnly(pv peerView, partnerHas bool) {
+	m := v.m
+	if !pv.up || pv.info == nil || partnerHas || pv.info.MetaPending > 0 || m.wit == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Second)
+	defer cancel()
+	epoch, err := m.electNewVolume(ctx, v.name)
+	if err != nil {
+		m.c.log.Warn("Failed to adopt a volume made before pairing", "volume", v.name, "err", err)
+		return
+	}
+	st := aloneState(epoch)
+	if err := v.setState(st); err != nil {
+		m.c.log.Error("Failed to record mirror state", "volume", v.name, "err", err)
+		return
+	}
+	if err := v.makeVolume(st); err != nil {
+		m.c.log.Error("Failed to open replicating export", "volume", v.name, "err", err)
+		return
+	}
+	v.unpaired = false
+	m.c.log.Warn("Volume made before pairing adopted: the partner has no copy and receives this one", "volume", v.name, "epoch", epoch)
+	m.kick()
 }

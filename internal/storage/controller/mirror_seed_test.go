@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,5 +97,65 @@ func TestMirrorPartnerRebuilt(t *testing.T) {
 	got := readVolume(t, b.cfg.DataDir, "c1")
 	if got[0] != 0xab || got[1<<20] != 0x11 || got[5<<20] != 0x12 || got[4<<20] != 0 {
 		t.Fatalf("c1 on the rebuilt side: %x %x %x %x", got[0], got[1<<20], got[5<<20], got[4<<20])
+	}
+}
+
+// A controller that ran alone (its volumes, images and clones made before pairing) is
+// paired with a new, empty partner: it adopts its volumes, the partner receives them,
+// and both sides end synced and identical.
+func TestMirrorPairingExistingController(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := testPair(t)
+	paired := a.cfg.Mirror
+	a.cfg.Mirror = MirrorConfig{}
+	a.start()
+	ctx := context.Background()
+	img := bytes.Repeat([]byte{0x5a}, 4<<20)
+	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.cl.CreateVolume(ctx, "e1", 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	for name, cmds := range map[string][]string{
+		"c1": {"write -P 0x31 2M 4k", "flush"},
+		"e1": {"write -P 0x32 3M 1M", "flush"},
+	} {
+		if out, err := qemuIOAt(a.cfg.NBDAddr, name, cmds...); err != nil {
+			t.Fatalf("%s: %v\n%s", name, err, out)
+		}
+	}
+	a.stop()
+	a.cfg.Mirror = paired
+	b.start()
+	a.start()
+	pairUp(t, a, b)
+	for _, name := range []string{"c1", "e1"} {
+		a.waitState(t, name, "primary", adminclient.MirrorSynced, 30*time.Second)
+		b.waitState(t, name, "secondary", adminclient.MirrorSynced, 10*time.Second)
+	}
+	if c1 := b.volume("c1"); c1 == nil || c1.Parent != "gold" {
+		t.Fatalf("c1 on the new partner is not a clone of gold: %+v", c1)
+	}
+	if log := a.logText(); strings.Count(log, "Volume made before pairing adopted") != 2 || !strings.Contains(log, "Image copied to the partner") {
+		t.Fatalf("a did not adopt its two volumes and copy its image:\n%s", log)
+	}
+	// Changes are made on both sides from now on.
+	if _, err := b.cl.CloneVolume(ctx, "gold", "c2"); err != nil {
+		t.Fatal(err)
+	}
+	if a.volume("c2") == nil {
+		t.Fatal("a clone made after pairing is missing on one side")
+	}
+	a.stop()
+	b.stop()
+	for _, name := range []string{"gold", "c1", "e1"} {
+		sameBytes(t, name, readVolume(t, a.cfg.DataDir, name), readVolume(t, b.cfg.DataDir, name))
+	}
+	if got := readVolume(t, b.cfg.DataDir, "e1"); got[3<<20] != 0x32 || got[0] != 0 {
+		t.Fatalf("e1 on the new partner: %x %x", got[3<<20], got[0])
 	}
 }

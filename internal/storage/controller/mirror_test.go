@@ -215,7 +215,12 @@ func (n *node) start() {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := n.cl.MirrorStatus(ctx)
+		var err error
+		if n.cfg.Mirror.Peer == "" {
+			_, err = n.cl.Stats(ctx) // not paired (yet)
+		} else {
+			_, err = n.cl.MirrorStatus(ctx)
+		}
 		cancel()
 		if err == nil {
 			return

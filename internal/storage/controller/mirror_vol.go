@@ -66,6 +66,9 @@ type mvol struct {
 	lastLinkBytes int64
 	linkActive    atomic.Int64 // unix nanoseconds
 	opens         atomic.Int64
+	// unpaired: the volume had no mirror state at load (made before this controller was
+	// paired); it is adopted if the partner turns out to have no copy (adoptIfOnly).
+	unpaired bool
 }
 
 // openVol opens the mirror state of name (creating its files when create is set).
@@ -331,6 +334,9 @@ func (v *mvol) reconcile(pv peerView) {
 		if pv.up && known && !v.resyncing && (mode == mirror.ModeDegraded) && v.canResyncTo(pr, ps.Epoch, st.Epoch) {
 			v.startResync(st.Epoch, pr == mirror.RoleStale)
 		}
+
+	case v.unpaired && st == (mirror.State{Role: mirror.RoleStale}):
+		v.adoptIfOnly(pv, known)
 
 	case st.Role == mirror.RoleSecondary:
 		if n := v.target.BytesWritten.Load(); n != v.lastLinkBytes {
