@@ -366,11 +366,37 @@ func (m *Manager) runMigrate(r *opRun) error {
 	}
 	err = agent.Migrate(r.ctx, sv.ID, target)
 	if err != nil {
+		// The error may be only the answer's (the source agent restarted, a connection
+		// broke) while the VM moved: where it runs now decides.
+		ctx, cancel := cleanup()
+		defer cancel()
+		if at, ok := m.locateVM(ctx, sv.ID, target.ID, sv.HostID); ok && at == target.ID {
+			m.log.Warn("Migration answered an error but the VM runs on the destination", "server", sv.ID, "host", target.Name, "err", err)
+			sv.HostID, sv.State = target.ID, store.ServerRunning
+			return m.st.UpdateServer(context.Background(), &sv)
+		}
 		_ = m.st.SetServerState(context.Background(), sv.ID, store.ServerRunning)
 		return err
 	}
 	sv.HostID, sv.State = target.ID, store.ServerRunning
 	return m.st.UpdateServer(context.Background(), &sv)
+}
+
+// locateVM asks the agents of hosts, in order, which one runs the VM.
+func (m *Manager) locateVM(ctx context.Context, vm string, hosts ...string) (string, bool) {
+	for _, id := range hosts {
+		if id == "" {
+			continue
+		}
+		_, agent, err := m.hostOf(ctx, id)
+		if err != nil {
+			continue
+		}
+		if v, err := agent.Get(ctx, vm); err == nil && v.State == hostapi.StateRunning {
+			return id, true
+		}
+	}
+	return "", false
 }
 
 // Console returns the recent console output of a server's VM.

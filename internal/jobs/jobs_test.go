@@ -197,6 +197,34 @@ func testLifecycle(t *testing.T, e *env) {
 	if _, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: other.Name}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("migrate onto its own host: err = %v", err)
 	}
+	// A migration that fails leaves the server where it runs; one whose answer is lost
+	// after the VM moved follows the VM.
+	back := e.hosts[0]
+	if back.ID == sv.HostID {
+		back = e.hosts[1]
+	}
+	e.c.Fail = map[string]error{"migrate": errors.New("destination refused")}
+	mop, err = e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: back.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mop = e.wait(mop); mop.State != store.OpFailed {
+		t.Fatalf("failed migrate: %+v", mop)
+	}
+	if sv, _ = e.st.GetServer(e.ctx, "web1"); sv.HostID != other.ID || sv.State != store.ServerRunning {
+		t.Fatalf("after a failed migrate the server is on %s (%s), want %s", sv.HostID, sv.State, other.ID)
+	}
+	e.c.Fail = map[string]error{}
+	e.c.Lost = map[string]error{"migrate": errors.New("connection reset by peer")}
+	mop, err = e.m.ServerAction(e.ctx, e.admin, sv.ID, KindMigrate, ActionRequest{To: back.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mop = e.wait(mop)
+	e.c.Lost = nil
+	if sv, _ = e.st.GetServer(e.ctx, "web1"); mop.State != store.OpSucceeded || sv.HostID != back.ID {
+		t.Fatalf("a migration whose answer was lost: op %+v, server on %s, want %s", mop, sv.HostID, back.ID)
+	}
 	// Stop, start, then delete frees VM, volume and address.
 	for _, k := range []string{KindStop, KindStart, KindReboot} {
 		o, err := e.m.ServerAction(e.ctx, e.admin, sv.ID, k, ActionRequest{})

@@ -147,24 +147,15 @@ func (m *Manager) recoverMigrate(r *opRun) error {
 	if err != nil {
 		return err
 	}
-	for _, id := range []string{req.To, sv.HostID} {
-		if id == "" {
-			continue
+	if id, ok := m.locateVM(r.ctx, sv.ID, req.To, sv.HostID); ok {
+		sv.HostID, sv.State = id, store.ServerRunning
+		if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
+			return err
 		}
-		_, agent, err := m.hostOf(r.ctx, id)
-		if err != nil {
-			continue
+		if id == req.To {
+			return nil // the migration had completed
 		}
-		if vm, err := agent.Get(r.ctx, sv.ID); err == nil && vm.State == hostapi.StateRunning {
-			sv.HostID, sv.State = id, store.ServerRunning
-			if err := m.st.UpdateServer(context.Background(), &sv); err != nil {
-				return err
-			}
-			if id == req.To {
-				return nil // the migration had completed
-			}
-			return fmt.Errorf("Interrupted by a restart of grow serve; the server still runs on its source host")
-		}
+		return fmt.Errorf("Interrupted by a restart of grow serve; the server still runs on its source host")
 	}
 	_ = m.st.SetServerState(context.Background(), sv.ID, store.ServerError)
 	return fmt.Errorf("Interrupted by a restart of grow serve; the VM runs on neither host")

@@ -25,6 +25,8 @@ type Cluster struct {
 	Volumes map[string]int64          // name -> size
 	VMs     map[string]map[string]*VM // host ID -> VM name -> VM
 	Fail    map[string]error          // "clone", "define", "start", "resize", "migrate"
+	// Lost makes a step succeed but answer this error (its answer lost on the way): "migrate".
+	Lost map[string]error
 	// ReadyAfter delays the guest's ready report after start.
 	ReadyAfter time.Duration
 	// Calls lists the injectable steps in the order they were attempted.
@@ -307,5 +309,5 @@ func (h *fakeHost) Migrate(ctx context.Context, name string, target store.Host) 
 	}
 	h.c.VMs[target.ID][name] = v
 	delete(h.c.VMs[h.id], name)
-	return nil
+	return h.c.Lost["migrate"]
 }
