@@ -54,9 +54,9 @@ func newControllerCmd() *cobra.Command {
 					return cpErr(err)
 				}
 				return o.emit(cmd.OutOrStdout(), ss, func(tw *tabwriter.Writer) {
-					fmt.Fprintln(tw, "NAME\tSTATE\tHEALTH\tURL\tID")
+					fmt.Fprintln(tw, "NAME\tSTATE\tHEALTH\tURL\tPARTNER\tID")
 					for _, s := range ss {
-						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, healthText(s.Health), s.URL, s.ID)
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, healthText(s.Health), s.URL, orNone(s.PartnerURL), s.ID)
 					}
 				})
 			})
