@@ -46,6 +46,7 @@ type serveConfig struct {
 	cpuOvercommit                       float64
 	nPlusOne                            bool
 	readyTimeout, trafficInt, healthInt time.Duration
+	overAllowanceRate                   string
 	logLevel                            string
 }
 
@@ -80,6 +81,7 @@ PostgreSQL instead of SQLite.`,
 	f.BoolVar(&cfg.nPlusOne, "n-plus-one", true, "keep enough free memory to evacuate any one host")
 	f.DurationVar(&cfg.readyTimeout, "ready-timeout", 5*time.Minute, "how long a new guest has to report ready")
 	f.DurationVar(&cfg.trafficInt, "traffic-interval", time.Minute, "how often servers' traffic counters are sampled for billing")
+	f.StringVar(&cfg.overAllowanceRate, "over-allowance-rate", "10Mbit", "rate a server is slowed to once its traffic this month exceeds its plan's allowance (0: never slow; the overage is billed either way)")
 	f.DurationVar(&cfg.healthInt, "health-interval", 5*time.Second, "how often host agents and storage controllers are probed (a host that does not answer gets no new servers)")
 	f.StringVar(&cfg.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
@@ -94,6 +96,10 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	}
 	if cfg.cpuOvercommit < 1 {
 		return &ExitError{Code: exitUsage, Err: fmt.Errorf("--cpu-overcommit must be at least 1")}
+	}
+	overRate, err := units.ParseRate(cfg.overAllowanceRate)
+	if err != nil {
+		return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --over-allowance-rate: %w", err)}
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -123,6 +129,7 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 		return err
 	}
 	m := jobs.New(jobs.Config{Store: st, Connector: jobs.Clients{}, ReadyTimeout: cfg.readyTimeout, Logger: log, Instance: instance,
+		OverAllowanceBps: overRate,
 		Policy: scheduler.Policy{CPUOvercommit: cfg.cpuOvercommit, NPlusOne: cfg.nPlusOne}})
 	defer m.Close()
 

@@ -84,6 +84,12 @@ func (a *Agent) Handler(token string) http.Handler {
 			reply(w, http.StatusOK, nil, a.Resize(ctx, name, req))
 		case "announce":
 			reply(w, http.StatusOK, nil, a.Announce(name))
+		case "shape":
+			var req hostapi.ShapeRequest
+			if !readJSON(w, r, &req) {
+				return
+			}
+			reply(w, http.StatusOK, nil, a.Shape(name, req))
 		case "migrate":
 			var req hostapi.MigrateRequest
 			if !readJSON(w, r, &req) {

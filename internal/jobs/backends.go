@@ -42,6 +42,8 @@ type Host interface {
 	// Delete removes a VM, killing it if needed; a VM that does not exist is not an error.
 	Delete(ctx context.Context, name string) error
 	Resize(ctx context.Context, name string, req hostapi.ResizeRequest) error
+	// Shape sets the rates of every NIC of a VM (bits per second, 0 = unlimited).
+	Shape(ctx context.Context, name string, in, out uint64) error
 	ConsoleLog(ctx context.Context, name string) ([]byte, error)
 	Counters(ctx context.Context, name string) (hostapi.Counters, error)
 	// Migrate moves a running VM to the agent at target and waits until it is done.
@@ -262,6 +264,13 @@ func (h *hostClient) Start(ctx context.Context, name string) error {
 func (h *hostClient) Stop(ctx context.Context, name string, timeout time.Duration) error {
 	if err := h.c.Stop(ctx, name, timeout); err != nil {
 		return fmt.Errorf("Failed to stop VM %q on %q: %w", name, h.name, err)
+	}
+	return nil
+}
+
+func (h *hostClient) Shape(ctx context.Context, name string, in, out uint64) error {
+	if err := h.c.Shape(ctx, name, hostapi.ShapeRequest{InRate: in, OutRate: out}); err != nil {
+		return fmt.Errorf("Failed to shape VM %q on %q: %w", name, h.name, err)
 	}
 	return nil
 }

@@ -310,6 +310,9 @@ func (m *Manager) vmSpec(ctx context.Context, sv store.Server, im store.Image, s
 	}
 	disk.ID, disk.Export = "root", sv.Volume
 	nic := hostapi.NIC{MAC: macOf(sv.ID)}
+	if rate, err := m.trafficRate(ctx, sv, time.Now().UTC()); err == nil && rate > 0 {
+		nic.InRate, nic.OutRate = rate, rate
+	}
 	if sv.IPv4 != "" {
 		nic.IPv4 = []string{sv.IPv4}
 	}

@@ -57,8 +57,12 @@ type Config struct {
 	Instance string
 	// Lease is how long an operation whose owner stopped renewing it waits before another
 	// control plane takes it over (default 15 s).
-	Lease  time.Duration
-	Logger *slog.Logger
+	Lease time.Duration
+	// OverAllowanceBps is the rate (bits per second, both directions) of a server whose
+	// traffic this month exceeds its plan's allowance; 0 leaves such servers unlimited
+	// (the overage is billed either way).
+	OverAllowanceBps uint64
+	Logger           *slog.Logger
 }
 
 // Manager starts, follows, cancels and recovers operations.
@@ -77,6 +81,9 @@ type Manager struct {
 
 	healthMu sync.Mutex
 	health   map[string]Health // host or storage controller ID -> last probe
+
+	shapedMu sync.Mutex
+	shaped   map[string]uint64 // server ID -> NIC rate last applied (traffic.go)
 }
 
 // New returns a Manager; call Recover once before serving requests.
@@ -100,7 +107,8 @@ func New(cfg Config) *Manager {
 		cfg.Lease = 15 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, st: cfg.Store, log: cfg.Logger, running: map[string]context.CancelFunc{}, baseCtx: ctx, shutdown: cancel}
+	return &Manager{cfg: cfg, st: cfg.Store, log: cfg.Logger, running: map[string]context.CancelFunc{}, baseCtx: ctx, shutdown: cancel,
+		shaped: map[string]uint64{}}
 }
 
 // Close stops running operations without undoing them (the next Recover decides) and waits.

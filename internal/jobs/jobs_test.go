@@ -120,6 +120,7 @@ func TestJobs(t *testing.T) {
 			t.Run("restart mid-create", func(t *testing.T) { testRestart(t, newEnv(t, b)) })
 			t.Run("two control planes", func(t *testing.T) { testTwoControlPlanes(t, newEnv(t, b)) })
 			t.Run("traffic metering", func(t *testing.T) { testTraffic(t, newEnv(t, b)) })
+			t.Run("traffic limit", func(t *testing.T) { testTrafficLimit(t, newEnv(t, b)) })
 			t.Run("health probes steer placement", func(t *testing.T) { testHealth(t, newEnv(t, b)) })
 			t.Run("evacuate a host", func(t *testing.T) { testEvacuate(t, newEnv(t, b)) })
 		})
@@ -537,6 +538,69 @@ func testTraffic(t *testing.T, e *env) {
 	expect(2100, 6200)
 	set(50, 60) // the VM was defined afresh: its counters start again
 	expect(2150, 6260)
+}
+
+// testTrafficLimit checks that a server whose traffic this month exceeds its plan's
+// allowance is slowed to the over-allowance rate (also when its VM is defined afresh),
+// and that the limit is lifted once the allowance covers it again (a larger plan).
+func testTrafficLimit(t *testing.T, e *env) {
+	m := New(Config{Store: e.st, Connector: e.c, Policy: scheduler.DefaultPolicy, ReadyTimeout: 5 * time.Second, Instance: "cp-test",
+		OverAllowanceBps: 10e6, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	t.Cleanup(m.Close)
+	e.m = m
+	op := e.wait(e.create("chatty", ""))
+	if op.State != store.OpSucceeded {
+		t.Fatalf("create: %+v", op)
+	}
+	sv, _ := e.st.GetServer(e.ctx, "chatty")
+	plan, err := e.st.GetPlan(e.ctx, sv.Plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rates := func() (uint64, uint64) {
+		e.c.Mu.Lock()
+		defer e.c.Mu.Unlock()
+		n := e.c.VMs[sv.HostID][sv.ID].Spec.NICs[0]
+		return n.InRate, n.OutRate
+	}
+	setTraffic := func(rx uint64) {
+		e.c.Mu.Lock()
+		e.c.Traffic[sv.ID] = hostapi.Counters{RxBytes: rx, TxBytes: 1}
+		e.c.Mu.Unlock()
+	}
+	now := time.Now().UTC()
+	setTraffic(uint64(plan.TrafficBytes) - 10)
+	m.SampleTraffic(e.ctx, now)
+	if in, out := rates(); in != 0 || out != 0 {
+		t.Fatalf("within the allowance the VM is shaped to %d/%d", in, out)
+	}
+	setTraffic(uint64(plan.TrafficBytes) + 10)
+	m.SampleTraffic(e.ctx, now.Add(time.Second))
+	if in, out := rates(); in != 10e6 || out != 10e6 {
+		t.Fatalf("over the allowance the VM is shaped to %d/%d, want 10 Mbit/s both ways", in, out)
+	}
+	// Stopped and started, it is defined afresh: still slowed.
+	for _, k := range []string{KindStop, KindStart} {
+		o, err := m.ServerAction(e.ctx, e.admin, sv.ID, k, ActionRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o = e.wait(o); o.State != store.OpSucceeded {
+			t.Fatalf("%s: %+v", k, o)
+		}
+	}
+	if in, _ := rates(); in != 10e6 {
+		t.Fatalf("after a restart the VM is shaped to %d, want 10 Mbit/s", in)
+	}
+	// A larger allowance lifts the limit at the next reading.
+	plan.TrafficBytes *= 100
+	if err := e.st.PutPlan(e.ctx, plan); err != nil {
+		t.Fatal(err)
+	}
+	m.SampleTraffic(e.ctx, now.Add(2*time.Second))
+	if in, out := rates(); in != 0 || out != 0 {
+		t.Fatalf("with a larger allowance the VM is still shaped to %d/%d", in, out)
+	}
 }
 
 // testHealth checks that a host whose agent stops answering is reported down with the

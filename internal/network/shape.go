@@ -65,3 +65,18 @@ func Shape(tap string, in, out uint64) error {
 	}
 	return nil
 }
+
+// Reshape sets a tap's rates while its guest runs: its shaping is removed and, for a
+// direction whose rate is not 0, applied again as Shape does (htb cannot be changed in
+// place by "replace").
+func Reshape(tap string, in, out uint64) error {
+	if !validIfName(tap) {
+		return fmt.Errorf("Invalid tap name %q", tap)
+	}
+	_ = run("", "tc", "qdisc", "del", "dev", tap, "root")
+	_ = run("", "tc", "qdisc", "del", "dev", tap, "ingress")
+	if _, err := netlink.LinkByName(IfbName(tap)); err == nil {
+		_ = run("", "tc", "qdisc", "del", "dev", IfbName(tap), "root")
+	}
+	return Shape(tap, in, out)
+}

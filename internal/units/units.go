@@ -77,3 +77,32 @@ func FormatSize(n int64) string {
 	}
 	return fmt.Sprintf("%dB", n)
 }
+
+// ParseRate parses a network rate in bits per second: a number with an optional
+// decimal suffix k, M or G, optionally followed by "bit" or "bps" ("10Mbit", "1G",
+// "500kbps"); "0" is no limit.
+func ParseRate(s string) (uint64, error) {
+	t := strings.TrimSpace(s)
+	for _, unit := range []string{"bit/s", "bit", "bps"} {
+		if strings.HasSuffix(t, unit) {
+			t = strings.TrimSuffix(t, unit)
+			break
+		}
+	}
+	mult := uint64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'k', 'K':
+			mult, t = 1000, t[:n-1]
+		case 'M':
+			mult, t = 1000*1000, t[:n-1]
+		case 'G':
+			mult, t = 1000*1000*1000, t[:n-1]
+		}
+	}
+	v, err := strconv.ParseUint(t, 10, 64)
+	if err != nil || v > (1<<63)/mult {
+		return 0, fmt.Errorf("Invalid rate %q: want bits per second such as 10Mbit, 1G or 500k", s)
+	}
+	return v * mult, nil
+}

@@ -27,3 +27,16 @@ func TestFormatSize(t *testing.T) {
 		}
 	}
 }
+
+func TestParseRate(t *testing.T) {
+	for in, want := range map[string]uint64{"0": 0, "10Mbit": 10e6, "1G": 1e9, "500k": 500e3, "500kbps": 500e3, "64000": 64000, " 2Mbit/s ": 2e6} {
+		if got, err := ParseRate(in); err != nil || got != want {
+			t.Errorf("ParseRate(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "fast", "-1M", "1.5M", "10MiB", "99999999999G"} {
+		if _, err := ParseRate(bad); err == nil {
+			t.Errorf("ParseRate(%q) accepted", bad)
+		}
+	}
+}

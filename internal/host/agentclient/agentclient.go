@@ -190,6 +190,11 @@ func (c *Client) Resize(ctx context.Context, name string, req hostapi.ResizeRequ
 	return c.do(ctx, http.MethodPost, vmPath(name, "/resize"), req, nil)
 }
 
+// Shape sets the rates of every NIC of a VM (bits per second, 0 = unlimited).
+func (c *Client) Shape(ctx context.Context, name string, req hostapi.ShapeRequest) error {
+	return c.do(ctx, http.MethodPost, vmPath(name, "/shape"), req, nil)
+}
+
 // Counters returns a VM's traffic counters.
 func (c *Client) Counters(ctx context.Context, name string) (hostapi.Counters, error) {
 	var out hostapi.Counters

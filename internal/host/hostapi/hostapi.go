@@ -131,6 +131,12 @@ type MigrateRequest struct {
 	BandwidthMiBps int `json:"bandwidth_mibps,omitempty"`
 }
 
+// ShapeRequest sets the rates of every NIC of a VM, in bits per second (0 = unlimited).
+type ShapeRequest struct {
+	InRate  uint64 `json:"in_rate_bps"`
+	OutRate uint64 `json:"out_rate_bps"`
+}
+
 // IncomingRequest asks a destination agent to prepare a VM to receive a migration.
 type IncomingRequest struct {
 	Spec       VMSpec `json:"spec"`

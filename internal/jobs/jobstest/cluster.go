@@ -246,6 +246,19 @@ func (h *fakeHost) Delete(ctx context.Context, name string) error {
 	return nil
 }
 
+func (h *fakeHost) Shape(ctx context.Context, name string, in, out uint64) error {
+	h.c.Mu.Lock()
+	defer h.c.Mu.Unlock()
+	v, err := h.vm(name)
+	if err != nil {
+		return err
+	}
+	for i := range v.Spec.NICs {
+		v.Spec.NICs[i].InRate, v.Spec.NICs[i].OutRate = in, out
+	}
+	return nil
+}
+
 func (h *fakeHost) Resize(ctx context.Context, name string, req hostapi.ResizeRequest) error {
 	if err := h.c.failing("resize"); err != nil {
 		return err

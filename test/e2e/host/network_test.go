@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/internal/network"
 	"github.com/growserver/grow/test/testbed"
 )
 
@@ -187,5 +188,36 @@ func TestNetwork(t *testing.T) {
 			}
 		}()
 		measure("to the guest", func(c hostapi.Counters) uint64 { return c.RxBytes })
+	})
+	// The control plane slows a server that used up its monthly traffic and lifts it
+	// again, on the running VM: the tap's qdiscs follow, and the record keeps the rates.
+	t.Run("reshaping a running VM", func(t *testing.T) {
+		vm, err := h.API.Get(ctx, "shaped")
+		if err != nil || len(vm.Taps) == 0 {
+			t.Fatalf("shaped VM: %+v %v", vm, err)
+		}
+		tap := vm.Taps[0]
+		tc := func(args ...string) string {
+			out, err := hostbed.InNS(h.NS, 5*time.Second, "tc", args...)
+			if err != nil {
+				t.Fatalf("tc %v: %v\n%s", args, err, out)
+			}
+			return out
+		}
+		if err := h.API.Shape(ctx, "shaped", hostapi.ShapeRequest{InRate: 2e6, OutRate: 3e6}); err != nil {
+			t.Fatal(err)
+		}
+		if q, c := tc("qdisc", "show", "dev", tap), tc("class", "show", "dev", network.IfbName(tap)); !strings.Contains(q, "tbf") || !strings.Contains(q, "rate 2Mbit") || !strings.Contains(c, "rate 3Mbit") {
+			t.Fatalf("after shaping to 2/3 Mbit/s:\n%s\n%s", q, c)
+		}
+		if err := h.API.Shape(ctx, "shaped", hostapi.ShapeRequest{}); err != nil {
+			t.Fatal(err)
+		}
+		if q := tc("qdisc", "show", "dev", tap); strings.Contains(q, "tbf") || strings.Contains(q, "ingress") {
+			t.Fatalf("after lifting the limits the tap still has:\n%s", q)
+		}
+		if vm, err := h.API.Get(ctx, "shaped"); err != nil || vm.Spec.NICs[0].InRate != 0 || vm.Spec.NICs[0].OutRate != 0 {
+			t.Fatalf("the record keeps rates %+v %v", vm.Spec.NICs, err)
+		}
 	})
 }
