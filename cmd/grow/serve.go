@@ -130,7 +130,7 @@ func runServe(cmd *cobra.Command, cfg serveConfig) error {
 	}
 	m := jobs.New(jobs.Config{Store: st, Connector: jobs.Clients{}, ReadyTimeout: cfg.readyTimeout, Logger: log, Instance: instance,
 		OverAllowanceBps: overRate,
-		Policy: scheduler.Policy{CPUOvercommit: cfg.cpuOvercommit, NPlusOne: cfg.nPlusOne}})
+		Policy:           scheduler.Policy{CPUOvercommit: cfg.cpuOvercommit, NPlusOne: cfg.nPlusOne}})
 	defer m.Close()
 
 	if cfg.local {
