@@ -173,6 +173,17 @@ func (m *mirrorMgr) replayOp(ctx context.Context, op metaOp) error {
 		if v == nil {
 			return nil // never made (a crash or a refusal after journaling) or deleted since
 		}
+		v.mu.Lock()
+		if v.unpaired {
+			// Made here alone but a crash came before its mirror state was written: it
+			// is this side's, and the partner is about to get a stale copy of it.
+			v.adoptIfOnly(m.view(), false)
+		}
+		adopted := !v.unpaired
+		v.mu.Unlock()
+		if !adopted {
+			return fmt.Errorf("%q has no mirror state yet", op.Name)
+		}
 		fw := m.fwd.WithHeader(hdrHome, v.home).WithHeader(hdrPrimary, m.cfg.Name).WithHeader(hdrInitial, "stale")
 		var err error
 		if op.Op == metaCreate {

@@ -3,6 +3,8 @@ package controller
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -200,5 +202,36 @@ func TestMirrorRestartKeepsEpoch(t *testing.T) {
 	v := p.waitState(t, "v", "primary", adminclient.MirrorSynced, 15*time.Second)
 	if v.Mirror.Epoch != pv.Mirror.Epoch {
 		t.Fatalf("epoch %d after a restart beside a running partner, was %d", v.Mirror.Epoch, pv.Mirror.Epoch)
+	}
+}
+
+// A crash between making a volume alone and writing its mirror state leaves a volume
+// without state and a journaled creation: the replay adopts it, and the pair ends synced.
+func TestMirrorAloneCreateCrashBeforeState(t *testing.T) {
+	needQemuIO(t)
+	a, b, _ := startedPair(t)
+	ctx := context.Background()
+	b.stop()
+	if _, err := a.cl.CreateVolume(ctx, "e9", 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	v := a.waitState(t, "e9", "primary", adminclient.MirrorDegraded, 5*time.Second)
+	if out, err := qemuIOAt(v.NBDAddress, "e9", "write -P 0x44 1M 64k", "flush"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	a.kill()
+	if err := os.Remove(filepath.Join(a.cfg.DataDir, "mirror", "e9.json")); err != nil {
+		t.Fatal(err)
+	}
+	a.start()
+	b.start()
+	a.waitState(t, "e9", "primary", adminclient.MirrorSynced, 30*time.Second)
+	b.waitState(t, "e9", "secondary", adminclient.MirrorSynced, 10*time.Second)
+	a.stop()
+	b.stop()
+	got := readVolume(t, b.cfg.DataDir, "e9")
+	sameBytes(t, "e9", readVolume(t, a.cfg.DataDir, "e9"), got)
+	if got[1<<20] != 0x44 {
+		t.Fatalf("e9 on the partner: %x", got[1<<20])
 	}
 }
