@@ -48,6 +48,8 @@ type conn struct {
 	handlers   sync.WaitGroup
 	work       chan *request // hands a request to an idle worker (unbuffered)
 	workers    sync.WaitGroup
+	nworkers   int // workers started (by the reader only)
+	maxWorkers int // MaxInFlight: more workers could never all be busy
 	replies    chan *request
 	writerDone chan struct{}
 	out        []byte          // writer-owned output buffer

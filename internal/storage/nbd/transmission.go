@@ -64,6 +64,7 @@ func (c *conn) maxBufferBytes() int64 {
 // transmit runs the transmission phase until the client disconnects or misbehaves.
 func (c *conn) transmit() error {
 	n := c.maxInFlight()
+	c.maxWorkers = n
 	c.budget = newBudget(n, c.maxBufferBytes())
 	c.replies = make(chan *request, n)
 	c.work = make(chan *request)
@@ -141,14 +142,22 @@ func (c *conn) readLoop() error {
 // dispatch hands r to an idle worker of the connection, or starts a new worker when
 // none is idle. Workers live as long as the connection, so their stacks, grown once
 // by the deep export call chain, are reused instead of being grown again (copied) for
-// every request; their number never exceeds the requests in flight (the budget).
+// every request. There are never more than MaxInFlight: when that many exist and none
+// is idle, one has just sent its reply (which is what freed the budget for r) and is on
+// its way back, so r waits for it.
 func (c *conn) dispatch(r *request) {
 	select {
 	case c.work <- r:
+		return
 	default:
+	}
+	if c.nworkers < c.maxWorkers {
+		c.nworkers++
 		c.workers.Add(1)
 		go c.worker(r)
+		return
 	}
+	c.work <- r
 }
 
 // worker serves r, then every request handed to it, until the connection ends.
