@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/growserver/grow/internal/storage/dev"
 )
 
 // ReadSplicer may be implemented by an Export whose data can be put into a pipe without
@@ -192,7 +194,7 @@ func (c *conn) readPayload(r *request) error {
 				// The pipe is full (its slots hold small pieces): copy what it holds
 				// and read the rest.
 				r.buf = getBuf(n)
-				err = readPipe(p.r, (*r.buf)[:done])
+				err = dev.ReadPipe(p.r, (*r.buf)[:done])
 			}
 			p.put()
 			if err != nil {
@@ -272,23 +274,6 @@ func (c *conn) spliceIn(p *pipe, n int) (int, error) {
 	return done, nil
 }
 
-// readPipe fills b from the non-blocking pipe fd, which holds at least len(b) bytes.
-func readPipe(fd int, b []byte) error {
-	for len(b) > 0 {
-		k, err := unix.Read(fd, b)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN || (err == nil && k == 0):
-			return errors.New("pipe holds less than the payload")
-		case err != nil:
-			return fmt.Errorf("Failed to read payload from a pipe: %w", err)
-		}
-		b = b[k:]
-	}
-	return nil
-}
-
 // writeSpliced serves a WRITE whose payload is in r.pipe.
 func (c *conn) writeSpliced(r *request, off int64, fua bool) uint32 {
 	err := c.wsplicer.SpliceWrite(r.pipe.r, off, int(r.length), fua)
@@ -300,7 +285,7 @@ func (c *conn) writeSpliced(r *request, off int64, fua bool) uint32 {
 	}
 	// Nothing was taken from the pipe: write the data from a buffer.
 	r.buf = getBuf(int(r.length))
-	if err := readPipe(r.pipe.r, *r.buf); err != nil {
+	if err := dev.ReadPipe(r.pipe.r, *r.buf); err != nil {
 		return c.fail(r, err)
 	}
 	if err := c.export.WriteAt(*r.buf, off, fua); err != nil {

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/growserver/grow/internal/storage/dev"
 )
 
 // writeSpliceExport is a memExport that also implements WriteSplicer by reading the pipe
@@ -31,7 +33,7 @@ func (s *writeSpliceExport) SpliceWrite(fd int, off int64, n int, fua bool) erro
 	}
 	b := make([]byte, n)
 	if s.half && call%5 == 0 {
-		if err := readPipe(fd, b[:n/2]); err != nil {
+		if err := dev.ReadPipe(fd, b[:n/2]); err != nil {
 			return err
 		}
 		s.mu.Lock()
@@ -39,7 +41,7 @@ func (s *writeSpliceExport) SpliceWrite(fd int, off int64, n int, fua bool) erro
 		s.mu.Unlock()
 		return errors.New("simulated failure half-way")
 	}
-	if err := readPipe(fd, b); err != nil {
+	if err := dev.ReadPipe(fd, b); err != nil {
 		return err
 	}
 	s.spliced.Add(1)

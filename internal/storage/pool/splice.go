@@ -99,7 +99,7 @@ func (p *Pool) SpliceFrom(fd int, off int64, n int) error {
 	if len(p.disks) != 1 {
 		b := getPipeBuf(n)
 		defer pipeBufs.Put(b)
-		if err := readPipe(fd, *b); err != nil {
+		if err := dev.ReadPipe(fd, *b); err != nil {
 			return fmt.Errorf("Failed to write %d bytes at %d: %w", n, off, err)
 		}
 		_, err := p.WriteAt(*b, off)
@@ -117,9 +117,6 @@ func (p *Pool) SpliceFrom(fd int, off int64, n int) error {
 	return nil
 }
 
-// errPipeShort means the pipe held fewer bytes than a write promised.
-var errPipeShort = errors.New("pipe holds less than the write")
-
 // spliceIntoDisk moves n bytes from the pipe into d at doff with splice(2).
 func (p *Pool) spliceIntoDisk(d *disk, pipe int, doff, n int64) error {
 	if err := p.fault(d, "write", doff); err != nil {
@@ -132,7 +129,7 @@ func (p *Pool) spliceIntoDisk(d *disk, pipe int, doff, n int64) error {
 			case err == unix.EINTR:
 				continue
 			case err == unix.EAGAIN || (err == nil && k == 0):
-				return errPipeShort
+				return dev.ErrPipeShort
 			case err != nil:
 				return err
 			}
@@ -153,21 +150,4 @@ func getPipeBuf(n int) *[]byte {
 	}
 	*b = (*b)[:n]
 	return b
-}
-
-// readPipe fills b from the non-blocking pipe fd, which must hold at least len(b) bytes.
-func readPipe(fd int, b []byte) error {
-	for len(b) > 0 {
-		k, err := unix.Read(fd, b)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN || (err == nil && k == 0):
-			return errPipeShort
-		case err != nil:
-			return err
-		}
-		b = b[k:]
-	}
-	return nil
 }

@@ -144,7 +144,7 @@ func (x *devIO) do(m *Manager, at, n int64) error {
 		for err = nil; n > 0 && err == nil; {
 			k := min(n, ClusterSize)
 			buf := clusterPool.Get().(*[ClusterSize]byte)
-			if err = readPipe(x.fd, buf[:k]); err == nil {
+			if err = dev.ReadPipe(x.fd, buf[:k]); err == nil {
 				_, err = m.dev.WriteAt(buf[:k], at)
 			}
 			clusterPool.Put(buf)
@@ -181,26 +181,6 @@ func (x *devIO) advance(n int64) {
 	if x.kind != ioSplice && x.kind != ioPipeWrite {
 		x.p = x.p[n:]
 	}
-}
-
-// errPipeShort means the pipe held fewer bytes than a write promised.
-var errPipeShort = errors.New("pipe holds less than the write")
-
-// readPipe fills b from the non-blocking pipe fd, which must hold at least len(b) bytes.
-func readPipe(fd int, b []byte) error {
-	for len(b) > 0 {
-		k, err := unix.Read(fd, b)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN || (err == nil && k == 0):
-			return errPipeShort
-		case err != nil:
-			return fmt.Errorf("Failed to read write data from the pipe: %w", err)
-		}
-		b = b[k:]
-	}
-	return nil
 }
 
 // maxRun bounds how many clusters one device call covers (distinct busy stripes).
@@ -357,7 +337,7 @@ func (h *Handle) write(x *devIO, off, length int64) error {
 			if x.kind == ioPipeWrite {
 				// A first write copies on write in a buffer: take the data out of the pipe.
 				buf := clusterPool.Get().(*[ClusterSize]byte)
-				if err = readPipe(x.fd, buf[:n]); err == nil {
+				if err = dev.ReadPipe(x.fd, buf[:n]); err == nil {
 					err = h.writeCluster(vc, in, buf[:n])
 				}
 				clusterPool.Put(buf)
