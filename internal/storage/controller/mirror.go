@@ -124,6 +124,9 @@ type mirrorMgr struct {
 	replaying   atomic.Bool
 	// seeding is set while volumes the partner lacks are rebuilt there (mirror_seed.go).
 	seeding atomic.Bool
+	// firstPairing: this start is the controller's first with a partner (DATA/mirror did
+	// not exist), so its volumes exist nowhere else and are adopted at once.
+	firstPairing bool
 	seedOnce
 
 	mu     sync.Mutex
@@ -242,6 +245,9 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 	if c.cfg.NBDAddr != "" {
 		_, p, _ := net.SplitHostPort(c.cfg.NBDAddr)
 		m.nbdPort, _ = strconv.Atoi(p)
+	}
+	if _, err := os.Stat(m.dir); errors.Is(err, os.ErrNotExist) {
+		m.firstPairing = true
 	}
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("Failed to create %q: %w", m.dir, err)

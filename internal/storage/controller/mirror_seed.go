@@ -162,12 +162,15 @@ type seedOnce struct {
 }
 
 // adoptIfOnly makes this side the degraded primary of a volume that had no mirror state
-// (made before the controller was paired) once the partner answers without a copy of it:
-// this copy is then the only one, and the partner receives it (seedIfLacking). While the
-// partner is silent, or has a copy (which wins), the volume stays stale. v.mu is held.
+// (made before the controller was paired) once the partner answers without a copy of it,
+// or at once on the controller's first start with a partner (its volumes exist nowhere
+// else, and its VMs must not stall until the partner is up): this copy is then the only
+// one, and the partner receives it (seedIfLacking). Otherwise, while the partner is
+// silent or has a copy (which wins), the volume stays stale. v.mu is held.
 func (v *mvol) adoptIfOnly(pv peerView, partnerHas bool) {
 	m := v.m
-	if !pv.up || pv.info == nil || partnerHas || pv.info.MetaPending > 0 || m.wit == nil {
+	first := m.firstPairing && !pv.up
+	if m.wit == nil || (!first && (!pv.up || pv.info == nil || partnerHas || pv.info.MetaPending > 0)) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Second)

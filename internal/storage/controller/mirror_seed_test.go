@@ -101,8 +101,9 @@ func TestMirrorPartnerRebuilt(t *testing.T) {
 }
 
 // A controller that ran alone (its volumes, images and clones made before pairing) is
-// paired with a new, empty partner: it adopts its volumes, the partner receives them,
-// and both sides end synced and identical.
+// paired with a new, empty partner: it adopts its volumes at once (its VMs do not wait
+// for the partner), the partner receives them when it comes, and both sides end synced
+// and identical.
 func TestMirrorPairingExistingController(t *testing.T) {
 	needQemuIO(t)
 	a, b, _ := testPair(t)
@@ -130,8 +131,12 @@ func TestMirrorPairingExistingController(t *testing.T) {
 	}
 	a.stop()
 	a.cfg.Mirror = paired
-	b.start()
 	a.start()
+	v := a.waitState(t, "c1", "primary", adminclient.MirrorDegraded, 10*time.Second)
+	if out, err := qemuIOAt(v.NBDAddress, "c1", "read -P 0x31 2M 4k", "write -P 0x33 3M 4k", "flush"); err != nil {
+		t.Fatalf("c1 before the partner is up: %v\n%s", err, out)
+	}
+	b.start()
 	pairUp(t, a, b)
 	for _, name := range []string{"c1", "e1"} {
 		a.waitState(t, name, "primary", adminclient.MirrorSynced, 30*time.Second)
