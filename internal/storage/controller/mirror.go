@@ -127,7 +127,8 @@ type mirrorMgr struct {
 	// firstPairing: this start is the controller's first with a partner (DATA/mirror did
 	// not exist), so its volumes exist nowhere else and are adopted at once.
 	firstPairing bool
-	seedOnce
+	// seedWarnOnce: the snapshots a rebuilt partner cannot get are reported once per run.
+	seedWarnOnce sync.Once
 
 	mu     sync.Mutex
 	vols   map[string]*mvol

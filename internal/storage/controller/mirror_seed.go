@@ -3,7 +3,6 @@ package controller
 import (
 	"context"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/growserver/grow/internal/storage/adminclient"
@@ -154,11 +153,6 @@ func (m *mirrorMgr) seedVolume(ctx context.Context, v *mvol, has map[string]bool
 	m.c.log.Info("Volume rebuilt on the partner, which lacked it; the resync copies what it changed", "volume", v.name, "image", image, "bytes", bytes)
 	m.kick()
 	return nil
-}
-
-// seedOnce holds the once-per-run warnings of rebuilding.
-type seedOnce struct {
-	seedWarnOnce sync.Once
 }
 
 // adoptIfOnly makes this side the degraded primary of a volume that had no mirror state

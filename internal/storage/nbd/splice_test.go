@@ -46,15 +46,16 @@ func (s *spliceExport) SpliceRead(fd int, off int64, n int) error {
 
 func (s *spliceExport) Close() error { return nil }
 
-type spliceExports struct{ e *spliceExport }
+// diskExports serves one export, "disk".
+type diskExports struct{ e Export }
 
-func (o spliceExports) Open(name string) (Export, error) {
+func (o diskExports) Open(name string) (Export, error) {
 	if name != "disk" {
 		return nil, ErrUnknownExport
 	}
 	return o.e, nil
 }
-func (o spliceExports) List() []ExportInfo { return []ExportInfo{{Name: "disk"}} }
+func (o diskExports) List() []ExportInfo { return []ExportInfo{{Name: "disk"}} }
 
 // TestSplicedReads: many READs in flight, of sizes and offsets that are spliced and
 // that are not, interleaved with WRITEs, get the right data behind the right reply
@@ -82,7 +83,7 @@ func TestSplicedReads(t *testing.T) {
 				t.Fatal(err)
 			}
 			ex := &spliceExport{memExport: m, failOdd: tc.failOdd}
-			sock := startServerWith(t, &Server{Exports: spliceExports{ex}})
+			sock := startServerWith(t, &Server{Exports: diskExports{ex}})
 			c := dialRaw(t, "unix", sock)
 			c.greet(flagFixedNewstyle | flagNoZeroes)
 			if tc.structured {

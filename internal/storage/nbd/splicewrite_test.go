@@ -50,16 +50,6 @@ func (s *writeSpliceExport) SpliceWrite(fd int, off int64, n int, fua bool) erro
 
 func (s *writeSpliceExport) Close() error { return nil }
 
-type writeSpliceExports struct{ e *writeSpliceExport }
-
-func (o writeSpliceExports) Open(name string) (Export, error) {
-	if name != "disk" {
-		return nil, ErrUnknownExport
-	}
-	return o.e, nil
-}
-func (o writeSpliceExports) List() []ExportInfo { return []ExportInfo{{Name: "disk"}} }
-
 // resetPipes closes every idle pipe so that the next ones are made afresh.
 func resetPipes(t *testing.T) {
 	pipes.mu.Lock()
@@ -108,7 +98,7 @@ func TestSplicedWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			ex := &writeSpliceExport{memExport: m, refuse: tc.refuse, half: tc.half, failed: map[int64]bool{}}
-			sock := startServerWith(t, &Server{Exports: writeSpliceExports{ex}})
+			sock := startServerWith(t, &Server{Exports: diskExports{ex}})
 			c := dialRaw(t, "unix", sock)
 			c.greet(flagFixedNewstyle | flagNoZeroes)
 			c.goExport("disk")
