@@ -126,9 +126,7 @@ func TestStoragePairMaintenance(t *testing.T) {
 	phase("A resumed")
 	// Both guests kept running through all of it: their counters went on.
 	for name, ip := range ips {
-		if r := c.query(t, name, ip); r.Counter <= counters[name] {
-			t.Fatalf("%s's counter is %d, was %d before A returned", name, r.Counter, counters[name])
-		}
+		c.waitCounterAbove(t, name, ip, counters[name])
 	}
 
 	for _, name := range []string{"web1", "web2"} {
