@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -46,7 +47,21 @@ func New(baseURL, token string) (*Client, error) {
 	if u.Host == "" {
 		return nil, fmt.Errorf("Invalid controller URL %q: no host", baseURL)
 	}
-	return &Client{base: u, token: token, http: &http.Client{}}, nil
+	return &Client{base: u, token: token, http: &http.Client{Transport: newTransport()}}, nil
+}
+
+// DialTimeout bounds connecting to a controller. Controllers sit on the operator's own
+// network, where a connection takes milliseconds: a controller that is powered off or
+// behind a dropping firewall is reported unreachable after this rather than after the
+// system's 30 s, so that the control plane turns to its mirror partner in time.
+var DialTimeout = 5 * time.Second
+
+// newTransport returns the HTTP transport of a client: Go's defaults with DialTimeout.
+func newTransport() *http.Transport {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	d := &net.Dialer{Timeout: DialTimeout, KeepAlive: 30 * time.Second}
+	tr.DialContext = d.DialContext
+	return tr
 }
 
 // WithHTTPClient replaces the HTTP client (for TLS settings or timeouts) and returns c.
@@ -73,7 +88,7 @@ func (c *Client) WithCAPEM(pem []byte) (*Client, error) {
 	if !roots.AppendCertsFromPEM(pem) {
 		return nil, errors.New("No PEM certificate found")
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr := newTransport()
 	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	c.http = &http.Client{Transport: tr}
 	return c, nil
