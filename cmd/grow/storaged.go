@@ -55,6 +55,9 @@ freezes rather than guess.`,
 			if cfg.Mirror.ResyncRate, err = units.ParseSize(rate); err != nil || cfg.Mirror.ResyncRate < 0 {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --resync-rate %q: want a size per second such as 200MiB (0: unlimited)", rate)}
 			}
+			if cfg.NBDMaxConns < 1 {
+				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --nbd-max-connections %d: want at least 1", cfg.NBDMaxConns)}
+			}
 			if cfg.Mirror.Peer == "" && (cfg.Mirror.Name != "" || cfg.Mirror.Listen != "" || cfg.Mirror.Witness != "" || cfg.Mirror.ServiceAddress != "") {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("--name, --mirror-listen, --witness and --service-address need --peer")}
 			}
@@ -78,6 +81,7 @@ freezes rather than guess.`,
 	f.StringVar(&cfg.NBDAddr, "nbd", controller.DefaultNBDAddr, `NBD TCP listen address ("" disables TCP)`)
 	f.StringVar(&cfg.NBDAdvertise, "nbd-advertise", "", "host:port that hypervisor hosts use to reach NBD, if not the --nbd address (e.g. with --nbd 0.0.0.0:10809)")
 	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", `NBD unix socket (default DATA/nbd.sock, "none" disables it)`)
+	f.IntVar(&cfg.NBDMaxConns, "nbd-max-connections", 4096, "most NBD connections served at once; further ones are closed at once, with a warning")
 	f.StringVar(&cfg.APIAddr, "api", controller.DefaultAPIAddr, "admin API listen address")
 	f.StringArrayVar(&cfg.Disks, "disk", nil, "pool disk, file or block device (repeat; 2N disks make N mirrored pairs; none: DATA/disk0.img)")
 	f.StringVar(&poolSize, "pool-size", "100GiB", "size of each sparse file disk created because its path does not exist")

@@ -59,6 +59,8 @@ type Config struct {
 	NBDAdvertise string
 	// NBDSocket is the NBD unix socket path ("" means DATA/nbd.sock, "none" disables it).
 	NBDSocket string
+	// NBDMaxConns bounds live NBD connections; 0 means the server's default (4096).
+	NBDMaxConns int
 	// APIAddr is the admin API listen address.
 	APIAddr string
 	// Disks are the pool's disks (files or block devices); none means DATA/disk0.img.
@@ -245,7 +247,8 @@ func Open(cfg Config) (*Controller, error) {
 		c.exports.mir = c.mir
 	}
 
-	c.nbd = &nbd.Server{Exports: c.exports, TLSConfig: tlsCfg, RequireTLS: cfg.RequireTLS, Logger: log.With("component", "nbd")}
+	c.nbd = &nbd.Server{Exports: c.exports, TLSConfig: tlsCfg, RequireTLS: cfg.RequireTLS, Logger: log.With("component", "nbd"),
+		MaxConns: cfg.NBDMaxConns}
 
 	c.metrics = newMetrics(c)
 	c.api = &http.Server{

@@ -61,6 +61,12 @@ type conn struct {
 	rawc       syscall.RawConn // the socket, for splicing
 	hdr        [requestHeaderLen]byte
 	errLog     logLimiter
+	// payloadSeq is non-zero while the reader waits for a WRITE's payload: the
+	// number of that payload on the connection (see payloadStalled).
+	payloadSeq atomic.Uint64
+	payloads   uint64    // payloads read so far (reader-owned)
+	seenSeq    uint64    // payloadSeq at the sweeper's last look (sweeper-owned)
+	seenAt     time.Time // when the sweeper first saw seenSeq
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -87,6 +93,17 @@ func (c *conn) stopReading() {
 	c.stopping = true
 	c.mu.Unlock()
 	c.raw.SetReadDeadline(time.Now())
+}
+
+// payloadStalled reports whether the reader has been waiting for the same WRITE payload
+// for timeout, as seen by the sweeper's calls at now (the only caller).
+func (c *conn) payloadStalled(now time.Time, timeout time.Duration) bool {
+	seq := c.payloadSeq.Load()
+	if seq == 0 || seq != c.seenSeq {
+		c.seenSeq, c.seenAt = seq, now
+		return false
+	}
+	return now.Sub(c.seenAt) >= timeout
 }
 
 // abort closes the connection at once.

@@ -294,3 +294,67 @@ func TestUnreadReplies(t *testing.T) {
 	}
 	c.expectClosed()
 }
+
+// A client that sends a WRITE's header and then only part of its payload (holding the
+// payload's buffer) is dropped after PayloadTimeout; one that keeps writing is not.
+func TestStalledPayload(t *testing.T) {
+	ex := newMemExports()
+	ex.add("disk", "", newMemExport(8<<20))
+	s := startServer(t, ex, &Server{PayloadTimeout: 300 * time.Millisecond})
+	busy := dialRaw(t, "tcp", s.tcp)
+	busy.greet(flagFixedNewstyle | flagNoZeroes)
+	busy.goExport("disk")
+	c := dialRaw(t, "tcp", s.tcp)
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.goExport("disk")
+	c.request(0, cmdWrite, 1, 0, 1<<20, make([]byte, 1000))
+	deadline := time.Now().Add(10 * time.Second)
+	for i := uint64(0); !strings.Contains(s.logs.String(), "stopped sending a write's payload"); i++ {
+		if time.Now().After(deadline) {
+			t.Fatal("a client that stopped sending its payload was not dropped")
+		}
+		// Meanwhile another client writes and is answered all along.
+		busy.request(0, cmdWrite, i, 0, 4096, make([]byte, 4096))
+		if errno, cookie := busy.simpleReply(); errno != 0 || cookie != i {
+			t.Fatalf("busy client: reply %d for %d", errno, cookie)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.expectClosed()
+	if st := s.srv.Stats(); st.Stalled != 1 {
+		t.Fatalf("Stats().Stalled = %d, want 1", st.Stalled)
+	}
+}
+
+// Connections beyond MaxConns are closed at once; a freed slot is usable again.
+func TestMaxConns(t *testing.T) {
+	ex := newMemExports()
+	ex.add("disk", "", newMemExport(1<<20))
+	s := startServer(t, ex, &Server{MaxConns: 2})
+	a := dialRaw(t, "unix", s.sock)
+	a.greet(flagFixedNewstyle | flagNoZeroes)
+	b := dialRaw(t, "tcp", s.tcp)
+	b.greet(flagFixedNewstyle | flagNoZeroes)
+	over := dialRaw(t, "tcp", s.tcp)
+	over.expectClosed()
+	if st := s.srv.Stats(); st.Refused != 1 {
+		t.Fatalf("Stats().Refused = %d, want 1", st.Refused)
+	}
+	if !strings.Contains(s.logs.String(), "NBD connection refused") {
+		t.Fatal("no warning about the refused connection")
+	}
+	a.nc.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c := dialRaw(t, "unix", s.sock)
+		c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		var m [8]byte
+		if _, err := io.ReadFull(c.nc, m[:]); err == nil && binary.BigEndian.Uint64(m[:]) == nbdMagic {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no connection accepted after one of MaxConns closed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -16,6 +16,8 @@ import (
 const (
 	defaultHandshakeTimeout = 30 * time.Second
 	defaultWriteTimeout     = 60 * time.Second
+	defaultPayloadTimeout   = 60 * time.Second
+	defaultMaxConns         = 4096
 	defaultMaxInFlight      = 128
 	defaultMaxBufferBytes   = 64 << 20
 )
@@ -46,6 +48,12 @@ type Server struct {
 	MaxInFlight int
 	// MaxBufferBytes bounds payload memory held per connection; zero means 64 MiB.
 	MaxBufferBytes int64
+	// MaxConns bounds live connections (handshaking ones included); zero means 4096.
+	// A connection beyond it is closed at once, with a warning in the log.
+	MaxConns int
+	// PayloadTimeout drops a client that takes longer than this to send one WRITE's
+	// payload (whose buffer it holds meanwhile); zero means 60 s.
+	PayloadTimeout time.Duration
 
 	stats     serverStats
 	mu        sync.Mutex
@@ -53,6 +61,8 @@ type Server struct {
 	conns     map[*conn]struct{}
 	closed    bool
 	connWG    sync.WaitGroup
+	sweeping  bool       // the stalled-payload sweeper runs; guarded by mu
+	refuseLog logLimiter // warnings about connections beyond MaxConns
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -67,6 +77,20 @@ func (s *Server) handshakeTimeout() time.Duration {
 		return s.HandshakeTimeout
 	}
 	return defaultHandshakeTimeout
+}
+
+func (s *Server) payloadTimeout() time.Duration {
+	if s.PayloadTimeout > 0 {
+		return s.PayloadTimeout
+	}
+	return defaultPayloadTimeout
+}
+
+func (s *Server) maxConns() int {
+	if s.MaxConns > 0 {
+		return s.MaxConns
+	}
+	return defaultMaxConns
 }
 
 func (s *Server) writeTimeout() time.Duration {
@@ -131,48 +155,96 @@ func (s *Server) Serve(l net.Listener) error {
 			_ = uc.SetWriteBuffer(unixSendBuffer)
 		}
 		c := newConn(s, nc)
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			nc.Close()
-			return ErrServerClosed
+		switch err := s.track(c); {
+		case errors.Is(err, ErrServerClosed):
+			return err
+		case err != nil:
+			continue
 		}
-		if s.conns == nil {
-			s.conns = make(map[*conn]struct{})
-		}
-		s.conns[c] = struct{}{}
-		s.connWG.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer s.connWG.Done()
-			c.serve()
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.mu.Unlock()
-		}()
+		go s.serveTracked(c)
 	}
 }
 
 // ServeConn serves one already-accepted connection and returns when it ends.
 func (s *Server) ServeConn(nc net.Conn) {
 	c := newConn(s, nc)
+	if s.track(c) == nil {
+		s.serveTracked(c)
+	}
+}
+
+// errTooManyConns refuses a connection beyond MaxConns.
+var errTooManyConns = errors.New("too many NBD connections")
+
+// track registers c as live, or closes it when the server is closed or already holds
+// MaxConns connections.
+func (s *Server) track(c *conn) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		nc.Close()
-		return
+		c.raw.Close()
+		return ErrServerClosed
+	}
+	if len(s.conns) >= s.maxConns() {
+		s.mu.Unlock()
+		c.raw.Close()
+		s.stats.refused.Add(1)
+		if n, ok := s.refuseLog.allow(time.Now()); ok {
+			s.logger().Warn("NBD connection refused: the controller already serves the most it may (--nbd-max-connections)",
+				"remote", remoteName(c.raw), "max", s.maxConns(), "suppressed", n)
+		}
+		return errTooManyConns
 	}
 	if s.conns == nil {
 		s.conns = make(map[*conn]struct{})
 	}
 	s.conns[c] = struct{}{}
 	s.connWG.Add(1)
+	if !s.sweeping {
+		s.sweeping = true
+		go s.sweepStalled()
+	}
 	s.mu.Unlock()
+	return nil
+}
+
+// serveTracked serves a tracked connection until it ends, then forgets it.
+func (s *Server) serveTracked(c *conn) {
 	defer s.connWG.Done()
 	c.serve()
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
+}
+
+// sweepStalled drops, until the server closes, every connection that has been sending
+// the same WRITE payload for PayloadTimeout: such a client would otherwise hold the
+// payload's buffer (up to MaxBufferBytes per connection) for as long as it likes.
+func (s *Server) sweepStalled() {
+	timeout := s.payloadTimeout()
+	t := time.NewTicker(max(timeout/4, 10*time.Millisecond))
+	defer t.Stop()
+	var stalled []*conn
+	for now := range t.C {
+		s.mu.Lock()
+		if s.closed {
+			s.sweeping = false
+			s.mu.Unlock()
+			return
+		}
+		stalled = stalled[:0]
+		for c := range s.conns {
+			if c.payloadStalled(now, timeout) {
+				stalled = append(stalled, c)
+			}
+		}
+		s.mu.Unlock()
+		for _, c := range stalled {
+			s.stats.stalled.Add(1)
+			c.log.Warn("NBD client stopped sending a write's payload; dropping it", "export", c.exportName, "after", timeout)
+			c.abort()
+		}
+	}
 }
 
 // closeListeners marks the server closed and closes every listener; it returns the live connections.
@@ -226,6 +298,8 @@ type serverStats struct {
 	connections atomic.Int64 // accepted
 	requests    atomic.Int64 // transmission-phase requests served
 	writes      atomic.Int64 // write system calls carrying replies
+	refused     atomic.Int64 // connections closed at once: MaxConns reached
+	stalled     atomic.Int64 // connections dropped for a stalled WRITE payload
 }
 
 // Stats is a snapshot of the server's counters.
@@ -236,9 +310,14 @@ type Stats struct {
 	Requests int64
 	// ReplyWrites is the number of socket writes that carried replies (batching makes it lower than Requests).
 	ReplyWrites int64
+	// Refused is the number of connections closed at once because MaxConns were live.
+	Refused int64
+	// Stalled is the number of connections dropped because a WRITE payload stopped arriving.
+	Stalled int64
 }
 
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
-	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load()}
+	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load(),
+		Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load()}
 }

@@ -123,7 +123,11 @@ func (c *conn) readLoop() error {
 		r.requestHeader = h
 		r.cost = cost
 		if h.typ == cmdWrite {
-			if err := c.readPayload(r); err != nil {
+			c.payloads++
+			c.payloadSeq.Store(c.payloads)
+			err := c.readPayload(r)
+			c.payloadSeq.Store(0)
+			if err != nil {
 				c.finish(r)
 				if c.isStopping() && errors.Is(err, os.ErrDeadlineExceeded) {
 					return nil
