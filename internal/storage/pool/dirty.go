@@ -1,38 +1,70 @@
 package pool
 
 import (
+	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // dirtyFile holds the write-intent bitmap: one bit per rebuild chunk of each pair, set
-// (and written to the file) before a write touches the chunk, cleared by the cleaner
-// once the chunk saw no write for a whole cleaning interval (a tenth of the health
-// interval) and no write is in flight on its 64-chunk word. A process killed between
-// the two writes of a mirrored write leaves the pair different in a chunk whose bit
-// is set, so the next Open only resyncs those chunks: the writes in flight at the
-// kill and those of the last one or two intervals. Chunks written all the time stay
-// marked, so that they need not be marked again (a write to the file) every interval.
-// The file lives in the page cache like the disks' data: after the machine itself
-// went down, the pool resyncs everything instead.
+// in the file and made durable (fdatasync) before a write touches the chunk, cleared by
+// the cleaner once the chunk saw no write for a whole cleaning interval (a tenth of the
+// health interval), no write is in flight on its 64-chunk word, and a sync of every
+// live disk that began after the word's last write ended has completed (see
+// cleanDirty). So the file, as a power loss leaves it, marks every chunk whose two
+// copies may differ: the next Open resyncs only those chunks, after a process kill as
+// after a machine restart. Chunks written all the time stay marked, so that they need
+// not be marked again (a write and an fdatasync of the file) every interval.
 const dirtyFile = "pool.dirty"
 
 type dirtyMap struct {
 	f       *os.File
+	rc      syscall.RawConn
 	perPair int64 // chunks per pair
-	// bits is the bitmap as the file holds it: a bit is set here only after the file
-	// has it and cleared here before the file loses it, always under fileMu, so a
-	// writer that sees its chunk's bit set may write at once.
+	// bits is the bitmap as the file durably holds it: a bit is set here only after
+	// the file has it and was synced, and cleared here before the file loses it,
+	// always under fileMu, so a writer that sees its chunk's bit set may write at once.
 	bits []atomic.Uint64
 	// inflight counts, per word of bits, the mutations between their mark and their end.
 	inflight []atomic.Int32
 	touched  []atomic.Uint64 // chunks marked since the cleaner's last pass
-	fileMu   sync.Mutex
+	// ended holds, per word, the highest count of begun syncs that one of its
+	// mutations read when it ended: its chunks are durable on both disks once a sync
+	// numbered above that has completed.
+	ended   []atomic.Uint64
+	started atomic.Uint64 // syncs of every live disk begun (each takes the next number)
+	synced  atomic.Uint64 // highest number of such a sync that completed without error
+	syncAt  atomic.Int64  // when the last such sync began, in Unix nanoseconds
+	fileMu  sync.Mutex
+
+	// Group commit of marks: writers add the words they need to pending and wait until
+	// the batch they joined was written and synced by whichever of them leads it.
+	cmu        sync.Mutex
+	cond       sync.Cond
+	pending    []need
+	spare      []need
+	open       uint64 // number of the batch that pending fills
+	done       uint64 // number of the last batch committed (or failed)
+	committing bool
+	lastErr    error // the last failed commit's error
+	// afterSync, when set, runs under fileMu after each commit's fdatasync. Tests only.
+	afterSync func()
+}
+
+// need is the chunks of one bitmap word that a mutation needs durably marked.
+type need struct {
+	w    int64
+	bits uint64
 }
 
 // openDirty opens (creating or resizing) the bitmap file and returns it with the
@@ -44,7 +76,15 @@ func openDirty(dir string, pairs, perPair int64) (*dirtyMap, []int64, bool, erro
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("Failed to open the pool's write-intent bitmap: %w", err)
 	}
-	m := &dirtyMap{f: f, perPair: perPair, bits: make([]atomic.Uint64, words), inflight: make([]atomic.Int32, words), touched: make([]atomic.Uint64, words)}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, nil, false, fmt.Errorf("Failed to open the pool's write-intent bitmap: %w", err)
+	}
+	m := &dirtyMap{f: f, rc: rc, perPair: perPair, bits: make([]atomic.Uint64, words), inflight: make([]atomic.Int32, words),
+		touched: make([]atomic.Uint64, words), ended: make([]atomic.Uint64, words), open: 1}
+	m.cond.L = &m.cmu
+	m.syncAt.Store(time.Now().UnixNano())
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
@@ -103,9 +143,10 @@ func (m *dirtyMap) span(pair int, first, last int64) (int64, int64) {
 	return (base + first) / 64, (base + last) / 64
 }
 
-// mark counts a mutation of chunks first..last of pair as in flight and returns once
-// the file marks them; end follows once the mutation reached both disks.
-func (m *dirtyMap) mark(pair int, first, last int64) error {
+// begin counts a mutation of chunks first..last of pair as in flight and appends to
+// needs the chunks the file does not durably mark yet; commit marks them, end follows
+// once the mutation reached both disks.
+func (m *dirtyMap) begin(pair int, first, last int64, needs []need) []need {
 	w0, w1 := m.span(pair, first, last)
 	for w := w0; w <= w1; w++ {
 		m.inflight[w].Add(1)
@@ -119,30 +160,108 @@ func (m *dirtyMap) mark(pair int, first, last int64) error {
 		}
 		// Seen set after the in-flight count was raised: the cleaner cannot clear
 		// it from the file until the count drops (see cleanDirty).
-		if m.bits[w].Load()&want == want {
+		if m.bits[w].Load()&want != want {
+			needs = append(needs, need{w, want})
+		}
+	}
+	return needs
+}
+
+// commit returns once the file durably marks every chunk in needs. Concurrent callers
+// share one write and fdatasync: the first to find no commit running leads the batch
+// of everything pending, the others wait for the batch they joined.
+func (m *dirtyMap) commit(needs []need) error {
+	m.cmu.Lock()
+	m.pending = append(m.pending, needs...)
+	my := m.open
+	for m.done < my {
+		if m.committing {
+			m.cond.Wait()
 			continue
 		}
-		m.fileMu.Lock()
-		v := m.bits[w].Load()
-		var err error
-		if v&want != want {
-			if err = m.writeWord(w, v|want); err == nil {
-				m.bits[w].Store(v | want)
-			}
-		}
-		m.fileMu.Unlock()
+		// Batch my is still pending (batches commit one at a time, in order): lead it.
+		m.committing = true
+		batch := m.pending
+		m.pending, m.spare = m.spare, nil
+		m.open++
+		m.cmu.Unlock()
+		err := m.writeMarks(batch)
+		m.cmu.Lock()
+		m.spare = batch[:0]
+		m.done = my
 		if err != nil {
-			return err
+			m.lastErr = err
+		}
+		m.committing = false
+		m.cond.Broadcast()
+	}
+	err := m.lastErr
+	m.cmu.Unlock()
+	// The in-flight count keeps the cleaner off these bits: all set means this batch
+	// (or an earlier one) made them durable.
+	for _, n := range needs {
+		if m.bits[n.w].Load()&n.bits != n.bits {
+			return fmt.Errorf("Failed to mark chunks in the pool's write-intent bitmap: %w", err)
 		}
 	}
 	return nil
 }
 
-// end ends a mutation counted by mark.
+// writeMarks writes the words of batch with their new bits set, fdatasyncs the file
+// and only then publishes the bits in memory.
+func (m *dirtyMap) writeMarks(batch []need) error {
+	slices.SortFunc(batch, func(a, b need) int { return cmp.Compare(a.w, b.w) })
+	m.fileMu.Lock()
+	defer m.fileMu.Unlock()
+	for i := 0; i < len(batch); {
+		w, want := batch[i].w, uint64(0)
+		for ; i < len(batch) && batch[i].w == w; i++ {
+			want |= batch[i].bits
+		}
+		if v := m.bits[w].Load(); v&want != want {
+			if err := m.writeWord(w, v|want); err != nil {
+				return err
+			}
+		}
+	}
+	var serr error
+	if err := m.rc.Control(func(fd uintptr) { serr = unix.Fdatasync(int(fd)) }); err != nil {
+		serr = err
+	}
+	if serr != nil {
+		return fmt.Errorf("Failed to sync the pool's write-intent bitmap: %w", serr)
+	}
+	for _, n := range batch {
+		m.bits[n.w].Or(n.bits)
+	}
+	if m.afterSync != nil {
+		m.afterSync()
+	}
+	return nil
+}
+
+// end ends a mutation counted by begin: it records the count of syncs begun so far in
+// the words' ended before it lowers their in-flight count.
 func (m *dirtyMap) end(pair int, first, last int64) {
+	g := m.started.Load()
 	w0, w1 := m.span(pair, first, last)
 	for w := w0; w <= w1; w++ {
+		for e := m.ended[w].Load(); e < g && !m.ended[w].CompareAndSwap(e, g); e = m.ended[w].Load() {
+		}
 		m.inflight[w].Add(-1)
+	}
+}
+
+// syncBegin numbers a sync of every live disk that is about to begin.
+func (m *dirtyMap) syncBegin() uint64 {
+	m.syncAt.Store(time.Now().UnixNano())
+	return m.started.Add(1)
+}
+
+// syncDone records that sync s completed on every live disk: every mutation that
+// ended before it began is durable on both disks of its pair.
+func (m *dirtyMap) syncDone(s uint64) {
+	for v := m.synced.Load(); v < s && !m.synced.CompareAndSwap(v, s); v = m.synced.Load() {
 	}
 }
 
@@ -167,15 +286,20 @@ func (p *Pool) markWrite(runs []run) error {
 	if p.dirty == nil {
 		return nil
 	}
+	var small [4]need
+	needs := small[:0]
 	for i := range runs {
-		if runs[i].discard {
-			continue
+		if !runs[i].discard {
+			first, last := p.chunks(&runs[i])
+			needs = p.dirty.begin(runs[i].pair, first, last, needs)
 		}
-		first, last := p.chunks(&runs[i])
-		if err := p.dirty.mark(runs[i].pair, first, last); err != nil {
-			p.endWrite(runs[:i+1])
-			return err
-		}
+	}
+	if len(needs) == 0 {
+		return nil
+	}
+	if err := p.dirty.commit(needs); err != nil {
+		p.endWrite(runs)
+		return err
 	}
 	return nil
 }
@@ -203,7 +327,7 @@ func (p *Pool) cleanLoop(interval time.Duration) {
 		case <-p.stop:
 			return
 		case <-t.C:
-			if err := p.cleanDirty(); err != nil {
+			if err := p.cleanDirty(); err != nil && !errors.Is(err, ErrClosed) {
 				p.log.Warn("Failed to clean the write-intent bitmap", "error", err)
 			}
 		}
@@ -211,11 +335,16 @@ func (p *Pool) cleanLoop(interval time.Duration) {
 }
 
 // cleanDirty clears, in memory and then in the file, the marks of chunks not written
-// since the last pass in words with no mutation in flight: their writes reached both
-// disks (the page cache of both), so the sides agree there whatever happens to the
-// process now.
+// since the last pass, in words with no mutation in flight and whose last mutation
+// ended before a completed sync of every live disk began: their data is then durable
+// on both disks, so the sides agree there whatever happens to the process or the
+// machine now, and the cleared word may reach the disk whenever the kernel writes it.
+// When idle marks have waited for such a sync (a client FLUSH) for 30 health
+// intervals, the cleaner syncs the disks itself.
 func (p *Pool) cleanDirty() error {
 	m := p.dirty
+	synced := m.synced.Load()
+	waiting := false
 	for w := range m.bits {
 		v := m.bits[w].Load()
 		if v == 0 {
@@ -225,14 +354,19 @@ func (p *Pool) cleanDirty() error {
 		if idle == 0 || m.inflight[w].Load() != 0 {
 			continue
 		}
+		if m.ended[w].Load() >= synced {
+			waiting = true
+			continue
+		}
 		m.fileMu.Lock()
 		v = m.bits[w].Load()
 		keep := v &^ idle
 		// Cleared before the count is read again: a writer that raised the count after
 		// that read sees its bit clear and marks it again (waiting for fileMu); one that
-		// raised it before is seen here, and the word stays as the file has it.
+		// raised it before is seen here (or, if it has ended since, in ended), and the
+		// word stays as the file has it.
 		m.bits[w].Store(keep)
-		if m.inflight[w].Load() != 0 {
+		if m.inflight[w].Load() != 0 || m.ended[w].Load() >= synced {
 			m.bits[w].Store(v)
 			m.fileMu.Unlock()
 			continue
@@ -246,14 +380,21 @@ func (p *Pool) cleanDirty() error {
 			return err
 		}
 	}
+	if waiting && time.Since(time.Unix(0, m.syncAt.Load())) >= 30*p.opts.HealthInterval {
+		if err := p.Sync(); err != nil {
+			return fmt.Errorf("Failed to sync the disks for the write-intent bitmap: %w", err)
+		}
+	}
 	return nil
 }
 
 // resyncMarked copies each marked chunk from a healthy disk of its pair to the pair's
-// other live disk, before the pool serves anything.
-func (p *Pool) resyncMarked(marked []int64) error {
+// other live disk and syncs them, before the pool serves anything and before the
+// bitmap that lists the chunks is reset. It returns how many chunks it copied.
+func (p *Pool) resyncMarked(marked []int64) (int, error) {
 	buf := make([]byte, p.chunk)
 	total := p.l.unitsPerDisk * p.l.unit
+	copied := 0
 	for _, r := range marked {
 		pair, c := int(r/p.dirty.perPair), r%p.dirty.perPair
 		if pair >= int(p.l.pairs) || c*p.chunk >= total {
@@ -270,10 +411,17 @@ func (p *Pool) resyncMarked(marked []int64) error {
 		n := min(p.chunk, total-c*p.chunk)
 		if err := p.copyChunk(dst, src, buf[:n], p.l.dataOff+c*p.chunk); err != nil {
 			p.log.Error("Failed to resync a chunk after an unclean stop", "pair", pair, "chunk", c, "error", err)
+			continue
+		}
+		copied++
+	}
+	if copied > 0 {
+		ds, errs := p.syncLive()
+		for i, err := range errs {
+			if err != nil {
+				return copied, fmt.Errorf("Failed to sync disk %q after resyncing the marked chunks: %w", ds[i].path, err)
+			}
 		}
 	}
-	if len(marked) > 0 {
-		p.log.Info("Resynced the chunks being written when the pool last stopped uncleanly", "chunks", len(marked))
-	}
-	return nil
+	return copied, nil
 }

@@ -203,7 +203,7 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 		}
 	}
 	var marked []int64
-	sameBoot := false
+	sameBoot, durable := false, false
 	if n > 1 {
 		perPair := (p.l.unitsPerDisk*p.l.unit + p.chunk - 1) / p.chunk
 		m, mk, complete, err := openDirty(stateDir, pairs, perPair)
@@ -213,13 +213,22 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 		}
 		p.dirty, marked = m, mk
 		sameBoot = complete && p.bootID != "" && st.BootID == p.bootID
+		durable = complete && st.IntentDurable
 	}
-	if st.Unclean && sameBoot {
-		// Only the process died: the chunks it was writing may differ between the
-		// sides of their pair. Resync them before serving anything.
-		if err := p.resyncMarked(marked); err != nil {
+	if st.Unclean && (sameBoot || durable) {
+		// Only the process died, or the machine went down with the marks durable: the
+		// marked chunks are the only ones whose sides may differ. Resync them (and make
+		// that durable) before serving anything and before the bitmap is reset.
+		copied, err := p.resyncMarked(marked)
+		if err != nil {
 			p.closeDisks()
 			return nil, err
+		}
+		switch {
+		case sameBoot && copied > 0:
+			p.log.Info("Resynced the chunks being written when the pool last stopped uncleanly", "chunks", copied)
+		case !sameBoot:
+			p.log.Warn("Pool was not closed cleanly before the machine restarted; resynced the chunks its durable write-intent bitmap marks", "chunks", copied, "marked", len(marked))
 		}
 	}
 	if p.dirty != nil {
@@ -228,10 +237,12 @@ func open(stateDir string, paths []string, opts Options, log *slog.Logger) (*Poo
 			return nil, err
 		}
 	}
-	if st.Unclean && !sameBoot && n > 1 {
-		// The machine went down with the pool open: writes that were never flushed may
-		// be on one disk of a pair only. Copy each pair's first disk over the second
-		// (reading only the first meanwhile), so that reads cannot flip between versions.
+	if st.Unclean && !sameBoot && !durable && n > 1 {
+		// The machine went down with the pool open and no durable bitmap (an older
+		// pool.json, or a bitmap missing or of another size): writes that were never
+		// flushed may be on one disk of a pair only. Copy each pair's first disk over
+		// the second (reading only the first meanwhile), so that reads cannot flip
+		// between versions.
 		for pair := 0; len(p.disks) > 1 && pair < len(p.disks)/2; pair++ {
 			a, b := p.disks[2*pair].Load(), p.disks[2*pair+1].Load()
 			if a.state.Load() == stOK && b.state.Load() == stOK {
@@ -481,7 +492,8 @@ func (p *Pool) persistLocked(bump bool) error {
 	if bump {
 		p.gen++
 	}
-	st := &persisted{UUID: p.uuid, StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff, Generation: p.gen, Unclean: !p.clean, BootID: p.bootID}
+	st := &persisted{UUID: p.uuid, StripeUnit: p.l.unit, UnitsPerDisk: p.l.unitsPerDisk, DataOffset: p.l.dataOff, Generation: p.gen, Unclean: !p.clean, BootID: p.bootID,
+		IntentDurable: p.dirty != nil}
 	for i := range p.disks {
 		d := p.disks[i].Load()
 		s := d.state.Load()

@@ -912,19 +912,27 @@ func TestCloseUnderLoad(t *testing.T) {
 // setUnclean rewrites pool.json as a run that never reached Close on boot bootID.
 func setUnclean(t *testing.T, state, bootID string) {
 	t.Helper()
+	editState(t, state, func(st *persisted) { st.Unclean, st.BootID = true, bootID })
+}
+
+// editState applies edit to pool.json.
+func editState(t *testing.T, state string, edit func(*persisted)) {
+	t.Helper()
 	st, err := loadState(state)
 	if err != nil {
 		t.Fatal(err)
 	}
-	st.Unclean, st.BootID = true, bootID
+	edit(st)
 	if err := saveState(state, st); err != nil {
 		t.Fatal(err)
 	}
 }
 
 // TestResyncAfterMachineRestart: the pool was open when the machine went down, and a
-// write reached only one disk of each pair. The next Open copies each pair's first disk
-// over the second and reads only the first meanwhile, so no read flips between versions.
+// write reached only one disk of each pair; pool.json was written by a version without
+// a durable write-intent bitmap (no intent_durable). The next Open copies each pair's
+// first disk over the second and reads only the first meanwhile, so no read flips
+// between versions.
 func TestResyncAfterMachineRestart(t *testing.T) {
 	state, paths := makeDisks(t, 4, testDiskSize)
 	p := openTestPool(t, state, paths, Options{})
@@ -938,7 +946,10 @@ func TestResyncAfterMachineRestart(t *testing.T) {
 	if st, _ := loadState(state); st.Unclean {
 		t.Fatal("Close did not record a clean shutdown")
 	}
-	setUnclean(t, state, "a-previous-boot")
+	if st, _ := loadState(state); !st.IntentDurable {
+		t.Fatal("pool.json of a mirrored pool does not say its marks are durable")
+	}
+	editState(t, state, func(st *persisted) { st.Unclean, st.BootID, st.IntentDurable = true, "a-previous-boot", false })
 	// The torn writes: different data on the second disk of each pair, in units that
 	// readers would otherwise serve from that disk (odd disk units).
 	for _, d := range []int{1, 3} {

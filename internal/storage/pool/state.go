@@ -22,9 +22,13 @@ type persisted struct {
 	// Unclean is true while the pool is open: found true at Open, the last run ended
 	// without Close. BootID tells whether the machine restarted since (then unflushed
 	// writes may have reached one disk of a pair and not the other).
-	Unclean bool            `json:"unclean,omitempty"`
-	BootID  string          `json:"boot_id,omitempty"`
-	Disks   []persistedDisk `json:"disks"`
+	Unclean bool   `json:"unclean,omitempty"`
+	BootID  string `json:"boot_id,omitempty"`
+	// IntentDurable is true when the run that wrote this file made every write-intent
+	// mark durable before the write (see dirtyFile), so that after a machine restart
+	// the marked chunks are all that may differ. Files without it get a full resync.
+	IntentDurable bool            `json:"intent_durable,omitempty"`
+	Disks         []persistedDisk `json:"disks"`
 }
 
 type persistedDisk struct {

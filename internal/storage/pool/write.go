@@ -290,7 +290,13 @@ func (p *Pool) Sync() error {
 }
 
 // syncLive fdatasyncs every live disk in parallel and returns them with their errors.
+// A sync with no error on a set of disks that did not change meanwhile lets the
+// cleaner clear the write-intent marks of the writes that ended before it began.
 func (p *Pool) syncLive() ([]*disk, []error) {
+	var gen uint64
+	if p.dirty != nil {
+		gen = p.dirty.syncBegin()
+	}
 	ds := make([]*disk, 0, len(p.disks))
 	for i := range p.disks {
 		if d := p.disks[i].Load(); d.live() {
@@ -311,7 +317,30 @@ func (p *Pool) syncLive() ([]*disk, []error) {
 		}()
 	}
 	wg.Wait()
+	if p.dirty != nil && p.sameLive(ds, errs) {
+		p.dirty.syncDone(gen)
+	}
 	return ds, errs
+}
+
+// sameLive reports whether every sync in errs succeeded and ds are still exactly the
+// live disks (no disk joined by Replace while they were being synced).
+func (p *Pool) sameLive(ds []*disk, errs []error) bool {
+	n := 0
+	for i := range p.disks {
+		if d := p.disks[i].Load(); d.live() {
+			if n == len(ds) || ds[n] != d {
+				return false
+			}
+			n++
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return false
+		}
+	}
+	return n == len(ds)
 }
 
 // pairOK reports whether pair has a healthy disk.
