@@ -5,14 +5,12 @@
 package migration
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,7 +21,7 @@ import (
 
 	"github.com/growserver/grow/internal/host/hostapi"
 	"github.com/growserver/grow/internal/host/qemu"
-	"github.com/growserver/grow/test/e2e/host/hostbed"
+	"github.com/growserver/grow/test/testbed"
 )
 
 // quietBusy is the machine busy share under which a migration counts as run on a
@@ -68,7 +66,7 @@ type cpuSnap struct {
 	agents, self time.Duration
 }
 
-func takeCPU(b *hostbed.Bed) cpuSnap {
+func takeCPU(agents []*testbed.Agent) cpuSnap {
 	var s cpuSnap
 	if st, err := os.ReadFile("/proc/stat"); err == nil {
 		f := strings.Fields(strings.SplitN(string(st), "\n", 2)[0])
@@ -80,8 +78,8 @@ func takeCPU(b *hostbed.Bed) cpuSnap {
 			}
 		}
 	}
-	for _, h := range b.Hosts {
-		s.agents += procCPU(h.PID())
+	for _, a := range agents {
+		s.agents += procCPU(a.PID())
 	}
 	s.self = procCPU(os.Getpid())
 	return s
@@ -126,10 +124,11 @@ func TestMigrationBench(t *testing.T) {
 		t.Skip("set GROW_BENCH_OUT=FILE.md to run the migration benchmark")
 	}
 	loadStart = loadAvg()
-	b := hostbed.New(t, 2)
+	b := testbed.New(t, testbed.Options{Hosts: 2})
+	agents := b.StartAgents(t)
 	ctx := context.Background()
-	g := hostbed.NewGuest(t, "bench", 40, false, "responder")
-	h0 := b.Hosts[0]
+	g := testbed.NewAgentGuest(t, "bench", 0, false, "responder")
+	h0 := agents[0]
 	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
 	}
@@ -137,10 +136,10 @@ func TestMigrationBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The raw side: the same kind of guest (own disk, MAC and address), run by hand.
-	rg := hostbed.NewGuest(t, "benchraw", 41, false, "responder")
-	raw := newRawSide(t, b, rg.Spec, rg.IP)
-	b.WaitProbe(t, g.IP, 180*time.Second)
-	b.WaitProbe(t, rg.IP, 180*time.Second)
+	rg := testbed.NewAgentGuest(t, "benchraw", 1, false, "responder")
+	raw := newRawSide(t, b, rg)
+	b.WaitQuery(t, g.Responder(), 180*time.Second)
+	b.WaitQuery(t, rg.Responder(), 180*time.Second)
 	time.Sleep(3 * time.Second) // let both guests settle to idle
 	// What each idle guest's QEMU costs (the same guest and command line: it should
 	// be the same), over 2 s.
@@ -152,15 +151,15 @@ func TestMigrationBench(t *testing.T) {
 
 	// Interleaved, so that both sides see the same machine load. Each guest is pinged
 	// every 50 ms from the client throughout.
-	pingOurs, pingRaw := startPing(t, b.Client, g.IP), startPing(t, b.Client, rg.IP)
+	pingOurs, pingRaw := b.StartPing(t, g.IP), b.StartPing(t, rg.IP)
 	time.Sleep(time.Second)
 	var ours, raws []sample
 	for i := 0; i < rounds; i++ {
-		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
-		from := pingOurs.maxSeq()
-		c0 := takeCPU(b)
-		op, err := src.API.Migrate(ctx, "bench", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token,
-			ListenHost: dst.IP, DowntimeLimitMS: downtimeLimitMS})
+		src, dst := agents[i%2], agents[(i+1)%2]
+		from := pingOurs.Stats().MaxSeq
+		c0 := takeCPU(agents)
+		op, err := src.API.Migrate(ctx, "bench", hostapi.MigrateRequest{TargetURL: dst.PeerURL, TargetToken: dst.Token,
+			ListenHost: dst.Host.StorageIP, DowntimeLimitMS: downtimeLimitMS})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -172,30 +171,29 @@ func TestMigrationBench(t *testing.T) {
 			t.Fatalf("agent migration %d: %v", i, err)
 		}
 		wall := op.Updated.Sub(op.Created)
-		cpu := takeCPU(b).since(c0)
-		b.WaitProbe(t, g.IP, 20*time.Second)
+		cpu := takeCPU(agents).since(c0)
+		b.WaitQuery(t, g.Responder(), 20*time.Second)
 		time.Sleep(500 * time.Millisecond)
-		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.lostBetween(from, pingOurs.maxSeq()),
+		ours = append(ours, sample{op.TotalTimeMS, op.DowntimeMS, wall, pingOurs.LostBetween(from, pingOurs.Stats().MaxSeq),
 			op.SetupTimeMS, op.TransferredBytes >> 20, op.DirtySyncs, cpu})
 		t.Logf("agent %d: total %d ms, downtime %d ms, wall %s, %s", i, op.TotalTimeMS, op.DowntimeMS, wall.Round(time.Millisecond), cpu)
 
-		from = pingRaw.maxSeq()
-		c0 = takeCPU(b)
+		from = pingRaw.Stats().MaxSeq
+		c0 = takeCPU(agents)
 		r := raw.migrate(t, i)
-		r.cpu = takeCPU(b).since(c0)
+		r.cpu = takeCPU(agents).since(c0)
 		time.Sleep(500 * time.Millisecond)
-		r.lost = pingRaw.lostBetween(from, pingRaw.maxSeq())
+		r.lost = pingRaw.LostBetween(from, pingRaw.Stats().MaxSeq)
 		raws = append(raws, r)
 		t.Logf("raw %d: total %d ms, downtime %d ms, wall %s, %s", i, r.total, r.down, r.wall.Round(time.Millisecond), r.cpu)
 	}
 	writeReport(t, out, ours, raws)
 	// The agents' own phase timings, next to the raw side's above.
-	for _, h := range b.Hosts {
-		log, _ := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
-		for _, l := range strings.Split(string(log), "\n") {
+	for _, a := range agents {
+		for _, l := range strings.Split(a.Log(), "\n") {
 			if strings.Contains(l, "Migration timing") || strings.Contains(l, "Announced") ||
 				strings.Contains(l, "resumed") || strings.Contains(l, "migration prepared") {
-				t.Logf("hostd %d: %s", h.Idx, l)
+				t.Logf("%s: %s", a.Name, l)
 			}
 		}
 	}
@@ -209,7 +207,7 @@ type bareQEMU struct {
 	events func(*bareQEMU, qemu.Event)
 }
 
-func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO string, incoming bool, onEvent func(*bareQEMU, qemu.Event)) *bareQEMU {
+func startBare(t *testing.T, h *testbed.Host, spec hostapi.VMSpec, tap, seedISO string, incoming bool, onEvent func(*bareQEMU, qemu.Event)) *bareQEMU {
 	t.Helper()
 	dir, err := os.MkdirTemp(b0Dir(t), "raw-")
 	if err != nil {
@@ -227,7 +225,7 @@ func startBare(t *testing.T, h *hostbed.Host, spec hostapi.VMSpec, tap, seedISO 
 	defer log.Close()
 	q := &bareQEMU{done: make(chan struct{})}
 	q.events = onEvent
-	q.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.NS}, args...)...)
+	q.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.Netns}, args...)...)
 	q.cmd.Stdout, q.cmd.Stderr = log, log
 	// A session of its own, as the agent starts QEMU: with the scheduler's autogroups,
 	// the session decides how much CPU a process gets on a busy machine.
@@ -258,7 +256,7 @@ func b0Dir(t *testing.T) string {
 
 // rawSide is a guest run by bare QEMU processes, migrated with raw QMP commands.
 type rawSide struct {
-	b       *hostbed.Bed
+	b       *testbed.Bed
 	spec    hostapi.VMSpec
 	ip      string
 	tap     string
@@ -308,8 +306,9 @@ func (p *phases) String() string {
 	return strings.Join(p.parts, " ")
 }
 
-func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *rawSide {
-	r := &rawSide{b: b, spec: spec, ip: ip, tap: "gr" + b.ID + "-0", ended: make(chan string, 4)}
+func newRawSide(t *testing.T, b *testbed.Bed, g *testbed.AgentGuest) *rawSide {
+	spec := g.Spec
+	r := &rawSide{b: b, spec: spec, ip: g.IP, tap: "rawtap0", ended: make(chan string, 4)}
 	// The same seed, as an ISO the bare QEMUs share.
 	r.seedISO = filepath.Join(b0Dir(t), "seed.iso")
 	dir := filepath.Join(b0Dir(t), "seed")
@@ -326,9 +325,9 @@ func newRawSide(t *testing.T, b *hostbed.Bed, spec hostapi.VMSpec, ip string) *r
 	}
 	for _, h := range b.Hosts {
 		for _, c := range [][]string{
-			{"-n", h.NS, "tuntap", "add", "dev", r.tap, "mode", "tap", "vnet_hdr"},
-			{"-n", h.NS, "link", "set", r.tap, "address", "fe" + spec.NICs[0].MAC[2:]},
-			{"-n", h.NS, "link", "set", r.tap, "master", "br0", "up"},
+			{"-n", h.Netns, "tuntap", "add", "dev", r.tap, "mode", "tap", "vnet_hdr"},
+			{"-n", h.Netns, "link", "set", r.tap, "address", "fe" + spec.NICs[0].MAC[2:]},
+			{"-n", h.Netns, "link", "set", r.tap, "master", h.Bridge, "up"},
 		} {
 			if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
 				t.Fatalf("ip %v: %v: %s", c, err, out)
@@ -358,13 +357,13 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	if err := dst.mon.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	l, err := hostbed.NSListen(dh.NS, dh.IP+":0")
+	l, err := testbed.Listen(dh.Netns, dh.StorageIP+":0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	uri := "tcp:" + net.JoinHostPort(dh.IP, strconv.Itoa(port))
+	uri := "tcp:" + net.JoinHostPort(dh.StorageIP, strconv.Itoa(port))
 	if err := dst.mon.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -432,7 +431,7 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 	wall := time.Since(t0)
 	ph.mark("source_gone")
 	t.Logf("raw %d phases: t0=%s %s qemu total=%d setup=%d down=%d", i, t0.Format("15:04:05.000000"), ph.String(), info.TotalTime, info.SetupTime, info.Downtime)
-	r.b.WaitProbe(t, r.ip, 20*time.Second)
+	r.b.WaitQuery(t, r.ip+":7777", 20*time.Second)
 	r.mu.Lock()
 	r.src = dst
 	r.mu.Unlock()
@@ -441,66 +440,6 @@ func (r *rawSide) migrate(t *testing.T, i int) sample {
 		smp.mib, smp.syncs = info.RAM.Transferred>>20, info.RAM.DirtySync
 	}
 	return smp
-}
-
-// pinger is a 50 ms ping stream from the client namespace (busybox ping).
-type pinger struct {
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	got  map[int]bool
-	done chan struct{}
-}
-
-var pingSeqRe = regexp.MustCompile(`seq=(\d+)`)
-
-func startPing(t *testing.T, ns, ip string) *pinger {
-	p := &pinger{got: map[int]bool{}, done: make(chan struct{})}
-	p.cmd = exec.Command("ip", "netns", "exec", ns, "busybox", "ping", "-i", "0.05", ip)
-	out, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("Failed to start ping: %v", err)
-	}
-	t.Cleanup(func() { _ = p.cmd.Process.Kill(); <-p.done; _ = p.cmd.Wait() })
-	go func() {
-		defer close(p.done)
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if m := pingSeqRe.FindStringSubmatch(sc.Text()); m != nil {
-				n, _ := strconv.Atoi(m[1])
-				p.mu.Lock()
-				p.got[n] = true
-				p.mu.Unlock()
-			}
-		}
-	}()
-	return p
-}
-
-func (p *pinger) maxSeq() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	m := -1
-	for s := range p.got {
-		m = max(m, s)
-	}
-	return m
-}
-
-// lostBetween counts the unanswered probes after from up to to.
-func (p *pinger) lostBetween(from, to int) int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := 0
-	for s := from + 1; s < to; s++ {
-		if !p.got[s] {
-			n++
-		}
-	}
-	return n
 }
 
 func median[T int64 | time.Duration](xs []T) T {
@@ -547,7 +486,7 @@ func writeReport(t *testing.T, path string, ours, raw []sample) {
 	fmt.Fprintf(&sb, "Run %s on %s (load average %s at the start, %s at the end), accelerator %s, QEMU as installed.\n", time.Now().UTC().Format(time.RFC3339), hostname(), loadStart, loadAvg(), qemu.DetectAccel())
 	fmt.Fprintf(&sb, "Two identical idle guests (256 MiB, 1 vCPU, the tiny\n")
 	fmt.Fprintf(&sb, "test guest with its responder, NBD root disk, same QEMU command line), one run by the agents, one by\n")
-	fmt.Fprintf(&sb, "bare QEMU processes, on the same two network-namespace hosts joined by a veth; migrations interleaved\n")
+	fmt.Fprintf(&sb, "bare QEMU processes, on the same two network-namespace hosts of the test bed; migrations interleaved\n")
 	fmt.Fprintf(&sb, "(agent, raw, agent, ...) so both see the same load; same\n")
 	fmt.Fprintf(&sb, "migration settings (auto-converge, downtime limit %d ms, bandwidth unlimited). %d migrations each,\n", downtimeLimitMS, rounds)
 	fmt.Fprintf(&sb, "back and forth; medians. *QEMU total* and *downtime* are QEMU's own query-migrate figures. *Wall*\n")

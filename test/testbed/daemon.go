@@ -22,6 +22,9 @@ type Daemon struct {
 	Token   string // admin token from DATA/admin.token
 	DataDir string
 	Args    []string // the daemon's arguments after the binary
+	// NetworkOnly enters only the network namespace (NetworkOnlyCommand), so the
+	// daemon sees the machine's cgroups as on a real host (hostd).
+	NetworkOnly bool
 
 	t       testing.TB
 	mu      sync.Mutex
@@ -40,7 +43,11 @@ func (d *Daemon) Log() string {
 func (d *Daemon) start() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	cmd := NetnsCommand(d.Netns, GrowBinary(d.t), d.Args...)
+	enter := NetnsCommand
+	if d.NetworkOnly {
+		enter = NetworkOnlyCommand
+	}
+	cmd := enter(d.Netns, GrowBinary(d.t), d.Args...)
 	// A file, not a pipe: children that inherit it (VMs) must not hold up Wait.
 	logf, err := os.OpenFile(d.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -112,6 +119,24 @@ func (d *Daemon) killLocked() {
 	}
 }
 
+// Running reports whether the daemon's process is alive.
+func (d *Daemon) Running() bool {
+	select {
+	case <-d.Exited():
+		return false
+	default:
+		return true
+	}
+}
+
+// Start starts a daemon that was killed or stopped, with the same arguments.
+func (d *Daemon) Start() error {
+	if d.Running() {
+		return fmt.Errorf("%s is already running", d.Name)
+	}
+	return d.start()
+}
+
 // Restart stops the daemon (SIGTERM) and starts it again with the same arguments.
 func (d *Daemon) Restart() error {
 	if err := d.Stop(30 * time.Second); err != nil {
@@ -127,12 +152,13 @@ func (d *Daemon) Exited() <-chan struct{} {
 	return d.done
 }
 
-func newDaemon(t testing.TB, name, ns, addr, dataDir string, args []string) *Daemon {
+// newDaemon starts d (Name, Netns, Addr, DataDir, Args and NetworkOnly filled in) and
+// stops it when the test ends.
+func newDaemon(t testing.TB, d *Daemon) *Daemon {
 	t.Helper()
-	d := &Daemon{Name: name, Netns: ns, Addr: addr, DataDir: dataDir, Args: args, t: t,
-		PeerURL: "http://" + addr}
+	d.t, d.PeerURL = t, "http://"+d.Addr
 	logDir := shortTempDir(t, "gtb-log-")
-	d.logPath = filepath.Join(logDir, name+".log")
+	d.logPath = filepath.Join(logDir, d.Name+".log")
 	t.Cleanup(func() {
 		t0 := time.Now()
 		err := d.Stop(10 * time.Second)
@@ -146,7 +172,7 @@ func newDaemon(t testing.TB, name, ns, addr, dataDir string, args []string) *Dae
 	if err := d.start(); err != nil {
 		t.Fatal(err)
 	}
-	d.URL = "http://" + Forward(t, ns, addr)
+	d.URL = "http://" + Forward(t, d.Netns, d.Addr)
 	return d
 }
 
@@ -181,9 +207,14 @@ type HostdOptions struct {
 // HostdPort is the port hostd listens on inside its host namespace.
 const HostdPort = 8444
 
-// StartHostd runs `grow hostd --data DIR --api STORAGEIP:8444 --bridge br0` inside the
-// host's namespace and returns it once its API answers. The API is reachable from the
-// test process at d.URL and from the other hosts at d.PeerURL.
+// CgroupParent is the cgroup directory under which hostd on this host puts VMs with limits.
+func (h *Host) CgroupParent() string { return fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index) }
+
+// StartHostd runs `grow hostd --data DIR --api STORAGEIP:8444 --bridge br0` in the
+// host's network namespace (only: like an agent on a real host it sees the machine's
+// cgroups) and returns it once its API answers. The API is reachable from the test
+// process at d.URL and from the other hosts at d.PeerURL. $GROW_QEMU, when set, is the
+// QEMU binary hostd runs (another QEMU build to test with).
 func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	t.Helper()
 	dir := opts.DataDir
@@ -192,7 +223,10 @@ func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	}
 	addr := fmt.Sprintf("%s:%d", h.StorageIP, HostdPort)
 	args := []string{"hostd", "--data", dir, "--api", addr, "--bridge", h.Bridge,
-		"--cgroup-parent", fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index)}
+		"--cgroup-parent", h.CgroupParent()}
+	if q := os.Getenv("GROW_QEMU"); q != "" {
+		args = append(args, "--qemu", q)
+	}
 	if opts.NBDTLSDir != "" {
 		args = append(args, "--nbd-tls-dir", opts.NBDTLSDir)
 	}
@@ -202,31 +236,41 @@ func (h *Host) StartHostd(t testing.TB, opts HostdOptions) *Daemon {
 	args = append(args, opts.Extra...)
 	// The bed removes the cgroups at teardown, once the VMs in them are gone.
 	h.Bed.mu.Lock()
-	h.Bed.cgroups = append(h.Bed.cgroups, fmt.Sprintf("%s-h%d", h.Bed.ID, h.Index))
+	h.Bed.cgroups = append(h.Bed.cgroups, h.CgroupParent())
 	h.Bed.mu.Unlock()
-	d := newDaemon(t, fmt.Sprintf("hostd-h%d", h.Index), h.Netns, addr, dir, args)
+	d := newDaemon(t, &Daemon{Name: fmt.Sprintf("hostd-h%d", h.Index), Netns: h.Netns, Addr: addr, DataDir: dir, Args: args,
+		NetworkOnly: true})
 	if opts.TLS != nil {
 		d.URL, d.PeerURL = "https"+strings.TrimPrefix(d.URL, "http"), "https"+strings.TrimPrefix(d.PeerURL, "http")
 	}
 	return d
 }
 
-// removeCgroups removes an (empty) cgroup tree named parent under every hierarchy.
+// removeCgroups removes the cgroup tree named parent under every hierarchy once its
+// processes are gone. A killed QEMU whose agent died first stays a zombie until PID 1
+// reaps it, and keeps its cgroup busy until then: it waits up to 15 s for that.
 func removeCgroups(parent string) {
 	roots, _ := filepath.Glob("/sys/fs/cgroup/*/" + parent)
 	if p := "/sys/fs/cgroup/" + parent; dirExists(p) {
 		roots = append(roots, p)
 	}
+	deadline := time.Now().Add(15 * time.Second)
 	for _, r := range roots {
-		var dirs []string
-		_ = filepath.WalkDir(r, func(p string, de os.DirEntry, err error) error {
-			if err == nil && de.IsDir() {
-				dirs = append(dirs, p)
+		for {
+			var dirs []string
+			_ = filepath.WalkDir(r, func(p string, de os.DirEntry, err error) error {
+				if err == nil && de.IsDir() {
+					dirs = append(dirs, p)
+				}
+				return nil
+			})
+			for i := len(dirs) - 1; i >= 0; i-- {
+				_ = syscall.Rmdir(dirs[i])
 			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			_ = syscall.Rmdir(dirs[i])
+			if !dirExists(r) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 }
@@ -307,7 +351,7 @@ func (b *Bed) StartStoraged(t testing.TB, opts StoragedOptions) *Storaged {
 		}
 		args = append(args, "--tls-cert", pki.ServerCert, "--tls-key", pki.ServerKey, "--tls-client-ca", pki.CA, "--tls-required")
 	}
-	d := newDaemon(t, fmt.Sprintf("storaged-s%d", i), ns, addr, dir, args)
+	d := newDaemon(t, &Daemon{Name: fmt.Sprintf("storaged-s%d", i), Netns: ns, Addr: addr, DataDir: dir, Args: args})
 	if pki != nil {
 		d.URL, d.PeerURL = "https"+strings.TrimPrefix(d.URL, "http"), "https"+strings.TrimPrefix(d.PeerURL, "http")
 	}

@@ -236,6 +236,15 @@ func NetnsCommand(ns, name string, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// NetworkOnlyCommand returns a command that enters only the named network namespace
+// (nsenter --net), in its own process group. Unlike NetnsCommand it keeps the machine's
+// mounts, /sys included, so the process sees and uses the real cgroup hierarchy.
+func NetworkOnlyCommand(ns, name string, args ...string) *exec.Cmd {
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, name}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
 // AddTap creates a tap device on the host's guest bridge for a bare VM and returns its name.
 func (h *Host) AddTap() (string, error) {
 	h.Bed.mu.Lock()
@@ -257,44 +266,61 @@ func (h *Host) AddTap() (string, error) {
 // DialContext dials addr from inside the namespace ns (a socket belongs to the
 // namespace it was created in), so that the test process can reach daemons in the bed.
 func DialContext(ctx context.Context, ns, network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
+	var c net.Conn
+	err := inNetns(ns, func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
+}
+
+// Listen listens on TCP addr inside the namespace ns, for a peer in the bed to connect to
+// the test process.
+func Listen(ns, addr string) (net.Listener, error) {
+	var l net.Listener
+	err := inNetns(ns, func() (err error) {
+		l, err = net.Listen("tcp", addr)
+		return err
+	})
+	return l, err
+}
+
+// inNetns runs fn on a thread of its own switched into the namespace ns; sockets fn
+// creates belong to ns and keep working from any thread afterwards.
+func inNetns(ns string, fn func() error) error {
+	ch := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		orig, err := netns.Get()
 		if err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{nil, fmt.Errorf("Failed to get the current namespace: %w", err)}
+			ch <- fmt.Errorf("Failed to get the current namespace: %w", err)
 			return
 		}
 		defer orig.Close()
 		target, err := netns.GetFromName(ns)
 		if err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{nil, fmt.Errorf("Failed to open namespace %s: %w", ns, err)}
+			ch <- fmt.Errorf("Failed to open namespace %s: %w", ns, err)
 			return
 		}
 		defer target.Close()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{nil, fmt.Errorf("Failed to enter namespace %s: %w", ns, err)}
+			ch <- fmt.Errorf("Failed to enter namespace %s: %w", ns, err)
 			return
 		}
-		var d net.Dialer
-		c, derr := d.DialContext(ctx, network, addr)
+		ferr := fn()
 		if err := netns.Set(orig); err != nil {
 			// This thread is stuck in the wrong namespace: let it die with the goroutine.
-			ch <- result{c, derr}
+			ch <- ferr
 			return
 		}
 		runtime.UnlockOSThread()
-		ch <- result{c, derr}
+		ch <- ferr
 	}()
-	r := <-ch
-	return r.c, r.err
+	return <-ch
 }
 
 // Forward listens on 127.0.0.1 (an ephemeral port) in the test's namespace and

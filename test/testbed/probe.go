@@ -20,7 +20,8 @@ type PingProbe struct {
 	Target string
 
 	mu        sync.Mutex
-	received  map[int]bool
+	start     time.Time
+	received  map[int]time.Time // when each answered probe's reply was read
 	maxSeq    int
 	lastReply time.Time
 	done      chan struct{}
@@ -49,7 +50,7 @@ func (b *Bed) StartPing(t testing.TB, target string) *PingProbe {
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("Failed to start ping: %v", err)
 	}
-	p := &PingProbe{Target: target, received: map[int]bool{}, maxSeq: -1, done: make(chan struct{})}
+	p := &PingProbe{Target: target, start: time.Now(), received: map[int]time.Time{}, maxSeq: -1, done: make(chan struct{})}
 	var once sync.Once
 	p.stop = func() {
 		once.Do(func() {
@@ -67,10 +68,11 @@ func (b *Bed) StartPing(t testing.TB, target string) *PingProbe {
 				continue
 			}
 			seq, _ := strconv.Atoi(m[1])
+			now := time.Now()
 			p.mu.Lock()
-			p.received[seq] = true
+			p.received[seq] = now
 			p.maxSeq = max(p.maxSeq, seq)
-			p.lastReply = time.Now()
+			p.lastReply = now
 			p.mu.Unlock()
 		}
 		_, _ = io.Copy(io.Discard, out)
@@ -86,6 +88,51 @@ func (p *PingProbe) Stats() PingStats {
 	s := PingStats{Received: len(p.received), MaxSeq: p.maxSeq, LastReply: p.lastReply}
 	s.Lost = p.maxSeq + 1 - len(p.received)
 	return s
+}
+
+// Missing returns the sequence numbers that got no reply between the first and the
+// newest answered probe, in order.
+func (p *PingProbe) Missing() []int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var missing []int
+	first := -1
+	for s := 0; s <= p.maxSeq; s++ {
+		if _, ok := p.received[s]; ok {
+			if first < 0 {
+				first = s
+			}
+		} else if first >= 0 {
+			missing = append(missing, s)
+		}
+	}
+	return missing
+}
+
+// LostBetween counts the probes after sequence number from and before to that got no reply.
+func (p *PingProbe) LostBetween(from, to int) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for s := from + 1; s < to; s++ {
+		if _, ok := p.received[s]; !ok {
+			n++
+		}
+	}
+	return n
+}
+
+// SentAround estimates when probe seq was sent: 50 ms after each probe since the
+// newest answered one before it (to line a loss up with a log).
+func (p *PingProbe) SentAround(seq int) time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for s := seq - 1; s >= 0; s-- {
+		if at, ok := p.received[s]; ok {
+			return at.Add(time.Duration(seq-s) * 50 * time.Millisecond)
+		}
+	}
+	return p.start.Add(time.Duration(seq) * 50 * time.Millisecond)
 }
 
 // WaitReplies waits until n more replies than in since have arrived.
@@ -152,4 +199,21 @@ func DialFrom(ns, network, addr string, timeout time.Duration) (net.Conn, error)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	return DialContext(ctx, ns, network, addr)
+}
+
+// WaitQuery queries the guest responder at addr until it answers (every 200 ms, 3 s
+// each), and fails the test after timeout.
+func (b *Bed) WaitQuery(t testing.TB, addr string, timeout time.Duration) Response {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		r, err := b.Query(addr, 3*time.Second)
+		if err == nil {
+			return r
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the responder at %s did not answer within %s: %v", addr, timeout, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }

@@ -106,8 +106,8 @@ func (b *Bed) StartStoragePair(t testing.TB, opts StoragePairOptions) *StoragePa
 		}
 		dir := shortTempDir(t, fmt.Sprintf("gtb-w%d-", i))
 		addr := fmt.Sprintf("%s:%d", ip, WitnessAPIPort)
-		p.Witness = newDaemon(t, fmt.Sprintf("witness-s%d", i), ns, addr, dir,
-			[]string{"storage", "witness", "--data", dir, "--api", addr})
+		p.Witness = newDaemon(t, &Daemon{Name: fmt.Sprintf("witness-s%d", i), Netns: ns, Addr: addr, DataDir: dir,
+			Args: []string{"storage", "witness", "--data", dir, "--api", addr}})
 		witnessToken = filepath.Join(dir, "admin.token")
 		p.witnessPort = fmt.Sprintf("c%d", i)
 	}
@@ -287,24 +287,6 @@ func (c *PairController) Other() *PairController {
 		return c.pair.Ctl[1]
 	}
 	return c.pair.Ctl[0]
-}
-
-// Running reports whether the controller's process is alive.
-func (c *PairController) Running() bool {
-	select {
-	case <-c.Exited():
-		return false
-	default:
-		return true
-	}
-}
-
-// Start starts a controller that was killed or stopped, with the same arguments.
-func (c *PairController) Start() error {
-	if c.Running() {
-		return fmt.Errorf("%s is already running", c.Name)
-	}
-	return c.Daemon.start()
 }
 
 // ByName returns the controller called name, or nil.

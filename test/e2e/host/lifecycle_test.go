@@ -1,11 +1,7 @@
 package host_test
 
 import (
-	"os/exec"
-
 	"context"
-	"github.com/growserver/grow/test/e2e/host/hostbed"
-	"github.com/growserver/grow/test/testbed"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -15,16 +11,17 @@ import (
 	"time"
 
 	"github.com/growserver/grow/internal/host/hostapi"
+	"github.com/growserver/grow/test/testbed"
 )
 
 // TestLifecycle boots a guest from an NBD disk with a cloud-init seed and drives it as
 // an operator would: console, stop, start, reboot, agent restart, external death, kill.
 func TestLifecycle(t *testing.T) {
 	t.Parallel()
-	b := hostbed.New(t, 1)
-	h := b.Hosts[0]
+	b := testbed.New(t, testbed.Options{Hosts: 1})
+	h := b.StartAgents(t)[0]
 	ctx := context.Background()
-	g := hostbed.NewGuest(t, "life", 10, false, "counter", "responder")
+	g := testbed.NewAgentGuest(t, "life", 0, false, "counter", "responder")
 	g.Spec.MaxVCPUs = 2 // room for a vCPU hot-add
 
 	if _, err := h.API.Define(ctx, g.Spec); err != nil {
@@ -47,8 +44,8 @@ func TestLifecycle(t *testing.T) {
 	if err := h.API.Start(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	con := hostbed.AttachConsole(t, h, "life")
-	ready, err := hostbed.WaitReady(con, 0, 90*time.Second)
+	con := h.AttachConsole(t, "life")
+	ready, err := con.WaitReady(0, 90*time.Second)
 	if err != nil {
 		t.Fatalf("guest not ready: %v\n%s", err, con.Tail(2000))
 	}
@@ -59,8 +56,8 @@ func TestLifecycle(t *testing.T) {
 	if !strings.Contains(ready.Root, "vda") && ready.Root != "" {
 		t.Fatalf("guest did not boot from its NBD disk: root=%q", ready.Root)
 	}
-	if host, _, _ := b.WaitProbe(t, g.IP, 30*time.Second); host != "life-host" {
-		t.Fatalf("responder over the bridge answered as %q", host)
+	if r := b.WaitQuery(t, g.Responder(), 30*time.Second); r.Hostname != "life-host" {
+		t.Fatalf("responder over the bridge answered as %q", r.Hostname)
 	}
 
 	// Console round trip: type a command, read its output.
@@ -78,9 +75,8 @@ func TestLifecycle(t *testing.T) {
 
 	// The operator's CLI: list, show and a piped console session.
 	cli := func(stdin string, args ...string) string {
-		full := append([]string{"netns", "exec", h.NS, testbed.GrowBinary(t), "host"}, args...)
-		full = append(full, "--agent", h.URL, "--token", h.Token)
-		cmd := exec.Command("ip", full...)
+		full := append(append([]string{"host"}, args...), "--agent", h.PeerURL, "--token", h.Token)
+		cmd := testbed.NetnsCommand(h.Host.Netns, testbed.GrowBinary(t), full...)
 		cmd.Stdin = strings.NewReader(stdin)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
@@ -119,17 +115,19 @@ func TestLifecycle(t *testing.T) {
 
 	// Agent restart: the VM is untouched (same QEMU, still counting, same state).
 	before, _ := h.API.Get(ctx, "life")
-	_, c1, _, err := b.Probe(g.IP, 10*time.Second)
+	r1, err := b.Query(g.Responder(), 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.Stop(syscall.SIGKILL) // even a crash of the agent must not touch the VM
+	h.Kill() // even a crash of the agent must not touch the VM
 	time.Sleep(time.Second)
-	if _, c2, _, err := b.Probe(g.IP, 10*time.Second); err != nil || c2 <= c1 {
-		t.Fatalf("guest while the agent is down: counter %d -> %d, %v", c1, c2, err)
+	if r2, err := b.Query(g.Responder(), 10*time.Second); err != nil || r2.Counter <= r1.Counter {
+		t.Fatalf("guest while the agent is down: counter %d -> %d, %v", r1.Counter, r2.Counter, err)
 	}
-	h.Start(t)
-	after := hostbed.WaitState(t, h, "life", hostapi.StateRunning, 10*time.Second)
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	after := h.WaitState(t, "life", hostapi.StateRunning, 10*time.Second)
 	if after.PID != before.PID || after.PID == 0 {
 		t.Fatalf("QEMU pid changed across the agent restart: %d -> %d", before.PID, after.PID)
 	}
@@ -137,7 +135,7 @@ func TestLifecycle(t *testing.T) {
 	if err != nil || cnt2.RxBytes < cnt.RxBytes || cnt2.TxBytes < cnt.TxBytes {
 		t.Fatalf("counters went back across the agent restart: %+v -> %+v (%v)", cnt, cnt2, err)
 	}
-	con = hostbed.AttachConsole(t, h, "life")
+	con = h.AttachConsole(t, "life")
 	mark = con.Len()
 	_ = con.Type("echo after-$((1+1))-restart\n")
 	if _, _, err := con.WaitFrom(mark, regexp.MustCompile(`after-2-restart`), 20*time.Second); err != nil {
@@ -149,7 +147,7 @@ func TestLifecycle(t *testing.T) {
 	if err := h.API.Reboot(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := hostbed.WaitReady(con, mark, 90*time.Second); err != nil {
+	if _, err := con.WaitReady(mark, 90*time.Second); err != nil {
 		t.Fatalf("guest not ready after reboot: %v", err)
 	}
 
@@ -157,7 +155,7 @@ func TestLifecycle(t *testing.T) {
 	if err := h.API.Stop(ctx, "life", 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	vm := hostbed.WaitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
+	vm := h.WaitState(t, "life", hostapi.StateStopped, 5*time.Second)
 	if vm.ExitReason != "guest-shutdown" {
 		t.Fatalf("stop ended with %q, want an ACPI guest-shutdown", vm.ExitReason)
 	}
@@ -173,16 +171,16 @@ func TestLifecycle(t *testing.T) {
 	if err := h.API.Start(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	vm = hostbed.WaitState(t, h, "life", hostapi.StateRunning, 5*time.Second)
-	con = hostbed.AttachConsole(t, h, "life")
-	if _, err := hostbed.WaitReady(con, 0, 90*time.Second); err != nil {
+	vm = h.WaitState(t, "life", hostapi.StateRunning, 5*time.Second)
+	con = h.AttachConsole(t, "life")
+	if _, err := con.WaitReady(0, 90*time.Second); err != nil {
 		t.Fatalf("guest not ready after start: %v", err)
 	}
 	if err := syscall.Kill(vm.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	died := time.Now()
-	vm = hostbed.WaitState(t, h, "life", hostapi.StateStopped, 3*time.Second)
+	vm = h.WaitState(t, "life", hostapi.StateStopped, 3*time.Second)
 	if d := time.Since(died); d > time.Second {
 		t.Fatalf("QEMU death noticed after %s", d)
 	}
@@ -201,14 +199,14 @@ func TestLifecycle(t *testing.T) {
 	if err := h.API.Kill(ctx, "life"); err != nil {
 		t.Fatal(err)
 	}
-	vm = hostbed.WaitState(t, h, "life", hostapi.StateStopped, 5*time.Second)
+	vm = h.WaitState(t, "life", hostapi.StateStopped, 5*time.Second)
 	if err := h.API.Delete(ctx, "life", false); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(h.Data, "vms", "life")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(h.DataDir, "vms", "life")); !os.IsNotExist(err) {
 		t.Fatalf("VM directory left after delete: %v", err)
 	}
-	if out, _ := hostbed.InNS(h.NS, 5*time.Second, "ip", "-o", "link"); strings.Contains(out, vm.Spec.NICs[0].Bridge+"x") || strings.Contains(out, "gt") {
+	if out, _ := h.Host.Exec("ip", "-o", "link"); strings.Contains(out, vm.Spec.NICs[0].Bridge+"x") || strings.Contains(out, "gt") {
 		t.Fatalf("taps left after delete:\n%s", out)
 	}
 }

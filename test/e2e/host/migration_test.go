@@ -1,119 +1,20 @@
 package host_test
 
 import (
-	"bufio"
 	"context"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/growserver/grow/internal/host/agentclient"
 	"github.com/growserver/grow/internal/host/hostapi"
-	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"github.com/growserver/grow/test/testbed"
 )
 
-// pinger is a 50 ms ping stream from the client namespace.
-type pinger struct {
-	cmd   *exec.Cmd
-	mu    sync.Mutex
-	got   map[int]time.Time // when each answered probe's reply was read
-	start time.Time
-	done  chan struct{}
-}
-
-var pingSeqRe = regexp.MustCompile(`seq=(\d+)`)
-
-func startPing(t *testing.T, ns, ip string) *pinger {
-	t.Helper()
-	p := &pinger{got: map[int]time.Time{}, done: make(chan struct{})}
-	p.cmd = exec.Command("ip", "netns", "exec", ns, "busybox", "ping", "-i", "0.05", ip)
-	out, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("Failed to start ping: %v", err)
-	}
-	p.start = time.Now()
-	t.Cleanup(p.stop)
-	go func() {
-		defer close(p.done)
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if m := pingSeqRe.FindStringSubmatch(sc.Text()); m != nil {
-				n, _ := strconv.Atoi(m[1])
-				p.mu.Lock()
-				p.got[n] = time.Now()
-				p.mu.Unlock()
-			}
-		}
-	}()
-	return p
-}
-
-func (p *pinger) stop() {
-	if p.cmd.Process != nil {
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		_ = p.cmd.Wait()
-		p.cmd.Process = nil
-	}
-}
-
-// maxSeq returns the highest sequence number answered so far.
-func (p *pinger) maxSeq() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	m := -1
-	for s := range p.got {
-		m = max(m, s)
-	}
-	return m
-}
-
-// lost returns the sequence numbers missing between the first and last answered probe.
-func (p *pinger) lost() (missing []int, answered int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var seqs []int
-	for s := range p.got {
-		seqs = append(seqs, s)
-	}
-	sort.Ints(seqs)
-	for i := 1; i < len(seqs); i++ {
-		for s := seqs[i-1] + 1; s < seqs[i]; s++ {
-			missing = append(missing, s)
-		}
-	}
-	return missing, len(seqs)
-}
-
 // clock formats a time as the agents' logs do.
 func clock(t time.Time) string { return t.Format("15:04:05.000000") }
-
-// sentAround estimates when unanswered probe seq was sent: 50 ms after each probe
-// since the last answered one before it.
-func (p *pinger) sentAround(seq int) time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for s := seq - 1; s >= 0; s-- {
-		if at, ok := p.got[s]; ok {
-			return at.Add(time.Duration(seq-s) * 50 * time.Millisecond)
-		}
-	}
-	return p.start.Add(time.Duration(seq) * 50 * time.Millisecond)
-}
 
 var writerRe = regexp.MustCompile(`GROW-WRITER disk=\S+ slots=(\d+) start=\d+\r?\n`)
 
@@ -125,18 +26,19 @@ var writerRe = regexp.MustCompile(`GROW-WRITER disk=\S+ slots=(\d+) start=\d+\r?
 func TestMigration(t *testing.T) {
 	// Not parallel: it runs alone before the other tests, since the ping criterion
 	// depends on how quickly the destination guest gets CPU.
-	b := hostbed.New(t, 2)
+	b := testbed.New(t, testbed.Options{Hosts: 2})
+	hosts := b.StartAgents(t)
 	ctx := context.Background()
-	g := hostbed.NewGuest(t, "mover", 30, true, "counter", "diskwriter", "responder")
-	h0 := b.Hosts[0]
+	g := testbed.NewAgentGuest(t, "mover", 0, true, "counter", "diskwriter", "responder")
+	h0 := hosts[0]
 	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
 	}
 	if err := h0.API.Start(ctx, "mover"); err != nil {
 		t.Fatal(err)
 	}
-	con := hostbed.AttachConsole(t, h0, "mover")
-	if _, err := hostbed.WaitReady(con, 0, 120*time.Second); err != nil {
+	con := h0.AttachConsole(t, "mover")
+	if _, err := con.WaitReady(0, 120*time.Second); err != nil {
 		t.Fatalf("guest not ready: %v\n%s", err, con.Tail(1500))
 	}
 	m, _, err := con.WaitFrom(0, writerRe, 30*time.Second)
@@ -144,9 +46,9 @@ func TestMigration(t *testing.T) {
 		t.Fatalf("disk writer did not start: %v\n%s", err, con.Tail(1500))
 	}
 	slots, _ := strconv.ParseUint(m[1], 10, 64)
-	_, _, _ = b.WaitProbe(t, g.IP, 30*time.Second)
+	b.WaitQuery(t, g.Responder(), 30*time.Second)
 
-	ping := startPing(t, b.Client, g.IP)
+	ping := b.StartPing(t, g.IP)
 	time.Sleep(time.Second)
 	// A migration's probes are those after the last answered one before it starts,
 	// up to the last answered one once the guest has shown progress afterwards.
@@ -155,10 +57,11 @@ func TestMigration(t *testing.T) {
 	var totals, downs []int64
 	const rounds = 20
 	for i := 0; i < rounds; i++ {
-		src, dst := b.Hosts[i%2], b.Hosts[(i+1)%2]
-		_, c0, s0 := b.WaitProbe(t, g.IP, 10*time.Second)
-		begin := ping.maxSeq()
-		op, err := src.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: dst.URL, TargetToken: dst.Token, ListenHost: dst.IP})
+		src, dst := hosts[i%2], hosts[(i+1)%2]
+		r0 := b.WaitQuery(t, g.Responder(), 10*time.Second)
+		c0, s0 := r0.Counter, r0.Seq
+		begin := ping.Stats().MaxSeq
+		op, err := src.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: dst.PeerURL, TargetToken: dst.Token, ListenHost: dst.Host.StorageIP})
 		if err != nil {
 			t.Fatalf("round %d: migrate: %v", i, err)
 		}
@@ -171,20 +74,20 @@ func TestMigration(t *testing.T) {
 		if _, err := src.API.Get(ctx, "mover"); err == nil {
 			t.Fatalf("round %d: the source still lists the VM", i)
 		}
-		if pids := hostbed.QEMUPIDsUnder(src.Data); len(pids) != 0 {
+		if pids := src.QEMUPIDs(); len(pids) != 0 {
 			t.Fatalf("round %d: QEMU left on the source: %v", i, pids)
 		}
 		if vm, err := dst.API.Get(ctx, "mover"); err != nil || vm.State != hostapi.StateRunning {
 			t.Fatalf("round %d: destination VM %+v %v", i, vm.State, err)
 		}
 		// The guest progresses on the destination.
-		if _, _, _, err := b.Probe(g.IP, 10*time.Second); err != nil {
+		if _, err := b.Query(g.Responder(), 10*time.Second); err != nil {
 			sb, _ := dst.API.ConsoleLog(ctx, "mover")
 			if len(sb) > 1500 {
 				sb = sb[len(sb)-1500:]
 			}
-			fdb0, _ := hostbed.InNS(b.Hosts[0].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
-			fdb1, _ := hostbed.InNS(b.Hosts[1].NS, 5*time.Second, "bridge", "fdb", "show", "br", "br0")
+			fdb0, _ := b.Hosts[0].Exec("bridge", "fdb", "show", "br", "br0")
+			fdb1, _ := b.Hosts[1].Exec("bridge", "fdb", "show", "br", "br0")
 			what := "responder unreachable after the migration"
 			if strings.Contains(string(sb), "Kernel panic") || strings.Contains(string(sb), "end trace") || strings.Contains(string(sb), "Oops") {
 				// Seen with QEMU 7.2 under TCG (see MACHINE.md): the guest crashes on
@@ -193,12 +96,14 @@ func TestMigration(t *testing.T) {
 			}
 			t.Fatalf("round %d: %s: %v\nconsole:\n%s\nfdb0:\n%s\nfdb1:\n%s", i, what, err, sb, fdb0, fdb1)
 		}
-		_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
+		r1 := b.WaitQuery(t, g.Responder(), 10*time.Second)
+		c1, s1 := r1.Counter, r1.Seq
 		deadline := time.Now().Add(20 * time.Second)
 		c2, s2 := c1, s1
 		for (c2 <= c1 || s2 <= s1) && time.Now().Before(deadline) {
 			time.Sleep(300 * time.Millisecond)
-			_, c2, s2 = b.WaitProbe(t, g.IP, 5*time.Second)
+			r2 := b.WaitQuery(t, g.Responder(), 5*time.Second)
+			c2, s2 = r2.Counter, r2.Seq
 		}
 		if c1 < c0 || c2 <= c1 || s1 < s0 || s2 <= s1 {
 			sb, _ := dst.API.ConsoleLog(ctx, "mover")
@@ -219,14 +124,13 @@ func TestMigration(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: acknowledged blocks up to %d do not verify: %v", i, s2, err)
 		}
-		windows = append(windows, window{begin, ping.maxSeq()})
-		missing, _ := ping.lost()
+		windows = append(windows, window{begin, ping.Stats().MaxSeq})
 		t.Logf("round %d %s -> %s: total %d ms, downtime %d ms, counter %d, acked %d (verified %d), ping lost so far %d",
-			i, src.NS, dst.NS, op.TotalTimeMS, op.DowntimeMS, c2, s2, rep.Checked, len(missing))
+			i, src.Name, dst.Name, op.TotalTimeMS, op.DowntimeMS, c2, s2, rep.Checked, len(ping.Missing()))
 	}
 	time.Sleep(500 * time.Millisecond)
-	ping.stop()
-	missing, answered := ping.lost()
+	answered := ping.Stop().Received
+	missing := ping.Missing()
 	perWindow := make([]int, len(windows))
 	outside := 0
 	for _, s := range missing {
@@ -251,13 +155,12 @@ func TestMigration(t *testing.T) {
 	if t.Failed() {
 		// To line the losses up with the agents' migration steps.
 		for _, s := range missing {
-			t.Logf("probe %d unanswered, sent about %s", s, clock(ping.sentAround(s)))
+			t.Logf("probe %d unanswered, sent about %s", s, clock(ping.SentAround(s)))
 		}
-		for _, h := range b.Hosts {
-			log, _ := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
-			for _, l := range strings.Split(string(log), "\n") {
+		for _, h := range hosts {
+			for _, l := range strings.Split(h.Log(), "\n") {
 				if strings.Contains(l, "Migration timing") || strings.Contains(l, "Announced") || strings.Contains(l, "resumed") {
-					t.Logf("hostd %d: %s", h.Idx, l)
+					t.Logf("%s: %s", h.Name, l)
 				}
 			}
 		}
@@ -272,13 +175,10 @@ func TestMigration(t *testing.T) {
 	// at the source's STOP), not only once the guest resumed there. A signal handled
 	// after the resume (a very busy machine) is not counted, hence the margin.
 	signalled, replied := 0, 0
-	for _, h := range b.Hosts {
-		log, err := os.ReadFile(filepath.Join(b.Dir, fmt.Sprintf("hostd%d.log", h.Idx)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		signalled += strings.Count(string(log), "Announced arriving VM at the source's switch-over")
-		replied += strings.Count(string(log), " resumed_signal=")
+	for _, h := range hosts {
+		log := h.Log()
+		signalled += strings.Count(log, "Announced arriving VM at the source's switch-over")
+		replied += strings.Count(log, " resumed_signal=")
 	}
 	t.Logf("announced at the switch-over signal in %d of %d migrations; the destination's reply ended %d", signalled, rounds, replied)
 	if signalled < rounds/2 || replied < rounds/2 {
@@ -286,8 +186,8 @@ func TestMigration(t *testing.T) {
 	}
 
 	// A migration to an agent that refuses our token fails and changes nothing.
-	h0, h1 := b.Hosts[0], b.Hosts[1]
-	op, err := h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: "wrong", ListenHost: h1.IP})
+	h1 := hosts[1]
+	op, err := h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.PeerURL, TargetToken: "wrong", ListenHost: h1.Host.StorageIP})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,8 +200,8 @@ func TestMigration(t *testing.T) {
 
 	// Cancel half-way: throttle the stream so the migration is long, cancel it once it
 	// has moved some memory; the guest keeps running on the source.
-	_, c0, _ := b.WaitProbe(t, g.IP, 10*time.Second)
-	op, err = h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: h1.Token, ListenHost: h1.IP, BandwidthMiBps: 1})
+	c0 := b.WaitQuery(t, g.Responder(), 10*time.Second).Counter
+	op, err = h0.API.Migrate(ctx, "mover", hostapi.MigrateRequest{TargetURL: h1.PeerURL, TargetToken: h1.Token, ListenHost: h1.Host.StorageIP, BandwidthMiBps: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,12 +236,13 @@ func TestMigration(t *testing.T) {
 	if _, err := h1.API.Get(ctx, "mover"); err == nil {
 		t.Fatal("the destination still lists the VM after the cancel")
 	}
-	if pids := hostbed.QEMUPIDsUnder(h1.Data); len(pids) != 0 {
+	if pids := h1.QEMUPIDs(); len(pids) != 0 {
 		t.Fatalf("QEMU left on the destination after the cancel: %v", pids)
 	}
-	_, c1, s1 := b.WaitProbe(t, g.IP, 10*time.Second)
+	r1 := b.WaitQuery(t, g.Responder(), 10*time.Second)
 	time.Sleep(time.Second)
-	_, c2, s2 := b.WaitProbe(t, g.IP, 10*time.Second)
+	r2 := b.WaitQuery(t, g.Responder(), 10*time.Second)
+	c1, s1, c2, s2 := r1.Counter, r1.Seq, r2.Counter, r2.Seq
 	if c1 <= c0 || c2 <= c1 || s2 <= s1 {
 		t.Fatalf("guest not progressing on the source after the cancel: counter %d -> %d -> %d, acked %d -> %d", c0, c1, c2, s1, s2)
 	}
@@ -359,21 +260,22 @@ func TestMigration(t *testing.T) {
 // running on the source with nothing left on the destination.
 func TestMigrationAgentRestart(t *testing.T) {
 	t.Parallel()
-	b := hostbed.New(t, 2)
+	b := testbed.New(t, testbed.Options{Hosts: 2})
+	hosts := b.StartAgents(t)
 	ctx := context.Background()
-	g := hostbed.NewGuest(t, "restarter", 31, false, "counter", "responder")
-	h0, h1 := b.Hosts[0], b.Hosts[1]
+	g := testbed.NewAgentGuest(t, "restarter", 1, false, "counter", "responder")
+	h0, h1 := hosts[0], hosts[1]
 	if _, err := h0.API.Define(ctx, g.Spec); err != nil {
 		t.Fatal(err)
 	}
 	if err := h0.API.Start(ctx, "restarter"); err != nil {
 		t.Fatal(err)
 	}
-	b.WaitProbe(t, g.IP, 180*time.Second)
+	b.WaitQuery(t, g.Responder(), 180*time.Second)
 	// The source agent dies half-way through a migration and comes back: it settles the
 	// migration it left (here: rolls it back), the guest runs on the source, nothing is
 	// left on the destination.
-	op, err := h0.API.Migrate(ctx, "restarter", hostapi.MigrateRequest{TargetURL: h1.URL, TargetToken: h1.Token, ListenHost: h1.IP, BandwidthMiBps: 1})
+	op, err := h0.API.Migrate(ctx, "restarter", hostapi.MigrateRequest{TargetURL: h1.PeerURL, TargetToken: h1.Token, ListenHost: h1.Host.StorageIP, BandwidthMiBps: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,13 +293,15 @@ func TestMigrationAgentRestart(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	h0.Stop(syscall.SIGKILL)
-	h0.Start(t)
-	hostbed.WaitState(t, h0, "restarter", hostapi.StateRunning, 60*time.Second)
+	h0.Kill()
+	if err := h0.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h0.WaitState(t, "restarter", hostapi.StateRunning, 60*time.Second)
 	deadline = time.Now().Add(30 * time.Second)
 	for {
 		_, err := h1.API.Get(ctx, "restarter")
-		if agentclient.IsNotFound(err) && len(hostbed.QEMUPIDsUnder(h1.Data)) == 0 {
+		if agentclient.IsNotFound(err) && len(h1.QEMUPIDs()) == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -405,9 +309,10 @@ func TestMigrationAgentRestart(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	_, c3, s3 := b.WaitProbe(t, g.IP, 20*time.Second)
+	r3 := b.WaitQuery(t, g.Responder(), 20*time.Second)
 	time.Sleep(time.Second)
-	_, c4, s4 := b.WaitProbe(t, g.IP, 10*time.Second)
+	r4 := b.WaitQuery(t, g.Responder(), 10*time.Second)
+	c3, s3, c4, s4 := r3.Counter, r3.Seq, r4.Counter, r4.Seq
 	if c4 <= c3 || s4 < s3 {
 		t.Fatalf("guest not progressing on the source after the agent restart: counter %d -> %d, acked %d -> %d", c3, c4, s3, s4)
 	}

@@ -3,8 +3,8 @@ package host_test
 import (
 	"context"
 	"fmt"
-	"github.com/growserver/grow/test/e2e/host/hostbed"
 	"io"
+	"math/rand/v2"
 	"net"
 	"regexp"
 	"strconv"
@@ -21,7 +21,7 @@ import (
 // run types a shell command on the guest console and returns its output and exit code.
 func run(t *testing.T, con *testbed.Console, cmd string, timeout time.Duration) (string, int) {
 	t.Helper()
-	tag := hostbed.RandHex(3)
+	tag := fmt.Sprintf("%06x", rand.Uint32()&0xffffff)
 	mark := con.Len()
 	if err := con.Type(cmd + "; echo END-" + tag + "-$?\n"); err != nil {
 		t.Fatal(err)
@@ -39,18 +39,24 @@ func run(t *testing.T, con *testbed.Console, cmd string, timeout time.Duration) 
 // from an IP, and returns a function that reads them (packets).
 func nftCounters(t *testing.T, ns, mac, ip string) func() (fromMAC, fromIP, arpIP int) {
 	t.Helper()
+	inNS := func(stdin string, args ...string) (string, error) {
+		cmd := testbed.NetnsCommand(ns, "nft", args...)
+		cmd.Stdin = strings.NewReader(stdin)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
 	script := fmt.Sprintf(`add table netdev spy
 add chain netdev spy in { type filter hook ingress device "eth0" priority 0; policy accept; }
 add rule netdev spy in ether saddr %s counter comment "mac"
 add rule netdev spy in ether type ip ip saddr %s counter comment "ip"
 add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
 `, mac, ip, ip)
-	if out, err := hostbed.InNSStdin(ns, script, "nft", "-f", "-"); err != nil {
+	if out, err := inNS(script, "-f", "-"); err != nil {
 		t.Fatalf("nft in the client: %v: %s", err, out)
 	}
 	re := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "(\w+)"`)
 	return func() (int, int, int) {
-		out, err := hostbed.InNS(ns, 5*time.Second, "nft", "list", "chain", "netdev", "spy", "in")
+		out, err := inNS("", "list", "chain", "netdev", "spy", "in")
 		if err != nil {
 			t.Fatalf("nft list: %v: %s", err, out)
 		}
@@ -66,30 +72,30 @@ add rule netdev spy in ether type arp arp saddr ip %s counter comment "arp"
 // cannot send with another MAC or IP address, the other that shaping holds its rates.
 func TestNetwork(t *testing.T) {
 	t.Parallel()
-	b := hostbed.New(t, 1)
-	h := b.Hosts[0]
+	b := testbed.New(t, testbed.Options{Hosts: 1})
+	h := b.StartAgents(t)[0]
 	ctx := context.Background()
-	spoof := hostbed.NewGuest(t, "spoofer", 20, false)
-	shaped := hostbed.NewGuest(t, "shaped", 21, false)
+	spoof := testbed.NewAgentGuest(t, "spoofer", 0, false)
+	shaped := testbed.NewAgentGuest(t, "shaped", 1, false)
 	const rate = 8_000_000 // bits per second, both directions
 	shaped.Spec.NICs[0].InRate, shaped.Spec.NICs[0].OutRate = rate, rate
 	shaped.Spec.Limits = hostapi.Limits{CPUPercent: 90, MemoryMaxBytes: 1 << 30}
 	cons := map[string]*testbed.Console{}
-	for _, g := range []*hostbed.Guest{spoof, shaped} {
+	for _, g := range []*testbed.AgentGuest{spoof, shaped} {
 		if _, err := h.API.Define(ctx, g.Spec); err != nil {
 			t.Fatal(err)
 		}
 		if err := h.API.Start(ctx, g.Spec.Name); err != nil {
 			t.Fatal(err)
 		}
-		cons[g.Spec.Name] = hostbed.AttachConsole(t, h, g.Spec.Name)
+		cons[g.Spec.Name] = h.AttachConsole(t, g.Spec.Name)
 	}
 	var wg sync.WaitGroup
 	for name, con := range cons {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := hostbed.WaitReady(con, 0, 120*time.Second); err != nil {
+			if _, err := con.WaitReady(0, 120*time.Second); err != nil {
 				t.Errorf("%s not ready: %v\n%s", name, err, con.Tail(1500))
 			}
 		}()
@@ -104,12 +110,12 @@ func TestNetwork(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		checkCgroup(t, "grow-e2e-"+b.ID, "shaped", vm.PID, 90, 1<<30)
+		checkCgroup(t, h.Host.CgroupParent(), "shaped", vm.PID, 90, 1<<30)
 	})
 
 	t.Run("antispoof", func(t *testing.T) {
 		con := cons["spoofer"]
-		client := hostbed.Subnet + "100"
+		client := testbed.ClientIP
 		const fakeIP, fakeMAC = "10.77.0.66", "52:54:00:66:66:66"
 		read := nftCounters(t, b.Client, fakeMAC, fakeIP)
 		if out, code := run(t, con, "ping -c 2 -W 3 "+client, 20*time.Second); code != 0 {
@@ -136,7 +142,8 @@ func TestNetwork(t *testing.T) {
 
 	t.Run("shaping", func(t *testing.T) {
 		con := cons["shaped"]
-		l, err := hostbed.NSListen(h.NS, h.IP+":0")
+		// The guest's peer is the client namespace on the guest network.
+		l, err := testbed.Listen(b.Client, testbed.ClientIP+":0")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -164,16 +171,16 @@ func TestNetwork(t *testing.T) {
 			}
 			return bps
 		}
-		// Guest to host: the guest streams zeroes to the host's listener.
-		run(t, con, fmt.Sprintf("(timeout 10 nc %s %d < /dev/zero > /dev/null 2>&1 &)", h.IP, port), 10*time.Second)
+		// From the guest: it streams zeroes to the client's listener.
+		run(t, con, fmt.Sprintf("(timeout 10 nc %s %d < /dev/zero > /dev/null 2>&1 &)", testbed.ClientIP, port), 10*time.Second)
 		measure("from the guest", func(c hostapi.Counters) uint64 { return c.TxBytes })
 		time.Sleep(3 * time.Second)
-		// Host to guest: the guest listens, the host streams.
+		// To the guest: the guest listens, the client streams.
 		run(t, con, "(timeout 12 nc -l -p 5002 > /dev/null 2>&1 &)", 10*time.Second)
 		time.Sleep(500 * time.Millisecond)
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		c, err := hostbed.NSDialer(h.NS)(cctx, "tcp", shaped.IP+":5002")
+		c, err := testbed.DialContext(cctx, b.Client, "tcp", shaped.IP+":5002")
 		if err != nil {
 			t.Fatalf("Failed to connect to the guest: %v", err)
 		}
@@ -198,7 +205,7 @@ func TestNetwork(t *testing.T) {
 		}
 		tap := vm.Taps[0]
 		tc := func(args ...string) string {
-			out, err := hostbed.InNS(h.NS, 5*time.Second, "tc", args...)
+			out, err := h.Host.Exec("tc", args...)
 			if err != nil {
 				t.Fatalf("tc %v: %v\n%s", args, err, out)
 			}
