@@ -27,6 +27,21 @@ func (c *Client) MirrorStatus(ctx context.Context) (*MirrorStatus, error) {
 	return &s, nil
 }
 
+// MirrorHeartbeat is MirrorStatus for the partner's heartbeat: given the VolumesGen of
+// the caller's last answer, a controller whose volumes did not change since leaves
+// them out and sets VolumesSame (one that predates this sends them all).
+func (c *Client) MirrorHeartbeat(ctx context.Context, volumesGen string) (*MirrorStatus, error) {
+	var q url.Values
+	if volumesGen != "" {
+		q = url.Values{"volumes_since": {volumesGen}}
+	}
+	var s MirrorStatus
+	if err := c.do(ctx, http.MethodGet, "/v1/mirror", q, nil, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
 // DirtyRegions returns the regions the controller marked for a volume.
 func (c *Client) DirtyRegions(ctx context.Context, name string) (*DirtyRegions, error) {
 	var d DirtyRegions

@@ -98,6 +98,11 @@ type MirrorStatus struct {
 	// Resync sums the progress of running resyncs.
 	Resync  MirrorResync          `json:"resync"`
 	Volumes map[string]PeerVolume `json:"volumes"`
+	// VolumesGen names this version of Volumes: it changes whenever a volume's entry does.
+	VolumesGen string `json:"volumes_gen,omitempty"`
+	// VolumesSame: asked with the current VolumesGen (MirrorHeartbeat), the controller
+	// left Volumes out (null) because they are the ones the caller already has.
+	VolumesSame bool `json:"volumes_same,omitempty"`
 	// ResyncBytes counts bytes copied by resync since start (as mirror_resync_bytes in the stats).
 	ResyncBytes int64 `json:"resync_bytes"`
 	// MetaEpoch is the pair's metadata epoch as this controller knows it: the witness

@@ -2,8 +2,10 @@ package controller
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -129,6 +132,9 @@ type mirrorMgr struct {
 	firstPairing bool
 	// seedWarnOnce: the snapshots a rebuilt partner cannot get are reported once per run.
 	seedWarnOnce sync.Once
+
+	// hbVols is the volume part of the heartbeat (status), kept to answer "unchanged".
+	hbVols peerVolumes
 
 	mu     sync.Mutex
 	vols   map[string]*mvol
@@ -425,10 +431,11 @@ func (m *mirrorMgr) pollLoop() {
 	t := time.NewTicker(heartbeatInterval)
 	defer t.Stop()
 	lastWit := time.Time{}
+	answeredLast := false
 	for {
 		sent := time.Now()
 		ctx, cancel := context.WithTimeout(m.ctx, m.peerTimeout)
-		info, err := m.peer.MirrorStatus(ctx)
+		info, err := m.heartbeat(ctx)
 		cancel()
 		refused := err != nil && errors.Is(err, syscall.ECONNREFUSED)
 		m.mu.Lock()
@@ -444,8 +451,10 @@ func (m *mirrorMgr) pollLoop() {
 		if refused {
 			m.kick()
 		}
-		if err == nil && info.Name != "" && info.Name != m.cfg.Name {
+		answered := err == nil && info.Name != "" && info.Name != m.cfg.Name
+		if answered {
 			m.mu.Lock()
+			prev := m.info
 			m.info, m.infoAt, m.lastPeerOK = info, sent, time.Now()
 			changed := m.peerName != info.Name || m.peerSvc != info.ServiceAddress
 			m.peerName, m.peerSvc = info.Name, info.ServiceAddress
@@ -455,10 +464,15 @@ func (m *mirrorMgr) pollLoop() {
 					m.c.log.Error("Failed to record the partner's identity", "err", werr)
 				}
 			}
-			m.kick()
+			// A pass now only if this answer can change one: the partner is back, or
+			// said something new. Otherwise the next heartbeat's pass sees the same.
+			if !answeredLast || prev == nil || !sameStatus(prev, info) {
+				m.kick()
+			}
 		} else if err == nil {
 			m.c.log.Error("The --peer URL answers with this controller's own name; check --peer", "name", info.Name)
 		}
+		answeredLast = answered
 		if m.wit != nil && time.Since(lastWit) > time.Second {
 			lastWit = time.Now()
 			ctx, cancel := context.WithTimeout(m.ctx, time.Second)
@@ -481,6 +495,40 @@ func (m *mirrorMgr) pollLoop() {
 		case <-quick:
 		}
 	}
+}
+
+// heartbeat asks the partner for its state. It names the volume states it already has
+// (their generation), which the partner then leaves out if they did not change; they
+// are taken from the last answer.
+func (m *mirrorMgr) heartbeat(ctx context.Context) (*adminclient.MirrorStatus, error) {
+	m.mu.Lock()
+	prev := m.info
+	m.mu.Unlock()
+	since := ""
+	if prev != nil {
+		since = prev.VolumesGen
+	}
+	info, err := m.peer.MirrorHeartbeat(ctx, since)
+	if err != nil {
+		return nil, err
+	}
+	if info.VolumesSame {
+		if since == "" || info.VolumesGen != since {
+			return nil, fmt.Errorf("the partner left out volume states of generation %q, not the ones asked for (%q)", info.VolumesGen, since)
+		}
+		info.Volumes, info.VolumesSame = prev.Volumes, false
+	}
+	return info, nil
+}
+
+// sameStatus reports whether two answers of the partner say the same (volume states
+// compare by generation, or in full from a partner that sends no generation).
+func sameStatus(a, b *adminclient.MirrorStatus) bool {
+	x, y := *a, *b
+	if x.VolumesGen != "" && x.VolumesGen == y.VolumesGen {
+		x.Volumes, y.Volumes = nil, nil
+	}
+	return reflect.DeepEqual(x, y)
 }
 
 // renewLoop renews the lifetime of the service addresses held, on its own so that a
@@ -556,7 +604,8 @@ func (m *mirrorMgr) view() peerView {
 	return pv
 }
 
-// reconcile applies one heartbeat's rules to every volume, each in its own goroutine:
+// reconcile applies one heartbeat's rules to every volume. Those with nothing to do
+// (mvol.idle, the steady state) are checked inline; the others each get a goroutine:
 // a volume waiting for the witness or the partner (up to about a second) does not
 // delay the others, so a controller with many volumes takes them over in the time of
 // one election, not of one per volume.
@@ -564,6 +613,9 @@ func (m *mirrorMgr) reconcile() {
 	pv := m.view()
 	var wg sync.WaitGroup
 	for _, v := range m.volList() {
+		if v.idle(pv) {
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -597,7 +649,7 @@ func (m *mirrorMgr) peerAnswers() bool {
 	sent := time.Now()
 	ctx, cancel := context.WithTimeout(m.ctx, 500*time.Millisecond)
 	defer cancel()
-	info, err := m.peer.MirrorStatus(ctx)
+	info, err := m.heartbeat(ctx)
 	if err != nil || info.Name == "" || info.Name == m.cfg.Name {
 		return false
 	}
@@ -811,15 +863,16 @@ func (m *mirrorMgr) reconcileAddrs(pv peerView) {
 	}
 }
 
-// status is GET /v1/mirror.
-func (m *mirrorMgr) status() adminclient.MirrorStatus {
+// status is GET /v1/mirror. Asked with volumesSince equal to the current generation of
+// the volume states (the partner's heartbeat, MirrorHeartbeat), it leaves them out.
+func (m *mirrorMgr) status(volumesSince string) adminclient.MirrorStatus {
 	pv := m.view()
 	m.mu.Lock()
 	s := adminclient.MirrorStatus{
 		Name: m.cfg.Name, Partner: m.peerName, PartnerURL: m.cfg.Peer, PartnerReachable: pv.up,
 		WitnessConfigured: m.wit != nil, WitnessReachable: pv.witnessU, LinkAddress: m.linkLn.Addr().String(),
 		NBDPort: m.nbdPort, NBDAddress: m.c.advertisedNBD(), Serves: maps2slice(m.serving), Fenced: m.fenced,
-		ResyncRate: m.rate.Load(), States: map[string]int{}, Volumes: map[string]adminclient.PeerVolume{},
+		ResyncRate: m.rate.Load(), States: map[string]int{},
 	}
 	if m.svc.IsValid() {
 		s.ServiceAddress = m.svc.String()
@@ -829,19 +882,58 @@ func (m *mirrorMgr) status() adminclient.MirrorStatus {
 		vols = append(vols, v)
 	}
 	m.mu.Unlock()
-	for _, v := range vols {
+	peer := make([]adminclient.PeerVolume, len(vols))
+	for i, v := range vols {
 		vm := v.apiMirror(pv)
 		s.States[vm.State]++
-		s.Volumes[v.name] = v.peerVolume()
+		peer[i] = v.peerVolume()
 		if vm.State == adminclient.MirrorResyncing {
 			s.Resync.Done += vm.Resync.Done
 			s.Resync.Total += vm.Resync.Total
 		}
 	}
+	s.Volumes, s.VolumesGen = m.hbVols.update(vols, peer)
+	if volumesSince != "" && volumesSince == s.VolumesGen {
+		s.Volumes, s.VolumesSame = nil, true
+	}
 	s.Resync.Rate = s.ResyncRate
 	s.ResyncBytes = m.resyncBytes()
 	s.MetaEpoch, s.MetaPending = m.metaEpoch.Load(), int(m.metaPending.Load())
 	return s
+}
+
+// peerVolumes is the volume part of the last status and its generation, which changes
+// whenever a volume's entry does; the map is never modified once published.
+type peerVolumes struct {
+	mu   sync.Mutex
+	base string // random per process: a restarted controller never repeats a generation
+	n    uint64
+	vols map[string]adminclient.PeerVolume
+}
+
+// update returns the map of the entries peer (of vols, in the same order) and its
+// generation: the last ones if nothing changed.
+func (p *peerVolumes) update(vols []*mvol, peer []adminclient.PeerVolume) (map[string]adminclient.PeerVolume, string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	same := p.vols != nil && len(p.vols) == len(vols)
+	for i := 0; same && i < len(vols); i++ {
+		old, ok := p.vols[vols[i].name]
+		same = ok && old == peer[i]
+	}
+	if !same {
+		if p.base == "" {
+			var b [8]byte
+			_, _ = rand.Read(b[:])
+			p.base = hex.EncodeToString(b[:])
+		}
+		p.n++
+		p.vols = make(map[string]adminclient.PeerVolume, len(vols))
+		for i, v := range vols {
+			p.vols[v.name] = peer[i]
+		}
+	}
+	return p.vols, p.base + "-" + strconv.FormatUint(p.n, 10)
 }
 
 func (m *mirrorMgr) resyncBytes() int64 {

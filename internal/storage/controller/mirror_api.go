@@ -31,7 +31,9 @@ import (
 //	POST /v1/mirror/meta                     pair-internal: the partner's changes made alone were replayed
 //	POST /v1/mirror/kick, /v1/mirror/undrain pair-internal
 func (c *Controller) mirrorRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/mirror", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, c.mir.status()) })
+	mux.HandleFunc("GET /v1/mirror", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, c.mir.status(r.URL.Query().Get("volumes_since")))
+	})
 	mux.HandleFunc("POST /v1/mirror/rate", c.handleMirrorRate)
 	mux.HandleFunc("POST /v1/mirror/controllers/{name}/drain", c.handleDrain)
 	mux.HandleFunc("POST /v1/mirror/controllers/{name}/resume", c.handleResume)

@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"syscall"
@@ -59,11 +60,36 @@ func runTestController(js string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if path := os.Getenv("GROW_TEST_CPUPROFILE"); path != "" {
+		profileOnSignal(path + "." + cfg.Mirror.Name)
+	}
 	if err := c.Serve(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "serve:", err)
 		return 1
 	}
 	return 0
+}
+
+// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2.
+func profileOnSignal(path string) {
+	ch := make(chan os.Signal, 2)
+	signal.Notify(ch, syscall.SIGUSR1, syscall.SIGUSR2)
+	go func() {
+		var f *os.File
+		for sig := range ch {
+			switch {
+			case sig == syscall.SIGUSR1 && f == nil:
+				var err error
+				if f, err = os.Create(path); err == nil {
+					_ = pprof.StartCPUProfile(f)
+				}
+			case sig == syscall.SIGUSR2 && f != nil:
+				pprof.StopCPUProfile()
+				f.Close()
+				f = nil
+			}
+		}
+	}()
 }
 
 // handedOut remembers the addresses freeAddr gave, which the kernel may offer again

@@ -339,17 +339,7 @@ func (v *mvol) reconcile(pv peerView) {
 		v.adoptIfOnly(pv, known)
 
 	case st.Role == mirror.RoleSecondary:
-		if n := v.target.BytesWritten.Load(); n != v.lastLinkBytes {
-			v.lastLinkBytes = n
-			v.linkActive.Store(time.Now().UnixNano())
-		}
-		// Wait longer than the primary may go on before fencing itself, unless its
-		// process is known dead (its machine refuses connections to its API).
-		delay := m.takeover
-		if pv.dead {
-			delay = deadAfter
-		}
-		if pv.up || pv.lostFor < delay || time.Since(time.Unix(0, v.linkActive.Load())) < delay {
+		if v.secondaryWaits(pv) {
 			return
 		}
 		// Last check before deposing the primary: does it answer right now?
@@ -378,6 +368,69 @@ func (v *mvol) reconcile(pv peerView) {
 		}
 		m.c.log.Warn("Partner lost: took the volume over (degraded)", "volume", v.name, "epoch", next.Epoch)
 	}
+}
+
+// secondaryWaits notes writes arriving over the link and reports whether the secondary
+// leaves the primary in place: the partner is up, or has been silent (and its link
+// idle) for less than the time its primary may go on before fencing itself (shorter
+// if its process is known dead); v.mu is held.
+func (v *mvol) secondaryWaits(pv peerView) bool {
+	if n := v.target.BytesWritten.Load(); n != v.lastLinkBytes {
+		v.lastLinkBytes = n
+		v.linkActive.Store(time.Now().UnixNano())
+	}
+	delay := v.m.takeover
+	if pv.dead {
+		delay = deadAfter
+	}
+	return pv.up || pv.lostFor < delay || time.Since(time.Unix(0, v.linkActive.Load())) < delay
+}
+
+// idle reports whether reconcile(pv) would change nothing for the volume, checked
+// without waiting for its lock: the partner's entry asks for no step, and this side is
+// a synced or resyncing primary with the partner up, a secondary that leaves the
+// primary in place, or a stale or split side. It does all that reconcile does for such
+// a volume (noting link activity), so a pass runs reconcile only for the others.
+func (v *mvol) idle(pv peerView) bool {
+	if !v.mu.TryLock() {
+		return false
+	}
+	defer v.mu.Unlock()
+	st := v.target.State()
+	if pv.up && pv.info != nil {
+		if ps, known := pv.info.Volumes[v.name]; known {
+			pr, ok := parseRole(ps.Role)
+			if !ok {
+				return false
+			}
+			if !pv.infoAt.Before(v.settleUntil) {
+				if next, _ := mirror.Step(st, mirror.Event{Kind: mirror.EvPeerSeen, PeerRole: pr, PeerEpoch: ps.Epoch}); next != st {
+					return false
+				}
+			}
+		} else if isPrimary(st.Role) {
+			return false
+		}
+	}
+	switch {
+	case isPrimary(st.Role):
+		vol := v.vol.Load()
+		if !pv.up || vol == nil {
+			return false
+		}
+		switch vol.Mode() {
+		case mirror.ModeSynced:
+			return st.Role == mirror.RolePrimarySynced
+		case mirror.ModeResyncing:
+			return true
+		}
+		return false
+	case v.unpaired && st == (mirror.State{Role: mirror.RoleStale}):
+		return false
+	case st.Role == mirror.RoleSecondary:
+		return v.secondaryWaits(pv)
+	}
+	return true
 }
 
 // canResyncTo reports whether the partner in role pr at epoch pe may receive this

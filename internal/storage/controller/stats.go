@@ -168,7 +168,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	g(m.open, s.OpenExports)
 	ctr(m.ioErrors, m.c.io.errors.Load())
 	if mir := m.c.mir; mir != nil {
-		ms := mir.status()
+		ms := mir.status("")
 		ctr(m.mirResync, ms.ResyncBytes)
 		pv := mir.view()
 		counts := map[[2]string]int64{}
