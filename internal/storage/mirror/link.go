@@ -502,7 +502,8 @@ func (s *LinkServer) execute(t *Target, op, flags uint16, off, n int64, epoch ui
 // A sender that finds no write in progress writes its request and every one queued
 // meanwhile in one writev (see flush); replies are read in bulk by one reader
 // goroutine. A watchdog kills the link when a request has waited longer than the
-// timeout, which also unblocks a write to a peer that stopped reading.
+// timeout, which also unblocks a write to a peer that stopped reading; it runs only
+// while requests are in flight, so an idle link costs no CPU.
 type Link struct {
 	conn    net.Conn
 	name    string
@@ -519,11 +520,14 @@ type Link struct {
 	// signals its end. Only the writer touches the batch buffers below.
 	writing bool
 	wdone   *sync.Cond
-	batch   []*call
-	big     []*call
-	small   []byte
-	cuts    []int
-	bufs    net.Buffers
+	// wd is the watchdog's timer, armed (watching) while requests are pending.
+	wd       *time.Timer
+	watching bool
+	batch    []*call
+	big      []*call
+	small    []byte
+	cuts     []int
+	bufs     net.Buffers
 	// BytesSent counts write payload bytes sent over the link.
 	BytesSent atomic.Int64
 }
@@ -603,8 +607,9 @@ func NewLink(ctx context.Context, c net.Conn, name string, size int64, epoch uin
 	l := &Link{conn: c, name: name, epoch: epoch, timeout: timeout, pending: map[uint64]*call{},
 		done: make(chan struct{})}
 	l.wdone = sync.NewCond(&l.mu)
+	l.wd = time.AfterFunc(time.Hour, l.watchdog)
+	l.wd.Stop()
 	go l.readLoop()
-	go l.watchdog()
 	return l, nil
 }
 
@@ -707,29 +712,28 @@ func (l *Link) writeBatch() error {
 	return nil
 }
 
-// watchdog kills the link when a request has waited longer than the timeout.
+// watchdogPeriod is how often the watchdog looks at the requests in flight.
+func (l *Link) watchdogPeriod() time.Duration { return max(l.timeout/8, time.Millisecond) }
+
+// watchdog kills the link when a request has waited longer than the timeout; it
+// re-arms itself while requests are pending (send arms it for the first one).
 func (l *Link) watchdog() {
-	t := time.NewTicker(max(l.timeout/8, time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-l.done:
-			return
-		case now := <-t.C:
-			l.mu.Lock()
-			late := false
-			for _, c := range l.pending {
-				if now.Sub(c.start) > l.timeout {
-					late = true
-					break
-				}
-			}
-			l.mu.Unlock()
-			if late {
-				l.kill(fmt.Errorf("request timed out after %v", l.timeout))
-				return
-			}
+	now := time.Now()
+	l.mu.Lock()
+	late := false
+	for _, c := range l.pending {
+		if now.Sub(c.start) > l.timeout {
+			late = true
+			break
 		}
+	}
+	l.watching = l.err == nil && !late && len(l.pending) > 0
+	if l.watching {
+		l.wd.Reset(l.watchdogPeriod())
+	}
+	l.mu.Unlock()
+	if late {
+		l.kill(fmt.Errorf("request timed out after %v", l.timeout))
 	}
 }
 
@@ -739,6 +743,8 @@ func (l *Link) kill(err error) {
 	if l.err == nil {
 		l.err = err
 		close(l.done)
+		l.wd.Stop()
+		l.watching = false
 	}
 	l.mu.Unlock()
 	l.conn.Close()
@@ -772,6 +778,10 @@ func (l *Link) send(op, flags uint16, off, n int64, payload []byte) (*call, erro
 	binary.BigEndian.PutUint64(c.hdr[8:], l.next)
 	l.pending[l.next] = c
 	l.queue = append(l.queue, c)
+	if !l.watching {
+		l.watching = true
+		l.wd.Reset(l.watchdogPeriod())
+	}
 	write := !l.writing
 	l.writing = true
 	l.mu.Unlock()

@@ -2,7 +2,9 @@ package mirror
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"testing"
@@ -120,5 +122,90 @@ func TestLinkServerPipelined(t *testing.T) {
 	}
 	if !bytes.Equal(ex.data, want) {
 		t.Fatal("the export does not hold the accepted writes")
+	}
+}
+
+// silentPeer is a link server that welcomes one link and answers only its first
+// answered requests, then reads on without replying (a peer that hangs).
+func silentPeer(t *testing.T, answered int) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		var h [26]byte
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			return
+		}
+		if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint16(h[24:]))); err != nil {
+			return
+		}
+		var w [welcomeLen]byte
+		binary.BigEndian.PutUint32(w[0:], welcomeMagic)
+		binary.BigEndian.PutUint32(w[8:], uint32(RoleSecondary))
+		binary.BigEndian.PutUint64(w[16:], 1)
+		if _, err := c.Write(w[:]); err != nil {
+			return
+		}
+		for {
+			var r [requestLen]byte
+			if _, err := io.ReadFull(c, r[:]); err != nil {
+				return
+			}
+			if binary.BigEndian.Uint16(r[4:]) == opWrite {
+				if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint32(r[24:]))); err != nil {
+					return
+				}
+			}
+			if answered == 0 {
+				continue
+			}
+			answered--
+			var p [replyLen]byte
+			binary.BigEndian.PutUint32(p[0:], replyMagic)
+			copy(p[8:], r[8:16])
+			if _, err := c.Write(p[:]); err != nil {
+				return
+			}
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// TestLinkWatchdog: the watchdog is armed only while requests are in flight (an idle
+// link has no timer running), and a request the peer never answers kills the link
+// after the timeout, also when it comes after an idle time.
+func TestLinkWatchdog(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	l, err := DialLink(context.Background(), silentPeer(t, 1), "vol", 1<<20, 1, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.WriteAt(make([]byte, 4096), 0, false); err != nil {
+		t.Fatalf("answered write: %v", err)
+	}
+	time.Sleep(2 * timeout)
+	l.mu.Lock()
+	watching := l.watching
+	l.mu.Unlock()
+	if watching {
+		t.Fatal("the watchdog is still armed on an idle link")
+	}
+	start := time.Now()
+	err = l.Flush()
+	took := time.Since(start)
+	if !errors.Is(err, ErrPeerLost) {
+		t.Fatalf("unanswered flush: %v, want ErrPeerLost", err)
+	}
+	if took < timeout || took > timeout+time.Second {
+		t.Fatalf("unanswered flush failed after %v, want about %v", took, timeout)
 	}
 }
