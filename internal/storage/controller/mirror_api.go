@@ -21,7 +21,8 @@ import (
 
 // mirrorRoutes are the pair's endpoints (registered only on a mirrored controller):
 //
-//	GET  /v1/mirror                          the pair as this controller sees it (also the heartbeat)
+//	GET  /v1/mirror                          the pair as this controller sees it (also the heartbeat:
+//	                                         ?volumes_since=GEN leaves out unchanged volume states)
 //	POST /v1/mirror/rate                     {rate}: resync rate limit, on both controllers
 //	POST /v1/mirror/controllers/{name}/drain   move every primary off {name} (one step; repeat until done)
 //	POST /v1/mirror/controllers/{name}/resume  give {name} its home volumes back once resynced

@@ -147,3 +147,48 @@ func TestMirrorIdleCPU(t *testing.T) {
 		}
 	}
 }
+
+// The heartbeat leaves out the volume states the partner already has (same generation)
+// and sends them in full otherwise; GET /v1/mirror without the generation (an older
+// partner, or a person) always has them.
+func TestMirrorHeartbeatUnchangedVolumes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs controller processes")
+	}
+	a, b, _ := startedPair(t)
+	syncedVolume(t, a, a, b, "hb1", 4<<20)
+	ctx := context.Background()
+	full, err := a.cl.MirrorStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if full.VolumesGen == "" || full.VolumesSame || len(full.Volumes) != 1 {
+		t.Fatalf("full status: gen %q same %v volumes %v", full.VolumesGen, full.VolumesSame, full.Volumes)
+	}
+	hb, err := a.cl.MirrorHeartbeat(ctx, full.VolumesGen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !hb.VolumesSame || hb.Volumes != nil || hb.VolumesGen != full.VolumesGen || hb.States[adminclient.MirrorSynced] != 1 {
+		t.Fatalf("heartbeat with the current generation: gen %q same %v volumes %v states %v", hb.VolumesGen, hb.VolumesSame, hb.Volumes, hb.States)
+	}
+	hb, err = a.cl.MirrorHeartbeat(ctx, full.VolumesGen+"0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hb.VolumesSame || len(hb.Volumes) != 1 {
+		t.Fatalf("heartbeat with another generation: same %v volumes %v", hb.VolumesSame, hb.Volumes)
+	}
+	// A new volume is a new generation, which both sides then use.
+	syncedVolume(t, b, a, b, "hb2", 4<<20)
+	hb, err = a.cl.MirrorHeartbeat(ctx, full.VolumesGen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hb.VolumesSame || len(hb.Volumes) != 2 || hb.VolumesGen == full.VolumesGen {
+		t.Fatalf("heartbeat after a creation: gen %q same %v volumes %v", hb.VolumesGen, hb.VolumesSame, hb.Volumes)
+	}
+	if st, _ := b.cl.MirrorStatus(ctx); st == nil || !st.PartnerReachable || st.States[adminclient.MirrorSynced] != 2 {
+		t.Fatalf("partner's view: %+v", st)
+	}
+}
