@@ -231,11 +231,12 @@ func (m *dirtyMap) writeMarks(batch []need) error {
 	if serr != nil {
 		return fmt.Errorf("Failed to sync the pool's write-intent bitmap: %w", serr)
 	}
+	if m.afterSync != nil {
+		// Before the bits are published: a writer that sees them set may write at once.
+		m.afterSync()
+	}
 	for _, n := range batch {
 		m.bits[n.w].Or(n.bits)
-	}
-	if m.afterSync != nil {
-		m.afterSync()
 	}
 	return nil
 }
