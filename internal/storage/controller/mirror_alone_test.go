@@ -24,9 +24,7 @@ func TestMirrorChangesWhilePartnerAway(t *testing.T) {
 	a, b, ws := startedPair(t)
 	ctx := context.Background()
 	img := bytes.Repeat([]byte{0xab}, 4<<20)
-	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
-		t.Fatal(err)
-	}
+	importImage(t, a, "gold", img)
 	syncedVolume(t, a, a, b, "old", 8<<20)
 
 	// The control plane registered the pair as b, with a as b's partner.

@@ -21,9 +21,7 @@ func TestMirrorPartnerRebuilt(t *testing.T) {
 	a, b, _ := startedPair(t)
 	ctx := context.Background()
 	img := bytes.Repeat([]byte{0xab}, 4<<20)
-	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
-		t.Fatal(err)
-	}
+	importImage(t, a, "gold", img)
 	if _, err := a.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
 		t.Fatal(err)
 	}
@@ -112,9 +110,7 @@ func TestMirrorPairingExistingController(t *testing.T) {
 	a.start()
 	ctx := context.Background()
 	img := bytes.Repeat([]byte{0x5a}, 4<<20)
-	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
-		t.Fatal(err)
-	}
+	importImage(t, a, "gold", img)
 	if _, err := a.cl.CloneVolume(ctx, "gold", "c1"); err != nil {
 		t.Fatal(err)
 	}

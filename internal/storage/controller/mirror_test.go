@@ -204,6 +204,14 @@ func startedPair(t *testing.T) (*node, *node, *witness.Store) {
 	return a, b, ws
 }
 
+// importImage imports img as the raw image name through controller c.
+func importImage(t *testing.T, c *node, name string, img []byte) {
+	t.Helper()
+	if _, err := c.cl.ImportImage(context.Background(), name, bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // syncedVolume creates a volume through c and waits until it is synced on both sides;
 // it returns the primary, the secondary and the primary's view of the volume.
 func syncedVolume(t *testing.T, c, a, b *node, name string, size int64) (*node, *node, *adminclient.Volume) {
@@ -828,9 +836,7 @@ func TestMirrorImageCloneResize(t *testing.T) {
 	ctx := context.Background()
 	img := bytes.Repeat([]byte{0xab}, 4<<20)
 	copy(img[1<<20:], bytes.Repeat([]byte{0}, 1<<20))
-	if _, err := a.cl.ImportImage(ctx, "gold", bytes.NewReader(img), int64(len(img)), adminclient.FormatRaw, nil); err != nil {
-		t.Fatal(err)
-	}
+	importImage(t, a, "gold", img)
 	if v := b.volume("gold"); v == nil || v.Kind != "image" || v.Size != int64(len(img)) {
 		t.Fatalf("image on the partner: %+v", v)
 	}

@@ -171,19 +171,7 @@ func TestSplicedReads(t *testing.T) {
 			}
 			c.request(0, cmdDisc, 999, 0, 0, nil)
 			c.expectClosed()
-			deadline := time.Now().Add(5 * time.Second)
-			for {
-				pipes.mu.Lock()
-				open, idle := pipes.open, len(pipes.idle)
-				pipes.mu.Unlock()
-				if open == idle {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("%d pipes open, %d of them idle: pipes leaked", open, idle)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitPipesIdle(t)
 		})
 	}
 }
@@ -249,5 +237,24 @@ func TestPipeQuota(t *testing.T) {
 	pipes.mu.Unlock()
 	if p := getPipe(); p != nil || !pipes.broken.Load() {
 		t.Fatalf("pipe %v, broken %v: splicing should be off", p, pipes.broken.Load())
+	}
+}
+
+// waitPipesIdle waits until every pipe the server opened is back among the idle ones
+// (the connection that used them has ended); it fails the test after 5 s.
+func waitPipesIdle(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		pipes.mu.Lock()
+		open, idle := pipes.open, len(pipes.idle)
+		pipes.mu.Unlock()
+		if open == idle {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pipes open, %d of them idle: pipes leaked", open, idle)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

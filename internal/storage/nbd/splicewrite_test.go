@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -188,19 +187,7 @@ func TestSplicedWrites(t *testing.T) {
 			}
 			c.request(0, cmdDisc, 999, 0, 0, nil)
 			c.expectClosed()
-			deadline := time.Now().Add(5 * time.Second)
-			for {
-				pipes.mu.Lock()
-				open, idle := pipes.open, len(pipes.idle)
-				pipes.mu.Unlock()
-				if open == idle {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("%d pipes open, %d of them idle: pipes leaked", open, idle)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			waitPipesIdle(t)
 		})
 	}
 }

@@ -7,22 +7,9 @@ import (
 	"testing"
 
 	"github.com/growserver/grow/internal/storage/dev"
+	"github.com/growserver/grow/internal/storage/dev/devtest"
 	"golang.org/x/sys/unix"
 )
-
-// testPipe returns a non-blocking pipe of 1 MiB, closed at cleanup.
-func testPipe(t *testing.T) (r, w int) {
-	t.Helper()
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fds[0]); unix.Close(fds[1]) })
-	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, 1<<20); err != nil {
-		t.Skipf("cannot grow a pipe to 1 MiB: %v", err)
-	}
-	return fds[0], fds[1]
-}
 
 // drain reads exactly n bytes from the pipe.
 func drain(t *testing.T, r, n int) []byte {
@@ -50,7 +37,7 @@ func TestSpliceTo(t *testing.T) {
 				}
 			}
 			model := fill(t, p, 3)
-			r, w := testPipe(t)
+			r, w := devtest.Pipe(t)
 			check := func() {
 				t.Helper()
 				// Pieces that start and end inside stripe units and cross pairs.
@@ -114,7 +101,7 @@ func TestSplicedDataSurvivesDiscard(t *testing.T) {
 				t.Skip("the test file system cannot punch holes")
 			}
 			model := fill(t, p, 5)
-			r, w := testPipe(t)
+			r, w := devtest.Pipe(t)
 			const off, size = 1 << 20, 1 << 20
 			if err := p.SpliceTo(w, off, size); err != nil {
 				t.Fatal(err)
@@ -174,7 +161,7 @@ func TestSpliceFrom(t *testing.T) {
 			state, paths := makeDisks(t, n, testDiskSize)
 			p := openTestPool(t, state, paths, Options{})
 			model := fill(t, p, 5)
-			r, w := testPipe(t)
+			r, w := devtest.Pipe(t)
 			for i, c := range [][2]int64{{0, 4096}, {4096, 1 << 20}, {65536 - 4096, 3 * 65536}, {100_000, 1_000_000}, {p.Size() - 70_000, 70_000}} {
 				data := bytes.Repeat([]byte{byte(i + 1), byte(i * 7)}, int(c[1]/2))
 				fillPipe(t, w, data)
@@ -211,7 +198,7 @@ func TestSpliceFromFailingDisk(t *testing.T) {
 			var fl faults
 			p := openTestPool(t, state, paths, Options{Fault: fl.hook})
 			model := fill(t, p, 6)
-			r, w := testPipe(t)
+			r, w := devtest.Pipe(t)
 			fl.set(0)
 			data := bytes.Repeat([]byte{0xa5}, 256<<10)
 			fillPipe(t, w, data)

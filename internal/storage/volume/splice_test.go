@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/growserver/grow/internal/storage/dev"
+	"github.com/growserver/grow/internal/storage/dev/devtest"
 	"golang.org/x/sys/unix"
 )
 
@@ -33,21 +34,13 @@ func (f spliceFile) SpliceTo(fd int, off int64, n int) error {
 // spliceAll splices n bytes at off of h through a 1 MiB pipe.
 func spliceAll(t *testing.T, h *Handle, off int64, n int) ([]byte, error) {
 	t.Helper()
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[0])
-	defer unix.Close(fds[1])
-	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, 1<<20); err != nil {
-		t.Skipf("cannot grow a pipe to 1 MiB: %v", err)
-	}
-	if err := h.SpliceTo(fds[1], off, n); err != nil {
+	r, w := devtest.Pipe(t)
+	if err := h.SpliceTo(w, off, n); err != nil {
 		return nil, err
 	}
 	b := make([]byte, n)
 	for done := 0; done < n; {
-		k, err := unix.Read(fds[0], b[done:])
+		k, err := unix.Read(r, b[done:])
 		if err != nil || k == 0 {
 			t.Fatalf("pipe read after %d of %d bytes: %v", done, n, err)
 		}
@@ -136,20 +129,6 @@ func (f *pipeFile) SpliceFrom(fd int, off int64, n int) error {
 	return nil
 }
 
-// newPipe returns a non-blocking pipe of 1 MiB, closed at cleanup.
-func newPipe(t testing.TB) (r, w int) {
-	t.Helper()
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fds[0]); unix.Close(fds[1]) })
-	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, 1<<20); err != nil {
-		t.Skipf("cannot grow a pipe to 1 MiB: %v", err)
-	}
-	return fds[0], fds[1]
-}
-
 // spliceWrite writes p at off of h through the pipe (r, w) and checks that the pipe is drained.
 func spliceWrite(t testing.TB, h *Handle, r, w int, p []byte, off int64, fua bool) error {
 	for b := p; len(b) > 0; {
@@ -185,7 +164,7 @@ func TestSpliceFromMatchesWriteAt(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := mustOpen(t, b.m, "v")
-			r, w := newPipe(t)
+			r, w := devtest.Pipe(t)
 			model := make([]byte, 4<<20)
 			write := func(off int64, p []byte, viaPipe bool) {
 				t.Helper()
@@ -250,7 +229,7 @@ func TestSpliceFromConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(g), 9))
-			r, w := newPipe(t)
+			r, w := devtest.Pipe(t)
 			buf := make([]byte, 1<<20)
 			for i := 0; i < 150; i++ {
 				off := rng.Int64N(size/4096) * 4096
@@ -293,7 +272,7 @@ func TestSpliceFromFUA(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := mustOpen(t, b.m, "v")
-	r, w := newPipe(t)
+	r, w := devtest.Pipe(t)
 	data := pattern(1<<20, 11)
 	if err := spliceWrite(t, h, r, w, data, 1<<20, true); err != nil {
 		t.Fatal(err)
