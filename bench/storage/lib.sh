@@ -22,6 +22,26 @@ wait_for_socket() {
 	die "timed out waiting for socket $1"
 }
 
+# wait_for_port PORT: wait up to 30 s for a listener on 127.0.0.1:PORT.
+wait_for_port() {
+	for _ in $(seq 300); do
+		ss -Hltn "sport = :$1" | grep -q . && return 0
+		sleep 0.1
+	done
+	die "timed out waiting for a listener on port $1"
+}
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on (from the ephemeral range,
+# which servers rarely bind).
+free_port() {
+	local p
+	for _ in $(seq 100); do
+		p=$((32768 + RANDOM % 28000))
+		ss -Hltn "sport = :$p" | grep -q . || { echo "$p"; return 0; }
+	done
+	die "no free TCP port found"
+}
+
 # cpu_ticks PID: user+system CPU time of a process, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
@@ -70,19 +90,21 @@ clone_ms() {
 # median N...: the median of the numbers (the lower middle one of an even count).
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-# field NAME SERVER COLUMN: column (1 IOPS, 2 MB/s, 3 CPU) of every round of job NAME on SERVER.
+# field NAME SERVER COLUMN: column (1 IOPS, 2 MB/s, 3 CPU) of every round of job NAME on
+# SERVER over transport TR.
 field() {
 	local r
 	for r in $(seq "$ROUNDS"); do
-		echo "${RES[$2,$1,$r]}" | cut -d' ' -f"$3"
+		echo "${RES[$TR,$2,$1,$r]}" | cut -d' ' -f"$3"
 	done
 }
 
-# round_ratio NAME COLUMN PEER: the median over rounds of grow's COLUMN divided by PEER's.
+# round_ratio NAME COLUMN PEER: the median over rounds of grow's COLUMN divided by PEER's,
+# over transport TR.
 round_ratio() {
 	local r out=()
 	for r in $(seq "$ROUNDS"); do
-		out+=("$(ratio "$(echo "${RES[grow,$1,$r]}" | cut -d' ' -f"$2")" "$(echo "${RES[$3,$1,$r]}" | cut -d' ' -f"$2")")")
+		out+=("$(ratio "$(echo "${RES[$TR,grow,$1,$r]}" | cut -d' ' -f"$2")" "$(echo "${RES[$TR,$3,$1,$r]}" | cut -d' ' -f"$2")")")
 	done
 	median "${out[@]}"
 }
@@ -118,36 +140,48 @@ write_report() {
 		echo
 		echo "Written by \`bench/storage.sh\` (\`make bench\`). Same fio jobs, in one run, against"
 		echo "\`grow storaged\`, \`qemu-nbd\` and \`nbdkit file\`, each serving an identical copy of"
-		echo "$(numfmt --to=iec "$BYTES") of random data from the same filesystem over a unix socket."
+		echo "$(numfmt --to=iec "$BYTES") of random data from the same filesystem, over: ${TRANSPORTS[*]}."
+		echo "Loopback TCP is how hosts reach controllers (over the network) and the setup of the"
+		echo "issue's reference figures; the unix socket (no TCP stack) is shown for comparison."
 		echo
 		echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 		echo "- Machine: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r), work directory on $(df --output=fstype "$WORK" | tail -1 | xargs)"
 		echo "- Versions: grow $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $(fio --version), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdkit --version)"
 		echo "- Jobs: fio nbd engine, 2 jobs x iodepth 32, each job on its own half of the export, ${RUNTIME} s after a 2 s ramp, ${ROUNDS} rounds with the server order rotated each round (figures: medians over rounds; ratios: median of the per-round ratios); caches warmed by one full read first; dirty pages written back before every job; grow storaged with --cache ${BENCH_CACHE:-1GiB}; qemu-nbd and nbdkit with their defaults (page cache)"
 		echo "- Load: the machine is shared (other builds and tests may run), so compare the ratios of this one run rather than absolute numbers across runs. Load average at the start ${LOAD0:-?}, at the end $(cut -d' ' -f1 /proc/loadavg)."
-		echo
-		echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | | server CPU µs per request (grow / qemu-nbd / nbdkit) |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
-		local job name rw bs unit col label target r s cpu
-		for job in "${JOBS[@]}"; do
-			read -r name rw bs unit <<<"$job"
-			if [ "$unit" = iops ]; then
-				col=1 label=IOPS target=1.00
+		local job name rw bs unit col label target r s cpu TR
+		for TR in "${TRANSPORTS[@]}"; do
+			echo
+			if [ "$TR" = tcp ]; then
+				echo "## Over loopback TCP"
 			else
-				col=2 label=MB/s target=0.90
+				echo "## Over a unix socket"
 			fi
-			declare -A val=()
-			cpu=""
-			for s in grow qemu nbdkit; do
-				# shellcheck disable=SC2046
-				val[$s]=$(median $(field "$name" "$s" "$col"))
-				# shellcheck disable=SC2046
-				cpu+="${cpu:+ / }$(median $(field "$name" "$s" 3))"
+			echo
+			echo "| Job | grow storaged | qemu-nbd | nbdkit | grow / nbdkit | grow / qemu-nbd | target vs nbdkit | | server CPU µs per request (grow / qemu-nbd / nbdkit) |"
+			echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
+			for job in "${JOBS[@]}"; do
+				read -r name rw bs unit <<<"$job"
+				if [ "$unit" = iops ]; then
+					col=1 label=IOPS target=1.00
+				else
+					col=2 label=MB/s target=0.90
+				fi
+				declare -A val=()
+				cpu=""
+				for s in grow qemu nbdkit; do
+					# shellcheck disable=SC2046
+					val[$s]=$(median $(field "$name" "$s" "$col"))
+					# shellcheck disable=SC2046
+					cpu+="${cpu:+ / }$(median $(field "$name" "$s" 3))"
+				done
+				r=$(round_ratio "$name" "$col" nbdkit)
+				echo "| $name ($label) | ${val[grow]} | ${val[qemu]} | ${val[nbdkit]} | $r | $(round_ratio "$name" "$col" qemu) | >= $target | $(verdict "$r" "$target") | $cpu |"
 			done
-			r=$(round_ratio "$name" "$col" nbdkit)
-			echo "| $name ($label) | ${val[grow]} | ${val[qemu]} | ${val[nbdkit]} | $r | $(round_ratio "$name" "$col" qemu) | >= $target | $(verdict "$r" "$target") | $cpu |"
 		done
 		if [ "$CLONE100" != "- -" ]; then
+			echo
+			echo "## Clone times"
 			echo
 			echo "| Clone (median of 5) | in the controller | CLI round trip (incl. process start) |"
 			echo "|---|---:|---:|"
