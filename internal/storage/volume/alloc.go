@@ -1,6 +1,10 @@
 package volume
 
-import "math/bits"
+import (
+	"maps"
+	"math/bits"
+	"slices"
+)
 
 // The allocator of physical clusters places data so that what is contiguous in a
 // volume tends to be contiguous on the device, because the data path does one device
@@ -261,4 +265,15 @@ func (t *table) neighbourGoal(vc uint64) uint64 {
 		}
 	}
 	return noGoal
+}
+
+// clone returns a deep copy of a.
+func (a *allocator) clone() allocator {
+	c := *a
+	c.free = slices.Clone(a.free)
+	c.zero = slices.Clone(a.zero)
+	c.groupFree = slices.Clone(a.groupFree)
+	c.fullMap = slices.Clone(a.fullMap)
+	c.resv = maps.Clone(a.resv)
+	return c
 }

@@ -14,13 +14,64 @@ import (
 // checkpoint and journals (checking every CRC), cross-checks the result (every mapped
 // cluster inside the device, no physical cluster owned twice, parents exist and are
 // frozen, no cycles) and compares it with the live state and the free clusters. I/O is
-// paused while it runs. Report lists the problems; an error means it could not run.
+// paused only to sync and copy the live state and allocator (memory copies); the
+// replay and every comparison run against that copy while I/O goes on, and read the
+// journal only up to where it ended at the copy. Report lists the problems; an error
+// means it could not run.
 func (m *Manager) Check() (Report, error) {
 	if err := m.checkOpen("check"); err != nil {
 		return Report{}, err
 	}
+	// ckptMu keeps checkpoints (the only writer of the checkpoint file, and the only
+	// remover of journals) away until the replay is done.
 	m.ckptMu.Lock()
 	defer m.ckptMu.Unlock()
+	snap, err := m.checkSnapshot()
+	if err != nil {
+		return Report{}, err
+	}
+	if checkSnapshotHook != nil {
+		checkSnapshotHook()
+	}
+	rep, disk, used, err := checkDir(m.dir, m.total, &journalEnd{gen: snap.jgen, size: snap.jsize})
+	if err != nil {
+		return rep, err
+	}
+	if disk != nil {
+		compareStates(&rep, snap.st, disk)
+	}
+	if used == nil {
+		used, _ = validate(&Report{}, snap.st, m.total)
+	}
+	snap.checkAllocator(&rep, used)
+	return rep, nil
+}
+
+// checkSnapshotHook, when set by a test, runs after Check resumed I/O and before it
+// replays the metadata.
+var checkSnapshotHook func()
+
+// checkCopy is the live metadata and allocator at one sync point, and where the journal
+// ended there.
+type checkCopy struct {
+	st          *state
+	alloc       allocator
+	used        int64
+	pending     int64
+	pendingNext int
+	total       uint64
+	jgen        uint64
+	jsize       int64
+}
+
+// checkSnapshot makes the metadata durable and, with I/O paused for the last sync and
+// the copy only, copies the live state and allocator.
+func (m *Manager) checkSnapshot() (*checkCopy, error) {
+	// Most of the data and metadata become durable here, while I/O goes on; the sync
+	// under the pause then has only the last moment's writes left.
+	if err := m.sync(); err != nil {
+		return nil, fmt.Errorf("Failed to check: %w", err)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	unlock := m.lockAll()
@@ -29,39 +80,43 @@ func (m *Manager) Check() (Report, error) {
 	defer m.syncMu.Unlock()
 	freed, err := m.syncHeld()
 	if err != nil {
-		return Report{}, fmt.Errorf("Failed to check: %w", err)
+		return nil, fmt.Errorf("Failed to check: %w", err)
 	}
 	m.release(freed)
 	m.relMu.Lock() // every other release has finished too
 	defer m.relMu.Unlock()
-	rep, disk, used, err := checkDir(m.dir, m.total)
-	if err != nil {
-		return rep, err
-	}
-	if disk != nil {
-		compareStates(&rep, m.st, disk)
-	}
-	if used == nil {
-		used, _ = validate(&Report{}, m.st, m.total)
-	}
-	m.checkAllocator(&rep, used)
-	return rep, nil
+	c := &checkCopy{st: m.st.clone(), total: m.total, jgen: m.jgen, jsize: m.jsize.Load()}
+	m.amu.Lock()
+	c.alloc = m.alloc.clone()
+	c.used, c.pending = m.used, m.pending
+	m.amu.Unlock()
+	m.jmu.Lock()
+	c.pendingNext = len(m.pendingNext)
+	m.jmu.Unlock()
+	return c, nil
 }
 
 // CheckDir verifies the metadata in metaDir offline (no Manager may have it open),
 // for a device of deviceSize bytes.
 func CheckDir(metaDir string, deviceSize int64) (Report, error) {
-	rep, _, _, err := checkDir(metaDir, uint64(deviceSize/ClusterSize))
+	rep, _, _, err := checkDir(metaDir, uint64(deviceSize/ClusterSize), nil)
 	return rep, err
+}
+
+// journalEnd is where a live journal ended at a sync point: journal gen, size bytes.
+type journalEnd struct {
+	gen  uint64
+	size int64
 }
 
 func (r *Report) problem(format string, a ...any) {
 	r.Problems = append(r.Problems, fmt.Sprintf(format, a...))
 }
 
-// checkDir replays the metadata files; it returns the replayed state (nil when it
+// checkDir replays the metadata files, up to end when it is not nil (later journals
+// and bytes are being written meanwhile); it returns the replayed state (nil when it
 // could not be built) and the set of used clusters.
-func checkDir(dir string, total uint64) (Report, *state, bitmap, error) {
+func checkDir(dir string, total uint64, end *journalEnd) (Report, *state, bitmap, error) {
 	rep := Report{ClustersTotal: int64(total)}
 	b, err := os.ReadFile(filepath.Join(dir, checkpointName))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -76,14 +131,25 @@ func checkDir(dir string, total uint64) (Report, *state, bitmap, error) {
 		rep.problem("checkpoint: %v", err)
 		return rep, nil, nil, nil
 	}
-	for g := gen; ; g++ {
+	for g := gen; end == nil || g <= end.gen; g++ {
 		path := filepath.Join(dir, journalName(g))
 		jb, err := os.ReadFile(path)
 		if errors.Is(err, fs.ErrNotExist) {
+			if end != nil {
+				rep.problem("journal %s is missing", filepath.Base(path))
+				return rep, nil, nil, nil
+			}
 			break
 		}
 		if err != nil {
 			return rep, nil, nil, fmt.Errorf("Failed to read journal %q: %w", path, err)
+		}
+		if end != nil && g == end.gen {
+			if int64(len(jb)) < end.size {
+				rep.problem("journal %s: %d bytes on disk, %d were synced", filepath.Base(path), len(jb), end.size)
+				return rep, nil, nil, nil
+			}
+			jb = jb[:end.size]
 		}
 		rep.JournalFiles++
 		jg, scan, err := scanJournal(jb)
@@ -231,21 +297,16 @@ func compareStates(rep *Report, live, disk *state) {
 	}
 }
 
-// checkAllocator verifies that the free clusters are exactly the complement of the
-// used ones; caller holds every lock and has synced.
-func (m *Manager) checkAllocator(rep *Report, used bitmap) {
-	m.amu.Lock()
-	defer m.amu.Unlock()
-	m.jmu.Lock()
-	pendingNext := len(m.pendingNext)
-	m.jmu.Unlock()
-	if m.pending != 0 || pendingNext != 0 {
-		rep.problem("%d clusters still pending free after a sync", m.pending)
+// checkAllocator verifies that the copied free clusters are exactly the complement of
+// the used ones.
+func (c *checkCopy) checkAllocator(rep *Report, used bitmap) {
+	if c.pending != 0 || c.pendingNext != 0 {
+		rep.problem("%d clusters still pending free after a sync", c.pending)
 	}
-	a := &m.alloc
+	a := &c.alloc
 	var inUse, free, full uint64
 	groupFree := make([]int, len(a.groupFree))
-	for p := uint64(0); p < m.total; p++ {
+	for p := uint64(0); p < c.total; p++ {
 		isFree := a.free.has(p)
 		switch {
 		case used.has(p) && isFree:
@@ -278,7 +339,7 @@ func (m *Manager) checkAllocator(rep *Report, used bitmap) {
 	if free != a.nfree || full != a.fullFree {
 		rep.problem("allocator counts %d free clusters and %d free groups, its bitmap %d and %d", a.nfree, a.fullFree, free, full)
 	}
-	if int64(inUse) != m.used {
-		rep.problem("allocator counts %d used clusters, the tables map %d", m.used, inUse)
+	if int64(inUse) != c.used {
+		rep.problem("allocator counts %d used clusters, the tables map %d", c.used, inUse)
 	}
 }

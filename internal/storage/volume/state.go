@@ -265,3 +265,51 @@ func (st *state) checkChains() error {
 	}
 	return nil
 }
+
+// clone returns a deep copy of st's metadata (objects, layers, tables; not the locks
+// or in-flight writes). Pointers that lead outside the maps are copied as such, so a
+// damaged state stays damaged in the copy.
+func (st *state) clone() *state {
+	c := &state{
+		objects:   make(map[string]*object, len(st.objects)),
+		layers:    make(map[uint64]*layer, len(st.layers)),
+		nextLayer: st.nextLayer,
+	}
+	layers := make(map[*layer]*layer, len(st.layers))
+	objects := make(map[*object]*object, len(st.objects))
+	var cloneObject func(*object) *object
+	var cloneLayer func(*layer) *layer
+	cloneLayer = func(l *layer) *layer {
+		if l == nil {
+			return nil
+		}
+		if n, ok := layers[l]; ok {
+			return n
+		}
+		n := &layer{id: l.id, children: l.children, tab: l.tab.clone()}
+		layers[l] = n
+		n.parent = cloneLayer(l.parent)
+		n.owner = cloneObject(l.owner)
+		return n
+	}
+	cloneObject = func(o *object) *object {
+		if o == nil {
+			return nil
+		}
+		if n, ok := objects[o]; ok {
+			return n
+		}
+		n := &object{name: o.name, kind: o.kind, created: o.created, importing: o.importing}
+		n.size.Store(o.size.Load())
+		objects[o] = n
+		n.layer = cloneLayer(o.layer)
+		return n
+	}
+	for id, l := range st.layers {
+		c.layers[id] = cloneLayer(l)
+	}
+	for name, o := range st.objects {
+		c.objects[name] = cloneObject(o)
+	}
+	return c
+}

@@ -115,3 +115,13 @@ func resolve(l *layer, vc uint64) uint64 {
 	}
 	return entNone
 }
+
+// clone returns a deep copy of t.
+func (t *table) clone() table {
+	c := table{leaves: make(map[uint64]*leaf, len(t.leaves)), count: t.count, phys: t.phys}
+	for k, l := range t.leaves {
+		n := *l
+		c.leaves[k] = &n
+	}
+	return c
+}
