@@ -679,12 +679,35 @@ func (m *Manager) switchJournal(gen uint64) error {
 	return nil
 }
 
+// mergeHook, when set by a test, runs while a snapshot merge holds its locks.
+var mergeHook func()
+
 // lockAll stops I/O on every object; caller holds mu.
 func (m *Manager) lockAll() func() {
 	names := make([]string, 0, len(m.st.objects))
 	for n := range m.st.objects {
 		names = append(names, n)
 	}
+	return m.lockNames(names)
+}
+
+// lockReaders stops I/O on every object whose layer chain goes through l; caller
+// holds mu.
+func (m *Manager) lockReaders(l *layer) func() {
+	var names []string
+	for n, o := range m.st.objects {
+		for c := o.layer; c != nil; c = c.parent {
+			if c == l {
+				names = append(names, n)
+				break
+			}
+		}
+	}
+	return m.lockNames(names)
+}
+
+// lockNames stops I/O on the named objects, in name order (the lock order).
+func (m *Manager) lockNames(names []string) func() {
 	sort.Strings(names)
 	objs := make([]*object, len(names))
 	for i, n := range names {
@@ -897,7 +920,12 @@ func (m *Manager) deleteLocked(name string, importing bool) error {
 	}
 	var err error
 	if r.typ == recMerge {
-		unlock := m.lockAll()
+		// The merge rewrites the child's table and unlinks the snapshot's layer: I/O
+		// stops on the objects that read through that layer, and only on them.
+		unlock := m.lockReaders(o.layer)
+		if mergeHook != nil {
+			mergeHook()
+		}
 		err = m.commit(r)
 		unlock()
 	} else {

@@ -96,8 +96,8 @@ func (t *table) each(f func(vc, e uint64)) {
 }
 
 // layer is one level of a chain. Its table is guarded by the owning object's tab lock
-// while it is a writable top; once frozen (image, snapshot) it changes only while every
-// volume's I/O is stopped.
+// while it is a writable top; once frozen (image, snapshot) it changes only while the
+// I/O of every object that reads through it is stopped.
 type layer struct {
 	id       uint64
 	parent   *layer
