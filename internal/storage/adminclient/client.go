@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -286,6 +287,23 @@ func (c *Client) ImportImage(ctx context.Context, name string, r io.Reader, size
 		return nil, fmt.Errorf("Failed to build request: %w", err)
 	}
 	req.ContentLength = size
+	req.Header.Set("Content-Type", "application/octet-stream")
+	var v Volume
+	if err := c.send(req, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// ImportImageSegments uploads the image name of size bytes as a segmented upload
+// (FormatSegments) of bodyLen bytes read from body: only its data travels.
+func (c *Client) ImportImageSegments(ctx context.Context, name string, size int64, body io.Reader, bodyLen int64) (*Volume, error) {
+	q := url.Values{"format": {FormatSegments}, "size": {strconv.FormatInt(size, 10)}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.endpoint("/v1/images/"+url.PathEscape(name), q), io.NopCloser(body))
+	if err != nil {
+		return nil, fmt.Errorf("Failed to build request: %w", err)
+	}
+	req.ContentLength = bodyLen
 	req.Header.Set("Content-Type", "application/octet-stream")
 	var v Volume
 	if err := c.send(req, &v); err != nil {

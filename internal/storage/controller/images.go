@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/growserver/grow/internal/storage/adminclient"
@@ -27,9 +28,18 @@ func (c *Controller) handleImportImage(w http.ResponseWriter, r *http.Request) {
 	if format == "" {
 		format = adminclient.FormatRaw
 	}
-	if format != adminclient.FormatRaw && format != adminclient.FormatQcow2 {
+	if format != adminclient.FormatRaw && format != adminclient.FormatQcow2 && format != adminclient.FormatSegments {
 		c.fail(w, r, fmt.Errorf("%w: unknown image format %q (want raw or qcow2)", errBadRequest, format))
 		return
+	}
+	var segSize int64
+	if format == adminclient.FormatSegments {
+		n, err := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
+		if err != nil || n <= 0 {
+			c.fail(w, r, fmt.Errorf("%w: a segmented image upload needs the image size (size=BYTES), got %q", errBadRequest, r.URL.Query().Get("size")))
+			return
+		}
+		segSize = n
 	}
 	if c.mir != nil && !forwarded(r) {
 		if _, err := c.mir.requirePeer(); err != nil {
@@ -58,6 +68,8 @@ func (c *Controller) handleImportImage(w http.ResponseWriter, r *http.Request) {
 		err = c.importRaw(name, r.ContentLength, r.Body)
 	case adminclient.FormatQcow2:
 		err = c.importQcow2(r.Context(), name, r.Body)
+	case adminclient.FormatSegments:
+		err = c.importRaw(name, segSize, badSegmentsReader{adminclient.NewSegmentReader(r.Body, segSize)})
 	}
 	if err == nil && c.mir != nil && !forwarded(r) {
 		// The partner gets the same image before either side answers.
@@ -177,6 +189,17 @@ func exitDetail(err error) string {
 // errShortUpload ends an import whose data stopped before the announced size. It must
 // not wrap io.EOF: the volume manager would take that for a short image and zero-fill.
 var errShortUpload = errors.New("the image data ended early")
+
+// badSegmentsReader reports a malformed segmented upload as a bad request.
+type badSegmentsReader struct{ r io.Reader }
+
+func (b badSegmentsReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if errors.Is(err, adminclient.ErrBadSegments) {
+		err = fmt.Errorf("%w: %w", errBadRequest, err)
+	}
+	return n, err
+}
 
 // exactReader passes through exactly want bytes and turns an early end into errShortUpload.
 type exactReader struct {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/growserver/grow/internal/revert"
@@ -848,7 +849,9 @@ func (c *Controller) mirSnapshot(w http.ResponseWriter, r *http.Request, name st
 	answer(info, took)
 }
 
-// pushImage copies a freshly imported image to the partner (which imports it too).
+// pushImage copies a freshly imported image to the partner (which imports it too): only
+// its data, as a segmented upload; a partner that does not know that format gets the
+// whole image raw.
 func (m *mirrorMgr) pushImage(ctx context.Context, name string) error {
 	h, err := m.c.mgr.Open(name)
 	if err != nil {
@@ -856,7 +859,7 @@ func (m *mirrorMgr) pushImage(ctx context.Context, name string) error {
 	}
 	defer h.Close()
 	size := h.Size()
-	sr := io.NewSectionReader(readerAtFunc(func(p []byte, off int64) (int, error) {
+	src := readerAtFunc(func(p []byte, off int64) (int, error) {
 		n := min(int64(len(p)), size-off)
 		if n <= 0 {
 			return 0, io.EOF
@@ -865,11 +868,48 @@ func (m *mirrorMgr) pushImage(ctx context.Context, name string) error {
 			return 0, err
 		}
 		return int(n), nil
-	}), 0, size)
-	if _, err := m.fwd.ImportImage(ctx, name, sr, size, adminclient.FormatRaw, nil); err != nil {
+	})
+	segs, err := dataSegments(h, size)
+	if err != nil {
+		return fmt.Errorf("Failed to map image %q to copy it to the partner: %w", name, err)
+	}
+	pr, pw := io.Pipe()
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		pw.CloseWithError(adminclient.WriteSegments(pw, src, segs))
+	}()
+	_, err = m.fwd.ImportImageSegments(ctx, name, size, pr, adminclient.SegmentsLength(segs))
+	pr.Close() // ends the writer if the partner stopped reading early
+	<-written
+	if adminclient.StatusOf(err) == http.StatusBadRequest && strings.Contains(err.Error(), "unknown image format") {
+		_, err = m.fwd.ImportImage(ctx, name, io.NewSectionReader(src, 0, size), size, adminclient.FormatRaw, nil)
+	}
+	if err != nil {
 		return fmt.Errorf("Failed to copy image %q to the mirror partner: %w", name, err)
 	}
 	return nil
+}
+
+// dataSegments lists the runs of an image that hold data (neither holes nor zeroes).
+func dataSegments(h *volume.Handle, size int64) ([]adminclient.Segment, error) {
+	exts, err := h.Extents(0, size)
+	if err != nil {
+		return nil, err
+	}
+	var segs []adminclient.Segment
+	var off int64
+	for _, e := range exts {
+		if !e.Hole && !e.Zero {
+			if n := len(segs); n > 0 && segs[n-1].Off+segs[n-1].Len == off {
+				segs[n-1].Len += e.Length
+			} else {
+				segs = append(segs, adminclient.Segment{Off: off, Len: e.Length})
+			}
+		}
+		off += e.Length
+	}
+	return segs, nil
 }
 
 type readerAtFunc func(p []byte, off int64) (int, error)
