@@ -281,29 +281,23 @@ func (c *Client) ImportImage(ctx context.Context, name string, r io.Reader, size
 	if progress != nil {
 		body = &progressReader{r: r, fn: progress}
 	}
-	q := url.Values{"format": {format}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.endpoint("/v1/images/"+url.PathEscape(name), q), io.NopCloser(body))
-	if err != nil {
-		return nil, fmt.Errorf("Failed to build request: %w", err)
-	}
-	req.ContentLength = size
-	req.Header.Set("Content-Type", "application/octet-stream")
-	var v Volume
-	if err := c.send(req, &v); err != nil {
-		return nil, err
-	}
-	return &v, nil
+	return c.putImage(ctx, name, url.Values{"format": {format}}, body, size)
 }
 
 // ImportImageSegments uploads the image name of size bytes as a segmented upload
 // (FormatSegments) of bodyLen bytes read from body: only its data travels.
 func (c *Client) ImportImageSegments(ctx context.Context, name string, size int64, body io.Reader, bodyLen int64) (*Volume, error) {
 	q := url.Values{"format": {FormatSegments}, "size": {strconv.FormatInt(size, 10)}}
+	return c.putImage(ctx, name, q, body, bodyLen)
+}
+
+// putImage sends length bytes of body as the upload of image name with query q.
+func (c *Client) putImage(ctx context.Context, name string, q url.Values, body io.Reader, length int64) (*Volume, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.endpoint("/v1/images/"+url.PathEscape(name), q), io.NopCloser(body))
 	if err != nil {
 		return nil, fmt.Errorf("Failed to build request: %w", err)
 	}
-	req.ContentLength = bodyLen
+	req.ContentLength = length
 	req.Header.Set("Content-Type", "application/octet-stream")
 	var v Volume
 	if err := c.send(req, &v); err != nil {

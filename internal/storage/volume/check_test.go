@@ -2,7 +2,6 @@ package volume
 
 import (
 	"bytes"
-	"sync"
 	"testing"
 	"time"
 )
@@ -25,17 +24,7 @@ func TestCheckRunsAlongsideIO(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	held, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	unblock := func() { once.Do(func() { close(release) }) }
-	checkSnapshotHook = func() {
-		close(held)
-		<-release
-	}
-	t.Cleanup(func() {
-		unblock() // a failed test must not leave Check (and the bed's Close) waiting
-		checkSnapshotHook = nil
-	})
+	held, unblock := holdAt(t, &checkSnapshotHook)
 	type result struct {
 		rep Report
 		err error
@@ -45,11 +34,7 @@ func TestCheckRunsAlongsideIO(t *testing.T) {
 		rep, err := b.m.Check()
 		done <- result{rep, err}
 	}()
-	select {
-	case <-held:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Check did not reach its replay")
-	}
+	waitHeld(t, held, "Check reaching its replay")
 
 	ioDone := make(chan error, 1)
 	go func() {

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/growserver/grow/internal/storage/dev"
 )
@@ -139,4 +141,32 @@ func allocatedBytes(t *testing.T, path string) int64 {
 		t.Fatal(err)
 	}
 	return st.Blocks * 512
+}
+
+// holdAt sets *hook so that the code calling it stops there until release: held is
+// closed when it got there. The test's end releases it and clears *hook, so a failed
+// test does not leave the code (and the bed's Close) waiting.
+func holdAt(t *testing.T, hook *func()) (held <-chan struct{}, release func()) {
+	h, r := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(r) }) }
+	*hook = func() {
+		close(h)
+		<-r
+	}
+	t.Cleanup(func() {
+		release()
+		*hook = nil
+	})
+	return h, release
+}
+
+// waitHeld waits up to 10 s for held, reporting what did not happen.
+func waitHeld(t *testing.T, held <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-held:
+	case <-time.After(10 * time.Second):
+		t.Fatal(what + " did not happen")
+	}
 }

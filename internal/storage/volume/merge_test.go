@@ -2,7 +2,6 @@ package volume
 
 import (
 	"bytes"
-	"sync"
 	"testing"
 	"time"
 )
@@ -42,24 +41,10 @@ func TestMergePausesOnlyItsReaders(t *testing.T) {
 	wantC := append(append([]byte{}, first...), second...)
 	wantV := readAll(t, v)
 
-	held, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	unblock := func() { once.Do(func() { close(release) }) }
-	mergeHook = func() {
-		close(held)
-		<-release
-	}
-	t.Cleanup(func() {
-		unblock()
-		mergeHook = nil
-	})
+	held, unblock := holdAt(t, &mergeHook)
 	deleted := make(chan error, 1)
 	go func() { deleted <- b.m.Delete("v@s1") }()
-	select {
-	case <-held:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the merge did not start")
-	}
+	waitHeld(t, held, "the merge")
 
 	other := make(chan error, 1)
 	go func() {
