@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -136,6 +137,17 @@ const (
 	nbdOptStartTLS   = 5
 	nbdOptGo         = 7
 )
+
+// SyscallConn exposes the socket, so that the NBD server can splice READ replies and
+// WRITE payloads on it. Spliced bytes bypass the sniffing, which only looks at the
+// handshake, before any splice.
+func (c *trackedConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.ErrUnsupported
+	}
+	return sc.SyscallConn()
+}
 
 func (c *trackedConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)

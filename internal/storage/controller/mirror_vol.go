@@ -693,6 +693,20 @@ func (x *mirExport) ReadAt(p []byte, off int64) error {
 	return x.check(x.inner.ReadAt(p, off))
 }
 
+// SpliceRead is ReadAt into a pipe (nbd.ReadSplicer), from the primary's own volume
+// as ReadAt; on an error the server retries with ReadAt, which counts and maps it.
+func (x *mirExport) SpliceRead(fd int, off int64, n int) error {
+	if err := x.gate(); err != nil {
+		return err
+	}
+	if err := x.vol.SpliceRead(fd, off, n); err != nil {
+		return err
+	}
+	x.io.readOps.Add(1)
+	x.io.readBytes.Add(int64(n))
+	return nil
+}
+
 func (x *mirExport) WriteAt(p []byte, off int64, fua bool) error {
 	if err := x.gate(); err != nil {
 		return err

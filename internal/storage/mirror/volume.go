@@ -554,6 +554,19 @@ func (v *Volume) ReadOnly() bool { return v.local.ReadOnly() }
 // ReadAt reads from the local side only.
 func (v *Volume) ReadAt(p []byte, off int64) error { return v.local.ReadAt(p, off) }
 
+// errNoSplice says the local export cannot put its data into a pipe.
+var errNoSplice = errors.New("the local volume cannot splice")
+
+// SpliceRead puts n bytes at off into the pipe whose write end is fd, from the local
+// side as ReadAt (nbd.ReadSplicer), when the local export can splice.
+func (v *Volume) SpliceRead(fd int, off int64, n int) error {
+	rs, ok := v.local.(nbd.ReadSplicer)
+	if !ok {
+		return errNoSplice
+	}
+	return rs.SpliceRead(fd, off, n)
+}
+
 // WriteAt writes p on both sides (or locally while degraded).
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 	return v.mutate(off, int64(len(p)), false,
