@@ -869,9 +869,13 @@ func (m *mirrorMgr) pushImage(ctx context.Context, name string) error {
 		}
 		return int(n), nil
 	})
-	segs, err := dataSegments(h, size)
+	ranges, err := dataRanges(h, size)
 	if err != nil {
 		return fmt.Errorf("Failed to map image %q to copy it to the partner: %w", name, err)
+	}
+	segs := make([]adminclient.Segment, len(ranges))
+	for i, r := range ranges {
+		segs[i] = adminclient.Segment{Off: r[0], Len: r[1]}
 	}
 	pr, pw := io.Pipe()
 	written := make(chan struct{})
@@ -891,25 +895,26 @@ func (m *mirrorMgr) pushImage(ctx context.Context, name string) error {
 	return nil
 }
 
-// dataSegments lists the runs of an image that hold data (neither holes nor zeroes).
-func dataSegments(h *volume.Handle, size int64) ([]adminclient.Segment, error) {
+// dataRanges lists the runs of h's first size bytes that hold data (neither holes nor
+// zeroes), as offset and length, merged where they touch.
+func dataRanges(h *volume.Handle, size int64) ([][2]int64, error) {
 	exts, err := h.Extents(0, size)
 	if err != nil {
 		return nil, err
 	}
-	var segs []adminclient.Segment
+	var out [][2]int64
 	var off int64
 	for _, e := range exts {
 		if !e.Hole && !e.Zero {
-			if n := len(segs); n > 0 && segs[n-1].Off+segs[n-1].Len == off {
-				segs[n-1].Len += e.Length
+			if n := len(out); n > 0 && out[n-1][0]+out[n-1][1] == off {
+				out[n-1][1] += e.Length
 			} else {
-				segs = append(segs, adminclient.Segment{Off: off, Len: e.Length})
+				out = append(out, [2]int64{off, e.Length})
 			}
 		}
 		off += e.Length
 	}
-	return segs, nil
+	return out, nil
 }
 
 type readerAtFunc func(p []byte, off int64) (int, error)

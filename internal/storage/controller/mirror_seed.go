@@ -111,18 +111,11 @@ func (m *mirrorMgr) seedVolume(ctx context.Context, v *mvol, has map[string]bool
 		return err
 	}
 	if image != "" && !has[image] {
-		// Without the image there, the copy starts empty: copy all the volume's data.
-		image, changed = "", nil
-		exts, err := v.exp.h.Extents(0, v.exp.Size())
-		if err != nil {
+		// Without the image there, the copy starts empty (reading zeroes): copy all the
+		// volume's data.
+		image = ""
+		if changed, err = dataRanges(v.exp.h, v.exp.Size()); err != nil {
 			return err
-		}
-		var off int64
-		for _, e := range exts {
-			if !e.Hole {
-				changed = append(changed, [2]int64{off, e.Length})
-			}
-			off += e.Length
 		}
 	}
 	var bytes int64
