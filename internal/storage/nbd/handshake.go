@@ -52,15 +52,18 @@ type conn struct {
 	maxWorkers int // MaxInFlight: more workers could never all be busy
 	replies    chan *request
 	writerDone chan struct{}
-	out        []byte          // writer-owned output buffer
-	vec        net.Buffers     // writer-owned scatter list
-	vecArr     [2][]byte       // backing array of vec
-	writeErr   error           // writer-owned
-	splicer    ReadSplicer     // the export, when READ replies may be spliced
-	wsplicer   WriteSplicer    // the export, when WRITE payloads may be spliced
-	rawc       syscall.RawConn // the socket, for splicing
-	hdr        [requestHeaderLen]byte
-	errLog     logLimiter
+	// sendMu orders everything written to the socket in transmission: the writer holds
+	// it while its output buffer holds replies, a worker while it sends its own reply.
+	sendMu   sync.Mutex
+	out      []byte          // writer-owned output buffer
+	vec      net.Buffers     // writer-owned scatter list
+	vecArr   [2][]byte       // backing array of vec
+	writeErr error           // under sendMu
+	splicer  ReadSplicer     // the export, when READ replies may be spliced
+	wsplicer WriteSplicer    // the export, when WRITE payloads may be spliced
+	rawc     syscall.RawConn // the socket, for splicing
+	hdr      [requestHeaderLen]byte
+	errLog   logLimiter
 	// payloadSeq is non-zero while the reader waits for a WRITE's payload: the
 	// number of that payload on the connection (see payloadStalled).
 	payloadSeq atomic.Uint64

@@ -99,13 +99,22 @@ func startServer(t testing.TB, exports *memExports, srv *Server) *testServer {
 
 // startServerWith serves srv (with its own Exports) on a unix socket until the test ends.
 func startServerWith(t testing.TB, srv *Server) string {
+	return startServerOn(t, srv, "unix")
+}
+
+// startServerOn serves srv on a new unix socket or a free loopback TCP port (network
+// "unix" or "tcp") until the test ends, and returns the address.
+func startServerOn(t testing.TB, srv *Server, network string) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", fmt.Sprintf("nbdtest-%d-", os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(dir, "nbd.sock")
-	l, err := net.Listen("unix", sock)
+	addr := filepath.Join(dir, "nbd.sock")
+	if network == "tcp" {
+		addr = "127.0.0.1:0"
+	}
+	l, err := net.Listen(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +131,7 @@ func startServerWith(t testing.TB, srv *Server) string {
 		<-done
 		os.RemoveAll(dir)
 	})
-	return sock
+	return l.Addr().String()
 }
 
 func (s *testServer) unixURI(name string) string {

@@ -298,6 +298,7 @@ type serverStats struct {
 	connections atomic.Int64 // accepted
 	requests    atomic.Int64 // transmission-phase requests served
 	writes      atomic.Int64 // write system calls carrying replies
+	ownReplies  atomic.Int64 // replies sent by the worker that served the request
 	refused     atomic.Int64 // connections closed at once: MaxConns reached
 	stalled     atomic.Int64 // connections dropped for a stalled WRITE payload
 }
@@ -310,6 +311,9 @@ type Stats struct {
 	Requests int64
 	// ReplyWrites is the number of socket writes that carried replies (batching makes it lower than Requests).
 	ReplyWrites int64
+	// OwnReplies is the number of large READ replies sent by the worker that read their
+	// data rather than by the connection's writer.
+	OwnReplies int64
 	// Refused is the number of connections closed at once because MaxConns were live.
 	Refused int64
 	// Stalled is the number of connections dropped because a WRITE payload stopped arriving.
@@ -319,5 +323,5 @@ type Stats struct {
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
 	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load(),
-		Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load()}
+		OwnReplies: s.stats.ownReplies.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load()}
 }

@@ -60,16 +60,21 @@ func (o diskExports) List() []ExportInfo { return []ExportInfo{{Name: "disk"}} }
 // TestSplicedReads: many READs in flight, of sizes and offsets that are spliced and
 // that are not, interleaved with WRITEs, get the right data behind the right reply
 // headers, with simple and structured replies, also when splices fail half-way (the
-// server then reads the data with ReadAt); and every pipe is given back.
+// server then reads the data with ReadAt); and every pipe is given back. Large READs
+// that are copied have their replies sent by their workers (some of them at least,
+// between the writer's batches). Over loopback TCP nothing is spliced.
 func TestSplicedReads(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		structured bool
 		failOdd    bool
+		network    string
 	}{
-		{"simple", false, false},
-		{"structured", true, false},
-		{"failing splices", true, true},
+		{"simple", false, false, "unix"},
+		{"structured", true, false, "unix"},
+		{"failing splices", true, true, "unix"},
+		{"loopback TCP simple", false, false, "tcp"},
+		{"loopback TCP structured", true, false, "tcp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const size = 16 << 20
@@ -83,8 +88,8 @@ func TestSplicedReads(t *testing.T) {
 				t.Fatal(err)
 			}
 			ex := &spliceExport{memExport: m, failOdd: tc.failOdd}
-			sock := startServerWith(t, &Server{Exports: diskExports{ex}})
-			c := dialRaw(t, "unix", sock)
+			srv := &Server{Exports: diskExports{ex}}
+			c := dialRaw(t, tc.network, startServerOn(t, srv, tc.network))
 			c.greet(flagFixedNewstyle | flagNoZeroes)
 			if tc.structured {
 				c.option(optStructuredReply, nil)
@@ -163,8 +168,25 @@ func TestSplicedReads(t *testing.T) {
 				}
 				delete(reqs, cookie)
 			}
-			if ex.spliced.Load() == 0 {
+			switch spliced := ex.spliced.Load(); {
+			case tc.network == "unix" && spliced == 0:
 				t.Fatal("no READ was spliced")
+			case tc.network == "tcp" && ex.calls.Load() != 0:
+				t.Fatalf("%d READs were spliced over loopback TCP", spliced)
+			}
+			// Alone on the connection (the writer idle), a large READ that is copied
+			// is answered by its worker.
+			own := srv.Stats().OwnReplies
+			c.request(0, cmdRead, 1000, 1000, 1<<20, nil)
+			if tc.structured {
+				if ch := c.chunk(); ch.cookie != 1000 || ch.typ != chunkOffsetData || !bytes.Equal(ch.data[8:], data[1000:1000+1<<20]) {
+					t.Fatalf("READ of 1 MiB at 1000: chunk type %d for cookie %d, or wrong data", ch.typ, ch.cookie)
+				}
+			} else if errno, cookie := c.simpleReply(); errno != 0 || cookie != 1000 || !bytes.Equal(c.read(1<<20), data[1000:1000+1<<20]) {
+				t.Fatalf("READ of 1 MiB at 1000: error %d for cookie %d, or wrong data", errno, cookie)
+			}
+			if srv.Stats().OwnReplies != own+1 {
+				t.Fatal("the reply of a lone large READ was not sent by its worker")
 			}
 			if tc.failOdd && ex.calls.Load() == ex.spliced.Load() {
 				t.Fatal("no splice failed")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"runtime"
 	"sync"
@@ -34,9 +35,15 @@ type request struct {
 	pipe   *pipe   // READ data to splice to the socket, or WRITE payload (instead of buf)
 	cost   int64   // budget held
 	errno  uint32
-	chunks []readChunk // structured READ split around zero ranges; empty means one data chunk
-	desc   []uint32    // BLOCK_STATUS (length, flags) pairs
+	chunks []readChunk                   // structured READ split around zero ranges; empty means one data chunk
+	desc   []uint32                      // BLOCK_STATUS (length, flags) pairs
+	hdrOut [structuredReadHeaderLen]byte // reply header when a worker sends the reply itself
+	vec    net.Buffers                   // header and data of such a reply
+	vecArr [2][]byte                     // backing array of vec
 }
+
+// structuredReadHeaderLen is the length of an OFFSET_DATA chunk's header and offset.
+const structuredReadHeaderLen = 20 + 8
 
 // readChunk is one OFFSET_DATA (data != nil) or OFFSET_HOLE chunk of a READ reply.
 type readChunk struct {
@@ -176,8 +183,43 @@ func (r *request) serve() {
 	r.c.srv.stats.requests.Add(1)
 	c := r.c
 	r.errno = c.execute(r)
-	c.replies <- r
+	if !c.sendOwn(r) {
+		c.replies <- r
+	}
 	c.handlers.Done()
+}
+
+// sendOwn sends the reply of a large READ served from a buffer from the worker that read
+// the data, when no other reply is being sent, and reports whether it did. The data then
+// goes to the socket from the CPU whose cache holds it, without a hand-off to the
+// writer; replies that gain nothing from batching (one write each anyway) are the only
+// ones sent this way.
+func (c *conn) sendOwn(r *request) bool {
+	if r.typ != cmdRead || r.errno != 0 || r.buf == nil || len(r.chunks) != 0 || int(r.length) <= copyThreshold {
+		return false
+	}
+	if !c.sendMu.TryLock() {
+		return false
+	}
+	if c.writeErr == nil {
+		var hdr []byte
+		if c.structured {
+			hdr = appendChunkHeader(r.hdrOut[:0], chunkFlagDone, chunkOffsetData, r.cookie, 8+r.length)
+			hdr = binary.BigEndian.AppendUint64(hdr, r.off)
+		} else {
+			hdr = appendSimpleHeader(r.hdrOut[:0], 0, r.cookie)
+		}
+		c.srv.stats.writes.Add(1)
+		c.srv.stats.ownReplies.Add(1)
+		c.nc.SetWriteDeadline(time.Now().Add(c.srv.writeTimeout()))
+		r.vec = append(r.vecArr[:0], hdr, *r.buf)
+		if _, err := r.vec.WriteTo(c.nc); err != nil {
+			c.writeFailed(err)
+		}
+	}
+	c.sendMu.Unlock()
+	c.finish(r)
+	return true
 }
 
 // finish returns a request's buffers and budget once its reply is out.
@@ -477,10 +519,16 @@ func (c *conn) blockStatus(r *request) uint32 {
 	return 0
 }
 
-// writer sends replies in completion order, batching small ones into one write.
+// writer sends replies in completion order, batching small ones into one write. It
+// holds sendMu from the first reply it takes until its output buffer is empty again.
 func (c *conn) writer() {
 	defer close(c.writerDone)
+	locked := false
 	for r := range c.replies {
+		if !locked {
+			c.sendMu.Lock()
+			locked = true
+		}
 		if c.writeErr == nil {
 			c.encode(r)
 			if len(c.replies) == 0 && len(c.out) < outBufferSize-4096 {
@@ -493,7 +541,14 @@ func (c *conn) writer() {
 				c.flush()
 			}
 		}
+		if len(c.out) == 0 || c.writeErr != nil {
+			c.sendMu.Unlock()
+			locked = false
+		}
 		c.finish(r)
+	}
+	if locked {
+		c.sendMu.Unlock()
 	}
 }
 
@@ -554,17 +609,27 @@ func (c *conn) readData(r *request) {
 }
 
 func (c *conn) simpleHeader(errno uint32, cookie uint64) {
-	c.out = binary.BigEndian.AppendUint32(c.out, simpleMagic)
-	c.out = binary.BigEndian.AppendUint32(c.out, errno)
-	c.out = binary.BigEndian.AppendUint64(c.out, cookie)
+	c.out = appendSimpleHeader(c.out, errno, cookie)
 }
 
 func (c *conn) chunkHeader(flags, typ uint16, cookie uint64, length uint32) {
-	c.out = binary.BigEndian.AppendUint32(c.out, structuredMagic)
-	c.out = binary.BigEndian.AppendUint16(c.out, flags)
-	c.out = binary.BigEndian.AppendUint16(c.out, typ)
-	c.out = binary.BigEndian.AppendUint64(c.out, cookie)
-	c.out = binary.BigEndian.AppendUint32(c.out, length)
+	c.out = appendChunkHeader(c.out, flags, typ, cookie, length)
+}
+
+// appendSimpleHeader appends a simple reply header to b.
+func appendSimpleHeader(b []byte, errno uint32, cookie uint64) []byte {
+	b = binary.BigEndian.AppendUint32(b, simpleMagic)
+	b = binary.BigEndian.AppendUint32(b, errno)
+	return binary.BigEndian.AppendUint64(b, cookie)
+}
+
+// appendChunkHeader appends a structured reply chunk header to b.
+func appendChunkHeader(b []byte, flags, typ uint16, cookie uint64, length uint32) []byte {
+	b = binary.BigEndian.AppendUint32(b, structuredMagic)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	return binary.BigEndian.AppendUint32(b, length)
 }
 
 // encode appends r's reply to the output.
