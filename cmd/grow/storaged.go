@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/growserver/grow/internal/storage/controller"
+	"github.com/growserver/grow/internal/storage/nbd"
 	"github.com/growserver/grow/internal/units"
 )
 
@@ -22,6 +23,7 @@ func newStoragedCmd() *cobra.Command {
 		cfg       controller.Config
 		poolSize  string
 		cacheSize string
+		bufMem    string
 		logLevel  string
 		rate      string
 	)
@@ -55,6 +57,9 @@ freezes rather than guess.`,
 			if cfg.Mirror.ResyncRate, err = units.ParseSize(rate); err != nil || cfg.Mirror.ResyncRate < 0 {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --resync-rate %q: want a size per second such as 200MiB (0: unlimited)", rate)}
 			}
+			if cfg.NBDBufferMemory, err = units.ParseSize(bufMem); err != nil || cfg.NBDBufferMemory < nbd.MaxPayload {
+				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --nbd-buffer-memory %q: want a size of at least 32MiB, such as 1GiB", bufMem)}
+			}
 			if cfg.NBDMaxConns < 1 {
 				return &ExitError{Code: exitUsage, Err: fmt.Errorf("Invalid --nbd-max-connections %d: want at least 1", cfg.NBDMaxConns)}
 			}
@@ -82,6 +87,7 @@ freezes rather than guess.`,
 	f.StringVar(&cfg.NBDAdvertise, "nbd-advertise", "", "host:port that hypervisor hosts use to reach NBD, if not the --nbd address (e.g. with --nbd 0.0.0.0:10809)")
 	f.StringVar(&cfg.NBDSocket, "nbd-socket", "", `NBD unix socket (default DATA/nbd.sock, "none" disables it)`)
 	f.IntVar(&cfg.NBDMaxConns, "nbd-max-connections", 4096, "most NBD connections served at once; further ones are closed at once, with a warning")
+	f.StringVar(&bufMem, "nbd-buffer-memory", "1GiB", "most memory all NBD connections together may hold for request data; a client waits beyond it")
 	f.StringVar(&cfg.APIAddr, "api", controller.DefaultAPIAddr, "admin API listen address")
 	f.StringArrayVar(&cfg.Disks, "disk", nil, "pool disk, file or block device (repeat; 2N disks make N mirrored pairs; none: DATA/disk0.img)")
 	f.StringVar(&poolSize, "pool-size", "100GiB", "size of each sparse file disk created because its path does not exist")

@@ -61,6 +61,9 @@ type Config struct {
 	NBDSocket string
 	// NBDMaxConns bounds live NBD connections; 0 means the server's default (4096).
 	NBDMaxConns int
+	// NBDBufferMemory bounds the payload memory of all NBD connections together; 0 means
+	// the server's default (1 GiB).
+	NBDBufferMemory int64
 	// APIAddr is the admin API listen address.
 	APIAddr string
 	// Disks are the pool's disks (files or block devices); none means DATA/disk0.img.
@@ -248,7 +251,7 @@ func Open(cfg Config) (*Controller, error) {
 	}
 
 	c.nbd = &nbd.Server{Exports: c.exports, TLSConfig: tlsCfg, RequireTLS: cfg.RequireTLS, Logger: log.With("component", "nbd"),
-		MaxConns: cfg.NBDMaxConns}
+		MaxConns: cfg.NBDMaxConns, MaxTotalBufferBytes: cfg.NBDBufferMemory}
 
 	c.metrics = newMetrics(c)
 	c.api = &http.Server{

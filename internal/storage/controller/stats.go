@@ -61,6 +61,7 @@ type metrics struct {
 	cacheSize, cacheBytes, cacheHits, cacheMiss  *prometheus.Desc
 	poolState, diskState, rebuildDone            *prometheus.Desc
 	ops, ioBytes, conns, open, ioErrors          *prometheus.Desc
+	memWaits                                     *prometheus.Desc
 
 	// Mirroring (only on a paired controller).
 	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness, mirPending *prometheus.Desc
@@ -91,6 +92,7 @@ func newMetrics(c *Controller) *metrics {
 		conns:       d("nbd_connections_total", "NBD exports opened since start."),
 		open:        d("nbd_open_exports", "NBD exports open now."),
 		ioErrors:    d("nbd_errors_total", "NBD requests answered with an error."),
+		memWaits:    d("nbd_memory_waits_total", "NBD requests that waited because --nbd-buffer-memory was in use."),
 	}
 	md := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("grow_mirror_"+name, help, labels, nil)
@@ -113,7 +115,7 @@ func (m *metrics) handler() http.Handler {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.bytes, m.used, m.free, m.pending, m.journal, m.volumes,
 		m.cacheSize, m.cacheBytes, m.cacheHits, m.cacheMiss, m.poolState, m.diskState, m.rebuildDone,
-		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors} {
+		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors, m.memWaits} {
 		ch <- d
 	}
 	if m.c.mir != nil {
@@ -167,6 +169,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ctr(m.conns, s.Connections)
 	g(m.open, s.OpenExports)
 	ctr(m.ioErrors, m.c.io.errors.Load())
+	ctr(m.memWaits, m.c.nbd.Stats().MemoryWaits)
 	if mir := m.c.mir; mir != nil {
 		ms := mir.status("")
 		ctr(m.mirResync, ms.ResyncBytes)

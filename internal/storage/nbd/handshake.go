@@ -31,6 +31,10 @@ type conn struct {
 	mu       sync.Mutex
 	stopping bool // Shutdown asked to stop reading new requests
 	aborted  atomic.Bool
+	// stop is cancelled when the reader must stop: by Shutdown, Close or the end of the
+	// connection; it wakes a reader waiting for payload memory.
+	stop       context.Context
+	cancelStop context.CancelFunc
 
 	// Negotiated state.
 	tls        bool
@@ -74,11 +78,14 @@ type conn struct {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	s.stats.connections.Add(1)
+	stop, cancel := context.WithCancel(context.Background())
 	return &conn{
-		srv: s,
-		log: s.logger().With("remote", remoteName(nc)),
-		raw: nc,
-		nc:  nc,
+		srv:        s,
+		log:        s.logger().With("remote", remoteName(nc)),
+		raw:        nc,
+		nc:         nc,
+		stop:       stop,
+		cancelStop: cancel,
 	}
 }
 
@@ -95,6 +102,7 @@ func (c *conn) stopReading() {
 	c.mu.Lock()
 	c.stopping = true
 	c.mu.Unlock()
+	c.cancelStop()
 	c.raw.SetReadDeadline(time.Now())
 }
 
@@ -112,6 +120,7 @@ func (c *conn) payloadStalled(now time.Time, timeout time.Duration) bool {
 // abort closes the connection at once.
 func (c *conn) abort() {
 	c.aborted.Store(true)
+	c.cancelStop()
 	c.raw.Close()
 }
 
@@ -132,6 +141,7 @@ func violation(format string, args ...any) error {
 
 // serve runs the whole life of the connection.
 func (c *conn) serve() {
+	defer c.cancelStop()
 	defer c.raw.Close()
 	if c.isStopping() {
 		return

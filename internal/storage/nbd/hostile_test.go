@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"io"
@@ -356,5 +357,88 @@ func TestMaxConns(t *testing.T) {
 			t.Fatal("no connection accepted after one of MaxConns closed")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestServerWideMemory: requests of all connections together hold at most
+// MaxTotalBufferBytes of payload memory; a request that does not fit waits (its
+// connection reads nothing more) while requests without payload go on elsewhere, and
+// runs once memory is released; Shutdown stops a reader that is waiting.
+func TestServerWideMemory(t *testing.T) {
+	ex := newMemExports()
+	m := newMemExport(64 << 20)
+	for i := range m.data {
+		m.data[i] = byte(i / 4096)
+	}
+	gate := make(chan struct{})
+	m.delay = func(off int64) time.Duration {
+		if off == 0 {
+			<-gate // READs at 0 wait to be let through, holding their 32 MiB
+		}
+		return 0
+	}
+	ex.add("disk", "", m)
+	s := startServer(t, ex, &Server{MaxTotalBufferBytes: 48 << 20})
+	t.Cleanup(func() { close(gate) }) // before the server's cleanup: let held READs finish
+	open := func() *rawClient {
+		c := dialRaw(t, "unix", s.sock)
+		c.greet(flagFixedNewstyle | flagNoZeroes)
+		c.goExport("disk")
+		return c
+	}
+	expectRead := func(c *rawClient, cookie uint64, off int64) {
+		t.Helper()
+		c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if e, ck := c.simpleReply(); e != 0 || ck != cookie {
+			t.Fatalf("reply error %d cookie %d, want 0 and %d", e, ck, cookie)
+		}
+		if !bytes.Equal(c.read(MaxPayload), m.content(off, MaxPayload)) {
+			t.Fatalf("READ %d returned wrong data", cookie)
+		}
+	}
+	held := func() bool {
+		if s.srv.memory().TryAcquire(17 << 20) { // fits only while a READ's 32 MiB are free
+			s.srv.memory().Release(17 << 20)
+			return false
+		}
+		return true
+	}
+	a, b, other := open(), open(), open()
+	a.request(0, cmdRead, 1, 0, MaxPayload, nil)
+	waitFor(t, "the first READ to hold its memory", held)
+	b.request(0, cmdRead, 2, 32<<20, MaxPayload, nil)
+	waitFor(t, "the second READ to wait for memory", func() bool { return s.srv.Stats().MemoryWaits == 1 })
+	other.request(0, cmdFlush, 3, 0, 0, nil)
+	if e, ck := other.simpleReply(); e != 0 || ck != 3 {
+		t.Fatalf("FLUSH on another connection: error %d cookie %d", e, ck)
+	}
+	b.nc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, err := b.nc.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a READ beyond MaxTotalBufferBytes was answered while the memory was held")
+	}
+	gate <- struct{}{}
+	expectRead(a, 1, 0)
+	expectRead(b, 2, 32<<20)
+
+	// Shutdown while a READ waits for memory: the waiting one is not started, the
+	// connection closes once the running one is answered.
+	a.request(0, cmdRead, 4, 0, MaxPayload, nil)
+	waitFor(t, "the third READ to hold its memory", held)
+	b.request(0, cmdRead, 5, 32<<20, MaxPayload, nil)
+	waitFor(t, "the fourth READ to wait for memory", func() bool { return s.srv.Stats().MemoryWaits == 2 })
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- s.srv.Shutdown(ctx)
+	}()
+	b.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := b.nc.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("a READ waiting for memory got %d reply bytes after Shutdown", n)
+	}
+	gate <- struct{}{}
+	expectRead(a, 4, 0)
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
 	}
 }

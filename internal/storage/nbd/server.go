@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/semaphore"
 	"log/slog"
 	"net"
 	"sync"
@@ -20,6 +21,7 @@ const (
 	defaultMaxConns         = 4096
 	defaultMaxInFlight      = 128
 	defaultMaxBufferBytes   = 64 << 20
+	defaultMaxTotalBuffer   = 1 << 30
 )
 
 // unixSendBuffer is the send buffer asked for on unix socket connections: room for
@@ -48,6 +50,11 @@ type Server struct {
 	MaxInFlight int
 	// MaxBufferBytes bounds payload memory held per connection; zero means 64 MiB.
 	MaxBufferBytes int64
+	// MaxTotalBufferBytes bounds the payload memory held by all connections together
+	// (WRITE payloads read and READ data not yet sent); zero means 1 GiB, and less than
+	// MaxPayload counts as MaxPayload. A connection whose next request does not fit
+	// waits, reading nothing more, until other requests finish.
+	MaxTotalBufferBytes int64
 	// MaxConns bounds live connections (handshaking ones included); zero means 4096.
 	// A connection beyond it is closed at once, with a warning in the log.
 	MaxConns int
@@ -56,6 +63,8 @@ type Server struct {
 	PayloadTimeout time.Duration
 
 	stats     serverStats
+	memOnce   sync.Once
+	mem       *semaphore.Weighted // payload memory of all connections (MaxTotalBufferBytes)
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
@@ -84,6 +93,18 @@ func (s *Server) payloadTimeout() time.Duration {
 		return s.PayloadTimeout
 	}
 	return defaultPayloadTimeout
+}
+
+// memory returns the server-wide payload memory semaphore.
+func (s *Server) memory() *semaphore.Weighted {
+	s.memOnce.Do(func() {
+		n := s.MaxTotalBufferBytes
+		if n <= 0 {
+			n = defaultMaxTotalBuffer
+		}
+		s.mem = semaphore.NewWeighted(max(n, MaxPayload))
+	})
+	return s.mem
 }
 
 func (s *Server) maxConns() int {
@@ -301,6 +322,7 @@ type serverStats struct {
 	ownReplies  atomic.Int64 // replies sent by the worker that served the request
 	refused     atomic.Int64 // connections closed at once: MaxConns reached
 	stalled     atomic.Int64 // connections dropped for a stalled WRITE payload
+	memWaits    atomic.Int64 // requests that waited for server-wide payload memory
 }
 
 // Stats is a snapshot of the server's counters.
@@ -318,10 +340,13 @@ type Stats struct {
 	Refused int64
 	// Stalled is the number of connections dropped because a WRITE payload stopped arriving.
 	Stalled int64
+	// MemoryWaits is the number of requests that waited because MaxTotalBufferBytes of
+	// payload memory were held.
+	MemoryWaits int64
 }
 
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
 	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load(),
-		OwnReplies: s.stats.ownReplies.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load()}
+		OwnReplies: s.stats.ownReplies.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load(), MemoryWaits: s.stats.memWaits.Load()}
 }

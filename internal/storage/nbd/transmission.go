@@ -125,6 +125,13 @@ func (c *conn) readLoop() error {
 			}
 		}
 		c.budget.acquire(cost)
+		if err := c.acquireMemory(cost); err != nil {
+			c.budget.release(cost)
+			if c.isStopping() {
+				return nil
+			}
+			return err
+		}
 		r := requestPool.Get().(*request)
 		r.c = c
 		r.requestHeader = h
@@ -222,6 +229,23 @@ func (c *conn) sendOwn(r *request) bool {
 	return true
 }
 
+// acquireMemory takes n bytes of the server-wide payload memory, waiting while other
+// requests hold it all, until the connection must stop.
+func (c *conn) acquireMemory(n int64) error {
+	if n == 0 {
+		return nil
+	}
+	mem := c.srv.memory()
+	if mem.TryAcquire(n) {
+		return nil
+	}
+	c.srv.stats.memWaits.Add(1)
+	if err := mem.Acquire(c.stop, n); err != nil {
+		return fmt.Errorf("Stopped while waiting for payload memory: %w", net.ErrClosed)
+	}
+	return nil
+}
+
 // finish returns a request's buffers and budget once its reply is out.
 func (c *conn) finish(r *request) {
 	if r.buf != nil {
@@ -233,6 +257,9 @@ func (c *conn) finish(r *request) {
 		r.pipe = nil
 	}
 	c.budget.release(r.cost)
+	if r.cost > 0 {
+		c.srv.memory().Release(r.cost)
+	}
 	r.c = nil
 	r.errno = 0
 	r.chunks = r.chunks[:0]
