@@ -110,6 +110,11 @@ type mirrorMgr struct {
 	nbdPort    int
 	conns      *connTracker
 
+	// linkDials bounds the links being opened to the partner at once to half its bound
+	// on pending connections (maxPendingLinks), so that a burst of links (at startup)
+	// is not dropped there and its TLS handshakes are not wasted.
+	linkDials chan struct{}
+
 	peerTimeout, fenceTimeout, takeover time.Duration
 	rate                                atomic.Int64
 	retiredResync                       atomic.Int64
@@ -190,7 +195,7 @@ func newMirror(c *Controller, cfg MirrorConfig, serverTLS *tls.Config) (*mirrorM
 	}
 	m := &mirrorMgr{c: c, cfg: cfg, dir: filepath.Join(c.cfg.DataDir, "mirror"), peerTok: strings.TrimSpace(string(b)),
 		ownTok: c.token, vols: map[string]*mvol{}, serving: map[string]bool{}, addrs: map[string]bool{}, releasing: map[string]bool{},
-		kickCh: make(chan struct{}, 1), conns: newConnTracker(), linkTLS: serverTLS}
+		kickCh: make(chan struct{}, 1), conns: newConnTracker(), linkTLS: serverTLS, linkDials: make(chan struct{}, maxPendingLinks/2)}
 	if m.peerTok == "" {
 		return nil, fmt.Errorf("The partner's token file %q is empty", cfg.PeerTokenFile)
 	}
@@ -379,7 +384,7 @@ func (m *mirrorMgr) start() {
 	go func() { defer m.wg.Done(); m.renewLoop() }()
 	go func() {
 		defer m.wg.Done()
-		if err := m.linkSrv.Serve(newAuthListener(m.linkLn, m.ownTok, m.linkTLS)); err != nil {
+		if err := m.linkSrv.Serve(newAuthListener(m.linkLn, m.ownTok, m.linkTLS, m.c.log)); err != nil {
 			m.c.log.Error("Mirror link server stopped", "err", err)
 		}
 	}()

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -11,12 +12,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/growserver/grow/internal/storage/mirror"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -103,10 +107,7 @@ func (l *trackListener) Accept() (net.Conn, error) {
 			if l.log != nil {
 				l.log.Info("NBD connection to a service address being given up refused", "local", c.LocalAddr().String(), "remote", c.RemoteAddr().String())
 			}
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.SetLinger(0)
-			}
-			_ = c.Close()
+			abortConn(c)
 			continue
 		}
 		tc := &trackedConn{Conn: c, t: l.t}
@@ -238,20 +239,115 @@ func linkChallengeAnswer(c net.Conn, token string) error {
 
 func tlsClient(c net.Conn, cfg *tls.Config) *tls.Conn { return tls.Client(c, cfg) }
 
-// authListener accepts only link connections that pass TLS (when configured) and the
-// token challenge; the checks run per connection so a slow client blocks nobody.
-type authListener struct {
-	net.Listener
-	token string
-	tls   *tls.Config
-	ch    chan net.Conn
-	errc  chan error
-	once  sync.Once
-	done  chan struct{}
+// dialAuth opens an authenticated link connection to addr (over TLS with tlsCfg, when
+// set) before ctx ends. A connection the partner closes before this side has answered
+// the challenge (its bound on pending connections, see maxPendingLinks) is dialled
+// again after a short, growing, randomised pause; other errors are returned at once.
+func dialAuth(ctx context.Context, addr string, tlsCfg *tls.Config, token string) (net.Conn, error) {
+	pause := 10 * time.Millisecond
+	for {
+		c, err := authConn(ctx, addr, tlsCfg, token)
+		if err == nil || !droppedByServer(err) {
+			return c, err
+		}
+		t := time.NewTimer(pause/2 + mrand.N(pause/2))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+		pause = min(2*pause, 500*time.Millisecond)
+	}
 }
 
-func newAuthListener(l net.Listener, token string, tlsCfg *tls.Config) *authListener {
-	a := &authListener{Listener: l, token: token, tls: tlsCfg, ch: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{})}
+// linkHelloTries is how many times openLink runs the hello on a new connection when
+// the partner closed the last one at the hello: its listener may have dropped that
+// one just after the answer was sent (see maxPendingLinks), but a wrong token also
+// shows up there, so a few tries only.
+const linkHelloTries = 3
+
+// openLink opens the mirror link of a volume to the partner at addr: an authenticated
+// connection (dialAuth) and the hello.
+func openLink(ctx context.Context, addr string, tlsCfg *tls.Config, token, name string, size int64, epoch uint64) (*mirror.Link, error) {
+	for try := 1; ; try++ {
+		c, err := dialAuth(ctx, addr, tlsCfg, token)
+		if err != nil {
+			return nil, err
+		}
+		l, err := mirror.NewLink(ctx, c, name, size, epoch, 10*time.Second)
+		if err == nil || try == linkHelloTries || !droppedByServer(err) {
+			return l, err
+		}
+	}
+}
+
+// authConn dials addr once and answers the link challenge.
+func authConn(ctx context.Context, addr string, tlsCfg *tls.Config, token string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("Failed to dial the mirror link %s: %w", addr, err)
+	}
+	if tlsCfg != nil {
+		tc := tlsClient(c, tlsCfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("TLS handshake on the mirror link failed: %w", err)
+		}
+		c = tc
+	}
+	if err := linkChallengeAnswer(c, token); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// droppedByServer reports whether err says the other side closed the connection.
+func droppedByServer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// maxPendingLinks bounds the link connections not yet authenticated. When a new one
+// arrives at the bound, the oldest pending one is dropped rather than the new one: a
+// genuine partner answers the challenge within a round trip, so the oldest is the one
+// least likely to be genuine: a flood of idle connections pushes out its own older ones,
+// and costs the partner a connection only if 64 more arrive during its handshake. One
+// whose answer has arrived but is not read yet is not dropped, nor one whose answer
+// was read (its client believes it is in); if all are answering, the new one is
+// dropped. The partner opens at most half that many links at once (mirrorMgr.linkDials),
+// and redials a connection dropped before it answered (dialAuth) and, a few times, one
+// dropped while its answer was on the way (openLink), so its links get in also amid a
+// flood, or beyond the bound.
+const maxPendingLinks = 64
+
+// authListener accepts only link connections that pass TLS (when configured) and the
+// token challenge; the checks run per connection so a slow client blocks nobody, and at
+// most maxPendingLinks run at once.
+type authListener struct {
+	net.Listener
+	token  string
+	tls    *tls.Config
+	log    *slog.Logger
+	ch     chan net.Conn
+	errc   chan error
+	once   sync.Once
+	done   chan struct{}
+	refuse logLimiter // warnings about refused connections
+
+	mu      sync.Mutex
+	pending []*pendingLink // oldest first
+}
+
+// pendingLink is a link connection whose check is running.
+type pendingLink struct {
+	c       net.Conn
+	dropped bool // pushed out by a newer connection at maxPendingLinks
+}
+
+func newAuthListener(l net.Listener, token string, tlsCfg *tls.Config, log *slog.Logger) *authListener {
+	a := &authListener{Listener: l, token: token, tls: tlsCfg, log: log, ch: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{})}
 	go a.loop()
 	return a
 }
@@ -263,23 +359,91 @@ func (a *authListener) loop() {
 			a.errc <- err
 			return
 		}
-		go func() {
-			if c2, err := a.check(c); err == nil {
-				select {
-				case a.ch <- c2:
-				case <-a.done:
-					c2.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		p := &pendingLink{c: c}
+		a.mu.Lock()
+		if len(a.pending) >= maxPendingLinks {
+			// Drop the oldest that is not answering right now (its answer not waiting
+			// to be read), or else the new one, which has been sent nothing yet.
+			victim := p
+			for i, q := range a.pending {
+				if !hasUnread(q.c) {
+					victim = q
+					a.pending = slices.Delete(a.pending, i, i+1)
+					break
 				}
-			} else {
-				slog.Default().Warn("Mirror link connection refused", "remote", c.RemoteAddr().String(), "err", err)
-				c.Close()
 			}
-		}()
+			// Its check fails at once, unless it has just passed (see serve).
+			victim.dropped = true
+			victim.c.SetDeadline(time.Now())
+		}
+		if !p.dropped {
+			a.pending = append(a.pending, p)
+		}
+		a.mu.Unlock()
+		go a.serve(p)
 	}
 }
 
+// hasUnread reports whether c has received bytes not read yet.
+func hasUnread(c net.Conn) bool {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	return n > 0
+}
+
+// serve checks p and hands it to Accept, or logs why it was refused.
+func (a *authListener) serve(p *pendingLink) {
+	c2, err := a.check(p.c)
+	a.mu.Lock()
+	dropped := p.dropped
+	if !dropped {
+		a.pending = slices.DeleteFunc(a.pending, func(q *pendingLink) bool { return q == p })
+	}
+	if err == nil {
+		// Authenticated, even if dropped after its answer was read: it stays.
+		p.c.SetDeadline(time.Time{})
+	}
+	a.mu.Unlock()
+	if err != nil {
+		if dropped {
+			err = fmt.Errorf("dropped: more than %d connections awaiting authentication", maxPendingLinks)
+		}
+		if n, ok := a.refuse.allow(time.Now()); ok {
+			a.log.Warn("Mirror link connection refused", "remote", p.c.RemoteAddr().String(), "err", err, "suppressed", n)
+		}
+		if dropped {
+			abortConn(p.c)
+		} else {
+			p.c.Close()
+		}
+		return
+	}
+	select {
+	case a.ch <- c2:
+	case <-a.done:
+		c2.Close()
+	}
+}
+
+// abortConn closes c with a reset: the peer notices at once, and no TIME_WAIT is left here.
+func abortConn(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+// check runs TLS (when configured) and the challenge on c, within c's deadline.
 func (a *authListener) check(c net.Conn) (net.Conn, error) {
-	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if a.tls != nil {
 		tc := tls.Server(c, a.tls)
 		if err := tc.Handshake(); err != nil {
@@ -301,7 +465,6 @@ func (a *authListener) check(c net.Conn) (net.Conn, error) {
 	if !hmac.Equal(mac, linkMAC(a.token, nonce)) {
 		return nil, errors.New("wrong token in the mirror link challenge")
 	}
-	c.SetDeadline(time.Time{})
 	return c, nil
 }
 
@@ -318,6 +481,34 @@ func (a *authListener) Accept() (net.Conn, error) {
 func (a *authListener) Close() error {
 	a.once.Do(func() { close(a.done) })
 	return a.Listener.Close()
+}
+
+// logLimiter lets a few log lines through per second and counts the rest.
+type logLimiter struct {
+	mu         sync.Mutex
+	window     time.Time
+	count      int
+	suppressed int
+}
+
+// logBurst is how many lines a logLimiter lets through per second.
+const logBurst = 5
+
+// allow reports whether to log now, and how many lines were suppressed since the last one logged.
+func (l *logLimiter) allow(now time.Time) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Sub(l.window) >= time.Second {
+		l.window, l.count = now, 0
+	}
+	if l.count >= logBurst {
+		l.suppressed++
+		return 0, false
+	}
+	l.count++
+	n := l.suppressed
+	l.suppressed = 0
+	return n, true
 }
 
 // checkDev verifies that the service device exists.

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -504,29 +505,21 @@ func (m *mirrorMgr) dialLink(ctx context.Context, name string, size int64, epoch
 	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	var d net.Dialer
-	c, err := d.DialContext(dctx, "tcp", info.LinkAddress)
-	if err != nil {
-		return nil, fmt.Errorf("Failed to dial the mirror link %s: %w", info.LinkAddress, err)
-	}
+	var cfg *tls.Config
 	if m.linkTLS != nil {
-		cfg := m.clientTLS()
+		cfg = m.clientTLS()
 		if cfg.ServerName == "" {
 			// A verified link checks the partner's certificate against the address dialled.
 			cfg.ServerName, _, _ = net.SplitHostPort(info.LinkAddress)
 		}
-		tc := tlsClient(c, cfg)
-		if err := tc.HandshakeContext(dctx); err != nil {
-			c.Close()
-			return nil, fmt.Errorf("TLS handshake on the mirror link failed: %w", err)
-		}
-		c = tc
 	}
-	if err := linkChallengeAnswer(c, m.peerTok); err != nil {
-		c.Close()
-		return nil, err
+	select {
+	case m.linkDials <- struct{}{}:
+	case <-dctx.Done():
+		return nil, fmt.Errorf("Failed to dial the mirror link %s: %w", info.LinkAddress, dctx.Err())
 	}
-	return mirror.NewLink(dctx, c, name, size, epoch, 10*time.Second)
+	defer func() { <-m.linkDials }()
+	return openLink(dctx, info.LinkAddress, cfg, m.peerTok, name, size, epoch)
 }
 
 func (m *mirrorMgr) lookupTarget(name string) (*mirror.Target, bool) {
