@@ -17,6 +17,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -24,6 +26,7 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -880,6 +883,61 @@ func TestMirrorImageCloneResize(t *testing.T) {
 	for _, n := range []string{"gold", "c1"} {
 		sameBytes(t, n, readVolume(t, a.cfg.DataDir, n), readVolume(t, b.cfg.DataDir, n))
 	}
+}
+
+// TestMirrorImageToOldPartner checks the image copy to a partner running a binary from
+// before segmented uploads: it answers the segmented upload "unknown image format" at
+// once, without reading the body, and the image reaches it intact as a raw upload.
+func TestMirrorImageToOldPartner(t *testing.T) {
+	if testing.Short() {
+		t.Skip("mirror pair tests run real controller processes")
+	}
+	a, b, _ := testPair(t)
+	// A reaches B through a stand-in for B's old binary: it refuses what that
+	// binary refused and passes everything else on to B.
+	bURL, err := url.Parse(a.cfg.Mirror.Peer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(bURL)
+	proxy.FlushInterval = -1
+	var segmented, raw atomic.Int32
+	old := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/v1/images/") {
+			switch f := r.URL.Query().Get("format"); f {
+			case adminclient.FormatRaw, "":
+				raw.Add(1)
+			case adminclient.FormatQcow2:
+			default:
+				segmented.Add(1)
+				writeError(w, http.StatusBadRequest, adminclient.CodeInvalid, fmt.Sprintf("%v: unknown image format %q (want raw or qcow2)", errBadRequest, f))
+				return
+			}
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	defer old.Close()
+	a.cfg.Mirror.Peer = old.URL
+	a.start()
+	b.start()
+	pairUp(t, a, b)
+
+	// 8 MiB, larger than any buffer on the way: data, a run of zeroes, data.
+	img := make([]byte, 8<<20)
+	for i := range img {
+		img[i] = byte(i*7 + i>>12)
+	}
+	clear(img[2<<20 : 4<<20])
+	importImage(t, a, "gold", img)
+	if segmented.Load() != 1 || raw.Load() != 1 {
+		t.Fatalf("the partner got %d segmented and %d raw uploads, want one of each", segmented.Load(), raw.Load())
+	}
+	if v := b.volume("gold"); v == nil || v.Kind != "image" || v.Size != int64(len(img)) {
+		t.Fatalf("image on the partner: %+v", v)
+	}
+	a.stop()
+	b.stop()
+	sameBytes(t, "gold on the partner", img, readVolume(t, b.cfg.DataDir, "gold"))
 }
 
 // With TLS material the mirror link is TLS (a plain client gets no challenge) and the
