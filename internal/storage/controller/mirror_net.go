@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/growserver/grow/internal/lograte"
 	"github.com/growserver/grow/internal/storage/mirror"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -334,7 +335,7 @@ type authListener struct {
 	errc   chan error
 	once   sync.Once
 	done   chan struct{}
-	refuse logLimiter // warnings about refused connections
+	refuse lograte.Limiter // warnings about refused connections
 
 	mu      sync.Mutex
 	pending []*pendingLink // oldest first
@@ -347,7 +348,8 @@ type pendingLink struct {
 }
 
 func newAuthListener(l net.Listener, token string, tlsCfg *tls.Config, log *slog.Logger) *authListener {
-	a := &authListener{Listener: l, token: token, tls: tlsCfg, log: log, ch: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{})}
+	a := &authListener{Listener: l, token: token, tls: tlsCfg, log: log, ch: make(chan net.Conn), errc: make(chan error, 1), done: make(chan struct{}),
+		refuse: lograte.Limiter{Burst: logBurst}}
 	go a.loop()
 	return a
 }
@@ -417,7 +419,7 @@ func (a *authListener) serve(p *pendingLink) {
 		if dropped {
 			err = fmt.Errorf("dropped: more than %d connections awaiting authentication", maxPendingLinks)
 		}
-		if n, ok := a.refuse.allow(time.Now()); ok {
+		if n, ok := a.refuse.Allow(time.Now()); ok {
 			a.log.Warn("Mirror link connection refused", "remote", p.c.RemoteAddr().String(), "err", err, "suppressed", n)
 		}
 		if dropped {
@@ -483,33 +485,8 @@ func (a *authListener) Close() error {
 	return a.Listener.Close()
 }
 
-// logLimiter lets a few log lines through per second and counts the rest.
-type logLimiter struct {
-	mu         sync.Mutex
-	window     time.Time
-	count      int
-	suppressed int
-}
-
-// logBurst is how many lines a logLimiter lets through per second.
+// logBurst is how many refused link connections are logged per second.
 const logBurst = 5
-
-// allow reports whether to log now, and how many lines were suppressed since the last one logged.
-func (l *logLimiter) allow(now time.Time) (int, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if now.Sub(l.window) >= time.Second {
-		l.window, l.count = now, 0
-	}
-	if l.count >= logBurst {
-		l.suppressed++
-		return 0, false
-	}
-	l.count++
-	n := l.suppressed
-	l.suppressed = 0
-	return n, true
-}
 
 // checkDev verifies that the service device exists.
 func checkDev(dev string) error {

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/growserver/grow/internal/lograte"
 )
 
 // conn is one client connection: the handshake, then the transmission phase.
@@ -67,7 +69,7 @@ type conn struct {
 	wsplicer WriteSplicer    // the export, when WRITE payloads may be spliced
 	rawc     syscall.RawConn // the socket, for splicing
 	hdr      [requestHeaderLen]byte
-	errLog   logLimiter
+	errLog   lograte.Limiter
 	// payloadSeq is non-zero while the reader waits for a WRITE's payload: the
 	// number of that payload on the connection (see payloadStalled).
 	payloadSeq atomic.Uint64

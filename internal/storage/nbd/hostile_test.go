@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/growserver/grow/internal/lograte"
 )
 
 // TestHostileClients throws malformed input at the server while a well-behaved
@@ -269,7 +271,7 @@ func TestErrorLogLimited(t *testing.T) {
 			t.Fatalf("read of a failing export: err %d, want EIO", e)
 		}
 	}
-	if n := strings.Count(s.logs.String(), "NBD request failed"); n < 1 || n > 2*logBurst {
+	if n := strings.Count(s.logs.String(), "NBD request failed"); n < 1 || n > 2*lograte.DefaultBurst {
 		t.Errorf("%d error lines logged for 500 failures", n)
 	}
 }

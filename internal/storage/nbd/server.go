@@ -5,12 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"golang.org/x/sync/semaphore"
 	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/growserver/grow/internal/lograte"
+	"golang.org/x/sync/semaphore"
 )
 
 // Defaults for Server fields left zero.
@@ -70,8 +72,8 @@ type Server struct {
 	conns     map[*conn]struct{}
 	closed    bool
 	connWG    sync.WaitGroup
-	sweeping  bool       // the stalled-payload sweeper runs; guarded by mu
-	refuseLog logLimiter // warnings about connections beyond MaxConns
+	sweeping  bool            // the stalled-payload sweeper runs; guarded by mu
+	refuseLog lograte.Limiter // warnings about connections beyond MaxConns
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -210,7 +212,7 @@ func (s *Server) track(c *conn) error {
 		s.mu.Unlock()
 		c.raw.Close()
 		s.stats.refused.Add(1)
-		if n, ok := s.refuseLog.allow(time.Now()); ok {
+		if n, ok := s.refuseLog.Allow(time.Now()); ok {
 			s.logger().Warn("NBD connection refused: the controller already serves the most it may (--nbd-max-connections)",
 				"remote", remoteName(c.raw), "max", s.maxConns(), "suppressed", n)
 		}

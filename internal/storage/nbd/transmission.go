@@ -281,39 +281,11 @@ func cmdName(t uint16) string {
 func (c *conn) fail(r *request, err error) uint32 {
 	code := errorCode(err)
 	if code == errIO {
-		if n, ok := c.errLog.allow(time.Now()); ok {
+		if n, ok := c.errLog.Allow(time.Now()); ok {
 			c.log.Error("NBD request failed", "cmd", cmdName(r.typ), "offset", r.off, "length", r.length, "err", err, "suppressed", n)
 		}
 	}
 	return code
-}
-
-// logLimiter lets through a burst of log lines per second and counts the rest.
-type logLimiter struct {
-	mu         sync.Mutex
-	window     time.Time
-	count      int
-	suppressed int
-}
-
-const logBurst = 10
-
-// allow reports whether to log now, and how many lines were suppressed since the last one logged.
-func (l *logLimiter) allow(now time.Time) (int, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if now.Sub(l.window) >= time.Second {
-		l.window = now
-		l.count = 0
-	}
-	if l.count >= logBurst {
-		l.suppressed++
-		return 0, false
-	}
-	l.count++
-	n := l.suppressed
-	l.suppressed = 0
-	return n, true
 }
 
 // inRange reports whether [off, off+length) lies inside the export.
