@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/growserver/grow/internal/accept"
 	"github.com/growserver/grow/internal/lograte"
 	"github.com/growserver/grow/internal/storage/mirror"
 	"github.com/vishvananda/netlink"
@@ -355,12 +356,24 @@ func newAuthListener(l net.Listener, token string, tlsCfg *tls.Config, log *slog
 }
 
 func (a *authListener) loop() {
+	var backoff accept.Backoff
 	for {
 		c, err := a.Listener.Accept()
 		if err != nil {
+			select {
+			case <-a.done:
+			default:
+				if n, ok := a.refuse.Allow(time.Now()); ok {
+					a.log.Warn("Mirror link accept failed, retrying", "err", err, "suppressed", n)
+				}
+				if backoff.Retry(err) {
+					continue
+				}
+			}
 			a.errc <- err
 			return
 		}
+		backoff.Reset()
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		p := &pendingLink{c: c}
 		a.mu.Lock()

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/growserver/grow/internal/accept/accepttest"
 	"github.com/growserver/grow/internal/storage/mirror"
 	"github.com/growserver/grow/internal/storage/nbd"
 )
@@ -342,5 +343,42 @@ func TestDialAuthRetriesDroppedConnection(t *testing.T) {
 		t.Fatal("dialAuth to a closed port succeeded")
 	} else if d := time.Since(start); d > time.Second {
 		t.Fatalf("dialAuth to a closed port took %v (%v)", d, err)
+	}
+}
+
+// TestLinkAcceptErrorsPass: the mirror link listener keeps accepting after Accept fails
+// (EMFILE, as when the controller is out of file descriptors) and a partner's link
+// still gets in; before, one such error ended the link server until a restart.
+func TestLinkAcceptErrorsPass(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flaky := accepttest.Flaky(ln, 3)
+	a := newAuthListener(flaky, "tok", nil, slog.New(slog.DiscardHandler))
+	defer a.Close()
+	got := make(chan error, 1)
+	go func() {
+		c, err := a.Accept()
+		if err == nil {
+			c.Close()
+		}
+		got <- err
+	}()
+	c, err := authConn(context.Background(), ln.Addr().String(), nil, "tok")
+	if err != nil {
+		t.Fatalf("partner's connection: %v", err)
+	}
+	defer c.Close()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("Accept: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the link listener accepted nothing after accept errors")
+	}
+	if n := flaky.Failed(); n != 3 {
+		t.Fatalf("%d accept errors, want 3", n)
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/growserver/grow/internal/accept"
+	"github.com/growserver/grow/internal/lograte"
 	"github.com/growserver/grow/internal/storage/nbd"
 )
 
@@ -170,6 +172,8 @@ func (s *LinkServer) Serve(l net.Listener) error {
 	}
 	s.lns[l] = struct{}{}
 	s.mu.Unlock()
+	var backoff accept.Backoff
+	var acceptLog lograte.Limiter
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -179,8 +183,15 @@ func (s *LinkServer) Serve(l net.Listener) error {
 			if closed {
 				return nil
 			}
-			return fmt.Errorf("Failed to accept mirror link connection: %w", err)
+			if n, ok := acceptLog.Allow(time.Now()); ok {
+				s.logger().Warn("Mirror link accept failed, retrying", "err", err, "suppressed", n)
+			}
+			if !backoff.Retry(err) {
+				return fmt.Errorf("Failed to accept mirror link connection: %w", err)
+			}
+			continue
 		}
+		backoff.Reset()
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()

@@ -6,9 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/growserver/grow/internal/accept/accepttest"
 )
 
 // linkServerConn serves a link connection to a memory export of size bytes and returns
@@ -207,5 +210,39 @@ func TestLinkWatchdog(t *testing.T) {
 	}
 	if took < timeout || took > timeout+time.Second {
 		t.Fatalf("unanswered flush failed after %v, want about %v", took, timeout)
+	}
+}
+
+// TestLinkServerAcceptErrorsPass: the link server keeps accepting after Accept fails
+// (EMFILE) and answers a hello on the next connection.
+func TestLinkServerAcceptErrorsPass(t *testing.T) {
+	target := NewTarget(&memExport{data: make([]byte, 1<<20)}, State{RoleSecondary, 1})
+	srv := &LinkServer{Lookup: func(string) (*Target, bool) { return target, true }, Logger: slog.New(slog.DiscardHandler)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flaky := accepttest.Flaky(ln, 3)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(flaky) }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(helloBytes("vol", 1<<20, 1)); err != nil {
+		t.Fatal(err)
+	}
+	var wb [welcomeLen]byte
+	if _, err := io.ReadFull(c, wb[:]); err != nil {
+		t.Fatalf("no welcome after accept errors: %v", err)
+	}
+	if n := flaky.Failed(); n != 3 {
+		t.Fatalf("%d accept errors, want 3", n)
+	}
+	srv.Close()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve after Close: %v", err)
 	}
 }

@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/growserver/grow/internal/accept/accepttest"
 	"github.com/growserver/grow/internal/lograte"
 )
 
@@ -442,5 +445,34 @@ func TestServerWideMemory(t *testing.T) {
 	expectRead(a, 4, 0)
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// TestAcceptErrorsPass: the server keeps accepting after Accept fails (here EMFILE, as
+// when the process is out of file descriptors) instead of stopping for good.
+func TestAcceptErrorsPass(t *testing.T) {
+	ex := newMemExports()
+	ex.add("disk", "", newMemExport(1<<20))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flaky := accepttest.Flaky(l, 3)
+	srv := &Server{Exports: ex, Logger: slog.New(slog.DiscardHandler)}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(flaky) }()
+	defer func() {
+		srv.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve: %v, want ErrServerClosed", err)
+		}
+	}()
+	c := dialRaw(t, "tcp", l.Addr().String())
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	if size, _ := c.goExport("disk"); size != 1<<20 {
+		t.Fatalf("export size %d", size)
+	}
+	if n := flaky.Failed(); n != 3 {
+		t.Fatalf("%d accept errors, want 3", n)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/growserver/grow/internal/accept"
 	"github.com/growserver/grow/internal/lograte"
 	"golang.org/x/sync/semaphore"
 )
@@ -147,7 +148,8 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	var delay time.Duration
+	var backoff accept.Backoff
+	var acceptLog lograte.Limiter
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -157,19 +159,15 @@ func (s *Server) Serve(l net.Listener) error {
 			if closed {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				s.logger().Warn("NBD accept failed, retrying", "err", err, "delay", delay)
-				time.Sleep(delay)
-				continue
+			if n, ok := acceptLog.Allow(time.Now()); ok {
+				s.logger().Warn("NBD accept failed, retrying", "err", err, "suppressed", n)
 			}
-			if errors.Is(err, net.ErrClosed) {
-				return nil
+			if !backoff.Retry(err) {
+				return nil // the listener was closed
 			}
-			return fmt.Errorf("Failed to accept NBD connection: %w", err)
+			continue
 		}
-		delay = 0
+		backoff.Reset()
 		if uc, ok := nc.(*net.UnixConn); ok {
 			// A unix socket holds at most its send buffer of replies in flight: make
 			// room for a whole large read reply, so that it is one write instead of
