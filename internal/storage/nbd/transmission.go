@@ -223,6 +223,7 @@ func (c *conn) sendOwn(r *request) bool {
 		if _, err := r.vec.WriteTo(c.nc); err != nil {
 			c.writeFailed(err)
 		}
+		r.vec, r.vecArr = nil, [2][]byte{} // the pooled request keeps no hold on the buffer
 	}
 	c.sendMu.Unlock()
 	c.finish(r)
