@@ -61,7 +61,7 @@ type metrics struct {
 	cacheSize, cacheBytes, cacheHits, cacheMiss  *prometheus.Desc
 	poolState, diskState, rebuildDone            *prometheus.Desc
 	ops, ioBytes, conns, open, ioErrors          *prometheus.Desc
-	memWaits                                     *prometheus.Desc
+	memWaits, streamed, streamPauses             *prometheus.Desc
 
 	// Mirroring (only on a paired controller).
 	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness, mirPending *prometheus.Desc
@@ -72,27 +72,29 @@ func newMetrics(c *Controller) *metrics {
 		return prometheus.NewDesc("grow_storage_"+name, help, labels, nil)
 	}
 	m := &metrics{
-		c:           c,
-		reg:         prometheus.NewRegistry(),
-		bytes:       d("capacity_bytes", "Usable pool capacity for volume data."),
-		used:        d("used_bytes", "Pool space holding volume data."),
-		free:        d("free_bytes", "Pool space free for new data."),
-		pending:     d("pending_free_bytes", "Space freed but not reusable until its freeing record is durable."),
-		journal:     d("journal_bytes", "Size of the metadata journal."),
-		volumes:     d("volumes", "Volumes, images and snapshots."),
-		cacheSize:   d("cache_capacity_bytes", "RAM read cache capacity."),
-		cacheBytes:  d("cache_bytes", "Bytes held in the RAM read cache."),
-		cacheHits:   d("cache_hits_total", "Reads served by the RAM cache."),
-		cacheMiss:   d("cache_misses_total", "Reads that missed the RAM cache."),
-		poolState:   d("pool_state", "1 for the pool's current state.", "state"),
-		diskState:   d("disk_state", "1 for each disk's current state.", "disk", "path", "state"),
-		rebuildDone: d("disk_rebuild_ratio", "Fraction of a rebuilding disk copied so far.", "disk", "path"),
-		ops:         d("nbd_requests_total", "NBD requests served, by command.", "op"),
-		ioBytes:     d("nbd_bytes_total", "NBD payload bytes, by direction.", "direction"),
-		conns:       d("nbd_connections_total", "NBD exports opened since start."),
-		open:        d("nbd_open_exports", "NBD exports open now."),
-		ioErrors:    d("nbd_errors_total", "NBD requests answered with an error."),
-		memWaits:    d("nbd_memory_waits_total", "NBD requests that waited because --nbd-buffer-memory was in use."),
+		c:            c,
+		reg:          prometheus.NewRegistry(),
+		bytes:        d("capacity_bytes", "Usable pool capacity for volume data."),
+		used:         d("used_bytes", "Pool space holding volume data."),
+		free:         d("free_bytes", "Pool space free for new data."),
+		pending:      d("pending_free_bytes", "Space freed but not reusable until its freeing record is durable."),
+		journal:      d("journal_bytes", "Size of the metadata journal."),
+		volumes:      d("volumes", "Volumes, images and snapshots."),
+		cacheSize:    d("cache_capacity_bytes", "RAM read cache capacity."),
+		cacheBytes:   d("cache_bytes", "Bytes held in the RAM read cache."),
+		cacheHits:    d("cache_hits_total", "Reads served by the RAM cache."),
+		cacheMiss:    d("cache_misses_total", "Reads that missed the RAM cache."),
+		poolState:    d("pool_state", "1 for the pool's current state.", "state"),
+		diskState:    d("disk_state", "1 for each disk's current state.", "disk", "path", "state"),
+		rebuildDone:  d("disk_rebuild_ratio", "Fraction of a rebuilding disk copied so far.", "disk", "path"),
+		ops:          d("nbd_requests_total", "NBD requests served, by command.", "op"),
+		ioBytes:      d("nbd_bytes_total", "NBD payload bytes, by direction.", "direction"),
+		conns:        d("nbd_connections_total", "NBD exports opened since start."),
+		open:         d("nbd_open_exports", "NBD exports open now."),
+		ioErrors:     d("nbd_errors_total", "NBD requests answered with an error."),
+		memWaits:     d("nbd_memory_waits_total", "NBD requests that waited because --nbd-buffer-memory was in use."),
+		streamed:     d("nbd_streamed_reads_total", "Large NBD READs served one after another by their connection's streamer thread."),
+		streamPauses: d("nbd_stream_pauses_total", "Times a connection's streamed READs were slow (disk rather than memory) and went to parallel workers for a while."),
 	}
 	md := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("grow_mirror_"+name, help, labels, nil)
@@ -115,7 +117,7 @@ func (m *metrics) handler() http.Handler {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.bytes, m.used, m.free, m.pending, m.journal, m.volumes,
 		m.cacheSize, m.cacheBytes, m.cacheHits, m.cacheMiss, m.poolState, m.diskState, m.rebuildDone,
-		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors, m.memWaits} {
+		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors, m.memWaits, m.streamed, m.streamPauses} {
 		ch <- d
 	}
 	if m.c.mir != nil {
@@ -169,7 +171,10 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ctr(m.conns, s.Connections)
 	g(m.open, s.OpenExports)
 	ctr(m.ioErrors, m.c.io.errors.Load())
-	ctr(m.memWaits, m.c.nbd.Stats().MemoryWaits)
+	ns := m.c.nbd.Stats()
+	ctr(m.memWaits, ns.MemoryWaits)
+	ctr(m.streamed, ns.Streamed)
+	ctr(m.streamPauses, ns.StreamPauses)
 	if mir := m.c.mir; mir != nil {
 		ms := mir.status("")
 		ctr(m.mirResync, ms.ResyncBytes)

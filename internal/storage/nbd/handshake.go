@@ -54,7 +54,8 @@ type conn struct {
 	handlers   sync.WaitGroup
 	work       chan *request // hands a request to an idle worker (unbuffered)
 	workers    sync.WaitGroup
-	nworkers   int // workers started (by the reader only)
+	workerMu   sync.Mutex
+	nworkers   int // workers started, under workerMu (by the reader and the streamer)
 	maxWorkers int // MaxInFlight: more workers could never all be busy
 	replies    chan *request
 	writerDone chan struct{}
@@ -76,6 +77,9 @@ type conn struct {
 	payloads   uint64    // payloads read so far (reader-owned)
 	seenSeq    uint64    // payloadSeq at the sweeper's last look (sweeper-owned)
 	seenAt     time.Time // when the sweeper first saw seenSeq
+
+	// streamq hands large copied READs to the streamer (see stream).
+	streamq chan *request
 }
 
 func newConn(s *Server, nc net.Conn) *conn {

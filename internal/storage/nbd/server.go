@@ -208,12 +208,13 @@ func (s *Server) track(c *conn) error {
 	}
 	if len(s.conns) >= s.maxConns() {
 		s.mu.Unlock()
-		c.raw.Close()
+		// Counted and logged before the client sees the close.
 		s.stats.refused.Add(1)
 		if n, ok := s.refuseLog.Allow(time.Now()); ok {
 			s.logger().Warn("NBD connection refused: the controller already serves the most it may (--nbd-max-connections)",
 				"remote", remoteName(c.raw), "max", s.maxConns(), "suppressed", n)
 		}
+		c.raw.Close()
 		return errTooManyConns
 	}
 	if s.conns == nil {
@@ -316,13 +317,15 @@ func (s *Server) Close() error {
 
 // serverStats are counters kept across all connections.
 type serverStats struct {
-	connections atomic.Int64 // accepted
-	requests    atomic.Int64 // transmission-phase requests served
-	writes      atomic.Int64 // write system calls carrying replies
-	ownReplies  atomic.Int64 // replies sent by the worker that served the request
-	refused     atomic.Int64 // connections closed at once: MaxConns reached
-	stalled     atomic.Int64 // connections dropped for a stalled WRITE payload
-	memWaits    atomic.Int64 // requests that waited for server-wide payload memory
+	connections  atomic.Int64 // accepted
+	requests     atomic.Int64 // transmission-phase requests served
+	writes       atomic.Int64 // write system calls carrying replies
+	ownReplies   atomic.Int64 // replies sent by the worker that served the request
+	streamed     atomic.Int64 // large READs served by their connection's streamer
+	streamPauses atomic.Int64 // times a streamer was slow and handed READs to the workers
+	refused      atomic.Int64 // connections closed at once: MaxConns reached
+	stalled      atomic.Int64 // connections dropped for a stalled WRITE payload
+	memWaits     atomic.Int64 // requests that waited for server-wide payload memory
 }
 
 // Stats is a snapshot of the server's counters.
@@ -336,6 +339,10 @@ type Stats struct {
 	// OwnReplies is the number of large READ replies sent by the worker that read their
 	// data rather than by the connection's writer.
 	OwnReplies int64
+	// Streamed is the number of large READs served by their connection's streamer, and
+	// StreamPauses the number of times a streamer was slow and handed the next READs to
+	// the workers.
+	Streamed, StreamPauses int64
 	// Refused is the number of connections closed at once because MaxConns were live.
 	Refused int64
 	// Stalled is the number of connections dropped because a WRITE payload stopped arriving.
@@ -348,5 +355,5 @@ type Stats struct {
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
 	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load(),
-		OwnReplies: s.stats.ownReplies.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load(), MemoryWaits: s.stats.memWaits.Load()}
+		OwnReplies: s.stats.ownReplies.Load(), Streamed: s.stats.streamed.Load(), StreamPauses: s.stats.streamPauses.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load(), MemoryWaits: s.stats.memWaits.Load()}
 }

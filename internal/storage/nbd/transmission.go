@@ -83,6 +83,9 @@ func (c *conn) transmit() error {
 	// Every request already read is served and answered before the connection closes.
 	c.handlers.Wait()
 	close(c.work)
+	if c.streamq != nil {
+		close(c.streamq)
+	}
 	c.workers.Wait()
 	close(c.replies)
 	<-c.writerDone
@@ -153,7 +156,9 @@ func (c *conn) readLoop() error {
 			c.expectSpliced(false)
 		}
 		c.handlers.Add(1)
-		c.dispatch(r)
+		if !c.stream(r) {
+			c.dispatch(r)
+		}
 	}
 }
 
@@ -162,19 +167,23 @@ func (c *conn) readLoop() error {
 // by the deep export call chain, are reused instead of being grown again (copied) for
 // every request. There are never more than MaxInFlight: when that many exist and none
 // is idle, one has just sent its reply (which is what freed the budget for r) and is on
-// its way back, so r waits for it.
+// its way back, so r waits for it. The reader calls it, and the streamer for the READs
+// it hands back (see stream).
 func (c *conn) dispatch(r *request) {
 	select {
 	case c.work <- r:
 		return
 	default:
 	}
+	c.workerMu.Lock()
 	if c.nworkers < c.maxWorkers {
 		c.nworkers++
+		c.workerMu.Unlock()
 		c.workers.Add(1)
 		go c.worker(r)
 		return
 	}
+	c.workerMu.Unlock()
 	c.work <- r
 }
 
@@ -187,9 +196,14 @@ func (c *conn) worker(r *request) {
 }
 
 func (r *request) serve() {
-	r.c.srv.stats.requests.Add(1)
 	c := r.c
+	c.srv.stats.requests.Add(1)
 	r.errno = c.execute(r)
+	c.reply(r)
+}
+
+// reply sends r's reply, or hands it to the writer, once r is served.
+func (c *conn) reply(r *request) {
 	if !c.sendOwn(r) {
 		c.replies <- r
 	}
