@@ -61,7 +61,7 @@ type metrics struct {
 	cacheSize, cacheBytes, cacheHits, cacheMiss  *prometheus.Desc
 	poolState, diskState, rebuildDone            *prometheus.Desc
 	ops, ioBytes, conns, open, ioErrors          *prometheus.Desc
-	memWaits, streamed, streamPauses             *prometheus.Desc
+	memWaits, streamed, streamPauses, blocking   *prometheus.Desc
 
 	// Mirroring (only on a paired controller).
 	mirResync, mirVolumes, mirDirty, mirPartner, mirWitness, mirPending *prometheus.Desc
@@ -94,6 +94,7 @@ func newMetrics(c *Controller) *metrics {
 		ioErrors:     d("nbd_errors_total", "NBD requests answered with an error."),
 		memWaits:     d("nbd_memory_waits_total", "NBD requests that waited because --nbd-buffer-memory was in use."),
 		streamed:     d("nbd_streamed_reads_total", "Large NBD READs served one after another by their connection's streamer thread."),
+		blocking:     d("nbd_blocking_modes_total", "Times a connection's reader switched to blocking reads for a stream of large WRITEs over a unix socket."),
 		streamPauses: d("nbd_stream_pauses_total", "Times a connection's streamed READs were slow (disk rather than memory) and went to parallel workers for a while."),
 	}
 	md := func(name, help string, labels ...string) *prometheus.Desc {
@@ -117,7 +118,7 @@ func (m *metrics) handler() http.Handler {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.bytes, m.used, m.free, m.pending, m.journal, m.volumes,
 		m.cacheSize, m.cacheBytes, m.cacheHits, m.cacheMiss, m.poolState, m.diskState, m.rebuildDone,
-		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors, m.memWaits, m.streamed, m.streamPauses} {
+		m.ops, m.ioBytes, m.conns, m.open, m.ioErrors, m.memWaits, m.streamed, m.streamPauses, m.blocking} {
 		ch <- d
 	}
 	if m.c.mir != nil {
@@ -175,6 +176,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ctr(m.memWaits, ns.MemoryWaits)
 	ctr(m.streamed, ns.Streamed)
 	ctr(m.streamPauses, ns.StreamPauses)
+	ctr(m.blocking, ns.BlockingModes)
 	if mir := m.c.mir; mir != nil {
 		ms := mir.status("")
 		ctr(m.mirResync, ms.ResyncBytes)

@@ -80,6 +80,15 @@ type conn struct {
 
 	// streamq hands large copied READs to the streamer (see stream).
 	streamq chan *request
+
+	// Blocking mode of the reader (see blocking.go): the unix socket's RawConn (nil
+	// when the connection cannot use it), whether the reader is in it, and the counts
+	// of large WRITEs and other requests in a row (all reader-owned).
+	blockRC     syscall.RawConn
+	blockReader blockingReader
+	blocking    bool
+	largeWrites int
+	otherReqs   int
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -110,6 +119,7 @@ func (c *conn) stopReading() {
 	c.mu.Unlock()
 	c.cancelStop()
 	c.raw.SetReadDeadline(time.Now())
+	c.interruptReads(false)
 }
 
 // payloadStalled reports whether the reader has been waiting for the same WRITE payload
@@ -127,6 +137,7 @@ func (c *conn) payloadStalled(now time.Time, timeout time.Duration) bool {
 func (c *conn) abort() {
 	c.aborted.Store(true)
 	c.cancelStop()
+	c.interruptReads(true)
 	c.raw.Close()
 }
 

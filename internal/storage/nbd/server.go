@@ -317,15 +317,16 @@ func (s *Server) Close() error {
 
 // serverStats are counters kept across all connections.
 type serverStats struct {
-	connections  atomic.Int64 // accepted
-	requests     atomic.Int64 // transmission-phase requests served
-	writes       atomic.Int64 // write system calls carrying replies
-	ownReplies   atomic.Int64 // replies sent by the worker that served the request
-	streamed     atomic.Int64 // large READs served by their connection's streamer
-	streamPauses atomic.Int64 // times a streamer was slow and handed READs to the workers
-	refused      atomic.Int64 // connections closed at once: MaxConns reached
-	stalled      atomic.Int64 // connections dropped for a stalled WRITE payload
-	memWaits     atomic.Int64 // requests that waited for server-wide payload memory
+	connections   atomic.Int64 // accepted
+	requests      atomic.Int64 // transmission-phase requests served
+	writes        atomic.Int64 // write system calls carrying replies
+	ownReplies    atomic.Int64 // replies sent by the worker that served the request
+	streamed      atomic.Int64 // large READs served by their connection's streamer
+	streamPauses  atomic.Int64 // times a streamer was slow and handed READs to the workers
+	blockingModes atomic.Int64 // times a reader went into blocking mode
+	refused       atomic.Int64 // connections closed at once: MaxConns reached
+	stalled       atomic.Int64 // connections dropped for a stalled WRITE payload
+	memWaits      atomic.Int64 // requests that waited for server-wide payload memory
 }
 
 // Stats is a snapshot of the server's counters.
@@ -343,6 +344,9 @@ type Stats struct {
 	// StreamPauses the number of times a streamer was slow and handed the next READs to
 	// the workers.
 	Streamed, StreamPauses int64
+	// BlockingModes is the number of times a reader went into blocking mode for a
+	// stream of large WRITEs over a unix socket.
+	BlockingModes int64
 	// Refused is the number of connections closed at once because MaxConns were live.
 	Refused int64
 	// Stalled is the number of connections dropped because a WRITE payload stopped arriving.
@@ -355,5 +359,5 @@ type Stats struct {
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
 	return Stats{Connections: s.stats.connections.Load(), Requests: s.stats.requests.Load(), ReplyWrites: s.stats.writes.Load(),
-		OwnReplies: s.stats.ownReplies.Load(), Streamed: s.stats.streamed.Load(), StreamPauses: s.stats.streamPauses.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load(), MemoryWaits: s.stats.memWaits.Load()}
+		OwnReplies: s.stats.ownReplies.Load(), Streamed: s.stats.streamed.Load(), StreamPauses: s.stats.streamPauses.Load(), BlockingModes: s.stats.blockingModes.Load(), Refused: s.stats.refused.Load(), Stalled: s.stats.stalled.Load(), MemoryWaits: s.stats.memWaits.Load()}
 }

@@ -199,7 +199,7 @@ func loopbackTCP(nc net.Conn) bool {
 func (c *conn) readPayload(r *request) error {
 	n := int(r.length)
 	done := 0
-	if c.wsplicer != nil && n >= spliceMin && n <= pipeSize && !spliceWriteOff {
+	if c.wsplicer != nil && n >= spliceMin && n <= pipeSize && !spliceWriteOff && !c.blocking {
 		if p := getPipe(); p != nil {
 			var err error
 			done, err = c.spliceIn(p, n)

@@ -78,6 +78,7 @@ func (c *conn) transmit() error {
 	c.writerDone = make(chan struct{})
 	c.out = make([]byte, 0, outBufferSize)
 	c.initSplice()
+	c.initBlocking()
 	go c.writer()
 	err := c.readLoop()
 	// Every request already read is served and answered before the connection closes.
@@ -98,10 +99,11 @@ func (c *conn) transmit() error {
 }
 
 func (c *conn) readLoop() error {
+	defer c.leaveBlocking()
 	for {
 		if _, err := io.ReadFull(c.br, c.hdr[:]); err != nil {
-			if c.isStopping() && errors.Is(err, os.ErrDeadlineExceeded) {
-				return nil
+			if c.isStopping() && (errors.Is(err, os.ErrDeadlineExceeded) || err == io.EOF) {
+				return nil // stopped by stopReading (a deadline, or shutdown in blocking mode)
 			}
 			if errors.Is(err, io.ErrUnexpectedEOF) {
 				return violation("truncated request header")
@@ -115,6 +117,7 @@ func (c *conn) readLoop() error {
 		if h.typ == cmdDisc {
 			return errClientDone
 		}
+		c.adaptBlocking(&h)
 		var cost int64
 		switch h.typ {
 		case cmdWrite:
@@ -598,6 +601,7 @@ func (c *conn) writeFailed(err error) {
 	}
 	c.writeErr = err
 	// Unblock the reader; the connection is unusable.
+	c.interruptReads(true)
 	c.raw.Close()
 }
 
