@@ -20,8 +20,8 @@ import (
 // client, which draws the clients onto one CPU while the other sits idle: 1 MiB WRITEs
 // reached 0.76-0.92x nbdkit with 10-15 % of the machine idle, against 0.9-1.08x and none
 // idle in blocking mode (bench/storage.sh, hand-run A/Bs, session 8). A thread blocked
-// in read(2) keeps its P until sysmon takes it back, so each reader in blocking mode
-// adds one to GOMAXPROCS (up to twice the starting value).
+// in read(2) keeps its P until sysmon takes it back, so GOMAXPROCS is doubled while any
+// reader is in blocking mode.
 //
 // Everything else stays with the netpoller, where it does better: 4 KiB requests lost
 // a fifth of their rate with a blocking reader, and TCP gains nothing. The reader goes
@@ -185,18 +185,18 @@ var blockingReaders struct {
 	baseProcs int
 }
 
-// addBlockingReaders counts readers entering (+1) or leaving (-1) blocking mode and
-// sets GOMAXPROCS to its starting value plus one per reader, at most twice it.
+// addBlockingReaders counts readers entering (+1) or leaving (-1) blocking mode.
+// GOMAXPROCS is doubled while there is any: changing it stops the world, so it changes
+// only when the first reader enters and when the last one leaves.
 func addBlockingReaders(delta int) {
 	b := &blockingReaders
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.n == 0 {
-		b.baseProcs = runtime.GOMAXPROCS(0)
+	switch {
+	case b.n == 0 && delta > 0:
+		b.baseProcs = runtime.GOMAXPROCS(2 * runtime.GOMAXPROCS(0))
+	case b.n+delta == 0 && delta < 0:
+		runtime.GOMAXPROCS(b.baseProcs)
 	}
 	b.n += delta
-	want := b.baseProcs + min(b.n, b.baseProcs)
-	if runtime.GOMAXPROCS(0) != want {
-		runtime.GOMAXPROCS(want)
-	}
 }
