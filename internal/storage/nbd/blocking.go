@@ -56,13 +56,15 @@ func (c *conn) initBlocking() {
 	if err != nil {
 		return
 	}
+	c.mu.Lock() // interruptReads may look from another goroutine
 	c.blockRC = rc
+	c.mu.Unlock()
 	c.blockReader = blockingReader{c}
 }
 
 // adaptBlocking switches the reader in or out of blocking mode after request header h.
 func (c *conn) adaptBlocking(h *requestHeader) {
-	if c.blockRC == nil {
+	if c.blockRC == nil || c.blockingFailed {
 		return
 	}
 	if h.typ == cmdWrite && h.length >= blockingWriteMin {
@@ -109,7 +111,7 @@ func (c *conn) enterBlocking() {
 	}
 	if err != nil {
 		runtime.UnlockOSThread()
-		c.blockRC = nil // never again on this connection
+		c.blockingFailed = true // never again on this connection
 		c.log.Debug("NBD reader stays with the netpoller", "err", err)
 		return
 	}
@@ -134,14 +136,17 @@ func (c *conn) leaveBlocking() {
 // interruptReads wakes a reader blocked in read(2), which ignores deadlines and Close:
 // shutdown(2) of the reading side (of both with all).
 func (c *conn) interruptReads(all bool) {
-	if c.blockRC == nil {
+	c.mu.Lock()
+	rc := c.blockRC
+	c.mu.Unlock()
+	if rc == nil {
 		return
 	}
 	how := unix.SHUT_RD
 	if all {
 		how = unix.SHUT_RDWR
 	}
-	c.blockRC.Control(func(fd uintptr) { unix.Shutdown(int(fd), how) })
+	rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), how) })
 }
 
 // blockingReader reads the socket with read(2) in blocking mode.

@@ -82,13 +82,15 @@ type conn struct {
 	streamq chan *request
 
 	// Blocking mode of the reader (see blocking.go): the unix socket's RawConn (nil
-	// when the connection cannot use it), whether the reader is in it, and the counts
-	// of large WRITEs and other requests in a row (all reader-owned).
-	blockRC     syscall.RawConn
-	blockReader blockingReader
-	blocking    bool
-	largeWrites int
-	otherReqs   int
+	// when the connection cannot use it; set under mu), whether the reader is in it or
+	// failed to enter it, and the counts of large WRITEs and other requests in a row
+	// (reader-owned).
+	blockRC        syscall.RawConn
+	blockReader    blockingReader
+	blocking       bool
+	blockingFailed bool
+	largeWrites    int
+	otherReqs      int
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
