@@ -142,3 +142,22 @@ func TestBlockingReaderStops(t *testing.T) {
 		})
 	}
 }
+
+// TestNoBlockingOverTCP checks that large WRITEs over TCP stay with the netpoller, which
+// measured better there.
+func TestNoBlockingOverTCP(t *testing.T) {
+	ex := newMemExports()
+	m := ex.add("disk", "", newMemExport(8<<20))
+	s := startServer(t, ex, nil)
+	c := dialRaw(t, "tcp", s.tcp)
+	c.greet(flagFixedNewstyle | flagNoZeroes)
+	c.goExport("disk")
+	want := make([]byte, 8<<20)
+	largeWrites(t, c, rand.New(rand.NewPCG(9, 10)), want, 0, 2*blockingAfter)
+	if st := s.srv.Stats(); st.BlockingModes != 0 || readersBlocking() != 0 {
+		t.Fatalf("BlockingModes %d, readers blocking %d over TCP; want 0", st.BlockingModes, readersBlocking())
+	}
+	if !bytes.Equal(m.content(0, 8<<20), want) {
+		t.Fatal("data differs")
+	}
+}
