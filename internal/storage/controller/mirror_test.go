@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -24,6 +25,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -99,19 +101,38 @@ func profileOnSignal(path string) {
 // once their probe listener is closed (before the controller binds them).
 var handedOut sync.Map
 
+// freeAddr returns a loopback address for a controller to listen on later. Its port is
+// below the kernel's ephemeral range, so that no outgoing connection (a controller
+// dialing its partner, a qemu-io) can take it in the meantime, as one once took a port
+// probed with ":0" before ctrl-b could bind it.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				lo = n
+			}
 		}
-		addr := l.Addr().String()
+	}
+	base := max(1024, lo-16384)
+	for range 1000 {
+		port := base
+		if lo > base {
+			port += mathrand.IntN(lo - base)
+		}
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
 		l.Close()
 		if _, dup := handedOut.LoadOrStore(addr, true); !dup {
 			return addr
 		}
 	}
+	t.Fatal("no free port below the ephemeral range")
+	return ""
 }
 
 // node is one controller process of a test pair.

@@ -14,15 +14,15 @@ import (
 // about 250 µs of CPU instead of 170 (bench/storage.sh, fio over loopback TCP).
 //
 // Serving one READ at a time is right for data in memory and wrong for a disk: when the
-// streamer's READs take longer than inlineSlow to get their data (a moving average, so
-// that a thread preempted now and then does not count), it hands the next inlinePause
+// streamer's READs take longer than streamSlow to get their data (a moving average, so
+// that a thread preempted now and then does not count), it hands the next streamPause
 // READs, those already waiting first, to the workers, which serve them in parallel.
 const (
-	// inlineSlow is the longest the streamer's READs may take on average to get their
+	// streamSlow is the longest the streamer's READs may take on average to get their
 	// data before READs go to the workers for a while.
-	inlineSlow = time.Millisecond
-	// inlinePause is how many READs go to the workers after the streamer was slow.
-	inlinePause = 64
+	streamSlow = time.Millisecond
+	// streamPause is how many READs go to the workers after the streamer was slow.
+	streamPause = 64
 )
 
 // streamOff turns the streamer off (for tests of the worker path).
@@ -62,11 +62,11 @@ func (c *conn) streamer() {
 		start := time.Now()
 		r.errno = c.execute(r)
 		avg += (time.Since(start) - avg) / 8
-		if avg > inlineSlow {
+		if avg > streamSlow {
 			c.srv.stats.streamPauses.Add(1)
-			pause = inlinePause
+			pause = streamPause
 			// After the pause, a few slow READs in a row are needed to pause again.
-			avg = inlineSlow / 2
+			avg = streamSlow / 2
 		}
 		c.reply(r)
 	}
