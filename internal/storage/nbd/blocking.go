@@ -59,7 +59,6 @@ func (c *conn) initBlocking() {
 	c.mu.Lock() // interruptReads may look from another goroutine
 	c.blockRC = rc
 	c.mu.Unlock()
-	c.blockReader = blockingReader{c}
 }
 
 // adaptBlocking switches the reader in or out of blocking mode after request header h.
@@ -116,7 +115,7 @@ func (c *conn) enterBlocking() {
 		return
 	}
 	c.blocking = true
-	c.fill.r = &c.blockReader
+	c.fill.r = (*blockingReader)(c)
 	c.srv.stats.blockingModes.Add(1)
 	addBlockingReaders(1)
 }
@@ -149,11 +148,11 @@ func (c *conn) interruptReads(all bool) {
 	rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), how) })
 }
 
-// blockingReader reads the socket with read(2) in blocking mode.
-type blockingReader struct{ c *conn }
+// blockingReader is the connection read with read(2) in blocking mode.
+type blockingReader conn
 
 func (b *blockingReader) Read(p []byte) (int, error) {
-	c := b.c
+	c := (*conn)(b)
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -179,7 +178,7 @@ func (b *blockingReader) Read(p []byte) (int, error) {
 	case n == 0:
 		return 0, io.EOF
 	}
-	return max(n, 0), nil
+	return n, nil
 }
 
 // blockingReaders counts readers in blocking mode in the process; baseProcs is

@@ -86,7 +86,6 @@ type conn struct {
 	// failed to enter it, and the counts of large WRITEs and other requests in a row
 	// (reader-owned).
 	blockRC        syscall.RawConn
-	blockReader    blockingReader
 	blocking       bool
 	blockingFailed bool
 	largeWrites    int
